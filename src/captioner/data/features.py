@@ -1,0 +1,132 @@
+"""Encoder features on disk, computed once per (encoder, weights, preprocessing, image contents).
+
+A frozen encoder gives the same features every epoch, so training runs it once per image and
+then reads a memory-mapped ``.npy``. The cache key hashes the encoder's weight identity, the
+preprocessing, the feature kind and the bytes of every image, so an edited photo, another
+backbone or another image size can never be served stale features. Files are written under a
+temporary name and renamed when complete: an interrupted extraction is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from captioner.data.images import ImageError, eval_transform, open_rgb
+from captioner.runtime import autocast
+
+CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """$CAPTIONER_CACHE, else $XDG_CACHE_HOME/captioner, else ~/.cache/captioner."""
+    if os.environ.get("CAPTIONER_CACHE"):
+        return Path(os.environ["CAPTIONER_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "captioner"
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ImageDataset(Dataset):
+    """Paths -> (index, tensor) or (index, error message) for images that cannot be read."""
+
+    def __init__(self, paths: Sequence[Path], transform):
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.transform(open_rgb(self.paths[i]))
+        except ImageError as e:
+            return i, str(e)
+
+
+def collate_images(batch):
+    """-> (indices of good images, stacked tensors or None, error messages)."""
+    good = [(i, x) for i, x in batch if isinstance(x, torch.Tensor)]
+    errors = [x for _, x in batch if isinstance(x, str)]
+    idx = [i for i, _ in good]
+    return idx, (torch.stack([x for _, x in good]) if good else None), errors
+
+
+@torch.no_grad()
+def extract_features(model, paths: Sequence[Path], *, batch_size: int = 32, device: torch.device,
+                     precision: str = "fp32", workers: int = 1, out: np.ndarray | None = None,
+                     progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Run `model.features` over images. Returns (features fp16 (N, ...), ok mask (N,), errors)."""
+    cfg = model.cfg
+    ds = ImageDataset(paths, eval_transform(cfg.image_size, cfg.mean, cfg.std))
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_images,
+                        persistent_workers=False)
+    ok = np.zeros(len(ds), dtype=bool)
+    errors: list[str] = []
+    model.eval()
+    memory_format = torch.channels_last if precision == "fp32" else torch.contiguous_format
+    encoder = model.encoder.to(device, memory_format=memory_format)
+    bar = tqdm(total=len(ds), desc="features", unit="img", disable=not progress, leave=False)
+    for idx, x, errs in loader:
+        errors += errs
+        if x is not None:
+            x = x.to(device, memory_format=memory_format)
+            with autocast(device, precision):
+                f = model.features(x).float().cpu().numpy().astype(np.float16)
+            if out is None:
+                out = np.zeros((len(ds), *f.shape[1:]), dtype=np.float16)
+            out[idx] = f
+            ok[idx] = True
+        bar.update(len(idx) + len(errs))
+    bar.close()
+    if out is None:  # nothing could be read
+        out = np.zeros((len(ds), 1), dtype=np.float16)
+    return out, ok, errors
+
+
+def cached_features(model, paths: Sequence[Path], cache_dir: Path | None = None, **kw
+                    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Features for `paths` from the cache, extracting (and storing) them when absent.
+
+    Returns (memory-mapped fp16 features, ok mask, error messages of unreadable images).
+    """
+    cache_dir = Path(cache_dir or default_cache_dir()) / "features"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    h = hashlib.sha256(json.dumps({
+        "version": CACHE_VERSION, "encoder": model.encoder.identity, "size": cfg.image_size,
+        "mean": list(cfg.mean), "std": list(cfg.std), "kind": model.decoder.feature_kind,
+    }, sort_keys=True).encode())
+    for p in tqdm(paths, desc="hashing images", unit="img", leave=False, disable=not kw.get("progress", True)):
+        h.update(file_digest(p).encode() if Path(p).is_file() else b"missing")
+    key = h.hexdigest()[:32]
+    npy, meta = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+    if npy.is_file() and meta.is_file():
+        info = json.loads(meta.read_text())
+        return np.load(npy, mmap_mode="r"), np.array(info["ok"], dtype=bool), info["errors"]
+
+    feats, ok, errors = extract_features(model, paths, **kw)
+    tmp = npy.with_name(f"{key}.{os.getpid()}.partial.npy")
+    np.save(tmp, feats)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    meta_tmp = meta.with_suffix(".partial")
+    meta_tmp.write_text(json.dumps({"ok": ok.tolist(), "errors": errors, "count": len(paths),
+                                    "encoder": model.encoder.identity}))
+    os.replace(tmp, npy)
+    os.replace(meta_tmp, meta)
+    return np.load(npy, mmap_mode="r"), ok, errors

@@ -1,0 +1,96 @@
+"""Safe image opening and the transforms that turn images into encoder input."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms import v2 as T
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+MAX_PIXELS = 60_000_000  # refuse decompression bombs well before Pillow's own hard limit
+
+
+class ImageError(Exception):
+    """An image that cannot be used; the message names the file and the reason."""
+
+
+def open_rgb(source: str | Path | Image.Image, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open an image as RGB with EXIF orientation applied, or raise ImageError with one clear line."""
+    if isinstance(source, Image.Image):
+        img = source
+        name = "<PIL image>"
+    else:
+        name = str(source)
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError(f"{name}: no such file")
+        if path.stat().st_size == 0:
+            raise ImageError(f"{name}: empty file")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(path)
+                if img.width * img.height > max_pixels:
+                    raise ImageError(f"{name}: {img.width}x{img.height} is more than {max_pixels:,} pixels")
+                img.load()
+        except ImageError:
+            raise
+        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageError(f"{name}: not a readable image ({type(e).__name__})") from None
+        except (OSError, ValueError, SyntaxError) as e:
+            raise ImageError(f"{name}: broken image ({e})") from None
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block should not cost the picture
+        pass
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    if img.mode.startswith("I;16") or img.mode == "I":
+        # 16-bit grey: scale to 8 bits rather than let convert() clip.
+        arr = torch.from_numpy(__import__("numpy").asarray(img, dtype="float32"))
+        hi = float(arr.max()) or 1.0
+        img = Image.fromarray((arr / hi * 255).clamp(0, 255).byte().numpy(), mode="L")
+    return img.convert("RGB")
+
+
+def eval_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> T.Compose:
+    """Resize to size x size (the aspect ratio is not kept, like the training data), normalise."""
+    return T.Compose([
+        T.PILToTensor(),
+        T.Resize((size, size), antialias=True),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(mean, std),
+    ])
+
+
+def train_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> T.Compose:
+    """Augmentations for fine-tuning the encoder: random resized crop, flip, colour jitter, rotation."""
+    return T.Compose([
+        T.PILToTensor(),
+        T.RandomResizedCrop((size, size), scale=(0.6, 1.0), antialias=True),
+        T.RandomHorizontalFlip(),
+        T.ColorJitter(0.2, 0.2, 0.2, 0.02),
+        T.RandomRotation(10),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(mean, std),
+    ])
+
+
+def list_images(paths: list[str | Path], recursive: bool = True) -> list[Path]:
+    """Files named directly, plus image files found inside named folders (sorted)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            pattern = "**/*" if recursive else "*"
+            out += sorted(f for f in p.glob(pattern) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            out.append(p)
+    return out

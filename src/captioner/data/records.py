@@ -1,0 +1,331 @@
+"""One record form for every caption layout, a reader per layout, and `detect()`.
+
+A record is one image with all of its captions and the split it belongs to. Every reader
+returns ``list[Record]``; nothing downstream knows which layout the data came in.
+
+Layouts:
+  flickr   Flickr8k/Flickr30k official: ``Flickr8k.token.txt`` (``name#n<TAB>caption``) plus
+           ``Flickr_8k.{train,dev,test}Images.txt`` split lists.
+  csv      ``image,caption`` CSV with a header (Kaggle's ``captions.txt``, or a user's own file);
+           an optional ``split`` column. Official Flickr split lists beside it are used.
+  jsonl    one ``{"image": ..., "caption": ...}`` (or ``"captions": [...]``) object per line.
+  karpathy ``dataset_{coco,flickr8k,flickr30k}.json`` (``restval`` counts as train).
+  coco     COCO caption annotations ``captions_{train,val}2014.json`` plus image folders.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMATS = ("flickr", "csv", "jsonl", "karpathy", "coco")
+SPLITS = ("train", "val", "test")
+
+# Folder names the common distributions use for their images, tried in order.
+_IMAGE_DIRS = ("Images", "images", "Flicker8k_Dataset", "Flickr8k_Dataset", "flickr30k-images", "flickr30k_images")
+
+
+class DataError(Exception):
+    """A problem with the user's data, reported as one line without a traceback."""
+
+
+@dataclass
+class Record:
+    image: Path
+    captions: list[str] = field(default_factory=list)
+    split: str = ""  # "train", "val", "test", or "" when the layout says nothing
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _image_root(folder: Path) -> Path:
+    for name in _IMAGE_DIRS:
+        if (folder / name).is_dir():
+            return folder / name
+    return folder
+
+
+def _group(pairs: list[tuple[str, str]], root: Path, splits: dict[str, str]) -> list[Record]:
+    """(image name, caption) pairs -> records, in first-seen order; empty captions dropped."""
+    by_image: OrderedDict[str, Record] = OrderedDict()
+    for name, caption in pairs:
+        caption = " ".join(caption.split())
+        rec = by_image.get(name)
+        if rec is None:
+            rec = by_image[name] = Record(root / name, [], splits.get(name, ""))
+        if caption:
+            rec.captions.append(caption)
+    return [r for r in by_image.values() if r.captions]
+
+
+def _read_split_lists(folder: Path) -> dict[str, str]:
+    """Official Flickr split lists (``Flickr_8k.trainImages.txt`` ...) found in `folder`."""
+    splits: dict[str, str] = {}
+    for path in sorted(folder.glob("*Images.txt")):
+        lower = path.name.lower()
+        split = "train" if "train" in lower else "val" if "dev" in lower or "val" in lower else (
+            "test" if "test" in lower else "")
+        if not split:
+            continue
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.strip():
+                splits[line.strip()] = split
+    return splits
+
+
+# ---------------------------------------------------------------------------------------------
+# readers
+
+_TOKEN_ID = re.compile(r"^(?P<name>.+?\.(?:jpe?g|png))(?:\.\d+)?#\d+$", re.IGNORECASE)
+
+
+def read_flickr(path: Path, images: Path | None = None) -> list[Record]:
+    """Official Flickr8k/30k token file. `path` is the token file or the folder holding it."""
+    path = Path(path)
+    token = path if path.is_file() else _find_token_file(path)
+    folder = token.parent
+    root = Path(images) if images else _image_root(folder)
+    pairs: list[tuple[str, str]] = []
+    bad = 0
+    for lineno, line in enumerate(token.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        key, sep, caption = line.partition("\t")
+        m = _TOKEN_ID.match(key.strip())
+        if not sep or not m:
+            bad += 1
+            if bad <= 3:
+                warnings.warn(f"{token}:{lineno}: not 'image#n<TAB>caption', skipped", stacklevel=2)
+            continue
+        # The official file has one bad id, '2258277193_586949ec62.jpg.1#0': the regex drops the '.1'.
+        pairs.append((m["name"], caption))
+    if bad > 3:
+        warnings.warn(f"{token}: {bad} malformed lines skipped in all", stacklevel=2)
+    return _group(pairs, root, _read_split_lists(folder))
+
+
+def _find_token_file(folder: Path) -> Path:
+    for name in ("Flickr8k.token.txt", "results_20130124.token", "Flickr30k.token.txt"):
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(folder.glob("*.token*"))
+    if not found:
+        raise DataError(f"{folder}: no Flickr token file (Flickr8k.token.txt) found")
+    return found[0]
+
+
+def read_csv(path: Path, images: Path | None = None) -> list[Record]:
+    """``image,caption`` CSV with a header row; optional ``split`` column."""
+    path = Path(path)
+    root = Path(images) if images else _image_root(path.parent)
+    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.reader(f)
+        header = [h.strip().lower() for h in next(reader, [])]
+        try:
+            i_img = next(i for i, h in enumerate(header) if h in ("image", "image_name", "filename", "file"))
+            i_cap = next(i for i, h in enumerate(header) if h in ("caption", "comment", "text"))
+        except StopIteration:
+            raise DataError(f"{path}: the header must name an 'image' and a 'caption' column, "
+                            f"found {header}") from None
+        i_split = header.index("split") if "split" in header else None
+        pairs, row_splits, bad = [], {}, 0
+        for row in reader:
+            if len(row) <= max(i_img, i_cap):
+                bad += bool(row)
+                continue
+            name = row[i_img].strip()
+            # An unquoted caption with commas spills into more columns: join them back.
+            caption = ",".join(row[i_cap:]) if i_split is None and i_cap == len(header) - 1 else row[i_cap]
+            if not name:
+                bad += 1
+                continue
+            pairs.append((name, caption))
+            if i_split is not None and len(row) > i_split:
+                row_splits[name] = _norm_split(row[i_split])
+    if bad:
+        warnings.warn(f"{path}: {bad} malformed rows skipped", stacklevel=2)
+    splits = row_splits or _read_split_lists(path.parent)
+    return _group(pairs, root, splits)
+
+
+def read_jsonl(path: Path, images: Path | None = None) -> list[Record]:
+    """One JSON object per line: ``image`` plus ``caption`` or ``captions``; optional ``split``."""
+    path = Path(path)
+    root = Path(images) if images else path.parent
+    pairs, splits, bad = [], {}, 0
+    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            name = str(obj["image"])
+            caps = obj.get("captions") or [obj["caption"]]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            bad += 1
+            if bad <= 3:
+                warnings.warn(f"{path}:{lineno}: not a JSON object with 'image' and 'caption', skipped",
+                              stacklevel=2)
+            continue
+        pairs.extend((name, str(c)) for c in caps)
+        if obj.get("split"):
+            splits[name] = _norm_split(obj["split"])
+    if bad > 3:
+        warnings.warn(f"{path}: {bad} malformed lines skipped in all", stacklevel=2)
+    return _group(pairs, root, splits)
+
+
+def read_karpathy(path: Path, images: Path | None = None) -> list[Record]:
+    """Karpathy split JSON (``images[].filename/filepath/split/sentences[].raw``)."""
+    path = Path(path)
+    data = _load_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DataError(f"{path}: not a Karpathy split file (no 'images' list)")
+    root = Path(images) if images else _image_root(path.parent)
+    records = []
+    for img in data["images"]:
+        name = img.get("filename")
+        if not name:
+            continue
+        sub = img.get("filepath", "")
+        caps = [" ".join((s.get("raw") or " ".join(s.get("tokens", []))).split())
+                for s in img.get("sentences", [])]
+        caps = [c for c in caps if c]
+        if caps:
+            records.append(Record(root / sub / name, caps, _norm_split(img.get("split", ""))))
+    return records
+
+
+def read_coco(path: Path, images: Path | None = None) -> list[Record]:
+    """COCO caption annotations. `path` is a ``captions_*.json`` file or a folder of them."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.glob("**/captions_*.json"))
+    if not files:
+        raise DataError(f"{path}: no COCO captions_*.json file found")
+    records: list[Record] = []
+    for f in files:
+        data = _load_json(f)
+        if not isinstance(data, dict) or "annotations" not in data or "images" not in data:
+            raise DataError(f"{f}: not a COCO caption file (needs 'images' and 'annotations')")
+        stem = f.stem.replace("captions_", "")  # e.g. train2014
+        split = "train" if "train" in stem else "val" if "val" in stem else "test" if "test" in stem else ""
+        base = f.parent.parent if f.parent.name == "annotations" else f.parent
+        root = Path(images) if images else next(
+            (p for p in (base / stem, base / "images" / stem, base / "images") if p.is_dir()), base)
+        names = {im["id"]: im["file_name"] for im in data["images"]}
+        pairs = [(names[a["image_id"]], a.get("caption", "")) for a in data["annotations"]
+                 if a.get("image_id") in names]
+        records += _group(pairs, root, {n: split for n in names.values()})
+    return records
+
+
+READERS = {"flickr": read_flickr, "csv": read_csv, "jsonl": read_jsonl, "karpathy": read_karpathy,
+           "coco": read_coco}
+
+
+def _norm_split(s: str) -> str:
+    s = str(s).strip().lower()
+    return {"restval": "train", "dev": "val", "valid": "val", "validation": "val"}.get(s, s)
+
+
+def _load_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8", errors="replace"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# detection and loading
+
+
+def detect(path: Path) -> tuple[str, Path]:
+    """Which layout `path` holds, and the file to read it from."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if path.is_dir():
+        for name in ("Flickr8k.token.txt", "results_20130124.token", "Flickr30k.token.txt"):
+            if (path / name).is_file():
+                return "flickr", path / name
+        karpathy = sorted(path.glob("dataset_*.json"))
+        if karpathy:
+            return "karpathy", karpathy[0]
+        for name in ("captions.txt", "captions.csv"):
+            if (path / name).is_file():
+                return "csv", path / name
+        if (path / "captions.jsonl").is_file():
+            return "jsonl", path / "captions.jsonl"
+        if sorted(path.glob("**/captions_*.json")):
+            return "coco", path
+        raise DataError(f"{path}: no caption file found (looked for Flickr8k.token.txt, dataset_*.json, "
+                        "captions.txt/.csv/.jsonl, annotations/captions_*.json)")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return "jsonl", path
+    if suffix == ".json":
+        data = _load_json(path)
+        if isinstance(data, dict) and "annotations" in data:
+            return "coco", path
+        if isinstance(data, dict) and "images" in data:
+            return "karpathy", path
+        raise DataError(f"{path}: JSON is neither a Karpathy split file nor COCO annotations")
+    if ".token" in path.name:
+        return "flickr", path
+    first = path.open(encoding="utf-8", errors="replace").readline()
+    if "\t" in first and "#" in first.split("\t")[0]:
+        return "flickr", path
+    return "csv", path
+
+
+def load_records(path: Path, fmt: str | None = None, images: Path | None = None) -> list[Record]:
+    """Read any supported layout into records. `fmt` overrides detection."""
+    detected, file = detect(path)
+    if fmt and fmt != detected:
+        if fmt not in READERS:
+            raise DataError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+        file = Path(path)
+        detected = fmt
+    records = READERS[detected](file, images)
+    if not records:
+        raise DataError(f"{path}: no captioned images found ({detected} layout)")
+    return records
+
+
+def assign_splits(records: list[Record], val_fraction: float = 0.05) -> None:
+    """When the layout names no split at all (a user's own CSV), give every record a stable one:
+    `val_fraction` of them (by a hash of the file name, so the choice never changes between runs)
+    become val, the rest train. Layouts with split lists keep unlisted images out of every split."""
+    if any(r.split in SPLITS for r in records):
+        return
+    unsplit = records
+    for r in unsplit:
+        h = int(hashlib.sha1(r.image.name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        r.split = "val" if h < val_fraction else "train"
+    if len(unsplit) > 1 and not any(r.split == "val" for r in unsplit):
+        unsplit[-1].split = "val"
+
+
+def split_records(records: list[Record], split: str) -> list[Record]:
+    return [r for r in records if r.split == split]
+
+
+def check_images(records: list[Record], skip_missing: bool = False) -> list[Record]:
+    """Fail with one clear message when listed images are missing, or drop them with a warning."""
+    missing = [r for r in records if not r.image.is_file()]
+    if not missing:
+        return records
+    first = ", ".join(str(r.image) for r in missing[:3])
+    msg = f"{len(missing)} of {len(records)} listed images are missing (first: {first})"
+    if not skip_missing:
+        raise DataError(msg + "; pass --skip-missing to leave them out")
+    warnings.warn(msg + "; left out", stacklevel=2)
+    gone = {id(r) for r in missing}
+    return [r for r in records if id(r) not in gone]

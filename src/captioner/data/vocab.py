@@ -1,0 +1,72 @@
+"""Tokenizer and vocabulary, saved as JSON.
+
+Tokenization is deliberately plain: lowercase, keep runs of letters/digits (with inner
+apostrophes), drop punctuation. Ids 0-3 are the special tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
+SPECIALS = (PAD, START, END, UNK)
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+
+
+def tokenize(text: str) -> list[str]:
+    """'A dog, running!' -> ['a', 'dog', 'running']"""
+    return _WORD.findall(text.lower())
+
+
+class Vocabulary:
+    """Word <-> id mapping. ``pad=0, start=1, end=2, unk=3``."""
+
+    def __init__(self, words: Iterable[str]):
+        self.itos: list[str] = list(SPECIALS) + [w for w in words if w not in SPECIALS]
+        self.stoi: dict[str, int] = {w: i for i, w in enumerate(self.itos)}
+        self.pad, self.start, self.end, self.unk = (self.stoi[t] for t in SPECIALS)
+
+    @classmethod
+    def build(cls, captions: Iterable[str], min_count: int = 5) -> Vocabulary:
+        """Words seen at least `min_count` times, most frequent first (ties alphabetical)."""
+        counts = Counter(w for c in captions for w in tokenize(c))
+        words = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
+        return cls(words)
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str, max_words: int | None = None) -> list[int]:
+        """Text -> ``[start, w1, ..., wn, end]`` (words beyond `max_words` cut)."""
+        words = tokenize(text)[:max_words]
+        return [self.start] + [self.stoi.get(w, self.unk) for w in words] + [self.end]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids -> text, stopping at ``<end>`` and skipping ``<start>``/``<pad>``."""
+        words = []
+        for i in ids:
+            i = int(i)
+            if i == self.end:
+                break
+            if i in (self.start, self.pad):
+                continue
+            words.append(self.itos[i] if 0 <= i < len(self.itos) else UNK)
+        return " ".join(words)
+
+    def to_json(self) -> dict:
+        return {"itos": self.itos}
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=0, ensure_ascii=False), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> Vocabulary:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        itos = data["itos"]
+        if list(itos[:4]) != list(SPECIALS):
+            raise ValueError(f"{path}: the first four words must be {SPECIALS}")
+        return cls(itos[4:])

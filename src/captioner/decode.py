@@ -1,0 +1,132 @@
+"""Caption search, shared by every decoder.
+
+A decoder offers three calls: ``start(feats) -> state``, ``step(tokens (N,), state) -> (logits
+(N, V), state)``, and ``select(state, index) -> state`` (keep/reorder rows). Both searches run
+the whole batch at once: beam search keeps B*K rows (B images, K beams), never a loop per image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class Hypotheses:
+    """Search results for B images and K alternatives each, best first."""
+
+    tokens: torch.Tensor  # (B, K, L) word ids, each row ending in <end> (padded with <end>)
+    logprob: torch.Tensor  # (B, K) summed log-probability including <end>
+    score: torch.Tensor  # (B, K) the ranking score (logprob / length**alpha)
+
+
+def _ban(logp: torch.Tensor, banned: Sequence[int]) -> None:
+    if banned:
+        logp[:, list(banned)] = NEG_INF
+
+
+@torch.no_grad()
+def greedy(decoder, feats: torch.Tensor, bos: int, eos: int, max_len: int,
+           banned: Sequence[int] = ()) -> Hypotheses:
+    """Take the most likely word at each step; at most `max_len` words, then <end>."""
+    B = feats.shape[0]
+    state = decoder.start(feats)
+    tokens = torch.full((B,), bos, dtype=torch.long, device=feats.device)
+    out = torch.full((B, max_len + 1), eos, dtype=torch.long, device=feats.device)
+    logprob = torch.zeros(B, device=feats.device)
+    finished = torch.zeros(B, dtype=torch.bool, device=feats.device)
+    for t in range(max_len + 1):
+        logits, state = decoder.step(tokens, state)
+        logp = F.log_softmax(logits.float(), dim=-1)  # (B, V)
+        _ban(logp, banned)
+        if t == max_len:  # out of room: end here
+            logp.fill_(NEG_INF)
+            logp[:, eos] = 0.0
+        step_lp, tokens = logp.max(dim=-1)
+        live = ~finished
+        out[live, t] = tokens[live]
+        logprob += torch.where(live, step_lp, torch.zeros_like(step_lp))
+        finished |= tokens == eos
+        if finished.all():
+            break
+    return Hypotheses(out[:, None], logprob[:, None], logprob[:, None])
+
+
+@torch.no_grad()
+def beam_search(decoder, feats: torch.Tensor, bos: int, eos: int, max_len: int, beam_size: int = 3,
+                length_norm: float = 0.0, block_trigrams: bool = False,
+                banned: Sequence[int] = ()) -> Hypotheses:
+    """Batched beam search over B images x K beams.
+
+    Each step scores all K*V continuations per image and takes the best 2K. Candidates ending in
+    <end> among the first K join that image's finished pool (ranked by logprob / length**alpha,
+    alpha = `length_norm`, length counting <end>); the best K others continue. An image stops
+    taking finished hypotheses once it holds K (so `beam_size=1` is exactly greedy). After
+    `max_len` words every live beam is ended, so a search that never emits <end> still returns
+    captions. `block_trigrams` forbids repeating any word trigram within a caption.
+    """
+    B, K, dev = feats.shape[0], beam_size, feats.device
+    L = max_len + 1
+    rows = torch.arange(B, device=dev)
+    state = decoder.select(decoder.start(feats), rows.repeat_interleave(K))
+    tokens = torch.full((B * K,), bos, dtype=torch.long, device=dev)
+    seqs = torch.empty((B * K, 0), dtype=torch.long, device=dev)  # (B*K, t) words so far
+    scores = torch.full((B, K), NEG_INF, device=dev)
+    scores[:, 0] = 0.0  # one live beam at the start, so the K beams do not repeat each other
+    fin_tokens = torch.full((B, K, L), eos, dtype=torch.long, device=dev)
+    fin_logp = torch.full((B, K), NEG_INF, device=dev)
+    fin_score = torch.full((B, K), NEG_INF, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    first_k = torch.arange(2 * K, device=dev) < K
+
+    for t in range(L):
+        logits, state = decoder.step(tokens, state)
+        logp = F.log_softmax(logits.float(), dim=-1)  # (B*K, V)
+        V = logp.shape[1]
+        _ban(logp, banned)
+        if block_trigrams and t >= 3:
+            _block_repeated_trigrams(logp, seqs)
+        if t == max_len:
+            logp.fill_(NEG_INF)
+            logp[:, eos] = 0.0
+        cand = (scores.view(B, K, 1) + logp.view(B, K, V)).view(B, K * V)
+        top_s, top_i = cand.topk(min(2 * K, K * V), dim=1)  # (B, 2K)
+        beam_i, tok_i = top_i // V, top_i % V
+        parent = rows[:, None] * K + beam_i  # (B, 2K) row in the B*K layout
+        is_eos = tok_i == eos
+
+        new = is_eos & first_k[: top_s.shape[1]] & ~done[:, None] & torch.isfinite(top_s)
+        if new.any():
+            norm = top_s / float(t + 1) ** length_norm if length_norm else top_s
+            cand_tokens = torch.cat([seqs[parent], tok_i[..., None]], dim=-1)  # (B, 2K, t+1)
+            cand_tokens = F.pad(cand_tokens, (0, L - t - 1), value=eos)
+            pool_score = torch.cat([fin_score, torch.where(new, norm, NEG_INF)], dim=1)
+            pool_logp = torch.cat([fin_logp, torch.where(new, top_s, NEG_INF)], dim=1)
+            pool_tokens = torch.cat([fin_tokens, cand_tokens], dim=1)
+            fin_score, keep = pool_score.topk(K, dim=1)
+            fin_logp = pool_logp.gather(1, keep)
+            fin_tokens = pool_tokens.gather(1, keep[..., None].expand(-1, -1, L))
+            done |= torch.isfinite(fin_score).all(dim=1)
+        if t == max_len or done.all():
+            break
+
+        alive = torch.where(is_eos, NEG_INF, top_s)
+        scores, order = alive.topk(K, dim=1)  # (B, K)
+        chosen = parent.gather(1, order).view(-1)
+        tokens = tok_i.gather(1, order).view(-1)
+        seqs = torch.cat([seqs[chosen], tokens[:, None]], dim=1)
+        state = decoder.select(state, chosen)
+    return Hypotheses(fin_tokens, fin_logp, fin_score)
+
+
+def _block_repeated_trigrams(logp: torch.Tensor, seqs: torch.Tensor) -> None:
+    """Forbid word w after (a, b) when the trigram (a, b, w) already occurs in the row."""
+    a, b = seqs[:, -2:-1], seqs[:, -1:]
+    hit = (seqs[:, :-2] == a) & (seqs[:, 1:-1] == b)  # (N, t-2): trigram starting at j matches
+    n, j = hit.nonzero(as_tuple=True)
+    logp[n, seqs[n, j + 2]] = NEG_INF

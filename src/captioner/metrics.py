@@ -1,0 +1,87 @@
+"""The standard COCO caption metrics, computed by pycocoevalcap, with Java optional.
+
+With Java: Stanford PTB tokenizer, BLEU-1..4, METEOR 1.5, ROUGE-L, CIDEr-D, exactly as the COCO
+caption evaluation server. Without Java: a pure-Python PTB-like tokenizer, BLEU/ROUGE-L/CIDEr-D,
+and METEOR reported as skipped with the reason. SPICE is not offered: it downloads models at run
+time (Stanford CoreNLP), which an offline machine cannot do.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Hashable, Mapping, Sequence
+
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.rouge.rouge import Rouge
+
+KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+_PUNCT = {"''", "'", "``", "`", "-lrb-", "-rrb-", "-lcb-", "-rcb-", ".", "?", "!", ",", ":", "-", "--",
+          "...", ";"}
+_PY_TOKEN = re.compile(r"'s\b|n't\b|'re\b|'ve\b|'ll\b|'d\b|'m\b|[a-z0-9]+(?:[.\-/][a-z0-9]+)*|[^\sa-z0-9]")
+
+
+def java_available() -> bool:
+    return shutil.which("java") is not None
+
+
+def python_tokenize(text: str) -> str:
+    """A close, Java-free stand-in for the PTB tokenizer: lowercase, split clitics, drop punctuation."""
+    toks = _PY_TOKEN.findall(text.lower().replace("\n", " "))
+    return " ".join(t for t in toks if t not in _PUNCT)
+
+
+def tokenize_all(captions: Mapping[Hashable, Sequence[str]], use_java: bool) -> dict:
+    if use_java:
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+    return {k: [python_tokenize(c) for c in v] for k, v in captions.items()}
+
+
+def score(references: Mapping[Hashable, Sequence[str]], hypotheses: Mapping[Hashable, str],
+          meteor: bool = True, use_java: bool | None = None) -> dict:
+    """Score one hypothesis per image against that image's references.
+
+    Returns the keys of `KEYS` (METEOR is None when skipped) plus ``tokenizer`` and, when METEOR
+    was skipped, ``meteor_skipped`` with the reason.
+    """
+    ids = [k for k in hypotheses]
+    missing = [k for k in ids if not references.get(k)]
+    if missing:
+        raise ValueError(f"{len(missing)} images have no reference captions (first: {missing[0]})")
+    java = java_available() if use_java is None else use_java
+    refs = tokenize_all({k: list(references[k]) for k in ids}, java)
+    hyps = tokenize_all({k: [hypotheses[k]] for k in ids}, java)
+    # pycocoevalcap asserts a non-empty hypothesis list; an empty caption scores as one unknown word.
+    hyps = {k: [v[0] if v[0].strip() else "<empty>"] for k, v in hyps.items()}
+
+    out: dict = {"tokenizer": "ptb (java)" if java else "python (no java)"}
+    bleu, _ = Bleu(4).compute_score(refs, hyps, verbose=0)
+    for n in range(4):
+        out[f"BLEU-{n + 1}"] = float(bleu[n])
+    out["METEOR"] = None
+    if meteor and java:
+        try:
+            from pycocoevalcap.meteor.meteor import Meteor
+
+            m = Meteor()
+            out["METEOR"] = float(m.compute_score(refs, hyps)[0])
+            m.close() if hasattr(m, "close") else None
+        except Exception as e:  # the Java process failed to start or died
+            out["meteor_skipped"] = f"METEOR failed to run ({type(e).__name__}: {e})"
+    elif meteor:
+        out["meteor_skipped"] = "METEOR needs Java (the 'java' command was not found); install a JRE to get it"
+    else:
+        out["meteor_skipped"] = "not requested"
+    out["ROUGE-L"] = float(Rouge().compute_score(refs, hyps)[0])
+    out["CIDEr"] = float(Cider().compute_score(refs, hyps)[0])
+    return out
+
+
+def format_scores(s: Mapping) -> str:
+    parts = [f"{k} {s[k]:.3f}" for k in KEYS if s.get(k) is not None]
+    if s.get("METEOR") is None and s.get("meteor_skipped") and s["meteor_skipped"] != "not requested":
+        parts.append(f"(METEOR skipped: {s['meteor_skipped']})")
+    return "  ".join(parts)

@@ -1,0 +1,54 @@
+"""Show and Tell (Vinyals et al. 2015, arXiv 1411.4555): the image is the LSTM's first input.
+
+    x_{-1} = head(CNN(I))          image features projected to the word-embedding size
+    x_t    = W_e S_t               S_0 = <start>, S_1..S_N the caption words
+    p_{t+1} = softmax(W_o LSTM(x_t))  predicts S_1..S_N, then <end>
+
+Training feeds the whole caption at once (teacher forcing, one cuDNN/oneDNN LSTM call);
+decoding calls `start` once and `step` per word, which every search in `decode.py` uses.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from captioner.model.encoder import build_head
+
+State = tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), each (layers, B, hidden)
+
+
+class ShowTellDecoder(nn.Module):
+    feature_kind = "pooled"  # wants encoder features of shape (B, C)
+
+    def __init__(self, vocab_size: int, feat_dim: int, embed_dim: int = 512, hidden_dim: int = 512,
+                 num_layers: int = 1, dropout: float = 0.5, head: str = "linear_bn"):
+        super().__init__()
+        self.head = build_head(head, feat_dim, embed_dim, dropout)
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        self.lstm = nn.LSTM(embed_dim, hidden_dim, num_layers, batch_first=True,
+                            dropout=dropout if num_layers > 1 else 0.0)
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden_dim, vocab_size)
+
+    def forward(self, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """feats (B, C), tokens (B, T) = [<start>, w1..w_{T-1}] -> logits (B, T, V) for [w1..w_{T-1}, <end>]."""
+        img = self.head(feats).unsqueeze(1)  # (B, 1, E)
+        x = torch.cat([img, self.embed(tokens)], dim=1)  # (B, T+1, E)
+        h, _ = self.lstm(x)  # (B, T+1, H)
+        return self.out(self.drop(h[:, 1:]))  # (B, T, V); the output after the image step is unused
+
+    def start(self, feats: torch.Tensor) -> State:
+        """Run the image step: feats (B, C) -> LSTM state."""
+        _, state = self.lstm(self.head(feats).unsqueeze(1))
+        return state
+
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """One word: tokens (B,) -> logits (B, V) for the next word, new state."""
+        h, state = self.lstm(self.embed(tokens).unsqueeze(1), state)  # h (B, 1, H)
+        return self.out(h[:, 0]), state
+
+    @staticmethod
+    def select(state: State, index: torch.Tensor) -> State:
+        """Keep/reorder batch rows of a state (beam search)."""
+        return tuple(s.index_select(1, index) for s in state)  # type: ignore[return-value]

