@@ -30,6 +30,14 @@ def _ban(logp: torch.Tensor, banned: Sequence[int]) -> None:
         logp[:, list(banned)] = NEG_INF
 
 
+def _only_end(logp: torch.Tensor, eos: int) -> None:
+    """Out of room: only <end> may follow. It keeps its real log-probability, so a caption cut at
+    the maximum length is ranked as the model scores it, not given its ending for free."""
+    end = logp[:, eos].clone()
+    logp.fill_(NEG_INF)
+    logp[:, eos] = end
+
+
 @torch.no_grad()
 def greedy(decoder, feats: torch.Tensor, bos: int, eos: int, max_len: int,
            banned: Sequence[int] = ()) -> Hypotheses:
@@ -45,8 +53,7 @@ def greedy(decoder, feats: torch.Tensor, bos: int, eos: int, max_len: int,
         logp = F.log_softmax(logits.float(), dim=-1)  # (B, V)
         _ban(logp, banned)
         if t == max_len:  # out of room: end here
-            logp.fill_(NEG_INF)
-            logp[:, eos] = 0.0
+            _only_end(logp, eos)
         step_lp, tokens = logp.max(dim=-1)
         live = ~finished
         out[live, t] = tokens[live]
@@ -92,8 +99,7 @@ def beam_search(decoder, feats: torch.Tensor, bos: int, eos: int, max_len: int, 
         if block_trigrams and t >= 3:
             _block_repeated_trigrams(logp, seqs)
         if t == max_len:
-            logp.fill_(NEG_INF)
-            logp[:, eos] = 0.0
+            _only_end(logp, eos)
         cand = (scores.view(B, K, 1) + logp.view(B, K, V)).view(B, K * V)
         top_s, top_i = cand.topk(min(2 * K, K * V), dim=1)  # (B, 2K)
         beam_i, tok_i = top_i // V, top_i % V

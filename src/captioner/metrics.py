@@ -17,9 +17,10 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
 KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
-_PUNCT = {"''", "'", "``", "`", "-lrb-", "-rrb-", "-lcb-", "-rcb-", ".", "?", "!", ",", ":", "-", "--",
-          "...", ";"}
-_PY_TOKEN = re.compile(r"'s\b|n't\b|'re\b|'ve\b|'ll\b|'d\b|'m\b|[a-z0-9]+(?:[.\-/][a-z0-9]+)*|[^\sa-z0-9]")
+# pycocoevalcap drops these tokens after PTB tokenization (brackets come out as -lrb- and stay).
+_PUNCT = {"''", "'", '"', "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+_PY_TOKEN = re.compile(r"n't|'s|'re|'ve|'ll|'d|'m|[a-z0-9]+(?:\.[a-z0-9]+)+\.?|[a-z0-9]+(?:[-/][a-z0-9]+)*|\S")
 
 
 def java_available() -> bool:
@@ -27,8 +28,10 @@ def java_available() -> bool:
 
 
 def python_tokenize(text: str) -> str:
-    """A close, Java-free stand-in for the PTB tokenizer: lowercase, split clitics, drop punctuation."""
-    toks = _PY_TOKEN.findall(text.lower().replace("\n", " "))
+    """A Java-free stand-in for the PTB tokenizer as pycocoevalcap runs it: lowercase, clitics
+    split off ("is n't", "dog 's"), brackets as -lrb-/-rrb-, punctuation dropped."""
+    text = re.sub(r"n't\b", " n't", text.lower().replace("\n", " "))
+    toks = (_BRACKETS.get(t, t) for t in _PY_TOKEN.findall(text))
     return " ".join(t for t in toks if t not in _PUNCT)
 
 

@@ -1,0 +1,113 @@
+"""Greedy and beam search: exactness on a tiny Markov model, beam 1 == greedy, batching, no <end>."""
+
+import itertools
+
+import pytest
+import torch
+
+from captioner.decode import beam_search, greedy
+from captioner.model.decoder import ShowTellDecoder
+
+BOS, EOS = 1, 2
+
+
+class Markov:
+    """A decoder whose next-word distribution depends only on the last word (and the image row)."""
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table  # (B, V, V) logits of the next word given the last one, per image
+
+    def start(self, feats):
+        return torch.arange(feats.shape[0])  # state = image row
+
+    def step(self, tokens, rows):
+        return self.table[rows, tokens], rows
+
+    @staticmethod
+    def select(rows, index):
+        return rows[index]
+
+
+def exhaustive_best(table_b: torch.Tensor, max_len: int, length_norm: float = 0.0):
+    """Best caption of one image by enumerating every word sequence (words = ids >= 3)."""
+    logp = table_b.log_softmax(-1)
+    V = table_b.shape[0]
+    best, best_score = None, -float("inf")
+    for n in range(max_len + 1):
+        for words in itertools.product(range(3, V), repeat=n):
+            seq = [BOS, *words, EOS]
+            lp = sum(float(logp[a, b]) for a, b in zip(seq, seq[1:]))
+            s = lp / (n + 1) ** length_norm if length_norm else lp
+            if s > best_score:
+                best, best_score = list(words), s
+    return best
+
+
+@pytest.mark.parametrize("length_norm", [0.0, 1.0])
+def test_wide_beam_finds_the_exhaustive_best(length_norm):
+    g = torch.Generator().manual_seed(0)
+    B, V, L = 3, 6, 3
+    table = torch.randn(B, V, V, generator=g) * 2
+    table[:, :, 0] = table[:, :, BOS] = -1e4  # never <pad>/<start>
+    hyp = beam_search(Markov(table), torch.zeros(B, 1), BOS, EOS, L, beam_size=(V - 3) ** L + 1,
+                      length_norm=length_norm)
+    for b in range(B):
+        words = [t for t in hyp.tokens[b, 0].tolist() if t != EOS]
+        assert words == exhaustive_best(table[b], L, length_norm)
+
+
+def test_beam_1_is_exactly_greedy():
+    torch.manual_seed(0)
+    dec = ShowTellDecoder(vocab_size=30, feat_dim=16, embed_dim=8, hidden_dim=16).eval()
+    feats = torch.randn(7, 16)
+    g = greedy(dec, feats, BOS, EOS, max_len=12)
+    b = beam_search(dec, feats, BOS, EOS, max_len=12, beam_size=1)
+    assert torch.equal(g.tokens[:, 0], b.tokens[:, 0])
+    assert torch.allclose(g.logprob, b.logprob)
+
+
+def test_batched_beam_equals_one_image_at_a_time():
+    torch.manual_seed(1)
+    dec = ShowTellDecoder(vocab_size=40, feat_dim=16, embed_dim=8, hidden_dim=16).eval()
+    feats = torch.randn(5, 16)
+    batched = beam_search(dec, feats, BOS, EOS, max_len=10, beam_size=4, length_norm=0.7)
+    for i in range(5):
+        one = beam_search(dec, feats[i:i + 1], BOS, EOS, max_len=10, beam_size=4, length_norm=0.7)
+        assert torch.equal(one.tokens[0], batched.tokens[i])
+        assert torch.allclose(one.score[0], batched.score[i], atol=1e-5)
+
+
+def test_no_end_ever_still_returns_captions():
+    B, V, L = 2, 8, 5
+    table = torch.zeros(B, V, V)
+    table[:, :, EOS] = -1e9  # the model never wants to stop
+    for search in (lambda m, f: greedy(m, f, BOS, EOS, L),
+                   lambda m, f: beam_search(m, f, BOS, EOS, L, beam_size=3)):
+        hyp = search(Markov(table), torch.zeros(B, 1))
+        assert hyp.tokens.shape[-1] == L + 1
+        assert (hyp.tokens[:, 0, :L] != EOS).all() and (hyp.tokens[:, 0, L] == EOS).all()
+        assert torch.isfinite(hyp.logprob[:, 0]).all()
+
+
+def test_alternatives_are_sorted_and_distinct():
+    torch.manual_seed(2)
+    dec = ShowTellDecoder(vocab_size=25, feat_dim=8, embed_dim=8, hidden_dim=16).eval()
+    hyp = beam_search(dec, torch.randn(3, 8), BOS, EOS, max_len=8, beam_size=5)
+    assert (hyp.score[:, :-1] >= hyp.score[:, 1:]).all()
+    for b in range(3):
+        rows = {tuple(r) for r in hyp.tokens[b].tolist()}
+        assert len(rows) == 5
+
+
+def test_banned_words_and_trigram_blocking():
+    B, V, L = 1, 6, 12
+    table = torch.full((B, V, V), -5.0)
+    table[0, :, 3] = 5.0  # "3" is always the most likely word
+    table[0, 3, 4] = 4.9
+    table[0, 4, 3] = 4.9
+    hyp = greedy(Markov(table), torch.zeros(B, 1), BOS, EOS, L, banned=[3])
+    assert 3 not in hyp.tokens[0, 0].tolist()
+    hyp = beam_search(Markov(table), torch.zeros(B, 1), BOS, EOS, L, beam_size=2, block_trigrams=True)
+    words = [t for t in hyp.tokens[0, 0].tolist() if t != EOS]
+    trigrams = list(zip(words, words[1:], words[2:]))
+    assert len(trigrams) == len(set(trigrams))
