@@ -38,7 +38,7 @@ def trained(tmp_path_factory, shapes) -> Path:
     mp = pytest.MonkeyPatch()
     mp.setenv("CAPTIONER_CACHE", str(base / "cache"))
     try:
-        assert main(["train", "--data", str(shapes), "--out", str(out), "--epochs", "12", *TINY]) == 0
+        assert main(["train", "--data", str(shapes), "--out", str(out), "--epochs", "15", *TINY]) == 0
     finally:
         mp.undo()
     return out

@@ -114,10 +114,13 @@ def cmd_caption(a: argparse.Namespace) -> int:
     from captioner.api import Captioner
     from captioner.data.images import list_images
 
-    cap = Captioner.load(a.model, a.device, a.precision)
+    missing = [p for p in a.paths if not p.exists()]
+    if missing:
+        raise DataError(f"{missing[0]}: no such file" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     paths = list_images(a.paths, recursive=not a.no_recursive)
     if not paths:
         raise DataError(f"no images found in {', '.join(map(str, a.paths))}")
+    cap = Captioner.load(a.model, a.device, a.precision)
     failed = []
     for path, result, error in cap.caption_files(paths, a.batch_size, a.beam_size, length_norm=a.length_norm,
                                                  block_trigrams=a.block_trigrams):

@@ -27,7 +27,6 @@ def evaluate(model_dir: Path, data: Path, split: str = "val", *, fmt: str | None
              progress: bool = True) -> dict:
     dev = pick_device(device)
     prec = resolve_precision(precision, dev)
-    model, vocab = load_model(model_dir, dev)
     records = load_records(data, fmt, images)
     chosen = split_records(records, split)
     if not chosen and all(r.split == "" for r in records):
@@ -35,6 +34,7 @@ def evaluate(model_dir: Path, data: Path, split: str = "val", *, fmt: str | None
     if not chosen:
         raise DataError(f"{data}: no images in the {split!r} split")
     chosen = check_images(chosen, skip_missing)[: max_images or None]
+    model, vocab = load_model(model_dir, dev)
 
     t0 = time.perf_counter()
     feats, ok, errors = cached_features(model, [r.image for r in chosen], cache_dir, device=dev, precision=prec,

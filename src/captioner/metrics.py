@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import tempfile
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
@@ -35,12 +38,39 @@ def python_tokenize(text: str) -> str:
     return " ".join(t for t in toks if t not in _PUNCT)
 
 
-def tokenize_all(captions: Mapping[Hashable, Sequence[str]], use_java: bool) -> dict:
-    if use_java:
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+def ptb_tokenize(sentences: Sequence[str]) -> list[str]:
+    """Stanford PTBTokenizer (the jar pycocoevalcap ships), as the COCO evaluation runs it.
 
-        return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
-    return {k: [python_tokenize(c) for c in v] for k, v in captions.items()}
+    pycocoevalcap's own wrapper writes its temporary file into its package folder (which fails
+    on a read-only install) and lets Java print to the terminal; this calls the same jar with the
+    same options from a temporary folder of our own.
+    """
+    import pycocoevalcap.tokenizer.ptbtokenizer as ptb
+
+    jar = Path(ptb.__file__).parent / ptb.STANFORD_CORENLP_3_4_1_JAR
+    # One sentence per line; an empty line would be dropped and shift every later caption.
+    text = "\n".join(" ".join(s.split()) or "." for s in sentences)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "sentences.txt").write_text(text, encoding="utf-8")
+        out = subprocess.run(["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer",
+                              "-preserveLines", "-lowerCase", "sentences.txt"], cwd=tmp,
+                             capture_output=True, check=True).stdout.decode("utf-8")
+    lines = out.split("\n")[: len(sentences)]
+    if len(lines) != len(sentences):
+        raise RuntimeError(f"PTBTokenizer returned {len(lines)} lines for {len(sentences)} sentences")
+    return [" ".join(w for w in line.rstrip().split(" ") if w and w not in _PUNCT) for line in lines]
+
+
+def tokenize_all(captions: Mapping[Hashable, Sequence[str]], use_java: bool) -> dict:
+    """{id: [caption, ...]} -> {id: [tokenized caption, ...]} with PTB (Java) or the Python stand-in."""
+    if not use_java:
+        return {k: [python_tokenize(c) for c in v] for k, v in captions.items()}
+    flat = ptb_tokenize([c for v in captions.values() for c in v])
+    out, i = {}, 0
+    for k, v in captions.items():
+        out[k] = flat[i:i + len(v)]
+        i += len(v)
+    return out
 
 
 def score(references: Mapping[Hashable, Sequence[str]], hypotheses: Mapping[Hashable, str],

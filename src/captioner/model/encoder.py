@@ -164,7 +164,11 @@ def _load_lite_state(model: nn.Module, state: dict[str, torch.Tensor], path: Pat
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape
+        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+        raise EncoderError(f"{path}: weights do not fit ({first})") from None
     missing = [k for k in missing if not k.startswith(("fc.", "classifier."))]
     if missing or unexpected:
         raise EncoderError(f"{path}: weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -1,0 +1,99 @@
+"""The command line as a user meets it: JSON output, folders with broken files, one-line errors."""
+
+import json
+import subprocess
+import sys
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from captioner import Captioner
+from captioner.cli import main
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "captioner", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd)
+
+
+def test_caption_json_lines_and_broken_file_is_skipped(trained, shapes, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    src = sorted(shapes.parent.glob("*.png"))
+    Image.open(src[0]).save(folder / "one.png")
+    Image.open(src[1]).save(folder / "sub" / "two.jpg")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    code = main(["caption", str(folder), "--model", str(trained / "best"), "--json", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    lines = [json.loads(x) for x in out.splitlines()]
+    assert sorted(x["image"].split("/")[-1] for x in lines) == ["one.png", "two.jpg"]
+    assert all(x["caption"] for x in lines)
+    assert "broken.jpg" in err and "skipped" in err
+
+
+def test_caption_beam_json_has_alternatives(trained, shapes, capsys):
+    img = sorted(shapes.parent.glob("*.png"))[0]
+    assert main(["caption", str(img), "--model", str(trained / "best"), "--json", "--beam-size", "3"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert len(obj["alternatives"]) == 3 and obj["caption"] == obj["alternatives"][0]["caption"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["caption", "no/such/photo.jpg"], "no/such/photo.jpg: no such file"),
+    (["caption", EXAMPLES, "--model", "no/such/model"], "no/such/model: not a model folder"),
+    (["train", "--data", "no/such/data", "--out", "x"], "no/such/data: no such file or folder"),
+    (["evaluate", "--data", "no/such/data"], "no/such/data: no such file or folder"),
+])
+def test_user_mistakes_are_one_line_no_traceback(args, message, tmp_path):
+    r = run_cli(*args, cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"captioner: error: {message}" or message in r.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_pickle_model_folder_is_refused(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.pt").write_bytes(b"\x80\x04pickle")
+    assert main(["caption", str(EXAMPLES / "coffee.jpg"), "--model", str(tmp_path / "m")]) == 2
+    assert "never loads" in capsys.readouterr().err
+
+
+def test_train_with_missing_images_fails_clearly_then_skips(tmp_path, shapes, capsys):
+    lines = shapes.read_text().splitlines()
+    data = tmp_path / "captions.jsonl"
+    data.write_text("\n".join(lines) + '\n{"image": "gone.png", "caption": "a lost one", "split": "train"}\n')
+    for p in shapes.parent.glob("*.png"):
+        (tmp_path / p.name).symlink_to(p)
+    args = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1", "--max-images", "8",
+            "--val-images", "2", "--quiet", "--image-size", "64", "--hidden-dim", "32", "--embed-dim", "16"]
+    assert main(args) == 2
+    assert "1 of 145 listed images are missing (first: " in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="left out"):
+        assert main([*args, "--skip-missing"]) == 0
+
+
+def test_save_load_gives_identical_captions(trained, shapes, tmp_path):
+    from captioner.model.folder import load_model, save_model
+
+    imgs = sorted(shapes.parent.glob("*.png"))[:6]
+    a = Captioner.load(trained / "best", device="cpu")
+    model, vocab = load_model(trained / "best")
+    save_model(model, vocab, tmp_path / "copy")
+    b = Captioner.load(tmp_path / "copy", device="cpu")
+    assert a.caption(imgs) == b.caption(imgs)
+    assert a.caption(imgs, beam_size=3) == b.caption(imgs, beam_size=3)
+
+
+def test_python_api_accepts_paths_pil_and_lists(trained, shapes):
+    cap = Captioner.load(trained / "best", device="cpu")
+    path = sorted(shapes.parent.glob("*.png"))[0]
+    one = cap.caption(path)
+    assert isinstance(one, str) and one
+    assert cap.caption(str(path)) == one
+    assert cap.caption(Image.open(path)) == one
+    assert cap.caption([path, Image.open(path)]) == [one, one]

