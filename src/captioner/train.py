@@ -335,7 +335,8 @@ def fit(args: Namespace) -> dict:
         plot_curves(out, history)
         state = {"decoder": model.decoder.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "epoch": epoch, "args": _plain(args),
-                 "vocab": vocab.itos, "config": cfg.to_json(), "history": history, "best": best, "best_epoch": best_epoch}
+                 "vocab": vocab.itos, "config": cfg.to_json(), "history": history, "best": best,
+                 "best_epoch": best_epoch}
         if fine_tune:
             state["encoder"] = model.encoder.state_dict()
         save_checkpoint(out / CHECKPOINT, state)

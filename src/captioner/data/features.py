@@ -79,7 +79,7 @@ def extract_features(model, paths: Sequence[Path], *, batch_size: int = 32, devi
     errors: list[str] = []
     model.eval()
     memory_format = torch.channels_last if precision == "fp32" else torch.contiguous_format
-    encoder = model.encoder.to(device, memory_format=memory_format)
+    model.encoder.to(device, memory_format=memory_format)
     bar = tqdm(total=len(ds), desc="features", unit="img", disable=not progress, leave=False)
     for idx, x, errs in loader:
         errors += errs

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from captioner.data.vocab import Vocabulary
-from captioner.model.encoder import EncoderError, file_digest, build_backbone
+from captioner.model.encoder import EncoderError, build_backbone, file_digest
 from captioner.model.network import CaptionModel, ModelConfig
 
 CONFIG, VOCAB, WEIGHTS = "config.json", "vocab.json", "model.safetensors"
