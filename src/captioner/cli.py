@@ -16,6 +16,7 @@ from captioner.data.images import ImageError
 from captioner.data.records import FORMATS, DataError
 from captioner.model.encoder import BACKBONES, HEADS, EncoderError
 from captioner.model.folder import ModelError
+from captioner.model.network import DECODERS
 from captioner.runtime import PRECISIONS
 
 USER_ERRORS = (DataError, ImageError, ModelError, EncoderError, FileNotFoundError, NotADirectoryError,
@@ -66,11 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, help="input side in pixels (default: the backbone's)")
     p.add_argument("--fine-tune-encoder", action="store_true", help="train the CNN too (images each step)")
     p.add_argument("--encoder-lr", type=float, default=1e-4)
-    p.add_argument("--head", default="linear_bn", choices=HEADS)
+    p.add_argument("--decoder", default="show_tell", choices=DECODERS,
+                   help="show_tell: image as the LSTM's first input; attention: Show, Attend and Tell")
+    p.add_argument("--head", default="linear_bn", choices=HEADS, help="image projection (show_tell)")
     p.add_argument("--embed-dim", type=int, default=512)
     p.add_argument("--hidden-dim", type=int, default=512)
     p.add_argument("--num-layers", type=int, default=1)
     p.add_argument("--dropout", type=float, default=0.5)
+    p.add_argument("--attention-dim", type=int, default=512, help="attention layer size (attention)")
+    p.add_argument("--alpha-c", type=float, default=1.0, help="doubly stochastic penalty weight (attention)")
     p.add_argument("--min-count", type=int, default=5, help="words seen fewer times become <unk>")
     p.add_argument("--max-words", type=int, default=20, help="longer training captions are left out")
     p.add_argument("--epochs", type=int, default=15)

@@ -2,7 +2,10 @@
 
 A decoder offers three calls: ``start(feats) -> state``, ``step(tokens (N,), state) -> (logits
 (N, V), state)``, and ``select(state, index) -> state`` (keep/reorder rows). Both searches run
-the whole batch at once: beam search keeps B*K rows (B images, K beams), never a loop per image.
+the whole batch at once: beam search keeps B*K rows (B images, K beams, image b's beams in rows
+b*K .. b*K+K-1), never a loop per image. ``select`` is only ever asked to repeat each image's row
+K times (once, at the start) or to reorder rows within one image's block, never to move a row to
+another image, so a decoder may keep per-image tensors at B rows (see model/attention.py).
 """
 
 from __future__ import annotations

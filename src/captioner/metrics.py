@@ -73,44 +73,57 @@ def tokenize_all(captions: Mapping[Hashable, Sequence[str]], use_java: bool) -> 
     return out
 
 
+class Scorer:
+    """Scores captions against fixed references, which are tokenized once (validation scores the
+    same val references every epoch)."""
+
+    def __init__(self, references: Mapping[Hashable, Sequence[str]], use_java: bool | None = None):
+        empty = [k for k, v in references.items() if not v]
+        if empty:
+            raise ValueError(f"{len(empty)} images have no reference captions (first: {empty[0]})")
+        self.java = java_available() if use_java is None else use_java
+        self.tokenizer = "ptb (java)" if self.java else "python (no java)"
+        self.refs = tokenize_all({k: list(v) for k, v in references.items()}, self.java)
+
+    def __call__(self, hypotheses: Mapping[Hashable, str], meteor: bool = True) -> dict:
+        """Score one caption per image. Returns the keys of `KEYS` (METEOR is None when skipped),
+        ``tokenizer`` and, when METEOR was skipped, ``meteor_skipped`` with the reason."""
+        missing = [k for k in hypotheses if k not in self.refs]
+        if missing:
+            raise ValueError(f"{len(missing)} images have no reference captions (first: {missing[0]})")
+        refs = {k: self.refs[k] for k in hypotheses}
+        hyps = tokenize_all({k: [v] for k, v in hypotheses.items()}, self.java)
+        # pycocoevalcap asserts a non-empty hypothesis; an empty caption scores as one unknown word.
+        hyps = {k: [v[0] if v[0].strip() else "<empty>"] for k, v in hyps.items()}
+
+        out: dict = {"tokenizer": self.tokenizer}
+        bleu, _ = Bleu(4).compute_score(refs, hyps, verbose=0)
+        for n in range(4):
+            out[f"BLEU-{n + 1}"] = float(bleu[n])
+        out["METEOR"] = None
+        if meteor and self.java:
+            try:
+                from pycocoevalcap.meteor.meteor import Meteor
+
+                out["METEOR"] = float(Meteor().compute_score(refs, hyps)[0])
+            except Exception as e:  # the Java process failed to start or died
+                out["meteor_skipped"] = f"METEOR failed to run ({type(e).__name__}: {e})"
+        elif meteor:
+            out["meteor_skipped"] = "METEOR needs Java (the 'java' command was not found); install a JRE to get it"
+        else:
+            out["meteor_skipped"] = "not requested"
+        out["ROUGE-L"] = float(Rouge().compute_score(refs, hyps)[0])
+        out["CIDEr"] = float(Cider().compute_score(refs, hyps)[0])
+        return out
+
+
 def score(references: Mapping[Hashable, Sequence[str]], hypotheses: Mapping[Hashable, str],
           meteor: bool = True, use_java: bool | None = None) -> dict:
-    """Score one hypothesis per image against that image's references.
-
-    Returns the keys of `KEYS` (METEOR is None when skipped) plus ``tokenizer`` and, when METEOR
-    was skipped, ``meteor_skipped`` with the reason.
-    """
-    ids = [k for k in hypotheses]
-    missing = [k for k in ids if not references.get(k)]
+    """Score one hypothesis per image against all of that image's references (see `Scorer`)."""
+    missing = [k for k in hypotheses if not references.get(k)]
     if missing:
         raise ValueError(f"{len(missing)} images have no reference captions (first: {missing[0]})")
-    java = java_available() if use_java is None else use_java
-    refs = tokenize_all({k: list(references[k]) for k in ids}, java)
-    hyps = tokenize_all({k: [hypotheses[k]] for k in ids}, java)
-    # pycocoevalcap asserts a non-empty hypothesis list; an empty caption scores as one unknown word.
-    hyps = {k: [v[0] if v[0].strip() else "<empty>"] for k, v in hyps.items()}
-
-    out: dict = {"tokenizer": "ptb (java)" if java else "python (no java)"}
-    bleu, _ = Bleu(4).compute_score(refs, hyps, verbose=0)
-    for n in range(4):
-        out[f"BLEU-{n + 1}"] = float(bleu[n])
-    out["METEOR"] = None
-    if meteor and java:
-        try:
-            from pycocoevalcap.meteor.meteor import Meteor
-
-            m = Meteor()
-            out["METEOR"] = float(m.compute_score(refs, hyps)[0])
-            m.close() if hasattr(m, "close") else None
-        except Exception as e:  # the Java process failed to start or died
-            out["meteor_skipped"] = f"METEOR failed to run ({type(e).__name__}: {e})"
-    elif meteor:
-        out["meteor_skipped"] = "METEOR needs Java (the 'java' command was not found); install a JRE to get it"
-    else:
-        out["meteor_skipped"] = "not requested"
-    out["ROUGE-L"] = float(Rouge().compute_score(refs, hyps)[0])
-    out["CIDEr"] = float(Cider().compute_score(refs, hyps)[0])
-    return out
+    return Scorer({k: references[k] for k in hypotheses}, use_java)(hypotheses, meteor)
 
 
 def format_scores(s: Mapping) -> str:

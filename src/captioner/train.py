@@ -91,6 +91,22 @@ def collate_augmented(batch):
     return torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
 
 
+class FeatureRows:
+    """Cached features of the kept images, read a batch at a time from the memory-mapped file, so
+    a cache larger than memory (COCO's spatial maps) still trains."""
+
+    def __init__(self, array: np.ndarray, keep: list[int]):
+        self.array = array  # (N_all, ...) fp16, usually a np.memmap
+        self.keep = np.asarray(keep, dtype=np.int64)  # record index -> row of `array`
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        rows = self.keep[np.asarray(idx)]
+        return torch.from_numpy(np.ascontiguousarray(self.array[rows]))
+
+
 def readable(records: list[Record], errors: list[str], ok: np.ndarray) -> list[int]:
     if errors:
         shown = "; ".join(errors[:3])
@@ -109,21 +125,22 @@ def caption_loss(logits: torch.Tensor, targets: torch.Tensor, pad: int = 0) -> t
 
 
 def train_one_epoch(model: CaptionModel, batches, optimizer, device, precision: str, clip: float,
-                    epoch: int, progress: bool = True) -> float:
-    """`batches` yields (feats-or-images, tokens). Returns the mean loss per token."""
+                    epoch: int, images: bool = False, progress: bool = True) -> float:
+    """`batches` yields (features, tokens), or (images, tokens) when `images` (the encoder is
+    trained too). Returns the mean cross-entropy per word."""
     model.train()
-    if not any(p.requires_grad for p in model.encoder.parameters()):
-        model.encoder.eval()  # frozen: keep BatchNorm statistics fixed
+    if not images:
+        model.encoder.eval()  # frozen: keep its BatchNorm statistics fixed
     total, tokens_seen, captions, t0 = 0.0, 0, 0, time.perf_counter()
     bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not progress)
     for x, tok in bar:
         x, tok = x.to(device, non_blocking=True), tok.to(device, non_blocking=True)
         with autocast(device, precision):
-            feats = model.features(x) if x.dim() == 4 else x.float()
-            logits = model(feats, tok[:, :-1])  # (B, T-1, V)
+            feats = model.features(x) if images else x.float()
+            logits, penalty = model(feats, tok[:, :-1])  # (B, T-1, V)
         loss = caption_loss(logits, tok[:, 1:])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + penalty.float()).backward()
         if clip:
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip)
         optimizer.step()
@@ -136,33 +153,32 @@ def train_one_epoch(model: CaptionModel, batches, optimizer, device, precision: 
 
 
 @torch.no_grad()
-def validate(model: CaptionModel, vocab: Vocabulary, feats: torch.Tensor, caps: Captions,
-             references: list[list[str]], device, precision: str, batch_size: int = 256,
-             max_len: int = 20) -> dict:
-    """Val loss (teacher-forced, as a loss only) and free-running greedy captions scored with
-    BLEU-4 and CIDEr-D against all references of each image."""
+def validate(model: CaptionModel, vocab: Vocabulary, feats: FeatureRows, caps: Captions, scorer: metrics.Scorer,
+             device, precision: str, batch_size: int = 256, max_len: int = 20) -> dict:
+    """Val loss (teacher-forced, as a loss only) and free-running greedy captions of every val
+    image scored with BLEU-4 and CIDEr-D against all of its references."""
     model.eval()
     total, n_tok = 0.0, 0
-    sampler = LengthBucketSampler(caps.lengths, batch_size, shuffle=False)
-    for idx in sampler:
+    for idx in LengthBucketSampler(caps.lengths, batch_size, shuffle=False):
         rows, tok = caps.batch(idx)
         f, tok = feats[rows].to(device).float(), tok.to(device)
         with autocast(device, precision):
-            logits = model(f, tok[:, :-1])
+            logits, _ = model(f, tok[:, :-1])
         n = tok[:, 1:].ne(0).sum().item()
         total += caption_loss(logits, tok[:, 1:]).item() * n
         n_tok += n
     hyps = generate_text(model, vocab, feats, device, precision, batch_size, max_len)
-    s = metrics.score({i: r for i, r in enumerate(references)}, dict(enumerate(hyps)), meteor=False)
+    s = scorer(dict(enumerate(hyps)), meteor=False)
     return {"val_loss": total / max(n_tok, 1), "BLEU-4": s["BLEU-4"], "CIDEr": s["CIDEr"], "samples": hyps[:3]}
 
 
 @torch.no_grad()
-def generate_text(model: CaptionModel, vocab: Vocabulary, feats: torch.Tensor, device, precision: str,
+def generate_text(model: CaptionModel, vocab: Vocabulary, feats: FeatureRows, device, precision: str,
                   batch_size: int = 256, max_len: int = 20) -> list[str]:
+    """Greedy captions of every image of `feats`, in order."""
     out = []
     for i in range(0, len(feats), batch_size):
-        f = feats[i:i + batch_size].to(device).float()
+        f = feats[np.arange(i, min(i + batch_size, len(feats)))].to(device).float()
         with autocast(device, precision):
             hyp = greedy(model.decoder, f, vocab.start, vocab.end, max_len, banned=[vocab.unk])
         out += [vocab.decode(t) for t in hyp.tokens[:, 0].tolist()]
@@ -255,8 +271,9 @@ def fit(args: Namespace) -> dict:
         vocab = Vocabulary.build((c for r in train_recs for c in r.captions), args.min_count)
 
     cfg = ModelConfig.for_encoder(
-        args.encoder, len(vocab), args.image_size, head=args.head, embed_dim=args.embed_dim,
-        hidden_dim=args.hidden_dim, num_layers=args.num_layers, dropout=args.dropout, max_len=args.max_words)
+        args.encoder, len(vocab), args.image_size, decoder=args.decoder, head=args.head, embed_dim=args.embed_dim,
+        hidden_dim=args.hidden_dim, num_layers=args.num_layers, dropout=args.dropout,
+        attention_dim=args.attention_dim, alpha_c=args.alpha_c, max_len=args.max_words)
     model = CaptionModel.create(cfg, args.encoder_weights).to(device)
     fine_tune = bool(args.fine_tune_encoder)
     model.encoder.requires_grad_(fine_tune)
@@ -268,15 +285,15 @@ def fit(args: Namespace) -> dict:
     if not fine_tune:
         f_train, ok, errs = cached_features(model, [r.image for r in train_recs], cache, **extract_kw)
         keep = readable(train_recs, errs, ok)
-        train_recs, train_feats = [train_recs[i] for i in keep], torch.from_numpy(np.asarray(f_train[keep]))
+        train_recs, train_feats = [train_recs[i] for i in keep], FeatureRows(f_train, keep)
     f_val, ok, errs = (cached_features(model, [r.image for r in val_recs], cache, **extract_kw) if not fine_tune
                        else extract_features(model, [r.image for r in val_recs], **extract_kw))
     keep = readable(val_recs, errs, ok)
-    val_recs, val_feats = [val_recs[i] for i in keep], torch.from_numpy(np.asarray(f_val[keep]))
+    val_recs, val_feats = [val_recs[i] for i in keep], FeatureRows(f_val, keep)
 
     train_caps, dropped = Captions.build(train_recs, vocab, args.max_words)
     val_caps, _ = Captions.build(val_recs, vocab, args.max_words)
-    references = [r.captions for r in val_recs]
+    scorer = metrics.Scorer({i: r.captions for i, r in enumerate(val_recs)})
     print(f"{len(train_recs)} train images ({len(train_caps.tokens)} captions, {dropped} longer than "
           f"{args.max_words} words left out), {len(val_recs)} val images, {len(vocab)} words, "
           f"device {device}, precision {precision}")
@@ -314,9 +331,9 @@ def fit(args: Namespace) -> dict:
         else:
             batches = ((train_feats[rows], tok) for rows, tok in map(train_caps.batch, sampler))
         train_loss = train_one_epoch(model, batches, optimizer, device, precision, args.clip, epoch,
-                                     progress=not args.quiet)
+                                     images=fine_tune, progress=not args.quiet)
         seconds = time.perf_counter() - t0
-        val = validate(model, vocab, val_feats, val_caps, references, device, precision, max_len=args.max_words)
+        val = validate(model, vocab, val_feats, val_caps, scorer, device, precision, max_len=args.max_words)
         scheduler.step(val["CIDEr"])
         row = {"epoch": epoch, "train_loss": round(train_loss, 4), "val_loss": round(val["val_loss"], 4),
                "BLEU-4": round(val["BLEU-4"], 4), "CIDEr": round(val["CIDEr"], 4),

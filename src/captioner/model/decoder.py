@@ -31,12 +31,14 @@ class ShowTellDecoder(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.out = nn.Linear(hidden_dim, vocab_size)
 
-    def forward(self, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """feats (B, C), tokens (B, T) = [<start>, w1..w_{T-1}] -> logits (B, T, V) for [w1..w_{T-1}, <end>]."""
+    def forward(self, feats: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """feats (B, C), tokens (B, T) = [<start>, w1..w_{T-1}] -> logits (B, T, V) for
+        [w1..w_{T-1}, <end>], and an extra loss term (none here: zero; see attention.py)."""
         img = self.head(feats).unsqueeze(1)  # (B, 1, E)
         x = torch.cat([img, self.embed(tokens)], dim=1)  # (B, T+1, E)
         h, _ = self.lstm(x)  # (B, T+1, H)
-        return self.out(self.drop(h[:, 1:]))  # (B, T, V); the output after the image step is unused
+        logits = self.out(self.drop(h[:, 1:]))  # (B, T, V); the output after the image step is unused
+        return logits, logits.new_zeros(())
 
     def start(self, feats: torch.Tensor) -> State:
         """Run the image step: feats (B, C) -> LSTM state."""
@@ -50,5 +52,5 @@ class ShowTellDecoder(nn.Module):
 
     @staticmethod
     def select(state: State, index: torch.Tensor) -> State:
-        """Keep/reorder batch rows of a state (beam search)."""
+        """Keep/reorder rows of a state (beam search)."""
         return tuple(s.index_select(1, index) for s in state)  # type: ignore[return-value]

@@ -7,10 +7,11 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
+from captioner.model.attention import AttentionDecoder
 from captioner.model.decoder import ShowTellDecoder
 from captioner.model.encoder import BACKBONES, Backbone, build_backbone
 
-DECODERS = {"show_tell": ShowTellDecoder}
+DECODERS = ("show_tell", "attention")
 
 
 @dataclass
@@ -23,12 +24,14 @@ class ModelConfig:
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     feat_dim: int = 1280
-    decoder: str = "show_tell"
-    head: str = "linear_bn"
+    decoder: str = "show_tell"  # or "attention"
+    head: str = "linear_bn"  # show_tell only
     embed_dim: int = 512
     hidden_dim: int = 512
-    num_layers: int = 1
+    num_layers: int = 1  # show_tell only
     dropout: float = 0.5
+    attention_dim: int = 512  # attention only
+    alpha_c: float = 1.0  # attention only: weight of the doubly stochastic penalty
     max_len: int = 20  # longest caption decoded, in words
     extra: dict = field(default_factory=dict)  # free-form notes (training command, scores)
 
@@ -55,10 +58,13 @@ class ModelConfig:
 
 
 def build_decoder(cfg: ModelConfig) -> nn.Module:
-    if cfg.decoder not in DECODERS:
-        raise ValueError(f"unknown decoder {cfg.decoder!r}; choose from {list(DECODERS)}")
-    return DECODERS[cfg.decoder](cfg.vocab_size, cfg.feat_dim, cfg.embed_dim, cfg.hidden_dim,
-                                 cfg.num_layers, cfg.dropout, cfg.head)
+    if cfg.decoder == "show_tell":
+        return ShowTellDecoder(cfg.vocab_size, cfg.feat_dim, cfg.embed_dim, cfg.hidden_dim, cfg.num_layers,
+                               cfg.dropout, cfg.head)
+    if cfg.decoder == "attention":
+        return AttentionDecoder(cfg.vocab_size, cfg.feat_dim, cfg.embed_dim, cfg.hidden_dim, cfg.attention_dim,
+                                cfg.dropout, cfg.alpha_c)
+    raise ValueError(f"unknown decoder {cfg.decoder!r}; choose from {', '.join(DECODERS)}")
 
 
 class CaptionModel(nn.Module):
@@ -79,7 +85,8 @@ class CaptionModel(nn.Module):
         fmap = self.encoder(images)  # (B, C, H, W)
         return pool_features(fmap, self.decoder.feature_kind)
 
-    def forward(self, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, feats: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> logits (B, T, V) and the decoder's extra loss term (a scalar)."""
         return self.decoder(feats, tokens)
 
 

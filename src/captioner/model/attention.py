@@ -1,0 +1,114 @@
+"""Show, Attend and Tell (Xu et al. 2015, arXiv 1502.03044): soft attention over the CNN's grid.
+
+At every word the LSTM looks at the P = H*W cells of the encoder's last feature map (7x7x1280
+for EfficientNet-Lite0 at 224 px) and reads a weighted mean of them:
+
+    a_i      = proj(v_i)                                cells projected to D    (B, P, D)
+    e_ti     = w . tanh(U a_i + W h_{t-1})              one score per cell      (B, P)
+    alpha_t  = softmax(e_t)                             where it looks          (B, P), sums to 1
+    z_t      = sigmoid(f h_{t-1}) * sum_i alpha_ti a_i  gated context           (B, D)
+    h_t, c_t = LSTMCell([E y_{t-1}, z_t], (h_{t-1}, c_{t-1}))
+    p_t      = softmax(L_o dropout(h_t + L_z z_t + E y_{t-1}))   deep output (paper eq. 7)
+
+h_0 and c_0 come from the mean cell. Training adds the "doubly stochastic" penalty
+lambda * sum_i (1 - sum_t alpha_ti)^2, which pushes every cell to be looked at about once.
+
+Beam search keeps the per-image tensors (the cells and their projection U a) at B rows and only
+the LSTM state at B*K rows: attention broadcasts the K beams of an image over its cells, so no
+beam step copies the grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class AttentionState:
+    h: torch.Tensor  # (B*K, hidden)
+    c: torch.Tensor  # (B*K, hidden)
+    cells: torch.Tensor  # (B, P, D) projected encoder cells, one copy per image
+    keys: torch.Tensor  # (B, P, A) their attention projection U a_i
+    alpha: torch.Tensor | None = None  # (B*K, P) the last step's attention weights
+
+
+class AttentionDecoder(nn.Module):
+    feature_kind = "spatial"  # wants encoder features of shape (B, P, C)
+
+    def __init__(self, vocab_size: int, feat_dim: int, embed_dim: int = 512, hidden_dim: int = 512,
+                 attention_dim: int = 512, dropout: float = 0.5, alpha_c: float = 1.0):
+        super().__init__()
+        self.alpha_c = alpha_c
+        self.proj = nn.Sequential(nn.Linear(feat_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout / 2))
+        self.init_h = nn.Linear(hidden_dim, hidden_dim)
+        self.init_c = nn.Linear(hidden_dim, hidden_dim)
+        self.att_cells = nn.Linear(hidden_dim, attention_dim)  # U
+        self.att_hidden = nn.Linear(hidden_dim, attention_dim)  # W
+        self.att_score = nn.Linear(attention_dim, 1)  # w
+        self.gate = nn.Linear(hidden_dim, hidden_dim)  # f
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        self.cell = nn.LSTMCell(embed_dim + hidden_dim, hidden_dim)
+        self.ctx_out = nn.Linear(hidden_dim, embed_dim)  # L_z
+        self.h_out = nn.Linear(hidden_dim, embed_dim)  # L_h
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(embed_dim, vocab_size)  # L_o
+
+    # -- the pieces -----------------------------------------------------------------------------
+
+    def start(self, feats: torch.Tensor) -> AttentionState:
+        """feats (B, P, C) -> the state before the first word."""
+        cells = self.proj(feats.float())  # (B, P, D)
+        mean = cells.mean(dim=1)  # (B, D)
+        h, c = torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))
+        return AttentionState(h, c, cells, self.att_cells(cells))
+
+    def attend(self, s: AttentionState) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> gated context (B*K, D) and weights alpha (B*K, P) for the current hidden state."""
+        B, P, _ = s.cells.shape
+        K = s.h.shape[0] // B  # beams per image (1 in training and greedy search)
+        query = self.att_hidden(s.h).view(B, K, 1, -1)  # (B, K, 1, A)
+        scores = self.att_score(torch.tanh(s.keys[:, None] + query)).squeeze(-1)  # (B, K, P)
+        alpha = scores.float().softmax(dim=-1)  # (B, K, P)
+        context = torch.einsum("bkp,bpd->bkd", alpha.to(s.cells.dtype), s.cells)  # (B, K, D)
+        context = torch.sigmoid(self.gate(s.h)) * context.reshape(B * K, -1)
+        return context, alpha.view(B * K, P)
+
+    def _advance(self, tokens: torch.Tensor, s: AttentionState) -> tuple[torch.Tensor, AttentionState]:
+        emb = self.embed(tokens)  # (N, E)
+        context, alpha = self.attend(s)
+        h, c = self.cell(torch.cat([emb, context], dim=1), (s.h, s.c))
+        logits = self.out(self.drop(emb + self.h_out(h) + self.ctx_out(context)))  # (N, V)
+        return logits, AttentionState(h, c, s.cells, s.keys, alpha)
+
+    # -- training -------------------------------------------------------------------------------
+
+    def forward(self, feats: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """feats (B, P, C), tokens (B, T) = [<start>, w1..w_{T-1}] -> logits (B, T, V) for
+        [w1..w_{T-1}, <end>], and the doubly stochastic penalty (a scalar)."""
+        s = self.start(feats)
+        logits, alphas = [], []
+        for t in range(tokens.shape[1]):  # every caption in a batch has the same length: no masks
+            step_logits, s = self._advance(tokens[:, t], s)
+            logits.append(step_logits)
+            alphas.append(s.alpha)
+        alpha = torch.stack(alphas, dim=1)  # (B, T, P)
+        penalty = self.alpha_c * ((1.0 - alpha.sum(dim=1)) ** 2).mean()
+        return torch.stack(logits, dim=1), penalty
+
+    # -- decoding (see decode.py) ---------------------------------------------------------------
+
+    def step(self, tokens: torch.Tensor, state: AttentionState) -> tuple[torch.Tensor, AttentionState]:
+        """One word: tokens (N,) -> logits (N, V) for the next word, new state (with its alpha)."""
+        return self._advance(tokens, state)
+
+    @staticmethod
+    def select(state: AttentionState, index: torch.Tensor) -> AttentionState:
+        """Keep/reorder rows of the LSTM state. `index` never moves a row to another image (see
+        decode.py), so the per-image cells and keys stay as they are."""
+        alpha = state.alpha.index_select(0, index) if state.alpha is not None else None
+        return AttentionState(state.h.index_select(0, index), state.c.index_select(0, index),
+                              state.cells, state.keys, alpha)
+

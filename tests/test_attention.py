@@ -1,0 +1,61 @@
+"""Show, Attend and Tell: attention is a distribution, search works on it, and it learns."""
+
+import pytest
+import torch
+from conftest import TINY
+
+from captioner import Captioner
+from captioner.cli import main
+from captioner.data.records import load_records
+from captioner.decode import beam_search, greedy
+from captioner.model.attention import AttentionDecoder
+
+BOS, EOS = 1, 2
+
+
+@pytest.fixture
+def decoder():
+    torch.manual_seed(0)
+    return AttentionDecoder(vocab_size=30, feat_dim=24, embed_dim=16, hidden_dim=32, attention_dim=16).eval()
+
+
+def test_attention_weights_sum_to_one(decoder):
+    feats = torch.randn(4, 9, 24)
+    s = decoder.start(feats)
+    logits, s = decoder.step(torch.full((4,), BOS), s)
+    assert logits.shape == (4, 30) and s.alpha.shape == (4, 9)
+    assert torch.allclose(s.alpha.sum(-1), torch.ones(4), atol=1e-5) and (s.alpha >= 0).all()
+    logits, penalty = decoder(feats, torch.randint(3, 30, (4, 7)))
+    assert logits.shape == (4, 7, 30) and penalty.ndim == 0 and penalty >= 0
+
+
+def test_teacher_forcing_matches_step_by_step(decoder):
+    feats, tokens = torch.randn(3, 9, 24), torch.randint(3, 30, (3, 6))
+    full, _ = decoder(feats, tokens)
+    s = decoder.start(feats)
+    for t in range(6):
+        step, s = decoder.step(tokens[:, t], s)
+        assert torch.allclose(step, full[:, t], atol=1e-5)
+
+
+def test_beam_on_attention(decoder):
+    feats = torch.randn(5, 9, 24)
+    g = greedy(decoder, feats, BOS, EOS, max_len=10)
+    b1 = beam_search(decoder, feats, BOS, EOS, max_len=10, beam_size=1)
+    assert torch.equal(g.tokens[:, 0], b1.tokens[:, 0])
+    batched = beam_search(decoder, feats, BOS, EOS, max_len=10, beam_size=3)
+    for i in range(5):
+        one = beam_search(decoder, feats[i:i + 1], BOS, EOS, max_len=10, beam_size=3)
+        assert torch.equal(one.tokens[0], batched.tokens[i])
+
+
+def test_attention_model_learns_shapes(tmp_path, shapes):
+    out = tmp_path / "att"
+    assert main(["train", "--data", str(shapes), "--out", str(out), "--decoder", "attention", "--epochs", "12",
+                 "--attention-dim", "64", *TINY]) == 0
+    cap = Captioner.load(out / "best", device="cpu")
+    val = [r for r in load_records(shapes) if r.split == "val"]
+    texts = cap.caption([r.image for r in val], beam_size=3)
+    right = sum(t.split()[:3] == ["a", *r.image.stem.split("_")[:2]] and f"{r.image.stem.split('_')[2]} background"
+                in t for r, t in zip(val, texts))
+    assert right / len(val) >= 0.8, texts
