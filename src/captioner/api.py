@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from captioner.data.features import ImageDataset, collate_images
 from captioner.data.images import eval_transform, open_rgb
-from captioner.decode import beam_search, greedy
+from captioner.decode import search
 from captioner.model.folder import load_model
 from captioner.runtime import autocast, pick_device, resolve_precision
 
@@ -48,8 +48,12 @@ class Captioner:
 
     # -- captioning ------------------------------------------------------------------------------
 
-    def caption(self, images: ImageLike | Sequence[ImageLike], beam_size: int = 1, **search) -> str | list[str]:
-        """Caption one image (path or PIL image) -> str, or a list of them -> list[str]."""
+    def caption(self, images: ImageLike | Sequence[ImageLike], beam_size: int | None = None,
+                **search) -> str | list[str]:
+        """Caption one image (path or PIL image) -> str, or a list of them -> list[str].
+
+        `beam_size` (1 = greedy), `length_norm`, `block_trigrams`, `max_len`: default to the
+        model's own decoding settings (config.json)."""
         single = isinstance(images, (str, Path, Image.Image))
         batch = [images] if single else list(images)
         x = torch.stack([self.transform(open_rgb(im)) for im in batch])
@@ -57,7 +61,7 @@ class Captioner:
         return texts[0] if single else texts
 
     @torch.no_grad()
-    def caption_tensor(self, x: torch.Tensor, beam_size: int = 1, length_norm: float = 0.0,
+    def caption_tensor(self, x: torch.Tensor, beam_size: int | None = None, length_norm: float | None = None,
                        block_trigrams: bool = False, max_len: int | None = None) -> list[dict]:
         """Preprocessed images (B, 3, S, S) -> [{"caption", "logprob", "alternatives": [...]}]."""
         m, v = self.model, self.vocab
@@ -65,13 +69,8 @@ class Captioner:
         if self.precision == "fp32":
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.precision):
-            feats = m.features(x)
-            max_len = max_len or m.cfg.max_len
-            if beam_size <= 1:
-                hyp = greedy(m.decoder, feats, v.start, v.end, max_len, banned=[v.unk])
-            else:
-                hyp = beam_search(m.decoder, feats, v.start, v.end, max_len, beam_size, length_norm,
-                                  block_trigrams, banned=[v.unk])
+            hyp = search(m.decoder, m.features(x), v,
+                         **m.cfg.search_settings(beam_size, length_norm, block_trigrams, max_len))
         results = []
         for b in range(hyp.tokens.shape[0]):
             alts = [{"caption": v.decode(hyp.tokens[b, k].tolist()), "logprob": round(float(hyp.logprob[b, k]), 4)}
@@ -79,7 +78,7 @@ class Captioner:
             results.append({**alts[0], "alternatives": alts})
         return results
 
-    def caption_files(self, paths: Sequence[Path], batch_size: int = 32, beam_size: int = 1, workers: int = 0,
+    def caption_files(self, paths: Sequence[Path], batch_size: int = 32, beam_size: int | None = None, workers: int = 0,
                       **search) -> Iterator[tuple[Path, dict | None, str | None]]:
         """Caption many files in batches. Yields (path, result, None) or (path, None, error line):
         an unreadable file is reported and skipped, never fatal."""

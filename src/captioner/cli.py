@@ -34,9 +34,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _search(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--beam-size", type=int, default=1, help="1 = greedy (default)")
-    p.add_argument("--length-norm", type=float, default=0.0,
-                   help="rank beams by logprob / length**ALPHA (0 = off)")
+    p.add_argument("--beam-size", type=int, help="1 = greedy (default: the model's own setting)")
+    p.add_argument("--length-norm", type=float,
+                   help="rank beams by logprob / length**ALPHA, 0 = off (default: the model's own setting)")
     p.add_argument("--block-trigrams", action="store_true", help="never repeat a word trigram")
 
 
@@ -134,7 +134,7 @@ def cmd_caption(a: argparse.Namespace) -> int:
             continue
         if a.json:
             obj = {"image": str(path), "caption": result["caption"]}
-            if a.beam_size > 1:
+            if len(result["alternatives"]) > 1:
                 obj["alternatives"] = result["alternatives"]
             print(json.dumps(obj), flush=True)
         else:

@@ -28,6 +28,17 @@ class Hypotheses:
     score: torch.Tensor  # (B, K) the ranking score (logprob / length**alpha)
 
 
+@torch.no_grad()
+def search(decoder, feats: torch.Tensor, vocab, beam_size: int = 1, length_norm: float = 0.0,
+           block_trigrams: bool = False, max_len: int = 20) -> Hypotheses:
+    """Caption a batch of features: greedy when `beam_size` is 1, else beam search. `vocab`
+    gives the <start>/<end> ids; <unk> is never produced (a caption saying "<unk>" helps no one)."""
+    if beam_size <= 1:
+        return greedy(decoder, feats, vocab.start, vocab.end, max_len, banned=[vocab.unk])
+    return beam_search(decoder, feats, vocab.start, vocab.end, max_len, beam_size, length_norm, block_trigrams,
+                       banned=[vocab.unk])
+
+
 def _ban(logp: torch.Tensor, banned: Sequence[int]) -> None:
     if banned:
         logp[:, list(banned)] = NEG_INF

@@ -13,14 +13,14 @@ import torch
 from captioner import metrics
 from captioner.data.features import cached_features
 from captioner.data.records import DataError, check_images, load_records, split_records
-from captioner.decode import beam_search, greedy
+from captioner.decode import search
 from captioner.model.folder import load_model
 from captioner.runtime import autocast, pick_device, resolve_precision
 
 
 @torch.no_grad()
 def evaluate(model_dir: Path, data: Path, split: str = "val", *, fmt: str | None = None,
-             images: Path | None = None, beam_size: int = 1, length_norm: float = 0.0,
+             images: Path | None = None, beam_size: int | None = None, length_norm: float | None = None,
              block_trigrams: bool = False, batch_size: int = 100, device: str = "auto",
              precision: str = "auto", cache_dir: Path | None = None, out: Path | None = None,
              skip_missing: bool = False, max_images: int = 0, meteor: bool = True,
@@ -44,20 +44,17 @@ def evaluate(model_dir: Path, data: Path, split: str = "val", *, fmt: str | None
     keep = np.flatnonzero(ok)
     chosen = [chosen[i] for i in keep]
     feats = torch.from_numpy(np.asarray(feats[keep]))
+    settings = model.cfg.search_settings(beam_size, length_norm, block_trigrams)
     hyps = []
     for i in range(0, len(chosen), batch_size):
         f = feats[i:i + batch_size].to(dev).float()
         with autocast(dev, prec):
-            if beam_size <= 1:
-                h = greedy(model.decoder, f, vocab.start, vocab.end, model.cfg.max_len, banned=[vocab.unk])
-            else:
-                h = beam_search(model.decoder, f, vocab.start, vocab.end, model.cfg.max_len, beam_size,
-                                length_norm, block_trigrams, banned=[vocab.unk])
+            h = search(model.decoder, f, vocab, **settings)
         hyps += [vocab.decode(t) for t in h.tokens[:, 0].tolist()]
     ids = [r.image.name for r in chosen]
     scores = metrics.score({k: r.captions for k, r in zip(ids, chosen)}, dict(zip(ids, hyps)), meteor=meteor)
     result = {k: (round(scores[k], 4) if scores[k] is not None else None) for k in metrics.KEYS}
-    result |= {"images": len(chosen), "beam_size": beam_size, "length_norm": length_norm,
+    result |= {"images": len(chosen), "beam_size": settings["beam_size"], "length_norm": settings["length_norm"],
                "split": split, "tokenizer": scores["tokenizer"], "seconds": round(time.perf_counter() - t0, 1)}
     if scores.get("meteor_skipped"):
         result["meteor_skipped"] = scores["meteor_skipped"]

@@ -35,8 +35,8 @@ from captioner.data.features import cached_features, extract_features
 from captioner.data.images import open_rgb, train_transform
 from captioner.data.records import Record, assign_splits, check_images, load_records, split_records
 from captioner.data.vocab import Vocabulary
-from captioner.decode import greedy
-from captioner.model.folder import save_model
+from captioner.decode import search
+from captioner.model.folder import load_model, save_model
 from captioner.model.network import CaptionModel, ModelConfig
 from captioner.runtime import autocast, pick_device, resolve_precision
 
@@ -174,15 +174,37 @@ def validate(model: CaptionModel, vocab: Vocabulary, feats: FeatureRows, caps: C
 
 @torch.no_grad()
 def generate_text(model: CaptionModel, vocab: Vocabulary, feats: FeatureRows, device, precision: str,
-                  batch_size: int = 256, max_len: int = 20) -> list[str]:
-    """Greedy captions of every image of `feats`, in order."""
+                  batch_size: int = 256, max_len: int = 20, beam_size: int = 1, length_norm: float = 0.0) -> list[str]:
+    """Captions of every image of `feats`, in order (greedy unless `beam_size` > 1)."""
+    model.eval()
     out = []
     for i in range(0, len(feats), batch_size):
         f = feats[np.arange(i, min(i + batch_size, len(feats)))].to(device).float()
         with autocast(device, precision):
-            hyp = greedy(model.decoder, f, vocab.start, vocab.end, max_len, banned=[vocab.unk])
+            hyp = search(model.decoder, f, vocab, beam_size, length_norm, max_len=max_len)
         out += [vocab.decode(t) for t in hyp.tokens[:, 0].tolist()]
     return out
+
+
+DECODING_CANDIDATES = ((1, 0.0), (3, 0.0), (3, 1.0))  # (beam size, length normalisation)
+
+
+def choose_decoding(folder: Path, feats: FeatureRows, scorer: metrics.Scorer, device, precision: str,
+                    half: bool = False) -> list[dict]:
+    """Score the model folder's captions of val with each candidate decoding and store the best
+    (by CIDEr-D) in its config.json as the model's default. Returns one row per candidate."""
+    model, vocab = load_model(folder, device)
+    rows = []
+    for beam_size, length_norm in DECODING_CANDIDATES:
+        hyps = generate_text(model, vocab, feats, device, precision, 100, model.cfg.max_len, beam_size, length_norm)
+        s = scorer(dict(enumerate(hyps)), meteor=False)
+        rows.append({"beam_size": beam_size, "length_norm": length_norm, "BLEU-4": round(s["BLEU-4"], 4),
+                     "CIDEr": round(s["CIDEr"], 4)})
+    best = max(rows, key=lambda r: r["CIDEr"])
+    model.cfg.beam_size, model.cfg.length_norm = best["beam_size"], best["length_norm"]
+    model.cfg.extra = {**model.cfg.extra, "decoding_on_val": rows}
+    save_model(model, vocab, folder, half=half)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +299,7 @@ def fit(args: Namespace) -> dict:
     model = CaptionModel.create(cfg, args.encoder_weights).to(device)
     fine_tune = bool(args.fine_tune_encoder)
     model.encoder.requires_grad_(fine_tune)
+    cfg.encoder_weights = "default" if args.encoder_weights == "default" and not fine_tune else "folder"
 
     # features of frozen encoders come from the cache; then unreadable images are dropped
     extract_kw = dict(batch_size=args.feature_batch_size, device=device, precision=precision,
@@ -360,5 +383,9 @@ def fit(args: Namespace) -> dict:
         if args.patience and epoch - best_epoch >= args.patience:
             print(f"no val improvement for {args.patience} epochs: stopping")
             break
+    if best_epoch:
+        rows = choose_decoding(out / "best", val_feats, scorer, device, precision, args.half)
+        print("decoding of the best model on val: " + "; ".join(
+            f"beam {r['beam_size']} length-norm {r['length_norm']}: CIDEr-D {r['CIDEr']:.3f}" for r in rows))
     return {"best_CIDEr": best, "history": history}
 

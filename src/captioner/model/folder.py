@@ -27,20 +27,18 @@ class ModelError(Exception):
     """A model folder that cannot be used; one line naming the folder and the problem."""
 
 
-def save_model(model: CaptionModel, vocab: Vocabulary, folder: Path, *, include_encoder: bool | None = None,
-               half: bool = False) -> Path:
-    """Write the model folder atomically: built beside the target, then swapped in."""
+def save_model(model: CaptionModel, vocab: Vocabulary, folder: Path, *, half: bool = False) -> Path:
+    """Write the model folder atomically: built beside the target, then swapped in. The encoder's
+    weights go in only when ``cfg.encoder_weights == "folder"`` (fine-tuned, random or from a
+    user's file); the default pretrained encoder is rebuilt from its own source at load."""
     folder = Path(folder)
     cfg = model.cfg
-    if include_encoder is None:
-        include_encoder = cfg.encoder_weights == "folder" or any(
-            p.requires_grad for p in model.encoder.parameters()) or model.encoder.identity.endswith(":random")
     state = {f"decoder.{k}": v for k, v in model.decoder.state_dict().items()}
-    if include_encoder:
+    if cfg.encoder_weights == "folder":
         state.update({f"encoder.{k}": v for k, v in model.encoder.state_dict().items()})
     state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
              for k, v in state.items()}
-    cfg_json = cfg.to_json() | {"encoder_weights": "folder" if include_encoder else "default"}
+    cfg_json = cfg.to_json()
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))

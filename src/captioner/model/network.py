@@ -18,7 +18,8 @@ DECODERS = ("show_tell", "attention")
 class ModelConfig:
     vocab_size: int
     encoder: str = "tf_efficientnet_lite0"
-    # "default": rebuilt from its offline/pretrained source at load; "folder": stored in the model folder
+    # "default": rebuilt from its pretrained source at load (frozen, never changed); "folder": stored in
+    # the model folder (fine-tuned, random, or loaded from a user's file)
     encoder_weights: str = "default"
     image_size: int = 224
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
@@ -33,6 +34,9 @@ class ModelConfig:
     attention_dim: int = 512  # attention only
     alpha_c: float = 1.0  # attention only: weight of the doubly stochastic penalty
     max_len: int = 20  # longest caption decoded, in words
+    # the decoding this model does by default, chosen on val at the end of training
+    beam_size: int = 1
+    length_norm: float = 0.0
     extra: dict = field(default_factory=dict)  # free-form notes (training command, scores)
 
     @classmethod
@@ -40,6 +44,13 @@ class ModelConfig:
         spec = BACKBONES[encoder]
         return cls(vocab_size=vocab_size, encoder=encoder, image_size=image_size or spec.size,
                    mean=spec.mean, std=spec.std, feat_dim=spec.dim, **kw)
+
+    def search_settings(self, beam_size: int | None = None, length_norm: float | None = None,
+                        block_trigrams: bool = False, max_len: int | None = None) -> dict:
+        """Keyword arguments for `decode.search`: what the caller asks for, else the model's own."""
+        return {"beam_size": self.beam_size if beam_size is None else beam_size,
+                "length_norm": self.length_norm if length_norm is None else length_norm,
+                "block_trigrams": block_trigrams, "max_len": max_len or self.max_len}
 
     def to_json(self) -> dict:
         return asdict(self)
