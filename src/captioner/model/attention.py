@@ -42,7 +42,7 @@ class AttentionDecoder(nn.Module):
                  attention_dim: int = 512, dropout: float = 0.5, alpha_c: float = 1.0):
         super().__init__()
         self.alpha_c = alpha_c
-        self.proj = nn.Sequential(nn.Linear(feat_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout / 2))
+        self.proj = nn.Sequential(nn.Linear(feat_dim, hidden_dim), nn.ReLU())
         self.init_h = nn.Linear(hidden_dim, hidden_dim)
         self.init_c = nn.Linear(hidden_dim, hidden_dim)
         self.att_cells = nn.Linear(hidden_dim, attention_dim)  # U
