@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-words", type=int, default=20, help="longer training captions are left out")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--lr", type=float, help="learning rate (default 4e-4; 5e-5 with --scst)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--clip", type=float, default=5.0, help="gradient norm clip (0 = off)")
     p.add_argument("--lr-factor", type=float, default=0.5, help="lr multiplier when val CIDEr-D plateaus")
@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=0, help="stop after N epochs without improvement (0 = never)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--init", type=Path, help="start from this model folder (its config and vocabulary)")
+    p.add_argument("--scst", action="store_true",
+                   help="self-critical training with a CIDEr-D reward (use with --init a cross-entropy model); "
+                        "--batch-size then counts images")
+    p.add_argument("--samples", type=int, default=5, help="captions sampled per image (--scst)")
+    p.add_argument("--baseline", default="mean", choices=["mean", "greedy"],
+                   help="reward baseline: mean of the other samples, or the greedy caption (--scst)")
     p.add_argument("--half", action="store_true", help="store model folders in fp16")
     p.add_argument("--max-images", type=int, default=0, help="use only the first N train images")
     p.add_argument("--val-images", type=int, default=0, help="validate on the first N val images")

@@ -150,3 +150,35 @@ def _block_repeated_trigrams(logp: torch.Tensor, seqs: torch.Tensor) -> None:
     hit = (seqs[:, :-2] == a) & (seqs[:, 1:-1] == b)  # (N, t-2): trigram starting at j matches
     n, j = hit.nonzero(as_tuple=True)
     logp[n, seqs[n, j + 2]] = NEG_INF
+
+
+def sample(decoder, feats: torch.Tensor, bos: int, eos: int, max_len: int, n: int = 5,
+           banned: Sequence[int] = (), temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw `n` captions per image from the model, keeping the graph (self-critical training).
+
+    Returns tokens (B*n, L), the log-probability of each drawn token (B*n, L) and a mask (B*n, L)
+    that is 1 up to and including each caption's <end>; rows b*n .. b*n+n-1 belong to image b.
+    """
+    B, dev = feats.shape[0], feats.device
+    L = max_len + 1
+    state = decoder.select(decoder.start(feats), torch.arange(B, device=dev).repeat_interleave(n))
+    tokens = torch.full((B * n,), bos, dtype=torch.long, device=dev)
+    out_tokens, out_logp, out_mask = [], [], []
+    alive = torch.ones(B * n, dtype=torch.bool, device=dev)
+    for t in range(L):
+        logits, state = decoder.step(tokens, state)
+        logp = F.log_softmax(logits.float() / temperature, dim=-1)  # (B*n, V)
+        if banned:
+            logp = logp.index_fill(1, torch.as_tensor(list(banned), device=dev), NEG_INF)
+        if t == max_len:
+            keep = torch.full_like(logp, NEG_INF)
+            keep[:, eos] = 0.0
+            logp = logp + keep
+        tokens = torch.multinomial(logp.detach().exp(), 1).squeeze(1)  # (B*n,)
+        out_tokens.append(torch.where(alive, tokens, torch.full_like(tokens, eos)))
+        out_logp.append(logp.gather(1, tokens[:, None]).squeeze(1))
+        out_mask.append(alive.float())
+        alive = alive & (tokens != eos)
+        if not alive.any():
+            break
+    return torch.stack(out_tokens, 1), torch.stack(out_logp, 1), torch.stack(out_mask, 1)

@@ -36,9 +36,11 @@ from captioner.data.images import open_rgb, train_transform
 from captioner.data.records import Record, assign_splits, check_images, load_records, split_records
 from captioner.data.vocab import Vocabulary
 from captioner.decode import search
+from captioner.model.encoder import weights_digest
 from captioner.model.folder import load_model, save_model
 from captioner.model.network import CaptionModel, ModelConfig
 from captioner.runtime import autocast, pick_device, resolve_precision
+from captioner.scst import CiderD, scst_one_epoch
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -212,7 +214,7 @@ def choose_decoding(folder: Path, feats: FeatureRows, scorer: metrics.Scorer, de
 
 
 def write_metrics(out: Path, history: list[dict]) -> None:
-    cols = ["epoch", "train_loss", "val_loss", "BLEU-4", "CIDEr", "lr", "seconds"]
+    cols = ["epoch", "train_loss", "reward", "val_loss", "BLEU-4", "CIDEr", "lr", "seconds"]
     tmp = out / "metrics.csv.tmp"
     with tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
@@ -265,8 +267,39 @@ def _plain(args: Namespace) -> dict:
 # the whole run
 
 
+def build_model(args: Namespace, train_recs: list[Record], ckpt: dict | None) -> tuple[CaptionModel, Vocabulary]:
+    """The model to train: resumed from the checkpoint (its own config, vocabulary and weights),
+    started from a model folder (`--init`), or new, with a vocabulary from the training captions."""
+    if ckpt:
+        cfg = ModelConfig.from_json(ckpt["config"])
+        vocab = Vocabulary(ckpt["vocab"][4:])
+        model = CaptionModel.create(cfg, "none" if cfg.encoder_weights == "folder" else "default")
+        model.decoder.load_state_dict(ckpt["decoder"])
+        if "encoder" in ckpt:
+            model.encoder.load_state_dict(ckpt["encoder"])
+            model.encoder.identity = f"{cfg.encoder}:weights:{weights_digest(model.encoder)}"
+    elif args.init:
+        model, vocab = load_model(Path(args.init))
+        model.cfg.extra = {}
+    else:
+        vocab = Vocabulary.build((c for r in train_recs for c in r.captions), args.min_count)
+        cfg = ModelConfig.for_encoder(
+            args.encoder, len(vocab), args.image_size, decoder=args.decoder, head=args.head,
+            embed_dim=args.embed_dim, hidden_dim=args.hidden_dim, num_layers=args.num_layers, dropout=args.dropout,
+            attention_dim=args.attention_dim, alpha_c=args.alpha_c, max_len=args.max_words)
+        model = CaptionModel.create(cfg, args.encoder_weights)
+        cfg.encoder_weights = "default" if args.encoder_weights == "default" else "folder"
+    if args.fine_tune_encoder:
+        model.cfg.encoder_weights = "folder"
+    model.encoder.requires_grad_(bool(args.fine_tune_encoder))
+    return model, vocab
+
+
 def fit(args: Namespace) -> dict:
-    """Train a model as `args` says (see `captioner train --help`). Returns the best val scores."""
+    """Train a model as `args` says (see `captioner train --help`). Returns the best val scores.
+
+    Cross-entropy by default; with `args.scst`, self-critical training (see scst.py), usually
+    from a cross-entropy model given as `args.init`."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(args.device)
@@ -275,8 +308,12 @@ def fit(args: Namespace) -> dict:
     ckpt = load_checkpoint(out / CHECKPOINT) if args.resume and (out / CHECKPOINT).is_file() else None
     if args.resume and ckpt is None:
         print(f"no {out / CHECKPOINT} yet: starting from scratch")
+    fine_tune, scst = bool(args.fine_tune_encoder), bool(args.scst)
+    if scst and fine_tune:
+        raise ValueError("--scst trains the decoder on cached features; it cannot be combined with --fine-tune-encoder")
+    lr = args.lr or (5e-5 if scst else 4e-4)
 
-    # records -> splits -> vocabulary
+    # records -> splits -> model and vocabulary
     records = load_records(Path(args.data), args.format, Path(args.images) if args.images else None)
     assign_splits(records)
     train_recs = check_images(split_records(records, "train"), args.skip_missing)
@@ -287,19 +324,10 @@ def fit(args: Namespace) -> dict:
         val_recs = val_recs[: args.val_images]
     if not train_recs or not val_recs:
         raise ValueError(f"{args.data}: need train and val images, found {len(train_recs)} and {len(val_recs)}")
-    if ckpt:
-        vocab = Vocabulary(ckpt["vocab"][4:])
-    else:
-        vocab = Vocabulary.build((c for r in train_recs for c in r.captions), args.min_count)
-
-    cfg = ModelConfig.for_encoder(
-        args.encoder, len(vocab), args.image_size, decoder=args.decoder, head=args.head, embed_dim=args.embed_dim,
-        hidden_dim=args.hidden_dim, num_layers=args.num_layers, dropout=args.dropout,
-        attention_dim=args.attention_dim, alpha_c=args.alpha_c, max_len=args.max_words)
-    model = CaptionModel.create(cfg, args.encoder_weights).to(device)
-    fine_tune = bool(args.fine_tune_encoder)
-    model.encoder.requires_grad_(fine_tune)
-    cfg.encoder_weights = "default" if args.encoder_weights == "default" and not fine_tune else "folder"
+    model, vocab = build_model(args, train_recs, ckpt)
+    model.to(device)
+    cfg = model.cfg
+    max_words = cfg.max_len
 
     # features of frozen encoders come from the cache; then unreadable images are dropped
     extract_kw = dict(batch_size=args.feature_batch_size, device=device, precision=precision,
@@ -314,15 +342,16 @@ def fit(args: Namespace) -> dict:
     keep = readable(val_recs, errs, ok)
     val_recs, val_feats = [val_recs[i] for i in keep], FeatureRows(f_val, keep)
 
-    train_caps, dropped = Captions.build(train_recs, vocab, args.max_words)
-    val_caps, _ = Captions.build(val_recs, vocab, args.max_words)
+    train_caps, dropped = Captions.build(train_recs, vocab, max_words)
+    val_caps, _ = Captions.build(val_recs, vocab, max_words)
     scorer = metrics.Scorer({i: r.captions for i, r in enumerate(val_recs)})
+    reward = CiderD([r.captions for r in train_recs]) if scst else None
     print(f"{len(train_recs)} train images ({len(train_caps.tokens)} captions, {dropped} longer than "
-          f"{args.max_words} words left out), {len(val_recs)} val images, {len(vocab)} words, "
-          f"device {device}, precision {precision}")
+          f"{max_words} words left out), {len(val_recs)} val images, {len(vocab)} words, "
+          f"{'self-critical, ' if scst else ''}device {device}, precision {precision}")
 
     # optimiser: decoder, and the encoder with its own rate when fine-tuning
-    groups = [{"params": list(model.decoder.parameters()), "lr": args.lr}]
+    groups = [{"params": list(model.decoder.parameters()), "lr": lr}]
     if fine_tune:
         groups.append({"params": list(model.encoder.parameters()), "lr": args.encoder_lr})
     optimizer = torch.optim.Adam(groups, weight_decay=args.weight_decay)
@@ -332,42 +361,45 @@ def fit(args: Namespace) -> dict:
     history: list[dict] = []
     start_epoch, best, best_epoch = 1, -math.inf, 0
     if ckpt:
-        model.decoder.load_state_dict(ckpt["decoder"])
-        if "encoder" in ckpt:
-            model.encoder.load_state_dict(ckpt["encoder"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         history, best, best_epoch = list(ckpt["history"]), float(ckpt["best"]), int(ckpt["best_epoch"])
         start_epoch = int(ckpt["epoch"]) + 1
         print(f"resumed from {out / CHECKPOINT} after epoch {ckpt['epoch']}")
-
     if fine_tune:
         loader_ds = AugmentedImages(train_recs, train_caps, cfg)
 
     for epoch in range(start_epoch, args.epochs + 1):
-        torch.manual_seed(args.seed + epoch)  # dropout/augmentation noise: same per epoch on resume
+        torch.manual_seed(args.seed + epoch)  # dropout/augmentation/sampling noise: same per epoch on resume
         sampler.set_epoch(epoch)
         t0 = time.perf_counter()
-        if fine_tune:
-            batches = DataLoader(loader_ds, batch_sampler=sampler, num_workers=args.workers,
-                                 collate_fn=collate_augmented)
+        train_loss, mean_reward = math.nan, math.nan
+        if scst:
+            mean_reward = scst_one_epoch(model, vocab, train_feats, reward, optimizer, device, precision, args.clip,
+                                         epoch, args.batch_size, args.samples, args.baseline, max_words, args.seed,
+                                         progress=not args.quiet)["reward"]
         else:
-            batches = ((train_feats[rows], tok) for rows, tok in map(train_caps.batch, sampler))
-        train_loss = train_one_epoch(model, batches, optimizer, device, precision, args.clip, epoch,
-                                     images=fine_tune, progress=not args.quiet)
+            if fine_tune:
+                batches = DataLoader(loader_ds, batch_sampler=sampler, num_workers=args.workers,
+                                     collate_fn=collate_augmented)
+            else:
+                batches = ((train_feats[rows], tok) for rows, tok in map(train_caps.batch, sampler))
+            train_loss = train_one_epoch(model, batches, optimizer, device, precision, args.clip, epoch,
+                                         images=fine_tune, progress=not args.quiet)
         seconds = time.perf_counter() - t0
-        val = validate(model, vocab, val_feats, val_caps, scorer, device, precision, max_len=args.max_words)
+        val = validate(model, vocab, val_feats, val_caps, scorer, device, precision, max_len=max_words)
         scheduler.step(val["CIDEr"])
-        row = {"epoch": epoch, "train_loss": round(train_loss, 4), "val_loss": round(val["val_loss"], 4),
-               "BLEU-4": round(val["BLEU-4"], 4), "CIDEr": round(val["CIDEr"], 4),
-               "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 1)}
+        row = {"epoch": epoch, "train_loss": round(train_loss, 4), "reward": round(mean_reward, 4),
+               "val_loss": round(val["val_loss"], 4), "BLEU-4": round(val["BLEU-4"], 4),
+               "CIDEr": round(val["CIDEr"], 4), "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 1)}
         history.append(row)
         improved = val["CIDEr"] > best
         if improved:
             best, best_epoch = val["CIDEr"], epoch
             cfg.extra = {"val": {"epoch": epoch, "BLEU-4": row["BLEU-4"], "CIDEr": row["CIDEr"], "decode": "greedy"}}
             save_model(model, vocab, out / "best", half=args.half)
-        print(f"epoch {epoch}: train loss {train_loss:.3f}  val loss {val['val_loss']:.3f}  "
+        trained = f"reward {mean_reward:.3f}" if scst else f"train loss {train_loss:.3f}"
+        print(f"epoch {epoch}: {trained}  val loss {val['val_loss']:.3f}  "
               f"BLEU-4 {val['BLEU-4']:.3f}  CIDEr-D {val['CIDEr']:.3f}  {seconds:.1f}s"
               f"{'  (best)' if improved else ''}  e.g. \"{val['samples'][0]}\"")
         save_model(model, vocab, out / "last", half=args.half)
@@ -377,7 +409,7 @@ def fit(args: Namespace) -> dict:
                  "scheduler": scheduler.state_dict(), "epoch": epoch, "args": _plain(args),
                  "vocab": vocab.itos, "config": cfg.to_json(), "history": history, "best": best,
                  "best_epoch": best_epoch}
-        if fine_tune:
+        if cfg.encoder_weights == "folder":
             state["encoder"] = model.encoder.state_dict()
         save_checkpoint(out / CHECKPOINT, state)
         if args.patience and epoch - best_epoch >= args.patience:
@@ -388,4 +420,3 @@ def fit(args: Namespace) -> dict:
         print("decoding of the best model on val: " + "; ".join(
             f"beam {r['beam_size']} length-norm {r['length_norm']}: CIDEr-D {r['CIDEr']:.3f}" for r in rows))
     return {"best_CIDEr": best, "history": history}
-

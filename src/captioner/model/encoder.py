@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from captioner.data.features import file_digest
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -174,11 +176,12 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -
         raise EncoderError(f"{path}: weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
-def file_digest(path: Path) -> str:
+def weights_digest(module: nn.Module) -> str:
+    """A short hash of a module's weights: names a fine-tuned encoder in the feature-cache key."""
     h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from captioner.data.vocab import Vocabulary
-from captioner.model.encoder import EncoderError, build_backbone, file_digest
+from captioner.model.encoder import EncoderError, build_backbone, weights_digest
 from captioner.model.network import CaptionModel, ModelConfig
 
 CONFIG, VOCAB, WEIGHTS = "config.json", "vocab.json", "model.safetensors"
@@ -85,8 +85,6 @@ def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[Captio
         encoder = build_backbone(cfg.encoder, "none" if in_folder else "default")
     except EncoderError as e:
         raise ModelError(f"{folder}: {e}") from None
-    if in_folder:  # name the exact weights, so the feature cache can never mix two fine-tuned encoders
-        encoder.identity = f"{cfg.encoder}:folder:{file_digest(folder / WEIGHTS)}"
     model = CaptionModel(cfg, encoder)
     parts = [("decoder", model.decoder)] + ([("encoder", model.encoder)] if in_folder else [])
     for prefix, module in parts:
@@ -98,4 +96,6 @@ def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[Captio
             first = str(e).strip().splitlines()
             raise ModelError(f"{folder}: {WEIGHTS} does not fit config.json ({prefix}: "
                              f"{first[1].strip() if len(first) > 1 else first[0]})") from None
+    if in_folder:  # name the exact weights, so the feature cache can never mix two encoders
+        encoder.identity = f"{cfg.encoder}:weights:{weights_digest(encoder)}"
     return model.to(device).eval(), vocab
