@@ -59,3 +59,18 @@ def test_attention_model_learns_shapes(tmp_path, shapes):
     right = sum(t.split()[:3] == ["a", *r.image.stem.split("_")[:2]] and f"{r.image.stem.split('_')[2]} background"
                 in t for r, t in zip(val, texts))
     assert right / len(val) >= 0.8, texts
+
+    # where it looked: one map per word (and <end>), each a distribution over the grid; drawn as a PNG
+    caption, words, alpha = cap.attention(val[0].image)
+    assert words == caption.split() + ["<end>"] and alpha.shape[0] == len(words)
+    assert torch.allclose(alpha.flatten(1).sum(-1), torch.ones(len(words)), atol=1e-3)
+    png = tmp_path / "map.png"
+    assert main(["caption", str(val[0].image), "--model", str(out / "best"), "--attention-map", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_attention_map_of_a_show_tell_model_is_a_clear_error(trained, shapes, tmp_path, capsys):
+    img = next(shapes.parent.glob("*.png"))
+    args = ["caption", str(img), "--model", str(trained / "best"), "--attention-map", str(tmp_path / "m.png")]
+    assert main(args) == 2
+    assert "no attention to show" in capsys.readouterr().err

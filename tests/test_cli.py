@@ -26,7 +26,7 @@ def test_caption_json_lines_and_broken_file_is_skipped(trained, shapes, tmp_path
     Image.open(src[0]).save(folder / "one.png")
     Image.open(src[1]).save(folder / "sub" / "two.jpg")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
-    code = main(["caption", str(folder), "--model", str(trained / "best"), "--json", "--device", "cpu"])
+    code = main(["caption", str(folder), "-r", "--model", str(trained / "best"), "--json", "--device", "cpu"])
     out, err = capsys.readouterr()
     assert code == 0
     lines = [json.loads(x) for x in out.splitlines()]

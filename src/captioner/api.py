@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from captioner.data.features import ImageDataset, collate_images
 from captioner.data.images import eval_transform, open_rgb
 from captioner.decode import search
-from captioner.model.folder import load_model
+from captioner.model.folder import ModelError, load_model
 from captioner.runtime import autocast, pick_device, resolve_precision
 
 ImageLike = str | Path | Image.Image
@@ -32,8 +32,9 @@ class Captioner:
     'a dog runs through the grass'
     """
 
-    def __init__(self, model, vocab, device: torch.device, precision: str):
+    def __init__(self, model, vocab, device: torch.device, precision: str, source: str = ""):
         self.model, self.vocab, self.device, self.precision = model, vocab, device, precision
+        self.source = source  # where the model came from: its folder, or "shipped"
         cfg = model.cfg
         self.transform = eval_transform(cfg.image_size, cfg.mean, cfg.std)
 
@@ -44,7 +45,7 @@ class Captioner:
         model, vocab = load_model(Path(path) if path else shipped_model_dir(), dev)
         if resolve_precision(precision, dev) == "fp32":
             model.encoder.to(memory_format=torch.channels_last)
-        return cls(model, vocab, dev, resolve_precision(precision, dev))
+        return cls(model, vocab, dev, resolve_precision(precision, dev), str(path) if path else "shipped")
 
     # -- captioning ------------------------------------------------------------------------------
 
@@ -77,6 +78,26 @@ class Captioner:
                     for k in range(hyp.tokens.shape[1]) if torch.isfinite(hyp.logprob[b, k])]
             results.append({**alts[0], "alternatives": alts})
         return results
+
+    @torch.no_grad()
+    def attention(self, image: ImageLike, **search_args) -> tuple[str, list[str], torch.Tensor]:
+        """Caption one image and say where the model looked for each word: (caption, words,
+        weights (T, H, W)), one map per word and one for <end>. Attention models only."""
+        m, v = self.model, self.vocab
+        if not hasattr(m.decoder, "teacher_forced"):
+            raise ModelError(f"this model's decoder ({m.cfg.decoder}) has no attention to show; "
+                             "train one with --decoder attention")
+        pil = open_rgb(image)
+        x = self.transform(pil)[None].to(self.device)
+        with autocast(self.device, self.precision):
+            feats = m.features(x)  # (1, P, C)
+            hyp = search(m.decoder, feats, v, **m.cfg.search_settings(**search_args))
+            caption = v.decode(hyp.tokens[0, 0].tolist())
+            ids = [v.stoi[w] for w in caption.split()]
+            tokens = torch.tensor([[v.start, *ids]], device=self.device)  # the words as inputs, <start> first
+            _, alpha = m.decoder.teacher_forced(feats, tokens)  # (1, T, P): where it looked for each word
+        side = round(alpha.shape[-1] ** 0.5)
+        return caption, caption.split() + ["<end>"], alpha[0].float().cpu().view(-1, side, side)
 
     def caption_files(self, paths: Sequence[Path], batch_size: int = 32, beam_size: int | None = None, workers: int = 0,
                       **search) -> Iterator[tuple[Path, dict | None, str | None]]:

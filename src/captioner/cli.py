@@ -14,12 +14,13 @@ from pathlib import Path
 
 from captioner.data.images import ImageError
 from captioner.data.records import FORMATS, DataError
+from captioner.library import LibraryError
 from captioner.model.encoder import BACKBONES, HEADS, EncoderError
 from captioner.model.folder import ModelError
 from captioner.model.network import DECODERS
 from captioner.runtime import PRECISIONS
 
-USER_ERRORS = (DataError, ImageError, ModelError, EncoderError, FileNotFoundError, NotADirectoryError,
+USER_ERRORS = (DataError, ImageError, ModelError, EncoderError, LibraryError, FileNotFoundError, NotADirectoryError,
                PermissionError, ValueError)
 
 
@@ -49,10 +50,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", type=Path, help="image files and/or folders")
     p.add_argument("--model", type=Path, help="model folder (default: the shipped model)")
     p.add_argument("--json", action="store_true", help='one JSON object per line: {"image", "caption"}')
+    p.add_argument("-r", "--recursive", action="store_true", help="also caption images in sub-folders")
+    p.add_argument("--out", type=Path, metavar="FILE",
+                   help="write to FILE (.jsonl or .csv) instead of the terminal; a re-run skips images already "
+                        "there with the same content")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--no-recursive", action="store_true", help="do not descend into sub-folders")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--attention-map", type=Path, metavar="PNG",
+                   help="draw where an attention model looked for each word (one image: this file; several: "
+                        "PNG-<image name>.png)")
     _search(p)
     _common(p)
+
+    # index, search --------------------------------------------------------------------------
+    p = sub.add_parser("index", help="caption every photo under folders into a searchable SQLite database")
+    p.add_argument("folders", nargs="+", type=Path)
+    p.add_argument("--db", type=Path, required=True, help="the database file (created when missing)")
+    p.add_argument("--model", type=Path, help="model folder (default: the shipped model)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _search(p)
+    _common(p)
+
+    p = sub.add_parser("search", help="find photos in a database by the words of their captions")
+    p.add_argument("query", help='words to look for, e.g. "dog running on the beach"')
+    p.add_argument("--db", type=Path, required=True)
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true", help='one JSON object per line, best first: {"path", "caption", '
+                                                        '"score"}')
 
     # train -----------------------------------------------------------------------------------
     p = sub.add_parser("train", help="train a model on captioned images")
@@ -122,20 +147,45 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def cmd_caption(a: argparse.Namespace) -> int:
-    from captioner.api import Captioner
+def _images(paths: list[Path], recursive: bool) -> list[Path]:
     from captioner.data.images import list_images
 
-    missing = [p for p in a.paths if not p.exists()]
+    missing = [p for p in paths if not p.exists()]
     if missing:
         raise DataError(f"{missing[0]}: no such file" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    paths = list_images(a.paths, recursive=not a.no_recursive)
-    if not paths:
-        raise DataError(f"no images found in {', '.join(map(str, a.paths))}")
+    found = list_images(paths, recursive=recursive)
+    if not found:
+        hint = "" if recursive else " (add --recursive to look in sub-folders)"
+        raise DataError(f"no images found in {', '.join(map(str, paths))}{hint}")
+    return found
+
+
+def _search_args(a: argparse.Namespace) -> dict:
+    return {"beam_size": a.beam_size, "length_norm": a.length_norm, "block_trigrams": a.block_trigrams}
+
+
+def _report_failures(failed: list[str]) -> None:
+    for e in failed:
+        print(f"captioner: skipped {e}", file=sys.stderr)
+    if failed:
+        print(f"captioner: {len(failed)} file(s) could not be read and were skipped", file=sys.stderr)
+
+
+def cmd_caption(a: argparse.Namespace) -> int:
+    from captioner.api import Captioner
+
+    paths = _images(a.paths, a.recursive)
     cap = Captioner.load(a.model, a.device, a.precision)
+    if a.out:
+        from captioner.batch import caption_to_file
+
+        r = caption_to_file(cap, paths, a.out, batch_size=a.batch_size, progress=not a.quiet, **_search_args(a))
+        _report_failures(r.failed)
+        print(f"{r.captioned} captioned, {r.skipped} already in {a.out}, {len(r.failed)} unreadable; "
+              f"{r.seconds:.1f}s", file=sys.stderr)
+        return 1 if r.failed and not (r.captioned or r.skipped) else 0
     failed = []
-    for path, result, error in cap.caption_files(paths, a.batch_size, a.beam_size, length_norm=a.length_norm,
-                                                 block_trigrams=a.block_trigrams):
+    for path, result, error in cap.caption_files(paths, a.batch_size, **_search_args(a)):
         if error:
             failed.append(error)
             continue
@@ -146,9 +196,53 @@ def cmd_caption(a: argparse.Namespace) -> int:
             print(json.dumps(obj), flush=True)
         else:
             print(f"{path}\t{result['caption']}", flush=True)
-    for e in failed:
-        print(f"captioner: skipped {e}", file=sys.stderr)
+    _report_failures(failed)
+    if a.attention_map:
+        draw_attention_maps(cap, paths, a.attention_map, beam_size=a.beam_size, length_norm=a.length_norm)
     return 1 if failed and len(failed) == len(paths) else 0
+
+
+def cmd_index(a: argparse.Namespace) -> int:
+    from captioner.api import Captioner
+    from captioner.library import index_folders
+
+    for p in a.folders:
+        if not p.is_dir():
+            raise DataError(f"{p}: no such folder")
+    cap = Captioner.load(a.model, a.device, a.precision)
+    r = index_folders(cap, a.folders, a.db, batch_size=a.batch_size, progress=not a.quiet, **_search_args(a))
+    _report_failures(r.failed)
+    print(f"{a.db}: {r.captioned} captioned, {r.unchanged} unchanged, {r.touched} touched, {r.removed} removed, "
+          f"{len(r.failed)} unreadable; {r.seconds:.1f}s", file=sys.stderr)
+    return 0
+
+
+def cmd_search(a: argparse.Namespace) -> int:
+    from captioner.library import search
+
+    hits = search(a.db, a.query, a.limit)
+    for h in hits:
+        if a.json:
+            print(json.dumps({"path": h["path"], "caption": h["caption"], "score": h["score"]}))
+        else:
+            print(f"{h['score']:.2f}\t{h['path']}\t{h['caption']}")
+    if not hits and not a.json:
+        print(f"no photo in {a.db} matches {a.query!r}", file=sys.stderr)
+    return 0
+
+
+def draw_attention_maps(cap, paths: list[Path], target: Path, **search) -> None:
+    from captioner.data.images import open_rgb
+    from captioner.viz import draw_attention
+
+    for path in paths:
+        out = target if len(paths) == 1 else target.with_name(f"{target.stem}-{path.stem}.png")
+        try:
+            _, words, alpha = cap.attention(path, **search)
+        except ImageError:
+            continue  # already reported
+        draw_attention(open_rgb(path), words, alpha, out)
+        print(f"attention map: {out}", file=sys.stderr)
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -174,7 +268,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"caption": cmd_caption, "train": cmd_train, "evaluate": cmd_evaluate}
+COMMANDS = {"caption": cmd_caption, "index": cmd_index, "search": cmd_search, "train": cmd_train,
+            "evaluate": cmd_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

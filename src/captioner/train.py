@@ -41,6 +41,7 @@ from captioner.model.folder import load_model, save_model
 from captioner.model.network import CaptionModel, ModelConfig
 from captioner.runtime import autocast, pick_device, resolve_precision
 from captioner.scst import CiderD, scst_one_epoch
+from captioner.viz import plot_curves
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -223,27 +224,6 @@ def write_metrics(out: Path, history: list[dict]) -> None:
     os.replace(tmp, out / "metrics.csv")
 
 
-def plot_curves(out: Path, history: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ep = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
-    a.plot(ep, [h["val_loss"] for h in history], "o-", label="val")
-    a.set(xlabel="epoch", ylabel="cross-entropy per word", title="loss")
-    a.legend()
-    b.plot(ep, [h["CIDEr"] for h in history], "o-", label="CIDEr-D")
-    b.plot(ep, [h["BLEU-4"] for h in history], "o-", label="BLEU-4")
-    b.set(xlabel="epoch", title="val, greedy captions")
-    b.legend()
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
-    plt.close(fig)
-
-
 def save_checkpoint(path: Path, state: dict) -> None:
     """Atomic: write a temporary file, fsync, rename. A crash never leaves half a checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
@@ -404,7 +384,7 @@ def fit(args: Namespace) -> dict:
               f"{'  (best)' if improved else ''}  e.g. \"{val['samples'][0]}\"")
         save_model(model, vocab, out / "last", half=args.half)
         write_metrics(out, history)
-        plot_curves(out, history)
+        plot_curves(out / "curves.png", history)
         state = {"decoder": model.decoder.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "epoch": epoch, "args": _plain(args),
                  "vocab": vocab.itos, "config": cfg.to_json(), "history": history, "best": best,

@@ -88,15 +88,19 @@ class AttentionDecoder(nn.Module):
     def forward(self, feats: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """feats (B, P, C), tokens (B, T) = [<start>, w1..w_{T-1}] -> logits (B, T, V) for
         [w1..w_{T-1}, <end>], and the doubly stochastic penalty (a scalar)."""
+        logits, alpha = self.teacher_forced(feats, tokens)
+        penalty = self.alpha_c * ((1.0 - alpha.sum(dim=1)) ** 2).mean()
+        return logits, penalty
+
+    def teacher_forced(self, feats: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> logits (B, T, V) and attention weights (B, T, P) with `tokens` as the words so far."""
         s = self.start(feats)
         logits, alphas = [], []
         for t in range(tokens.shape[1]):  # every caption in a batch has the same length: no masks
             step_logits, s = self._advance(tokens[:, t], s)
             logits.append(step_logits)
             alphas.append(s.alpha)
-        alpha = torch.stack(alphas, dim=1)  # (B, T, P)
-        penalty = self.alpha_c * ((1.0 - alpha.sum(dim=1)) ** 2).mean()
-        return torch.stack(logits, dim=1), penalty
+        return torch.stack(logits, dim=1), torch.stack(alphas, dim=1)
 
     # -- decoding (see decode.py) ---------------------------------------------------------------
 

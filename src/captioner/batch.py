@@ -1,0 +1,107 @@
+"""Caption many images into a file (JSON Lines or CSV), resumably.
+
+Each line names the image, the SHA-1 of its bytes and its caption (JSONL also holds the
+alternatives when beam search gives them). A re-run skips images already in the file with the same
+content, re-captions changed ones (their old lines are dropped) and appends the rest, so an
+interrupted run loses at most the batch in flight. Unreadable files are reported at the end and
+never stop the run. Memory stays flat however many images there are: paths stream through a
+DataLoader and results go straight to the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from captioner.data.features import file_digest
+
+FIELDS = ("image", "sha1", "caption")
+
+
+@dataclass
+class BatchReport:
+    captioned: int = 0
+    skipped: int = 0  # already in the file with the same content
+    failed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _read_existing(out: Path) -> list[dict]:
+    """Complete entries already in `out` (a line cut off by an interruption is ignored)."""
+    if not out.is_file():
+        return []
+    text = out.read_text(encoding="utf-8", errors="replace")
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]  # drop a half-written last line
+    if out.suffix.lower() == ".csv":
+        return [r for r in csv.DictReader(io.StringIO(text)) if r.get("image") and r.get("sha1")]
+    entries = []
+    for line in text.splitlines():
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict) and obj.get("image") and obj.get("sha1"):
+            entries.append(obj)
+    return entries
+
+
+def _rewrite(out: Path, entries: list[dict]) -> None:
+    """Write `entries` as the whole file, atomically."""
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("w", encoding="utf-8", newline="") as f:
+        if out.suffix.lower() == ".csv":
+            w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(entries)
+        else:
+            f.writelines(json.dumps(e) + "\n" for e in entries)
+    os.replace(tmp, out)
+
+
+def caption_to_file(captioner, paths: Sequence[Path], out: Path, *, batch_size: int = 32, progress: bool = True,
+                    **search) -> BatchReport:
+    """Caption `paths` into `out` (.jsonl or .csv), skipping those already there unchanged."""
+    out = Path(out)
+    if out.suffix.lower() not in (".jsonl", ".csv"):
+        raise ValueError(f"{out}: the output must end in .jsonl or .csv")
+    t0 = time.perf_counter()
+    report = BatchReport()
+    existing = _read_existing(out)
+    digests = {str(p): file_digest(p) for p in paths if Path(p).is_file()}
+    done = {e["image"] for e in existing if digests.get(e["image"]) == e["sha1"]}
+    keep = [e for e in existing if e["image"] in done or e["image"] not in digests]
+    _rewrite(out, keep)  # drops stale lines of changed files and any half-written line
+    todo = [Path(p) for p in paths if str(p) not in done]
+    report.skipped = len(paths) - len(todo)
+
+    is_csv = out.suffix.lower() == ".csv"
+    with out.open("a", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore") if is_csv else None
+        bar = tqdm(total=len(todo), desc="captioning", unit="img", disable=not progress)
+        for path, result, error in captioner.caption_files(todo, batch_size=batch_size, **search):
+            bar.update(1)
+            if error:
+                report.failed.append(error)
+                continue
+            entry = {"image": str(path), "sha1": digests.get(str(path), ""), "caption": result["caption"]}
+            if len(result["alternatives"]) > 1:
+                entry["alternatives"] = result["alternatives"]
+            if writer:
+                writer.writerow(entry)
+            else:
+                f.write(json.dumps(entry) + "\n")
+            report.captioned += 1
+            if report.captioned % batch_size == 0:
+                f.flush()
+        bar.close()
+    report.seconds = time.perf_counter() - t0
+    return report

@@ -1,0 +1,225 @@
+"""A photo library: the caption of every photo under some folders, in SQLite, searchable by words.
+
+One file, readable with the ``sqlite3`` shell:
+
+    photos(id, path, sha1, size, mtime, caption, alternatives, model, indexed_at)
+        one row per captioned photo; `alternatives` is JSON [{"caption", "logprob"}, ...]
+    photos_fts(caption, alternatives)       FTS5 full-text index, rowid = photos.id,
+        Porter stemming so "dogs" finds "dog" and "running" finds "runs"
+    failures(path, size, mtime, error)      files that could not be read, and why
+    meta(key, value)                        schema version
+
+Indexing is incremental: a file whose size and modification time are unchanged is skipped, one
+whose bytes are unchanged (same SHA-1) only has its time updated, a changed one is captioned
+again, and photos whose files are gone are dropped. Every batch is written in one transaction,
+so an interrupted run leaves a consistent database and the next run finishes the job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from captioner.data.features import file_digest
+from captioner.data.images import list_images
+from captioner.data.vocab import tokenize
+
+SCHEMA_VERSION = "1"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS photos (
+    id INTEGER PRIMARY KEY,
+    path TEXT NOT NULL UNIQUE,
+    sha1 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime REAL NOT NULL,
+    caption TEXT NOT NULL,
+    alternatives TEXT NOT NULL DEFAULT '[]',
+    model TEXT NOT NULL,
+    indexed_at REAL NOT NULL
+);
+CREATE VIRTUAL TABLE IF NOT EXISTS photos_fts USING fts5(caption, alternatives, tokenize = 'porter unicode61');
+CREATE TABLE IF NOT EXISTS failures (
+    path TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    mtime REAL NOT NULL,
+    error TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+# Words too common in captions to say anything about a photo; dropped from queries.
+STOPWORDS = frozenset("a an the of on in at to and or with is are be by for from its it this that there".split())
+
+
+class LibraryError(Exception):
+    """A database that cannot be used; one line naming the file and the problem."""
+
+
+def connect(db: Path, create: bool = True) -> sqlite3.Connection:
+    """Open (and, with `create`, set up) a library database."""
+    db = Path(db)
+    if not create and not db.is_file():
+        raise LibraryError(f"{db}: no such database (make one with: captioner index FOLDER --db {db})")
+    try:
+        con = sqlite3.connect(db, timeout=30)
+        con.execute("PRAGMA journal_mode=WAL")  # readers (the web page) never block the indexer
+        con.execute("PRAGMA synchronous=NORMAL")
+        if create:
+            con.executescript(SCHEMA)
+            con.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            con.commit()
+        elif not con.execute("SELECT 1 FROM sqlite_master WHERE name = 'photos'").fetchone():
+            raise LibraryError(f"{db}: not a captioner photo database")
+    except sqlite3.DatabaseError as e:
+        raise LibraryError(f"{db}: not a usable SQLite database ({e})") from None
+    return con
+
+
+@dataclass
+class IndexReport:
+    captioned: int = 0
+    unchanged: int = 0
+    touched: int = 0  # same bytes, new modification time
+    removed: int = 0
+    failed: list[str] = field(default_factory=list)  # one line per unreadable file
+    seconds: float = 0.0
+
+
+def _plan(con: sqlite3.Connection, files: list[Path], report: IndexReport) -> list[tuple[Path, os.stat_result, str]]:
+    """Which files need captions: new or changed ones. Unchanged files are counted and skipped."""
+    known = {p: (s, m, h) for p, s, m, h in con.execute("SELECT path, size, mtime, sha1 FROM photos")}
+    bad = {p: (s, m) for p, s, m in con.execute("SELECT path, size, mtime FROM failures")}
+    todo = []
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:
+            continue  # vanished while we looked
+        key = str(f)
+        if key in known and known[key][:2] == (st.st_size, st.st_mtime):
+            report.unchanged += 1
+            continue
+        if key in bad and bad[key] == (st.st_size, st.st_mtime):
+            report.unchanged += 1
+            continue
+        sha1 = file_digest(f)
+        if key in known and known[key][2] == sha1:  # touched, not changed
+            with con:
+                con.execute("UPDATE photos SET size = ?, mtime = ? WHERE path = ?", (st.st_size, st.st_mtime, key))
+            report.touched += 1
+            continue
+        todo.append((f, st, sha1))
+    return todo
+
+
+def _remove_missing(con: sqlite3.Connection, roots: Sequence[Path], present: set[str]) -> int:
+    """Drop photos (and failure records) under `roots` whose files are gone. Returns how many photos."""
+
+    def gone(path: str) -> bool:
+        return path not in present and any(Path(path).is_relative_to(r) for r in roots) and not Path(path).exists()
+
+    photos = [pid for pid, path in con.execute("SELECT id, path FROM photos") if gone(path)]
+    bad = [path for (path,) in con.execute("SELECT path FROM failures") if gone(path)]
+    with con:
+        for pid in photos:
+            con.execute("DELETE FROM photos_fts WHERE rowid = ?", (pid,))
+            con.execute("DELETE FROM photos WHERE id = ?", (pid,))
+        con.executemany("DELETE FROM failures WHERE path = ?", [(p,) for p in bad])
+    return len(photos)
+
+
+def _write_batch(con: sqlite3.Connection, rows: list[tuple], failures: list[tuple], model: str) -> None:
+    """One transaction: upsert captioned photos (and their full-text rows) and failures."""
+    now = time.time()
+    with con:
+        for path, st, sha1, result in rows:
+            alts = result.get("alternatives", [])[1:]
+            prev = con.execute("SELECT id FROM photos WHERE path = ?", (path,)).fetchone()
+            if prev:
+                con.execute("DELETE FROM photos_fts WHERE rowid = ?", prev)
+                con.execute("DELETE FROM photos WHERE id = ?", prev)
+            cur = con.execute(
+                "INSERT INTO photos (path, sha1, size, mtime, caption, alternatives, model, indexed_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (path, sha1, st.st_size, st.st_mtime, result["caption"], json.dumps(alts), model, now))
+            con.execute("INSERT INTO photos_fts (rowid, caption, alternatives) VALUES (?, ?, ?)",
+                        (cur.lastrowid, result["caption"], "\n".join(a["caption"] for a in alts)))
+            con.execute("DELETE FROM failures WHERE path = ?", (path,))
+        for path, st, error in failures:
+            con.execute("INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?)", (path, st.st_size, st.st_mtime, error))
+
+
+def index_folders(captioner, roots: Sequence[Path], db: Path, *, batch_size: int = 32, progress: bool = True,
+                  **search) -> IndexReport:
+    """Caption every image under `roots` into the database at `db` (see the module docstring)."""
+    t0 = time.perf_counter()
+    roots = [Path(r).resolve() for r in roots]
+    for r in roots:
+        if not r.exists():
+            raise FileNotFoundError(f"{r}: no such folder")
+    con = connect(db)
+    report = IndexReport()
+    files = [f.resolve() for f in list_images(roots, recursive=True)]
+    report.removed = _remove_missing(con, roots, {str(f) for f in files})
+    todo = _plan(con, files, report)
+    model = captioner.source
+    by_path = {f: (st, sha1) for f, st, sha1 in todo}
+    rows, failures = [], []
+    bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress)
+    for path, result, error in captioner.caption_files([f for f, _, _ in todo], batch_size=batch_size, **search):
+        st, sha1 = by_path[path]
+        if error:
+            failures.append((str(path), st, error))
+            report.failed.append(error)
+        else:
+            rows.append((str(path), st, sha1, result))
+            report.captioned += 1
+        bar.update(1)
+        if len(rows) + len(failures) >= batch_size:
+            _write_batch(con, rows, failures, model)
+            rows, failures = [], []
+    _write_batch(con, rows, failures, model)
+    bar.close()
+    con.close()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def fts_query(text: str) -> str:
+    """User words -> an FTS5 query: every word may match (OR), BM25 ranks photos that match more
+    and rarer words first. Common words are dropped unless nothing else is left."""
+    words = tokenize(text)
+    kept = [w for w in words if w not in STOPWORDS] or words
+    return " OR ".join(f'"{w}"' for w in dict.fromkeys(kept))
+
+
+def search(db: Path, text: str, limit: int = 20) -> list[dict]:
+    """Photos whose captions match `text`, best first: [{"id", "path", "caption", "score"}]."""
+    query = fts_query(text)
+    if not query:
+        return []
+    con = connect(db, create=False)
+    try:
+        rows = con.execute(
+            "SELECT p.id, p.path, p.caption, -bm25(photos_fts, 1.0, 0.3) AS score"
+            " FROM photos_fts JOIN photos p ON p.id = photos_fts.rowid"
+            " WHERE photos_fts MATCH ? ORDER BY bm25(photos_fts, 1.0, 0.3) LIMIT ?", (query, limit)).fetchall()
+    finally:
+        con.close()
+    return [{"id": i, "path": p, "caption": c, "score": round(s, 4)} for i, p, c, s in rows]
+
+
+def photo_path(db: Path, photo_id: int) -> Path | None:
+    """The file of photo `photo_id`, or None when the database has no such photo."""
+    con = connect(db, create=False)
+    try:
+        row = con.execute("SELECT path FROM photos WHERE id = ?", (photo_id,)).fetchone()
+    finally:
+        con.close()
+    return Path(row[0]) if row else None

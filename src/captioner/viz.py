@@ -1,0 +1,64 @@
+"""Pictures people would rather look at than numbers: training curves and attention maps (PNG)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(path: Path, history: list[dict]) -> None:
+    """Loss (train/val) and val scores per epoch, side by side."""
+    plt = _pyplot()
+    ep = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
+    a.plot(ep, [h["val_loss"] for h in history], "o-", label="val")
+    a.set(xlabel="epoch", ylabel="cross-entropy per word", title="loss")
+    a.legend()
+    b.plot(ep, [h["CIDEr"] for h in history], "o-", label="CIDEr-D")
+    b.plot(ep, [h["BLEU-4"] for h in history], "o-", label="BLEU-4")
+    if any(not math.isnan(h.get("reward", math.nan)) for h in history):
+        b.plot(ep, [h.get("reward", math.nan) for h in history], "o--", label="train reward (CIDEr-D)")
+    b.set(xlabel="epoch", title="val, greedy captions")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def draw_attention(image: Image.Image, words: list[str], alpha: torch.Tensor, path: Path, columns: int = 5) -> None:
+    """The image, then one panel per word with the attention weights `alpha` (T, H, W) over it."""
+    plt = _pyplot()
+    img = np.asarray(image.convert("RGB").resize((224, 224)), dtype=np.float32) / 255
+    maps = F.interpolate(alpha[:, None].float(), size=(224, 224), mode="bilinear", align_corners=False)[:, 0]
+    panels = len(words) + 1
+    rows = math.ceil(panels / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.6 * rows))
+    axes = np.atleast_1d(axes).ravel()
+    for ax in axes:
+        ax.axis("off")
+    axes[0].imshow(img)
+    axes[0].set_title("image", fontsize=10)
+    for ax, word, m in zip(axes[1:], words, maps):
+        m = (m / m.max().clamp(min=1e-8)).numpy()
+        ax.imshow(img * (0.25 + 0.75 * m[..., None]))
+        ax.imshow(m, cmap="jet", alpha=0.35)
+        ax.set_title(word, fontsize=11)
+    fig.suptitle(" ".join(w for w in words if w != "<end>"), fontsize=12)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,155 @@
+"""Batch captioning into a file, and the photo library: incremental indexing, search, interruptions."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from captioner import Captioner
+from captioner.batch import caption_to_file
+from captioner.cli import main
+from captioner.library import connect, fts_query, index_folders, search
+
+
+@pytest.fixture
+def photos(tmp_path, shapes):
+    """A folder of 12 synthetic photos (in two levels) plus a corrupt file and a text file."""
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    src = sorted(p for p in shapes.parent.glob("*.png") if p.stem.endswith("_4"))[:12]  # val images
+    for i, p in enumerate(src):
+        Image.open(p).save(folder / ("sub" if i % 3 == 0 else "") / p.name)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+@pytest.fixture
+def cap(trained):
+    return Captioner.load(trained / "best", device="cpu")
+
+
+def consistent(db):
+    con = sqlite3.connect(db)
+    try:
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        con.execute("INSERT INTO photos_fts(photos_fts) VALUES ('integrity-check')")
+        n_photos = con.execute("SELECT count(*) FROM photos").fetchone()[0]
+        ids = {r[0] for r in con.execute("SELECT id FROM photos")}
+        fts = {r[0] for r in con.execute("SELECT rowid FROM photos_fts")}
+        assert ids == fts
+        return n_photos
+    finally:
+        con.close()
+
+
+def test_index_then_search(cap, photos, tmp_path):
+    db = tmp_path / "lib.sqlite"
+    r = index_folders(cap, [photos], db, batch_size=4, progress=False)
+    assert r.captioned == 12 and len(r.failed) == 1 and "broken.jpg" in r.failed[0]
+    assert consistent(db) == 12
+    hits = search(db, "red circles", limit=5)  # plural: Porter stemming matches "circle"
+    assert hits and all("circle" in h["caption"] or "red" in h["caption"] for h in hits)
+    assert hits[0]["score"] >= hits[-1]["score"]
+    top = search(db, hits[0]["caption"], limit=1)[0]
+    assert top["caption"] == hits[0]["caption"]
+    assert search(db, "zebra") == [] and search(db, "") == []
+
+
+def test_incremental_reindex(cap, photos, tmp_path):
+    db = tmp_path / "lib.sqlite"
+    index_folders(cap, [photos], db, progress=False)
+    again = index_folders(cap, [photos], db, progress=False)
+    assert (again.captioned, again.unchanged, again.removed) == (0, 13, 0)  # 12 photos + the known-bad file
+
+    files = sorted(photos.rglob("*.png"))
+    os.utime(files[0], (time.time() + 100, time.time() + 100))  # touched, same bytes
+    Image.new("RGB", (96, 96), (30, 60, 220)).save(files[1])  # changed
+    files[2].unlink()  # deleted
+    r = index_folders(cap, [photos], db, progress=False)
+    assert (r.touched, r.captioned, r.removed) == (1, 1, 1)
+    assert consistent(db) == 11
+    con = connect(db)
+    assert con.execute("SELECT count(*) FROM photos WHERE path = ?", (str(files[2]),)).fetchone()[0] == 0
+    con.close()
+
+
+def test_killed_index_run_leaves_a_consistent_database(cap, trained, shapes, tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    src = sorted(shapes.parent.glob("*.png"))
+    for i in range(400):
+        Image.open(src[i % len(src)]).save(folder / f"{i:04d}.png")
+    db = tmp_path / "lib.sqlite"
+    cmd = [sys.executable, "-m", "captioner", "index", str(folder), "--db", str(db), "--model", str(trained / "best"),
+           "--batch-size", "2", "--quiet", "--beam-size", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            time.sleep(0.05)
+            if db.is_file():
+                try:
+                    con = sqlite3.connect(db, timeout=1)
+                    n = con.execute("SELECT count(*) FROM photos").fetchone()[0]
+                    con.close()
+                except sqlite3.OperationalError:
+                    continue
+                if n >= 10:
+                    break
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    done = consistent(db)
+    assert 10 <= done < 400, "the run should have been killed half-way"
+    assert main(["index", str(folder), "--db", str(db), "--model", str(trained / "best"), "--quiet",
+                 "--beam-size", "1"]) == 0
+    assert consistent(db) == 400
+
+
+def test_search_cli_json(cap, photos, tmp_path, capsys):
+    db = tmp_path / "lib.sqlite"
+    index_folders(cap, [photos], db, progress=False)
+    capsys.readouterr()
+    assert main(["search", "circle", "--db", str(db), "--json", "--limit", "3"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert 1 <= len(lines) <= 3 and set(lines[0]) == {"path", "caption", "score"}
+    assert main(["search", "circle", "--db", str(tmp_path / "none.sqlite")]) == 2
+    assert "no such database" in capsys.readouterr().err
+
+
+def test_fts_query_drops_stopwords_and_quotes_words():
+    assert fts_query("a dog running on the beach") == '"dog" OR "running" OR "beach"'
+    assert fts_query("the") == '"the"'
+    assert fts_query('dog" OR 1=1 --') == '"dog" OR "1"'  # quotes and operators never reach FTS5
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_batch_caption_to_file_resumes(cap, photos, tmp_path, suffix):
+    out = tmp_path / f"captions{suffix}"
+    paths = sorted(p for p in photos.rglob("*") if p.suffix in (".png", ".jpg"))
+    r = caption_to_file(cap, paths, out, batch_size=4, progress=False)
+    assert (r.captioned, r.skipped, len(r.failed)) == (12, 0, 1)
+    with out.open("a") as f:
+        f.write('{"image": "half-written')  # an interruption mid-line
+    again = caption_to_file(cap, paths, out, progress=False)
+    assert (again.captioned, again.skipped) == (0, 12)
+    Image.new("RGB", (96, 96), (220, 30, 30)).save(paths[0])
+    third = caption_to_file(cap, paths, out, progress=False)
+    assert (third.captioned, third.skipped) == (1, 11)
+    text = out.read_text()
+    assert "half-written" not in text and text.count(str(paths[0])) == 1
+
+
+def test_caption_cli_out_file(trained, photos, tmp_path, capsys):
+    out = tmp_path / "c.jsonl"
+    assert main(["caption", str(photos), "-r", "--out", str(out), "--model", str(trained / "best"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "12 captioned" in err and "broken.jpg" in err
+    assert len(out.read_text().splitlines()) == 12
