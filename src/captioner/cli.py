@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help='one JSON object per line, best first: {"path", "caption", '
                                                         '"score"}')
 
+    # serve -----------------------------------------------------------------------------------
+    p = sub.add_parser("serve", help="web page and REST API: caption uploads, search a library")
+    p.add_argument("--model", type=Path, help="model folder (default: the shipped model)")
+    p.add_argument("--db", type=Path, help="photo library made by 'captioner index' (enables search)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    _common(p)
+
     # train -----------------------------------------------------------------------------------
     p = sub.add_parser("train", help="train a model on captioned images")
     p.add_argument("--data", required=True, type=Path, help="dataset folder or caption file (layout auto-detected)")
@@ -245,6 +253,14 @@ def draw_attention_maps(cap, paths: list[Path], target: Path, **search) -> None:
         print(f"attention map: {out}", file=sys.stderr)
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from captioner.api import Captioner
+    from captioner.server.app import serve
+
+    serve(Captioner.load(a.model, a.device, a.precision), a.db, a.host, a.port)
+    return 0
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     from captioner.train import fit
 
@@ -268,8 +284,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"caption": cmd_caption, "index": cmd_index, "search": cmd_search, "train": cmd_train,
-            "evaluate": cmd_evaluate}
+COMMANDS = {"caption": cmd_caption, "index": cmd_index, "search": cmd_search, "serve": cmd_serve,
+            "train": cmd_train, "evaluate": cmd_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

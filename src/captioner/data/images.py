@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -17,22 +18,30 @@ class ImageError(Exception):
     """An image that cannot be used; the message names the file and the reason."""
 
 
-def open_rgb(source: str | Path | Image.Image, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open an image as RGB with EXIF orientation applied, or raise ImageError with one clear line."""
+def open_rgb(source: str | Path | bytes | Image.Image, max_pixels: int = MAX_PIXELS, name: str | None = None
+             ) -> Image.Image:
+    """Open an image (a path, the bytes of a file, or a PIL image) as RGB with EXIF orientation
+    applied, or raise ImageError with one clear line naming it (`name`, else the path)."""
     if isinstance(source, Image.Image):
         img = source
-        name = "<PIL image>"
     else:
-        name = str(source)
-        path = Path(source)
-        if not path.is_file():
-            raise ImageError(f"{name}: no such file")
-        if path.stat().st_size == 0:
-            raise ImageError(f"{name}: empty file")
+        if isinstance(source, bytes):
+            name = name or "<upload>"
+            if not source:
+                raise ImageError(f"{name}: empty file")
+            stream = io.BytesIO(source)
+        else:
+            name = name or str(source)
+            path = Path(source)
+            if not path.is_file():
+                raise ImageError(f"{name}: no such file")
+            if path.stat().st_size == 0:
+                raise ImageError(f"{name}: empty file")
+            stream = path
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(path)
+                img = Image.open(stream)
                 if img.width * img.height > max_pixels:
                     raise ImageError(f"{name}: {img.width}x{img.height} is more than {max_pixels:,} pixels")
                 img.load()

@@ -1,0 +1,128 @@
+"""`captioner serve`: a web page and a REST API over one loaded model (and a photo library).
+
+    GET  /                  the page: drop photos to caption them; search the library
+    POST /api/caption       multipart field `file`, repeatable -> captions, alternatives, seconds
+    GET  /api/search?q=     photos of the library whose captions match, best first
+    GET  /api/thumb/{id}    a JPEG thumbnail of a photo *in the library* (by id: no paths from clients)
+    GET  /health            model and library status
+    GET  /openapi.json      the API schema
+
+Errors are JSON ``{"detail": "..."}`` with a 4xx status: 413 for uploads over the byte or pixel
+limits, 415 for files that are not images, 404 for unknown photos or when no library is loaded.
+Everything the page needs is served from here: it works with no network at all.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from captioner.data.images import ImageError, open_rgb
+from captioner.library import LibraryError, photo_path, search
+
+STATIC = Path(__file__).parent / "static"
+
+
+def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0, max_pixels: int = 40_000_000,
+               max_files: int = 16) -> FastAPI:
+    """The app, around a loaded `Captioner` (loaded once, shared by every request)."""
+    app = FastAPI(title="captioner", version="0.1.0", docs_url=None, redoc_url=None,  # Swagger UI needs a CDN
+                  description="Caption photos with a CNN + LSTM model, and search a captioned photo library.")
+    lock = threading.Lock()  # one inference at a time: the CPU's threads are already all in use
+    max_bytes = int(max_upload_mb * 1024 * 1024)
+    db = Path(db) if db else None
+
+    @app.middleware("http")
+    async def limit_request_size(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > max_bytes * max_files:
+            return _json_error(413, f"request of {int(length):,} bytes is over the limit")
+        return await call_next(request)
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "model": captioner.source, "decoder": captioner.model.cfg.decoder,
+                "library": str(db) if db else None}
+
+    @app.post("/api/caption")
+    def caption(file: Annotated[list[UploadFile], File(description="one or more images")]) -> dict:
+        if len(file) > max_files:
+            raise HTTPException(413, f"{len(file)} files: at most {max_files} per request")
+        t0 = time.perf_counter()
+        images, results = [], []
+        for up in file:
+            name = up.filename or "upload"
+            data = up.file.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                results.append({"filename": name, "status": 413, "error": f"{name}: larger than {max_upload_mb:g} MB"})
+                continue
+            try:
+                images.append((len(results), captioner.transform(open_rgb(data, max_pixels, name=name))))
+                results.append({"filename": name})
+            except ImageError as e:
+                status = 413 if "pixels" in str(e) else 415
+                results.append({"filename": name, "status": status, "error": str(e)})
+        if not images:  # nothing usable: the request as a whole fails, with the first reason
+            first = results[0]
+            raise HTTPException(first["status"], first["error"])
+        with lock, torch.inference_mode():
+            out = captioner.caption_tensor(torch.stack([x for _, x in images]))
+        for (i, _), r in zip(images, out):
+            results[i].update(caption=r["caption"], logprob=r["logprob"], alternatives=r["alternatives"])
+        for r in results:
+            r.pop("status", None)
+        return {"results": results, "seconds": round(time.perf_counter() - t0, 3)}
+
+    @app.get("/api/search")
+    def search_photos(q: Annotated[str, Query(min_length=1, max_length=200)],
+                      limit: Annotated[int, Query(ge=1, le=200)] = 20) -> dict:
+        if db is None:
+            raise HTTPException(404, "no photo library is loaded (start the server with --db FILE)")
+        try:
+            hits = search(db, q, limit)
+        except LibraryError as e:
+            raise HTTPException(404, str(e)) from None
+        return {"query": q, "results": [h | {"thumb": f"/api/thumb/{h['id']}"} for h in hits]}
+
+    @app.get("/api/thumb/{photo_id}", response_class=Response)
+    def thumbnail(photo_id: int, size: Annotated[int, Query(ge=32, le=1024)] = 256) -> Response:
+        path = photo_path(db, photo_id) if db else None
+        if path is None:
+            raise HTTPException(404, f"no photo {photo_id} in the library")
+        try:
+            img = open_rgb(path)
+        except ImageError as e:
+            raise HTTPException(404, str(e)) from None
+        img.thumbnail((size, size))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85)
+        return Response(buf.getvalue(), media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _json_error(status: int, detail: str) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status)
+
+
+def serve(captioner, db: Path | None, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the app with uvicorn until interrupted."""
+    import uvicorn
+
+    if db is not None and not Path(db).is_file():
+        raise LibraryError(f"{db}: no such database (make one with: captioner index FOLDER --db {db})")
+    uvicorn.run(create_app(captioner, db), host=host, port=port, log_level="info")
+

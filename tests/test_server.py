@@ -1,0 +1,105 @@
+"""The REST API through an in-process client: caption uploads, bad uploads, search, thumbnails."""
+
+import io
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from captioner import Captioner
+from captioner.library import index_folders
+from captioner.server.app import create_app
+
+
+def png_bytes(colour=(220, 30, 30), size=(96, 96)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def library(trained, shapes, tmp_path_factory):
+    cap = Captioner.load(trained / "best", device="cpu")
+    folder = tmp_path_factory.mktemp("served")
+    for p in sorted(shapes.parent.glob("*_4.png"))[:9]:
+        Image.open(p).save(folder / p.name)
+    db = folder.parent / "served.sqlite"
+    index_folders(cap, [folder], db, progress=False)
+    return cap, db
+
+
+@pytest.fixture(scope="module")
+def client(library):
+    cap, db = library
+    return TestClient(create_app(cap, db, max_upload_mb=0.05, max_pixels=200_000))
+
+
+def test_health_and_schema(client):
+    h = client.get("/health").json()
+    assert h["status"] == "ok" and h["library"]
+    schema = client.get("/openapi.json").json()
+    assert {"/api/caption", "/api/search", "/health"} <= set(schema["paths"])
+
+
+def test_caption_one_and_many(client):
+    r = client.post("/api/caption", files={"file": ("red.png", png_bytes(), "image/png")})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["results"][0]["filename"] == "red.png" and body["results"][0]["caption"]
+    assert body["seconds"] >= 0
+    files = [("file", (f"{i}.png", png_bytes((30, 60 * i, 200)), "image/png")) for i in range(3)]
+    files.append(("file", ("notes.txt", b"hello", "text/plain")))
+    r = client.post("/api/caption", files=files)
+    results = r.json()["results"]
+    assert r.status_code == 200 and [bool(x.get("caption")) for x in results] == [True, True, True, False]
+    assert "notes.txt" in results[3]["error"]
+
+
+@pytest.mark.parametrize("name,data,status,words", [
+    ("notes.txt", b"plain text, not a picture", 415, "not a readable image"),
+    ("empty.png", b"", 415, "empty"),
+    ("huge.png", None, 413, "pixels"),
+    ("heavy.bmp", b"BM" + bytes(80_000), 413, "larger than"),
+])
+def test_bad_uploads_are_clear_4xx_json(client, name, data, status, words):
+    if data is None:
+        data = png_bytes(size=(600, 600))  # 360,000 pixels, over this app's 200,000
+    r = client.post("/api/caption", files={"file": (name, data, "application/octet-stream")})
+    assert r.status_code == status
+    assert words in r.json()["detail"] and name in r.json()["detail"]
+
+
+def test_missing_file_field(client):
+    r = client.post("/api/caption", data={"other": "x"})
+    assert r.status_code == 422 and "detail" in r.json()
+
+
+def test_search_and_thumbnails(client):
+    r = client.get("/api/search", params={"q": "circle", "limit": 5})
+    hits = r.json()["results"]
+    assert r.status_code == 200 and hits and all("circle" in h["caption"] for h in hits)
+    t = client.get(hits[0]["thumb"])
+    assert t.status_code == 200 and t.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(t.content)).size[0] <= 256
+
+
+def test_thumbnails_only_for_library_photos(client):
+    assert client.get("/api/thumb/999999").status_code == 404
+    assert client.get("/api/thumb/..%2F..%2Fetc%2Fpasswd").status_code in (404, 422)
+    assert client.get("/static/../../pyproject.toml").status_code == 404
+
+
+def test_search_without_a_library(library):
+    cap, _ = library
+    c = TestClient(create_app(cap, None))
+    assert c.get("/api/search", params={"q": "dog"}).status_code == 404
+    assert c.get("/health").json()["library"] is None
+
+
+def test_page_is_self_contained(client):
+    html = client.get("/").text
+    assert "<title>captioner</title>" in html
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert client.get(asset).status_code == 200
+    page = html + client.get("/static/app.js").text + client.get("/static/style.css").text
+    assert "http://" not in page and "https://" not in page  # no CDN, no outside resource
