@@ -33,3 +33,20 @@ def test_shuffled_per_epoch_and_repeatable():
 def test_no_shuffle_is_ordered():
     s = LengthBucketSampler([3, 4, 3, 4], batch_size=8, shuffle=False)
     assert list(s) == [[0, 2], [1, 3]]
+
+
+def test_sharded_across_ranks_once_each_with_equal_steps():
+    rng = random.Random(2)
+    lengths = [rng.randint(3, 12) for _ in range(777)]
+    for world in (2, 3, 4):
+        for epoch in range(3):
+            shards = []
+            for rank in range(world):
+                s = LengthBucketSampler(lengths, batch_size=32, seed=5, rank=rank, world=world)
+                s.set_epoch(epoch)
+                shards.append(list(s))
+            assert len({len(b) for b in shards}) == 1  # the same number of steps on every rank
+            assert len(shards[0]) == len(LengthBucketSampler(lengths, 32, seed=5, rank=0, world=world))
+            flat = [i for shard in shards for b in shard for i in b]
+            assert sorted(flat) == list(range(777))  # nothing lost, nothing twice
+            assert all(len({lengths[i] for i in b}) == 1 for shard in shards for b in shard)

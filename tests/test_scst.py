@@ -82,3 +82,13 @@ def test_greedy_baseline_runs(tmp_path, shapes, baseline):
                  "--val-images", "4", *TINY]) == 0
     assert main(["train", "--data", str(shapes), "--out", str(tmp_path / "sc"), "--scst", "--init", str(xe / "best"),
                  "--baseline", baseline, "--epochs", "1", "--max-images", "20", "--val-images", "4", *TINY]) == 0
+
+
+def test_image_batches_shard_every_image_once_with_equal_steps():
+    from captioner.scst import image_batches
+
+    for n, world, bs in [(101, 2, 10), (7, 3, 2), (3, 2, 1), (50, 1, 50)]:
+        shards = [image_batches(n, bs, seed=4, rank=r, world=world) for r in range(world)]
+        assert len({len(s) for s in shards}) == 1
+        assert sorted(i for s in shards for b in s for i in b) == list(range(n))
+        assert all(len(b) <= bs for s in shards for b in s)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -135,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=1, help="image loading processes")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="train in N processes with torch.distributed (DDP; gloo on CPU, NCCL on GPUs); "
+                        "same as: torchrun --nproc-per-node N -m captioner train ...")
     _common(p)
 
     # evaluate --------------------------------------------------------------------------------
@@ -262,6 +266,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    if a.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _torchrun(a.nproc, a.argv)
     from captioner.train import fit
 
     result = fit(a)
@@ -288,9 +294,28 @@ COMMANDS = {"caption": cmd_caption, "index": cmd_index, "search": cmd_search, "s
             "train": cmd_train, "evaluate": cmd_evaluate}
 
 
+def _torchrun(nproc: int, argv: list[str]) -> int:
+    """Start `nproc` training processes on this machine with torch's own launcher."""
+    import subprocess
+
+    rest, skip = [], False
+    for arg in argv:  # everything but --nproc
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "captioner", *rest]
+    return subprocess.call(cmd)
+
+
 def main(argv: list[str] | None = None) -> int:
     _one_line_warnings()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return COMMANDS[args.command](args)
     except USER_ERRORS as e:

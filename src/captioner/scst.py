@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from captioner.data.vocab import Vocabulary, tokenize
 from captioner.decode import sample, search
-from captioner.runtime import autocast
+from captioner.runtime import Dist, autocast
 
 Ngrams = list[Counter]  # Counter of n-gram tuples for n = 1..4
 
@@ -79,44 +79,64 @@ def _words(tokens: torch.Tensor, vocab: Vocabulary) -> list[list[str]]:
     return [vocab.decode(row).split() for row in tokens.tolist()]
 
 
+def image_batches(n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """This rank's batches of image indices for one epoch: a shuffled order shared by all ranks,
+    every world-th image for this rank, cut into the same number of batches on every rank (the
+    last ones may be a little smaller, or empty on a rank with one image fewer)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    mine = order[rank::world]
+    steps = max(1, math.ceil(math.ceil(n / world) / batch_size))
+    return [chunk.tolist() for chunk in np.array_split(np.asarray(mine, dtype=np.int64), steps)]
+
+
 def scst_one_epoch(model, vocab: Vocabulary, feats, reward: CiderD, optimizer, device, precision: str, clip: float,
                    epoch: int, batch_size: int = 50, samples: int = 5, baseline: str = "mean",
-                   max_len: int = 20, seed: int = 0, progress: bool = True) -> dict:
+                   max_len: int = 20, seed: int = 0, progress: bool = True, dist: Dist | None = None) -> dict:
     """One pass over the training images (not captions). `feats[idx]` gives image features.
-    Returns the mean reward of the samples and of greedy captions seen along the way."""
+    Returns the mean reward of the samples (over all ranks)."""
     if baseline == "mean" and samples < 2:
         raise ValueError("the 'mean' baseline needs --samples 2 or more")
-    g = torch.Generator().manual_seed(seed + epoch)
-    order = torch.randperm(len(feats), generator=g).tolist()
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    dist = dist or Dist()
+    batches = image_batches(len(feats), batch_size, seed + epoch, dist.rank, dist.world)
+    params = [p for grp in optimizer.param_groups for p in grp["params"]]
     model.train()
     model.encoder.eval()
     sum_reward, n_seen, t0 = 0.0, 0, time.perf_counter()
-    bar = tqdm(batches, desc=f"scst {epoch}", unit="batch", leave=False, disable=not progress)
+    bar = tqdm(batches, desc=f"scst {epoch}", unit="batch", leave=False, disable=not (progress and dist.main))
     for idx in bar:
-        f = feats[idx].to(device).float()
-        with autocast(device, precision):
-            tokens, logp, mask = sample(model.decoder, f, vocab.start, vocab.end, max_len, samples, banned=[vocab.unk])
-        images = [i for i in idx for _ in range(samples)]
-        r = torch.from_numpy(reward(_words(tokens, vocab), images)).view(len(idx), samples)
-        if baseline == "mean":  # the mean of the *other* samples of the same image
-            b = (r.sum(1, keepdim=True) - r) / (samples - 1)
-        else:
-            model.eval()
-            with torch.no_grad(), autocast(device, precision):
-                greedy_tokens = search(model.decoder, f, vocab, beam_size=1, max_len=max_len).tokens[:, 0]
-            model.train()
-            model.encoder.eval()
-            b = torch.from_numpy(reward(_words(greedy_tokens, vocab), idx))[:, None]
-        advantage = (r - b).view(-1, 1).to(device)  # (B*n, 1)
-        loss = -(advantage * logp.float() * mask).sum() / mask.sum()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if idx:  # (a rank with one image fewer may have an empty last batch; it still takes the step)
+            r, loss = _scst_loss(model, vocab, feats, idx, reward, device, precision, samples, baseline, max_len)
+            loss.backward()
+            sum_reward += float(r.sum())
+            n_seen += r.numel()
+        dist.average_gradients(params)
         if clip:
-            torch.nn.utils.clip_grad_norm_([p for grp in optimizer.param_groups for p in grp["params"]], clip)
+            torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
-        sum_reward += float(r.sum())
-        n_seen += r.numel()
-        speed = n_seen / samples / (time.perf_counter() - t0)
-        bar.set_postfix(reward=f"{sum_reward / n_seen:.3f}", img_s=f"{speed:.0f}")
+        speed = n_seen / samples / (time.perf_counter() - t0) * dist.world
+        bar.set_postfix(reward=f"{sum_reward / max(n_seen, 1):.3f}", img_s=f"{speed:.0f}")
+    sum_reward, n_seen = dist.sum([sum_reward, n_seen])
     return {"reward": sum_reward / max(n_seen, 1)}
+
+
+def _scst_loss(model, vocab: Vocabulary, feats, idx: list[int], reward: CiderD, device, precision: str,
+               samples: int, baseline: str, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards (B, samples) of captions sampled for images `idx`, and the policy-gradient loss."""
+    f = feats[idx].to(device).float()
+    with autocast(device, precision):
+        tokens, logp, mask = sample(model.decoder, f, vocab.start, vocab.end, max_len, samples, banned=[vocab.unk])
+    images = [i for i in idx for _ in range(samples)]
+    r = torch.from_numpy(reward(_words(tokens, vocab), images)).view(len(idx), samples)
+    if baseline == "mean":  # the mean of the *other* samples of the same image
+        b = (r.sum(1, keepdim=True) - r) / (samples - 1)
+    else:  # the model's own greedy caption, decoded without dropout
+        model.eval()
+        with torch.no_grad(), autocast(device, precision):
+            greedy_tokens = search(model.decoder, f, vocab, beam_size=1, max_len=max_len).tokens[:, 0]
+        model.train()
+        model.encoder.eval()
+        b = torch.from_numpy(reward(_words(greedy_tokens, vocab), idx))[:, None]
+    advantage = (r - b).view(-1, 1).to(device)  # (B*samples, 1)
+    loss = -(advantage * logp.float() * mask).sum() / mask.sum()
+    return r, loss

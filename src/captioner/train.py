@@ -39,7 +39,7 @@ from captioner.decode import search
 from captioner.model.encoder import weights_digest
 from captioner.model.folder import load_model, save_model
 from captioner.model.network import CaptionModel, ModelConfig
-from captioner.runtime import autocast, pick_device, resolve_precision
+from captioner.runtime import Dist, autocast, resolve_precision
 from captioner.scst import CiderD, scst_one_epoch
 from captioner.viz import plot_curves
 
@@ -127,20 +127,22 @@ def caption_loss(logits: torch.Tensor, targets: torch.Tensor, pad: int = 0) -> t
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=pad)
 
 
-def train_one_epoch(model: CaptionModel, batches, optimizer, device, precision: str, clip: float,
-                    epoch: int, images: bool = False, progress: bool = True) -> float:
+def train_one_epoch(model, batches, optimizer, device, precision: str, clip: float, epoch: int,
+                    images: bool = False, progress: bool = True, dist: Dist | None = None) -> float:
     """`batches` yields (features, tokens), or (images, tokens) when `images` (the encoder is
-    trained too). Returns the mean cross-entropy per word."""
+    trained too). `model` is a CaptionModel, or its DistributedDataParallel wrapper. Returns the
+    mean cross-entropy per word (over all ranks)."""
+    dist = dist or Dist()
+    core = getattr(model, "module", model)
     model.train()
     if not images:
-        model.encoder.eval()  # frozen: keep its BatchNorm statistics fixed
+        core.encoder.eval()  # frozen: keep its BatchNorm statistics fixed
     total, tokens_seen, captions, t0 = 0.0, 0, 0, time.perf_counter()
-    bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not progress)
+    bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not (progress and dist.main))
     for x, tok in bar:
         x, tok = x.to(device, non_blocking=True), tok.to(device, non_blocking=True)
         with autocast(device, precision):
-            feats = model.features(x) if images else x.float()
-            logits, penalty = model(feats, tok[:, :-1])  # (B, T-1, V)
+            logits, penalty = model(x, tok[:, :-1], images=images)  # (B, T-1, V)
         loss = caption_loss(logits, tok[:, 1:])
         optimizer.zero_grad(set_to_none=True)
         (loss + penalty.float()).backward()
@@ -150,8 +152,9 @@ def train_one_epoch(model: CaptionModel, batches, optimizer, device, precision: 
         n = tok[:, 1:].ne(0).sum().item()
         total += loss.item() * n
         tokens_seen += n
-        captions += tok.shape[0]
+        captions += tok.shape[0] * dist.world
         bar.set_postfix(loss=f"{total / tokens_seen:.3f}", cap_s=f"{captions / (time.perf_counter() - t0):.0f}")
+    total, tokens_seen = dist.sum([total, tokens_seen])
     return total / max(tokens_seen, 1)
 
 
@@ -166,7 +169,7 @@ def validate(model: CaptionModel, vocab: Vocabulary, feats: FeatureRows, caps: C
         rows, tok = caps.batch(idx)
         f, tok = feats[rows].to(device).float(), tok.to(device)
         with autocast(device, precision):
-            logits, _ = model(f, tok[:, :-1])
+            logits, _ = model(f, tok[:, :-1])  # features, not images
         n = tok[:, 1:].ne(0).sum().item()
         total += caption_loss(logits, tok[:, 1:]).item() * n
         n_tok += n
@@ -281,12 +284,20 @@ def fit(args: Namespace) -> dict:
     Cross-entropy by default; with `args.scst`, self-critical training (see scst.py), usually
     from a cross-entropy model given as `args.init`."""
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = pick_device(args.device)
+    dist, device = Dist.from_env(args.device)
+    try:
+        return _fit(args, out, dist, device)
+    finally:
+        dist.close()
+
+
+def _fit(args: Namespace, out: Path, dist: Dist, device: torch.device) -> dict:
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
     precision = resolve_precision(args.precision, device)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
     ckpt = load_checkpoint(out / CHECKPOINT) if args.resume and (out / CHECKPOINT).is_file() else None
-    if args.resume and ckpt is None:
+    if args.resume and ckpt is None and dist.main:
         print(f"no {out / CHECKPOINT} yet: starting from scratch")
     fine_tune, scst = bool(args.fine_tune_encoder), bool(args.scst)
     if scst and fine_tune:
@@ -309,10 +320,13 @@ def fit(args: Namespace) -> dict:
     cfg = model.cfg
     max_words = cfg.max_len
 
-    # features of frozen encoders come from the cache; then unreadable images are dropped
+    # features of frozen encoders come from the cache (filled by rank 0, then read by the others);
+    # then unreadable images are dropped
     extract_kw = dict(batch_size=args.feature_batch_size, device=device, precision=precision,
-                      workers=args.workers, progress=not args.quiet)
+                      workers=args.workers, progress=not args.quiet and dist.main)
     cache = Path(args.cache_dir) if args.cache_dir else None
+    if not dist.main:
+        dist.barrier()
     if not fine_tune:
         f_train, ok, errs = cached_features(model, [r.image for r in train_recs], cache, **extract_kw)
         keep = readable(train_recs, errs, ok)
@@ -321,14 +335,18 @@ def fit(args: Namespace) -> dict:
                        else extract_features(model, [r.image for r in val_recs], **extract_kw))
     keep = readable(val_recs, errs, ok)
     val_recs, val_feats = [val_recs[i] for i in keep], FeatureRows(f_val, keep)
+    if dist.main:
+        dist.barrier()
 
     train_caps, dropped = Captions.build(train_recs, vocab, max_words)
     val_caps, _ = Captions.build(val_recs, vocab, max_words)
-    scorer = metrics.Scorer({i: r.captions for i, r in enumerate(val_recs)})
+    scorer = metrics.Scorer({i: r.captions for i, r in enumerate(val_recs)}) if dist.main else None
     reward = CiderD([r.captions for r in train_recs]) if scst else None
-    print(f"{len(train_recs)} train images ({len(train_caps.tokens)} captions, {dropped} longer than "
-          f"{max_words} words left out), {len(val_recs)} val images, {len(vocab)} words, "
-          f"{'self-critical, ' if scst else ''}device {device}, precision {precision}")
+    log = print if dist.main else (lambda *a, **k: None)
+    log(f"{len(train_recs)} train images ({len(train_caps.tokens)} captions, {dropped} longer than "
+        f"{max_words} words left out), {len(val_recs)} val images, {len(vocab)} words, "
+        f"{'self-critical, ' if scst else ''}device {device}, precision {precision}"
+        f"{f', {dist.world} processes' if dist.world > 1 else ''}")
 
     # optimiser: decoder, and the encoder with its own rate when fine-tuning
     groups = [{"params": list(model.decoder.parameters()), "lr": lr}]
@@ -337,7 +355,11 @@ def fit(args: Namespace) -> dict:
     optimizer = torch.optim.Adam(groups, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=args.lr_factor,
                                                            patience=args.lr_patience)
-    sampler = LengthBucketSampler(train_caps.lengths, args.batch_size, shuffle=True, seed=args.seed)
+    sampler = LengthBucketSampler(train_caps.lengths, args.batch_size, shuffle=True, seed=args.seed,
+                                  rank=dist.rank, world=dist.world)
+    net = model
+    if dist.world > 1 and not scst:  # SCST samples step by step outside forward(): gradients averaged by hand
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     history: list[dict] = []
     start_epoch, best, best_epoch = 1, -math.inf, 0
     if ckpt:
@@ -345,7 +367,7 @@ def fit(args: Namespace) -> dict:
         scheduler.load_state_dict(ckpt["scheduler"])
         history, best, best_epoch = list(ckpt["history"]), float(ckpt["best"]), int(ckpt["best_epoch"])
         start_epoch = int(ckpt["epoch"]) + 1
-        print(f"resumed from {out / CHECKPOINT} after epoch {ckpt['epoch']}")
+        log(f"resumed from {out / CHECKPOINT} after epoch {ckpt['epoch']}")
     if fine_tune:
         loader_ds = AugmentedImages(train_recs, train_caps, cfg)
 
@@ -357,17 +379,20 @@ def fit(args: Namespace) -> dict:
         if scst:
             mean_reward = scst_one_epoch(model, vocab, train_feats, reward, optimizer, device, precision, args.clip,
                                          epoch, args.batch_size, args.samples, args.baseline, max_words, args.seed,
-                                         progress=not args.quiet)["reward"]
+                                         progress=not args.quiet, dist=dist)["reward"]
         else:
             if fine_tune:
                 batches = DataLoader(loader_ds, batch_sampler=sampler, num_workers=args.workers,
                                      collate_fn=collate_augmented)
             else:
                 batches = ((train_feats[rows], tok) for rows, tok in map(train_caps.batch, sampler))
-            train_loss = train_one_epoch(model, batches, optimizer, device, precision, args.clip, epoch,
-                                         images=fine_tune, progress=not args.quiet)
+            train_loss = train_one_epoch(net, batches, optimizer, device, precision, args.clip, epoch,
+                                         images=fine_tune, progress=not args.quiet, dist=dist)
         seconds = time.perf_counter() - t0
-        val = validate(model, vocab, val_feats, val_caps, scorer, device, precision, max_len=max_words)
+        # validation on rank 0; every rank then takes the same scheduler and early-stopping decisions
+        val = validate(model, vocab, val_feats, val_caps, scorer, device, precision, max_len=max_words) \
+            if dist.main else None
+        val = dist.broadcast(val)
         scheduler.step(val["CIDEr"])
         row = {"epoch": epoch, "train_loss": round(train_loss, 4), "reward": round(mean_reward, 4),
                "val_loss": round(val["val_loss"], 4), "BLEU-4": round(val["BLEU-4"], 4),
@@ -377,26 +402,35 @@ def fit(args: Namespace) -> dict:
         if improved:
             best, best_epoch = val["CIDEr"], epoch
             cfg.extra = {"val": {"epoch": epoch, "BLEU-4": row["BLEU-4"], "CIDEr": row["CIDEr"], "decode": "greedy"}}
+        if improved and dist.main:
             save_model(model, vocab, out / "best", half=args.half)
         trained = f"reward {mean_reward:.3f}" if scst else f"train loss {train_loss:.3f}"
-        print(f"epoch {epoch}: {trained}  val loss {val['val_loss']:.3f}  "
-              f"BLEU-4 {val['BLEU-4']:.3f}  CIDEr-D {val['CIDEr']:.3f}  {seconds:.1f}s"
-              f"{'  (best)' if improved else ''}  e.g. \"{val['samples'][0]}\"")
-        save_model(model, vocab, out / "last", half=args.half)
-        write_metrics(out, history)
-        plot_curves(out / "curves.png", history)
-        state = {"decoder": model.decoder.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "epoch": epoch, "args": _plain(args),
-                 "vocab": vocab.itos, "config": cfg.to_json(), "history": history, "best": best,
-                 "best_epoch": best_epoch}
-        if cfg.encoder_weights == "folder":
-            state["encoder"] = model.encoder.state_dict()
-        save_checkpoint(out / CHECKPOINT, state)
+        log(f"epoch {epoch}: {trained}  val loss {val['val_loss']:.3f}  "
+            f"BLEU-4 {val['BLEU-4']:.3f}  CIDEr-D {val['CIDEr']:.3f}  {seconds:.1f}s"
+            f"{'  (best)' if improved else ''}  e.g. \"{val['samples'][0]}\"")
+        if dist.main:
+            save_run(out, model, vocab, optimizer, scheduler, args, epoch, history, best, best_epoch)
         if args.patience and epoch - best_epoch >= args.patience:
-            print(f"no val improvement for {args.patience} epochs: stopping")
+            log(f"no val improvement for {args.patience} epochs: stopping")
             break
-    if best_epoch:
+    if best_epoch and dist.main:
         rows = choose_decoding(out / "best", val_feats, scorer, device, precision, args.half)
-        print("decoding of the best model on val: " + "; ".join(
+        log("decoding of the best model on val: " + "; ".join(
             f"beam {r['beam_size']} length-norm {r['length_norm']}: CIDEr-D {r['CIDEr']:.3f}" for r in rows))
     return {"best_CIDEr": best, "history": history}
+
+
+def save_run(out: Path, model: CaptionModel, vocab: Vocabulary, optimizer, scheduler, args: Namespace, epoch: int,
+             history: list[dict], best: float, best_epoch: int) -> None:
+    """After each epoch: the last model folder, metrics.csv, curves.png and the checkpoint."""
+    cfg = model.cfg
+    save_model(model, vocab, out / "last", half=args.half)
+    write_metrics(out, history)
+    plot_curves(out / "curves.png", history)
+    state = {"decoder": model.decoder.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "epoch": epoch, "args": _plain(args),
+             "vocab": vocab.itos, "config": cfg.to_json(), "history": history, "best": best,
+             "best_epoch": best_epoch}
+    if cfg.encoder_weights == "folder":
+        state["encoder"] = model.encoder.state_dict()
+    save_checkpoint(out / CHECKPOINT, state)

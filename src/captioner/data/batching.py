@@ -14,12 +14,21 @@ class LengthBucketSampler(Sampler[list[int]]):
     Built once from precomputed lengths. Each epoch (call `set_epoch`) shuffles the indices in
     every bucket, cuts them into batches of at most `batch_size`, and shuffles the batch order.
     Every index appears exactly once per epoch.
+
+    Distributed training (`world` > 1): every rank draws the same batches from the same seed and
+    takes every world-th one, starting at its `rank`. When the batches do not divide evenly, the
+    largest are split in two (both halves still of one length) until they do, so every rank takes
+    the same number of steps and, over all ranks, every index still appears exactly once.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0):
+    def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0,
+                 rank: int = 0, world: int = 1):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in a world of {world}")
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
+        self.rank, self.world = rank, world
         self.epoch = 0
         self.buckets: dict[int, torch.Tensor] = {}
         lengths_t = torch.as_tensor(list(lengths))
@@ -39,10 +48,25 @@ class LengthBucketSampler(Sampler[list[int]]):
             out += [chunk.tolist() for chunk in idx.split(self.batch_size)]
         if self.shuffle:
             out = [out[i] for i in torch.randperm(len(out), generator=g).tolist()]
+        if self.world > 1:
+            out = _divisible(out, self.world)[self.rank:: self.world]
         return out
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches())
 
     def __len__(self) -> int:
-        return sum((len(v) + self.batch_size - 1) // self.batch_size for v in self.buckets.values())
+        n = sum((len(v) + self.batch_size - 1) // self.batch_size for v in self.buckets.values())
+        return -(-n // self.world)  # every rank takes ceil(n / world) steps
+
+
+def _divisible(batches: list[list[int]], world: int) -> list[list[int]]:
+    """Split the largest batches in two until their number divides by `world` (order kept)."""
+    batches = list(batches)
+    while len(batches) % world:
+        i = max(range(len(batches)), key=lambda j: len(batches[j]))
+        if len(batches[i]) < 2:
+            raise ValueError(f"{sum(map(len, batches))} captions cannot make equal steps on {world} processes")
+        b = batches[i]
+        batches[i: i + 1] = [b[: len(b) // 2], b[len(b) // 2:]]
+    return batches

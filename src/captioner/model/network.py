@@ -96,8 +96,12 @@ class CaptionModel(nn.Module):
         fmap = self.encoder(images)  # (B, C, H, W)
         return pool_features(fmap, self.decoder.feature_kind)
 
-    def forward(self, feats: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> logits (B, T, V) and the decoder's extra loss term (a scalar)."""
+    def forward(self, inputs: torch.Tensor, tokens: torch.Tensor, images: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (or images, when `images`) and tokens (B, T) -> logits (B, T, V) and the
+        decoder's extra loss term (a scalar). Training goes through here, so that a
+        DistributedDataParallel wrapper sees every trainable parameter used in its forward."""
+        feats = self.features(inputs) if images else inputs.float()
         return self.decoder(feats, tokens)
 
 

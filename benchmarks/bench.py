@@ -1,0 +1,347 @@
+"""captioner's speed benchmarks, measured side by side in one run.
+
+    python benchmarks/bench.py all --data ../shared/datasets/flickr8k      # everything (about 15 min on 2 cores)
+    python benchmarks/bench.py train caption --data ../shared/datasets/flickr8k
+
+Sections:
+  train    training throughput on Flickr8k train, captions/s: (a) cached features, (b) the frozen
+           encoder run on images every step, (c) a reference loop written here the way the seed
+           articles do it (the CNN run for every caption, fp32, padding to the batch maximum, a
+           Python loop over time steps); ratios a/c and b/c; seconds per epoch.
+  caption  images/s at batch 1, 8, 64, greedy and beam 3, fp32 against bf16 (CPU) or fp16 (GPU);
+           latency p50/p95 of one image, file on disk to caption string, model warm.
+  beam     the batched beam search against a loop over images: the same captions, and the ratio.
+  memory   feature extraction images/s; peak memory (RSS) of a training run and of captioning
+           folders of 1,000 and 10,000 images (it must not grow with the folder).
+
+Every section prints its table and appends it to benchmarks/RESULTS.md with the machine described.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from captioner import Captioner
+from captioner.data.batching import LengthBucketSampler
+from captioner.data.features import cached_features, extract_features
+from captioner.data.images import eval_transform, open_rgb
+from captioner.data.records import load_records, split_records
+from captioner.data.vocab import Vocabulary
+from captioner.decode import beam_search
+from captioner.model.network import CaptionModel, ModelConfig
+from captioner.runtime import autocast, pick_device, resolve_precision
+from captioner.train import Captions, FeatureRows, train_one_epoch
+
+RESULTS = Path(__file__).parent / "RESULTS.md"
+
+
+# ---------------------------------------------------------------------------------------------
+# the machine, and the results file
+
+
+def machine(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        text += f", GPU {torch.cuda.get_device_name(device)}"
+    return text
+
+
+def report(title: str, lines: list[str], device: torch.device) -> None:
+    block = [f"### {title}", "", f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {machine(device)}", "", *lines, ""]
+    print("\n".join(block), flush=True)
+    with RESULTS.open("a", encoding="utf-8") as f:
+        f.write("\n".join(block) + "\n")
+
+
+def timed(fn, repeat: int = 1) -> float:
+    """Seconds of the fastest of `repeat` calls (after one warm-up call)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. training throughput
+
+
+class SeedStyleDecoder(nn.Module):
+    """The decoder of the seed articles: an LSTMCell stepped in a Python loop, every caption
+    padded to the longest in its batch."""
+
+    def __init__(self, vocab_size: int, feat_dim: int, embed: int = 512, hidden: int = 512):
+        super().__init__()
+        self.head = nn.Linear(feat_dim, embed)
+        self.embed = nn.Embedding(vocab_size, embed)
+        self.cell = nn.LSTMCell(embed, hidden)
+        self.out = nn.Linear(hidden, vocab_size)
+
+    def forward(self, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        h = c = feats.new_zeros(feats.shape[0], self.cell.hidden_size)
+        h, c = self.cell(self.head(feats), (h, c))
+        logits = []
+        for t in range(tokens.shape[1]):
+            h, c = self.cell(self.embed(tokens[:, t]), (h, c))
+            logits.append(self.out(h))
+        return torch.stack(logits, 1)
+
+
+def reference_step(cnn: nn.Module, decoder: SeedStyleDecoder, opt, images: torch.Tensor, tokens: torch.Tensor) -> None:
+    """One training step the seed way: fp32, the CNN on every caption's image, padded tokens."""
+    feats = cnn(images).mean(dim=(2, 3))  # the frozen CNN, run again for every caption
+    logits = decoder(feats, tokens[:, :-1])
+    loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=0)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def bench_train(args, device: torch.device) -> None:
+    precision = resolve_precision(args.precision, device)
+    records = load_records(args.data)
+    train = split_records(records, "train")
+    vocab = Vocabulary.build((c for r in train for c in r.captions), 5)
+    caps, _ = Captions.build(train, vocab, 20)
+    n = len(caps.tokens)
+    torch.manual_seed(0)
+    cfg = ModelConfig.for_encoder("tf_efficientnet_lite0", len(vocab))
+    model = CaptionModel.create(cfg).to(device)
+    model.encoder.requires_grad_(False)
+    lines = [f"Flickr8k train: {len(train)} images, {n} captions; Show-and-Tell 512/512, batch 128, "
+             f"precision {precision} for (a) and (b), fp32 for (c).", ""]
+
+    # (a) cached features: a whole epoch
+    f, ok, _ = cached_features(model, [r.image for r in train], args.cache_dir, device=device, precision=precision,
+                               batch_size=64, workers=args.workers)
+    feats = FeatureRows(f, list(range(len(train))))
+    opt = torch.optim.Adam(model.decoder.parameters(), 4e-4)
+    sampler = LengthBucketSampler(caps.lengths, 128, seed=0)
+    t0 = time.perf_counter()
+    train_one_epoch(model, ((feats[rows], tok) for rows, tok in map(caps.batch, sampler)), opt, device, precision,
+                    5.0, 1, progress=False)
+    a_epoch = time.perf_counter() - t0
+    a_rate = n / a_epoch
+
+    # (b) frozen encoder on images every step (bucketed batches, autocast), `args.batches` batches
+    transform = eval_transform(cfg.image_size, cfg.mean, cfg.std)
+    batches = list(sampler)[: args.batches]
+
+    def image_batches():
+        for idx in batches:
+            rows, tok = caps.batch(idx)
+            yield torch.stack([transform(open_rgb(train[int(i)].image)) for i in rows]), tok
+
+    t0 = time.perf_counter()
+    train_one_epoch(model, image_batches(), opt, device, precision, 5.0, 1, images=True, progress=False)
+    b_seconds = time.perf_counter() - t0
+    b_caps = sum(len(b) for b in batches)
+    b_rate = b_caps / b_seconds
+
+    # (c) the reference loop: random batches padded to their longest caption, fp32, CNN per caption
+    cnn = model.encoder.float().eval()
+    ref = SeedStyleDecoder(len(vocab), cfg.feat_dim).to(device)
+    ref_opt = torch.optim.Adam(ref.parameters(), 4e-4)
+    rng = random.Random(0)
+    order = list(range(n))
+    rng.shuffle(order)
+    c_caps, t0 = 0, time.perf_counter()
+    for k in range(args.batches):
+        idx = order[k * 128:(k + 1) * 128]
+        toks = [caps.tokens[i] for i in idx]
+        tokens = nn.utils.rnn.pad_sequence(toks, batch_first=True)  # padded to the batch maximum
+        images = torch.stack([transform(open_rgb(train[int(caps.image[i])].image)) for i in idx])
+        reference_step(cnn, ref, ref_opt, images.to(device), tokens.to(device))
+        c_caps += len(idx)
+    c_seconds = time.perf_counter() - t0
+    c_rate = c_caps / c_seconds
+
+    lines += ["| path | captions/s | seconds per epoch | measured on |", "|---|---|---|---|",
+              f"| (a) cached features, bucketed, {precision} | {a_rate:,.0f} | {a_epoch:,.0f} | the whole epoch |",
+              f"| (b) frozen encoder on images every step, {precision} | {b_rate:,.1f} | {n / b_rate:,.0f} "
+              f"| {b_caps} captions |",
+              f"| (c) reference loop (CNN per caption, fp32, padded, step loop) | {c_rate:,.1f} | {n / c_rate:,.0f} "
+              f"| {c_caps} captions |", "",
+              f"Ratios: a/c = **{a_rate / c_rate:,.0f}x**, b/c = **{b_rate / c_rate:,.1f}x**. "
+              f"Peak RSS of this process: {peak_rss_mb():,.0f} MB."]
+    report("Training throughput", lines, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. captioning speed and latency
+
+
+def bench_caption(args, device: torch.device) -> None:
+    records = split_records(load_records(args.data), "val")[:128]
+    low = "bf16" if device.type == "cpu" else "fp16"
+    lines = [f"Model: {args.model or 'shipped'}; {len(records)} Flickr8k val images, preprocessed in memory "
+             "(throughput of encoder + decoder).", "",
+             "| batch | search | fp32 img/s | " + low + " img/s | speed-up |", "|---|---|---|---|---|"]
+    results = {}
+    for precision in ("fp32", low):
+        cap = Captioner.load(args.model, device=str(device), precision=precision)
+        x = torch.stack([cap.transform(open_rgb(r.image)) for r in records])
+        for bs in (1, 8, 64):
+            for beam in (1, 3):
+                n = min(len(x), max(bs * 4, 32))
+                results[precision, bs, beam] = n / timed(lambda c=cap, n=n, bs=bs, beam=beam, x=x: [
+                    c.caption_tensor(x[i:i + bs], beam_size=beam, length_norm=1.0) for i in range(0, n, bs)], repeat=2)
+    for bs in (1, 8, 64):
+        for beam in (1, 3):
+            a, b = results["fp32", bs, beam], results[low, bs, beam]
+            lines.append(f"| {bs} | {'greedy' if beam == 1 else 'beam 3'} | {a:,.1f} | {b:,.1f} | {b / a:.2f}x |")
+
+    cap = Captioner.load(args.model, device=str(device))  # the default precision
+    path = records[0].image
+    cap.caption(path, beam_size=3)
+    lat = []
+    for _ in range(args.latency_runs):
+        t0 = time.perf_counter()
+        cap.caption(path, beam_size=3, length_norm=1.0)
+        lat.append((time.perf_counter() - t0) * 1000)
+    lat.sort()
+    p95 = lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))]
+    lines += ["", f"One image end to end (JPEG on disk -> caption string), beam 3, warm, {cap.precision}, "
+              f"{len(lat)} runs: p50 **{statistics.median(lat):.1f} ms**, p95 {p95:.1f} ms."]
+    report("Captioning", lines, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. batched beam search against a loop over images
+
+
+def bench_beam(args, device: torch.device) -> None:
+    cap = Captioner.load(args.model, device=str(device))
+    records = split_records(load_records(args.data), "val")[: args.beam_images]
+    f, _, _ = cached_features(cap.model, [r.image for r in records], args.cache_dir, device=device,
+                              precision=cap.precision, progress=False)
+    feats = torch.from_numpy(np.asarray(f)).float().to(device)
+    v, m = cap.vocab, cap.model
+
+    def batched():
+        with autocast(device, cap.precision):
+            return beam_search(m.decoder, feats, v.start, v.end, 20, 3, 1.0, banned=[v.unk]).tokens[:, 0]
+
+    def looped():
+        out = []
+        with autocast(device, cap.precision):
+            for i in range(len(feats)):
+                out.append(beam_search(m.decoder, feats[i:i + 1], v.start, v.end, 20, 3, 1.0, banned=[v.unk])
+                           .tokens[0, 0])
+        return torch.stack(out)
+
+    same = sum(v.decode(a) == v.decode(b) for a, b in zip(batched().tolist(), looped().tolist()))
+    tb, tl = timed(batched, 2), timed(looped, 1)
+    report("Beam search: batched against a loop over images", [
+        f"{len(feats)} Flickr8k val images, beam 3, length normalisation 1.0, decoder {m.cfg.decoder}, "
+        f"{cap.precision}: batched {tb:.2f} s ({len(feats) / tb:,.0f} img/s), loop {tl:.2f} s "
+        f"({len(feats) / tl:,.0f} img/s): **{tl / tb:.1f}x**; identical captions for {same} of {len(feats)} images."],
+        device)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. feature extraction and memory
+
+
+PEAK = ("import resource, sys\nfrom captioner.cli import main\nrc = main(sys.argv[1:])\n"
+        "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\nsys.exit(rc)")
+
+
+def child_peak_mb(args: list[str]) -> tuple[float, float]:
+    """(seconds, peak RSS in MB) of `captioner ARGS...` run in a child process."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", PEAK, *args], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-2000:])
+    kb = next(int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("PEAK_KB"))
+    return time.perf_counter() - t0, kb / 1024
+
+
+def bench_memory(args, device: torch.device) -> None:
+    records = split_records(load_records(args.data), "train")
+    cap = Captioner.load(args.model, device=str(device))
+    lines = ["| what | result |", "|---|---|"]
+    for precision in ("fp32", "bf16" if device.type == "cpu" else "fp16"):
+        paths = [r.image for r in records[:512]]
+        t0 = time.perf_counter()
+        extract_features(cap.model, paths, device=device, precision=precision, batch_size=32, workers=args.workers,
+                         progress=False)
+        lines.append(f"| feature extraction, {cap.model.cfg.encoder}, {precision} | "
+                     f"{len(paths) / (time.perf_counter() - t0):,.0f} img/s |")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for count in (1000, 10000):
+            folder = Path(tmp) / f"photos{count}"
+            folder.mkdir()
+            for i in range(count):  # links to real photos: a folder of `count` files
+                (folder / f"{i:05d}.jpg").symlink_to(records[i % len(records)].image.resolve())
+            seconds, mb = child_peak_mb(["caption", str(folder), "--out",
+                                         str(Path(tmp) / f"c{count}.jsonl"), "--quiet", "--beam-size", "3"] +
+                                        (["--model", str(args.model)] if args.model else []))
+            lines.append(f"| captioning a folder of {count:,} photos, beam 3 (peak RSS) | {mb:,.0f} MB, "
+                         f"{count / seconds:,.0f} img/s including start-up |")
+        run = Path(tmp) / "run"
+        seconds, mb = child_peak_mb(["train", "--data", str(args.data), "--out", str(run),
+                                     "--epochs", "1", "--quiet"] +
+                                    (["--cache-dir", str(args.cache_dir)] if args.cache_dir else []))
+        lines.append(f"| training, one Show-and-Tell epoch on cached features (peak RSS) | {mb:,.0f} MB, "
+                     f"{seconds:,.0f} s with validation and start-up |")
+    report("Feature extraction and memory", lines, device)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+SECTIONS = {"train": bench_train, "caption": bench_caption, "beam": bench_beam, "memory": bench_memory}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sections", nargs="+", choices=[*SECTIONS, "all"])
+    ap.add_argument("--data", type=Path, default=Path("../shared/datasets/flickr8k"))
+    ap.add_argument("--model", type=Path, help="model folder (default: the shipped model)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--cache-dir", type=Path)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--batches", type=int, default=10, help="batches timed for training paths (b) and (c)")
+    ap.add_argument("--beam-images", type=int, default=200)
+    ap.add_argument("--latency-runs", type=int, default=50)
+    args = ap.parse_args()
+    device = pick_device(args.device)
+    for name in SECTIONS if "all" in args.sections else dict.fromkeys(args.sections):
+        SECTIONS[name](args, device)
+
+
+if __name__ == "__main__":
+    main()
