@@ -6,11 +6,6 @@ the reason when either is missing. Set CAPTIONER_SCREENSHOTS=DIR to keep screens
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,6 +13,7 @@ from PIL import Image
 
 from captioner import Captioner
 from captioner.library import index_folders
+from captioner.server.app import serve_in_background
 
 CHROMIUM = os.environ.get("CAPTIONER_CHROMIUM", "/usr/bin/chromium")
 FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -28,12 +24,6 @@ if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
     pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium)", allow_module_level=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(trained, shapes, tmp_path):
     folder = tmp_path / "photos"
@@ -42,23 +32,8 @@ def server(trained, shapes, tmp_path):
         Image.open(p).save(folder / p.name)
     db = tmp_path / "photos.sqlite"
     index_folders(Captioner.load(trained / "best", device="cpu"), [folder], db, progress=False)
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "captioner", "serve", "--model", str(trained / "best"), "--db",
-                             str(db), "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.25)
-        else:
-            pytest.fail("the server did not start")
+    with serve_in_background("--model", str(trained / "best"), "--db", str(db)) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_upload_caption_and_search_in_chromium(server, shapes, tmp_path):
