@@ -92,3 +92,24 @@ def test_image_batches_shard_every_image_once_with_equal_steps():
         assert len({len(s) for s in shards}) == 1
         assert sorted(i for s in shards for b in s for i in b) == list(range(n))
         assert all(len(b) <= bs for s in shards for b in s)
+
+
+def test_sample_forced_end_with_a_vanishing_end_probability():
+    """After max_len words <end> is forced even when exp(log p(<end>)) underflows to 0."""
+
+    class NeverEnds:
+        def start(self, feats):
+            return torch.arange(feats.shape[0])
+
+        def step(self, tokens, rows):
+            logits = torch.zeros(rows.shape[0], 6)
+            logits[:, 2] = -200.0  # <end>: log p about -200, exp() == 0 in float32
+            return logits, rows
+
+        @staticmethod
+        def select(rows, index):
+            return rows[index]
+
+    tokens, logp, mask = sample(NeverEnds(), torch.zeros(2, 1), 1, 2, max_len=4, n=3)
+    assert (tokens[:, -1] == 2).all() and (mask.sum(1) == 5).all()
+    assert torch.isfinite(logp).all() and (logp[:, -1] < -150).all()

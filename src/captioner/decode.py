@@ -170,11 +170,10 @@ def sample(decoder, feats: torch.Tensor, bos: int, eos: int, max_len: int, n: in
         logp = F.log_softmax(logits.float() / temperature, dim=-1)  # (B*n, V)
         if banned:
             logp = logp.index_fill(1, torch.as_tensor(list(banned), device=dev), NEG_INF)
-        if t == max_len:
-            keep = torch.full_like(logp, NEG_INF)
-            keep[:, eos] = 0.0
-            logp = logp + keep
-        tokens = torch.multinomial(logp.detach().exp(), 1).squeeze(1)  # (B*n,)
+        if t == max_len:  # out of room: <end>, with its real log-probability (never sampled: exp() of a
+            tokens = torch.full_like(tokens, eos)  # very unlikely <end> can underflow to 0)
+        else:
+            tokens = torch.multinomial(logp.detach().exp(), 1).squeeze(1)  # (B*n,)
         out_tokens.append(torch.where(alive, tokens, torch.full_like(tokens, eos)))
         out_logp.append(logp.gather(1, tokens[:, None]).squeeze(1))
         out_mask.append(alive.float())
