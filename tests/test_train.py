@@ -75,3 +75,14 @@ def test_same_seed_same_model(tmp_path, shapes):
 def test_synthetic_vocabulary_has_the_words(trained, colour):
     itos = json.loads((trained / "best" / "vocab.json").read_text())["itos"]
     assert colour in itos and all(s in itos for s in SHAPES)
+
+
+@pytest.mark.parametrize("precision,decoder", [("fp32", "show_tell"), ("fp16", "attention")])
+def test_other_precisions_train(tmp_path, shapes, precision, decoder):
+    """fp32, and fp16 autocast with a gradient scaler (the CUDA path on GPUs without bf16; on the
+    CPU only the attention decoder's LSTMCell has an fp16 kernel)."""
+    out = tmp_path / precision
+    assert main(["train", "--data", str(shapes), "--out", str(out), "--epochs", "2", "--max-images", "30",
+                 "--val-images", "6", "--precision", precision, "--decoder", decoder, *TINY]) == 0
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])

@@ -103,17 +103,20 @@ def scst_one_epoch(model, vocab: Vocabulary, feats, reward: CiderD, optimizer, d
     model.encoder.eval()
     sum_reward, n_seen, t0 = 0.0, 0, time.perf_counter()
     bar = tqdm(batches, desc=f"scst {epoch}", unit="batch", leave=False, disable=not (progress and dist.main))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     for idx in bar:
         optimizer.zero_grad(set_to_none=True)
         if idx:  # (a rank with one image fewer may have an empty last batch; it still takes the step)
             r, loss = _scst_loss(model, vocab, feats, idx, reward, device, precision, samples, baseline, max_len)
-            loss.backward()
+            scaler.scale(loss).backward()
             sum_reward += float(r.sum())
             n_seen += r.numel()
-        dist.average_gradients(params)
+        dist.average_gradients(params)  # before unscaling: an inf on any rank reaches all, and all skip the step
         if clip:
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         speed = n_seen / samples / (time.perf_counter() - t0) * dist.world
         bar.set_postfix(reward=f"{sum_reward / max(n_seen, 1):.3f}", img_s=f"{speed:.0f}")
     sum_reward, n_seen = dist.sum([sum_reward, n_seen])

@@ -137,6 +137,9 @@ def train_one_epoch(model, batches, optimizer, device, precision: str, clip: flo
     model.train()
     if not images:
         core.encoder.eval()  # frozen: keep its BatchNorm statistics fixed
+    # fp16 needs its gradients scaled up so that small ones do not underflow (bf16 does not)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     total, tokens_seen, captions, t0 = 0.0, 0, 0, time.perf_counter()
     bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not (progress and dist.main))
     for x, tok in bar:
@@ -145,10 +148,12 @@ def train_one_epoch(model, batches, optimizer, device, precision: str, clip: flo
             logits, penalty = model(x, tok[:, :-1], images=images)  # (B, T-1, V)
         loss = caption_loss(logits, tok[:, 1:])
         optimizer.zero_grad(set_to_none=True)
-        (loss + penalty.float()).backward()
+        scaler.scale(loss + penalty.float()).backward()
         if clip:
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip)
-        optimizer.step()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        scaler.step(optimizer)
+        scaler.update()
         n = tok[:, 1:].ne(0).sum().item()
         total += loss.item() * n
         tokens_seen += n
