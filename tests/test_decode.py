@@ -1,6 +1,7 @@
 """Greedy and beam search: exactness on a tiny Markov model, beam 1 == greedy, batching, no <end>."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -111,3 +112,18 @@ def test_banned_words_and_trigram_blocking():
     words = [t for t in hyp.tokens[0, 0].tolist() if t != EOS]
     trigrams = list(zip(words, words[1:], words[2:]))
     assert len(trigrams) == len(set(trigrams))
+
+
+def test_banned_words_are_removed_before_normalising():
+    """The distribution over allowed words sums to 1 even when the model prefers a banned word (else
+    self-critical training pushes mass onto the banned word until sampling breaks down)."""
+    from captioner.decode import log_probs
+
+    logits = torch.zeros(2, 6)
+    logits[:, 3] = 60.0  # the model is sure of the banned word
+    logp = log_probs(logits, banned=[3])
+    assert torch.allclose(logp.exp().sum(-1), torch.ones(2))
+    assert logp[0, 3] == float("-inf") and torch.allclose(logp[0, [0, 1, 2, 4, 5]], torch.full((5,), -math.log(5)))
+    logits.requires_grad_(True)
+    log_probs(logits, banned=[3])[:, 4].sum().backward()
+    assert (logits.grad[:, 3] == 0).all()  # the banned word's logit is never pushed

@@ -39,9 +39,15 @@ def search(decoder, feats: torch.Tensor, vocab, beam_size: int = 1, length_norm:
                        banned=[vocab.unk])
 
 
-def _ban(logp: torch.Tensor, banned: Sequence[int]) -> None:
+def log_probs(logits: torch.Tensor, banned: Sequence[int] = (), temperature: float = 1.0) -> torch.Tensor:
+    """Log-probabilities of the next word with `banned` words removed *before* normalising, so the
+    distribution is the model's over the allowed words. (Removing them afterwards would leave their
+    mass in the normaliser; self-critical training then pushes ever more mass onto a word it never
+    samples, until every allowed word's probability underflows to zero.)"""
+    logits = logits.float() / temperature
     if banned:
-        logp[:, list(banned)] = NEG_INF
+        logits = logits.index_fill(1, torch.as_tensor(list(banned), device=logits.device), NEG_INF)
+    return F.log_softmax(logits, dim=-1)
 
 
 def _only_end(logp: torch.Tensor, eos: int) -> None:
@@ -64,8 +70,7 @@ def greedy(decoder, feats: torch.Tensor, bos: int, eos: int, max_len: int,
     finished = torch.zeros(B, dtype=torch.bool, device=feats.device)
     for t in range(max_len + 1):
         logits, state = decoder.step(tokens, state)
-        logp = F.log_softmax(logits.float(), dim=-1)  # (B, V)
-        _ban(logp, banned)
+        logp = log_probs(logits, banned)  # (B, V)
         if t == max_len:  # out of room: end here
             _only_end(logp, eos)
         step_lp, tokens = logp.max(dim=-1)
@@ -107,9 +112,8 @@ def beam_search(decoder, feats: torch.Tensor, bos: int, eos: int, max_len: int, 
 
     for t in range(L):
         logits, state = decoder.step(tokens, state)
-        logp = F.log_softmax(logits.float(), dim=-1)  # (B*K, V)
+        logp = log_probs(logits, banned)  # (B*K, V)
         V = logp.shape[1]
-        _ban(logp, banned)
         if block_trigrams and t >= 3:
             _block_repeated_trigrams(logp, seqs)
         if t == max_len:
@@ -167,9 +171,7 @@ def sample(decoder, feats: torch.Tensor, bos: int, eos: int, max_len: int, n: in
     alive = torch.ones(B * n, dtype=torch.bool, device=dev)
     for t in range(L):
         logits, state = decoder.step(tokens, state)
-        logp = F.log_softmax(logits.float() / temperature, dim=-1)  # (B*n, V)
-        if banned:
-            logp = logp.index_fill(1, torch.as_tensor(list(banned), device=dev), NEG_INF)
+        logp = log_probs(logits, banned, temperature)  # (B*n, V)
         if t == max_len:  # out of room: <end>, with its real log-probability (never sampled: exp() of a
             tokens = torch.full_like(tokens, eos)  # very unlikely <end> can underflow to 0)
         else:
