@@ -113,3 +113,14 @@ def test_sample_forced_end_with_a_vanishing_end_probability():
     tokens, logp, mask = sample(NeverEnds(), torch.zeros(2, 1), 1, 2, max_len=4, n=3)
     assert (tokens[:, -1] == 2).all() and (mask.sum(1) == 5).all()
     assert torch.isfinite(logp).all() and (logp[:, -1] < -150).all()
+
+
+def test_scst_with_a_cross_entropy_term(tmp_path, shapes):
+    xe = tmp_path / "xe"
+    args = [a for a in TINY if a not in ("--lr", "3e-3")]
+    assert main(["train", "--data", str(shapes), "--out", str(xe), "--epochs", "1", "--lr", "3e-3", *args]) == 0
+    out = tmp_path / "mixed"
+    assert main(["train", "--data", str(shapes), "--out", str(out), "--scst", "--init", str(xe / "best"),
+                 "--scst-xe", "0.5", "--epochs", "3", "--lr", "2e-3", *args]) == 0
+    rewards = [float(r["reward"]) for r in csv.DictReader((out / "metrics.csv").open())]
+    assert rewards[-1] > rewards[0], rewards

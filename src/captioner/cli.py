@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=5, help="captions sampled per image (--scst)")
     p.add_argument("--baseline", default="mean", choices=["mean", "greedy"],
                    help="reward baseline: mean of the other samples, or the greedy caption (--scst)")
+    p.add_argument("--scst-xe", type=float, default=0.0, metavar="WEIGHT",
+                   help="also train on one reference caption per image with this cross-entropy weight; keeps "
+                        "captions from growing short and generic (--scst; default 0)")
     p.add_argument("--half", action="store_true", help="store model folders in fp16")
     p.add_argument("--max-images", type=int, default=0, help="use only the first N train images")
     p.add_argument("--val-images", type=int, default=0, help="validate on the first N val images")

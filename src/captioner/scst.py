@@ -16,12 +16,15 @@ references once, not from the batch at hand.
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from captioner.data.vocab import Vocabulary, tokenize
@@ -89,12 +92,24 @@ def image_batches(n: int, batch_size: int, seed: int, rank: int = 0, world: int 
     return [chunk.tolist() for chunk in np.array_split(np.asarray(mine, dtype=np.int64), steps)]
 
 
-def scst_one_epoch(model, vocab: Vocabulary, feats, reward: CiderD, optimizer, device, precision: str, clip: float,
-                   epoch: int, batch_size: int = 50, samples: int = 5, baseline: str = "mean",
-                   max_len: int = 20, seed: int = 0, progress: bool = True, dist: Dist | None = None) -> dict:
+@dataclass
+class SelfCritical:
+    """Everything a self-critical step needs besides the model and the features."""
+
+    reward: CiderD  # CIDEr-D against the training references
+    references: list[list[list[int]]]  # token ids of every caption of each training image
+    samples: int = 5  # captions sampled per image
+    baseline: str = "mean"  # "mean" of the other samples, or "greedy"
+    max_len: int = 20
+    xe_weight: float = 0.0  # weight of a cross-entropy term on one reference per image (0: pure SCST)
+
+
+def scst_one_epoch(model, vocab: Vocabulary, feats, sc: SelfCritical, optimizer, device, precision: str,
+                   clip: float, epoch: int, batch_size: int = 50, seed: int = 0, progress: bool = True,
+                   dist: Dist | None = None) -> dict:
     """One pass over the training images (not captions). `feats[idx]` gives image features.
     Returns the mean reward of the samples (over all ranks)."""
-    if baseline == "mean" and samples < 2:
+    if sc.baseline == "mean" and sc.samples < 2:
         raise ValueError("the 'mean' baseline needs --samples 2 or more")
     dist = dist or Dist()
     batches = image_batches(len(feats), batch_size, seed + epoch, dist.rank, dist.world)
@@ -107,7 +122,7 @@ def scst_one_epoch(model, vocab: Vocabulary, feats, reward: CiderD, optimizer, d
     for idx in bar:
         optimizer.zero_grad(set_to_none=True)
         if idx:  # (a rank with one image fewer may have an empty last batch; it still takes the step)
-            r, loss = _scst_loss(model, vocab, feats, idx, reward, device, precision, samples, baseline, max_len)
+            r, loss = scst_loss(model, vocab, feats[idx].to(device).float(), idx, sc, device, precision)
             scaler.scale(loss).backward()
             sum_reward += float(r.sum())
             n_seen += r.numel()
@@ -117,29 +132,40 @@ def scst_one_epoch(model, vocab: Vocabulary, feats, reward: CiderD, optimizer, d
             torch.nn.utils.clip_grad_norm_(params, clip)
         scaler.step(optimizer)
         scaler.update()
-        speed = n_seen / samples / (time.perf_counter() - t0) * dist.world
+        speed = n_seen / sc.samples / (time.perf_counter() - t0) * dist.world
         bar.set_postfix(reward=f"{sum_reward / max(n_seen, 1):.3f}", img_s=f"{speed:.0f}")
     sum_reward, n_seen = dist.sum([sum_reward, n_seen])
     return {"reward": sum_reward / max(n_seen, 1)}
 
 
-def _scst_loss(model, vocab: Vocabulary, feats, idx: list[int], reward: CiderD, device, precision: str,
-               samples: int, baseline: str, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards (B, samples) of captions sampled for images `idx`, and the policy-gradient loss."""
-    f = feats[idx].to(device).float()
+def scst_loss(model, vocab: Vocabulary, f: torch.Tensor, idx: list[int], sc: SelfCritical, device,
+              precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards (B, samples) of captions sampled for the images `idx` (features `f`), and the loss:
+    the policy gradient, plus `sc.xe_weight` times cross-entropy on one reference per image."""
     with autocast(device, precision):
-        tokens, logp, mask = sample(model.decoder, f, vocab.start, vocab.end, max_len, samples, banned=[vocab.unk])
-    images = [i for i in idx for _ in range(samples)]
-    r = torch.from_numpy(reward(_words(tokens, vocab), images)).view(len(idx), samples)
-    if baseline == "mean":  # the mean of the *other* samples of the same image
-        b = (r.sum(1, keepdim=True) - r) / (samples - 1)
+        tokens, logp, mask = sample(model.decoder, f, vocab.start, vocab.end, sc.max_len, sc.samples,
+                                    banned=[vocab.unk])
+    images = [i for i in idx for _ in range(sc.samples)]
+    r = torch.from_numpy(sc.reward(_words(tokens, vocab), images)).view(len(idx), sc.samples)
+    if sc.baseline == "mean":  # the mean of the *other* samples of the same image
+        b = (r.sum(1, keepdim=True) - r) / (sc.samples - 1)
     else:  # the model's own greedy caption, decoded without dropout
         model.eval()
         with torch.no_grad(), autocast(device, precision):
-            greedy_tokens = search(model.decoder, f, vocab, beam_size=1, max_len=max_len).tokens[:, 0]
+            greedy_tokens = search(model.decoder, f, vocab, beam_size=1, max_len=sc.max_len).tokens[:, 0]
         model.train()
         model.encoder.eval()
-        b = torch.from_numpy(reward(_words(greedy_tokens, vocab), idx))[:, None]
+        b = torch.from_numpy(sc.reward(_words(greedy_tokens, vocab), idx))[:, None]
     advantage = (r - b).view(-1, 1).to(device)  # (B*samples, 1)
     loss = -(advantage * logp.float() * mask).sum() / mask.sum()
+    if sc.xe_weight and any(sc.references[i] for i in idx):
+        # one reference per image (images whose captions were all too long have none), padded: the
+        # decoders are causal and the loss ignores <pad>
+        rows = [k for k, i in enumerate(idx) if sc.references[i]]
+        refs = [torch.tensor(random.choice(sc.references[idx[k]])) for k in rows]
+        ref = torch.nn.utils.rnn.pad_sequence(refs, batch_first=True, padding_value=vocab.pad).to(device)
+        with autocast(device, precision):
+            logits, _ = model(f[rows], ref[:, :-1])
+        loss = loss + sc.xe_weight * F.cross_entropy(logits.float().flatten(0, 1), ref[:, 1:].flatten(),
+                                                     ignore_index=vocab.pad)
     return r, loss

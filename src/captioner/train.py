@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import random
 import time
 import warnings
 from argparse import Namespace
@@ -40,7 +41,7 @@ from captioner.model.encoder import weights_digest
 from captioner.model.folder import load_model, save_model
 from captioner.model.network import CaptionModel, ModelConfig
 from captioner.runtime import Dist, autocast, resolve_precision
-from captioner.scst import CiderD, scst_one_epoch
+from captioner.scst import CiderD, SelfCritical, scst_one_epoch
 from captioner.viz import plot_curves
 
 CHECKPOINT = "checkpoint.pt"
@@ -346,7 +347,13 @@ def _fit(args: Namespace, out: Path, dist: Dist, device: torch.device) -> dict:
     train_caps, dropped = Captions.build(train_recs, vocab, max_words)
     val_caps, _ = Captions.build(val_recs, vocab, max_words)
     scorer = metrics.Scorer({i: r.captions for i, r in enumerate(val_recs)}) if dist.main else None
-    reward = CiderD([r.captions for r in train_recs]) if scst else None
+    critic = None
+    if scst:
+        references = [[] for _ in train_recs]
+        for tok, i in zip(train_caps.tokens, train_caps.image.tolist()):
+            references[i].append(tok.tolist())
+        critic = SelfCritical(CiderD([r.captions for r in train_recs]), references, args.samples, args.baseline,
+                              max_words, args.scst_xe)
     log = print if dist.main else (lambda *a, **k: None)
     log(f"{len(train_recs)} train images ({len(train_caps.tokens)} captions, {dropped} longer than "
         f"{max_words} words left out), {len(val_recs)} val images, {len(vocab)} words, "
@@ -382,9 +389,10 @@ def _fit(args: Namespace, out: Path, dist: Dist, device: torch.device) -> dict:
         t0 = time.perf_counter()
         train_loss, mean_reward = math.nan, math.nan
         if scst:
-            mean_reward = scst_one_epoch(model, vocab, train_feats, reward, optimizer, device, precision, args.clip,
-                                         epoch, args.batch_size, args.samples, args.baseline, max_words, args.seed,
-                                         progress=not args.quiet, dist=dist)["reward"]
+            random.seed(args.seed + epoch)  # which reference the cross-entropy term sees
+            mean_reward = scst_one_epoch(model, vocab, train_feats, critic, optimizer, device, precision, args.clip,
+                                         epoch, args.batch_size, args.seed, progress=not args.quiet,
+                                         dist=dist)["reward"]
         else:
             if fine_tune:
                 batches = DataLoader(loader_ds, batch_sampler=sampler, num_workers=args.workers,
