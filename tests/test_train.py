@@ -86,3 +86,10 @@ def test_other_precisions_train(tmp_path, shapes, precision, decoder):
                  "--val-images", "6", "--precision", precision, "--decoder", decoder, *TINY]) == 0
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
+
+
+def test_validation_with_beam_search(tmp_path, shapes):
+    out = tmp_path / "vb"
+    assert main(["train", "--data", str(shapes), "--out", str(out), "--epochs", "1", "--max-images", "20",
+                 "--val-images", "6", "--val-beam-size", "3", *TINY]) == 0
+    assert json.loads((out / "best" / "config.json").read_text())["extra"]["val"]["decode"].startswith("beam 3")

@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-factor", type=float, default=0.5, help="lr multiplier when val CIDEr-D plateaus")
     p.add_argument("--lr-patience", type=int, default=1)
     p.add_argument("--patience", type=int, default=0, help="stop after N epochs without improvement (0 = never)")
+    p.add_argument("--val-beam-size", type=int, default=1,
+                   help="decode val with this beam (length norm 1.0) to pick the best epoch (default 1: greedy)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--init", type=Path, help="start from this model folder (its config and vocabulary)")

@@ -5,8 +5,8 @@ decoder then trains on cached features, in length-bucketed batches with no paddi
 `--fine-tune-encoder`: images go through the (augmented) encoder at every step, with its own
 learning rate.
 
-After each epoch: val loss, and free-running greedy captions of every val image scored with
-BLEU-4 and CIDEr-D (never teacher-forced "BLEU"). The best model by val CIDEr-D and the last one
+After each epoch: val loss, and free-running captions of every val image (greedy, or beam search
+with `--val-beam-size`) scored with BLEU-4 and CIDEr-D (never teacher-forced "BLEU"). The best model by val CIDEr-D and the last one
 are written as model folders; `checkpoint.pt` (decoder/encoder, optimizer, scheduler, epoch,
 args, history; tensors and plain data only, read back with ``weights_only=True``) lets
 `--resume` continue exactly where the run stopped.
@@ -166,9 +166,10 @@ def train_one_epoch(model, batches, optimizer, device, precision: str, clip: flo
 
 @torch.no_grad()
 def validate(model: CaptionModel, vocab: Vocabulary, feats: FeatureRows, caps: Captions, scorer: metrics.Scorer,
-             device, precision: str, batch_size: int = 256, max_len: int = 20) -> dict:
-    """Val loss (teacher-forced, as a loss only) and free-running greedy captions of every val
-    image scored with BLEU-4 and CIDEr-D against all of its references."""
+             device, precision: str, batch_size: int = 256, max_len: int = 20, beam_size: int = 1) -> dict:
+    """Val loss (teacher-forced, as a loss only) and free-running captions of every val image
+    (greedy, or beam search with length normalisation 1.0) scored with BLEU-4 and CIDEr-D against
+    all of its references."""
     model.eval()
     total, n_tok = 0.0, 0
     for idx in LengthBucketSampler(caps.lengths, batch_size, shuffle=False):
@@ -179,7 +180,8 @@ def validate(model: CaptionModel, vocab: Vocabulary, feats: FeatureRows, caps: C
         n = tok[:, 1:].ne(0).sum().item()
         total += caption_loss(logits, tok[:, 1:]).item() * n
         n_tok += n
-    hyps = generate_text(model, vocab, feats, device, precision, batch_size, max_len)
+    hyps = generate_text(model, vocab, feats, device, precision, batch_size if beam_size == 1 else 100, max_len,
+                         beam_size, 1.0 if beam_size > 1 else 0.0)
     s = scorer(dict(enumerate(hyps)), meteor=False)
     return {"val_loss": total / max(n_tok, 1), "BLEU-4": s["BLEU-4"], "CIDEr": s["CIDEr"], "samples": hyps[:3]}
 
@@ -403,7 +405,8 @@ def _fit(args: Namespace, out: Path, dist: Dist, device: torch.device) -> dict:
                                          images=fine_tune, progress=not args.quiet, dist=dist)
         seconds = time.perf_counter() - t0
         # validation on rank 0; every rank then takes the same scheduler and early-stopping decisions
-        val = validate(model, vocab, val_feats, val_caps, scorer, device, precision, max_len=max_words) \
+        val = validate(model, vocab, val_feats, val_caps, scorer, device, precision, max_len=max_words,
+                       beam_size=args.val_beam_size) \
             if dist.main else None
         val = dist.broadcast(val)
         scheduler.step(val["CIDEr"])
@@ -414,7 +417,8 @@ def _fit(args: Namespace, out: Path, dist: Dist, device: torch.device) -> dict:
         improved = val["CIDEr"] > best
         if improved:
             best, best_epoch = val["CIDEr"], epoch
-            cfg.extra = {"val": {"epoch": epoch, "BLEU-4": row["BLEU-4"], "CIDEr": row["CIDEr"], "decode": "greedy"}}
+            decode = "greedy" if args.val_beam_size == 1 else f"beam {args.val_beam_size}, length norm 1.0"
+            cfg.extra = {"val": {"epoch": epoch, "BLEU-4": row["BLEU-4"], "CIDEr": row["CIDEr"], "decode": decode}}
         if improved and dist.main:
             save_model(model, vocab, out / "best", half=args.half)
         trained = f"reward {mean_reward:.3f}" if scst else f"train loss {train_loss:.3f}"

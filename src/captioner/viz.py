@@ -33,7 +33,7 @@ def plot_curves(path: Path, history: list[dict]) -> None:
     b.plot(ep, [h["BLEU-4"] for h in history], "o-", label="BLEU-4")
     if any(not math.isnan(h.get("reward", math.nan)) for h in history):
         b.plot(ep, [h.get("reward", math.nan) for h in history], "o--", label="train reward (CIDEr-D)")
-    b.set(xlabel="epoch", title="val, greedy captions")
+    b.set(xlabel="epoch", title="val captions")
     b.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
