@@ -200,7 +200,7 @@ def generate_text(model: CaptionModel, vocab: Vocabulary, feats: FeatureRows, de
     return out
 
 
-DECODING_CANDIDATES = ((1, 0.0), (3, 0.0), (3, 1.0))  # (beam size, length normalisation)
+DECODING_CANDIDATES = ((1, 0.0), (3, 0.0), (3, 0.5), (3, 1.0), (3, 1.5), (3, 2.0))  # (beam size, length norm)
 
 
 def choose_decoding(folder: Path, feats: FeatureRows, scorer: metrics.Scorer, device, precision: str,
