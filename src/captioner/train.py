@@ -6,10 +6,10 @@ decoder then trains on cached features, in length-bucketed batches with no paddi
 learning rate.
 
 After each epoch: val loss, and free-running captions of every val image (greedy, or beam search
-with `--val-beam-size`) scored with BLEU-4 and CIDEr-D (never teacher-forced "BLEU"). The best model by val CIDEr-D and the last one
-are written as model folders; `checkpoint.pt` (decoder/encoder, optimizer, scheduler, epoch,
-args, history; tensors and plain data only, read back with ``weights_only=True``) lets
-`--resume` continue exactly where the run stopped.
+with `--val-beam-size`) scored with BLEU-4 and CIDEr-D (never teacher-forced "BLEU"). The best
+model by val CIDEr-D and the last one are written as model folders; `checkpoint.pt`
+(decoder/encoder, optimizer, scheduler, epoch, args, history; tensors and plain data only, read
+back with ``weights_only=True``) lets `--resume` continue exactly where the run stopped.
 """
 
 from __future__ import annotations
