@@ -1,0 +1,42 @@
+"""Turn a trained model folder into the shipped one: fp16 weights, the chosen decoding.
+
+    python scripts/ship_model.py runs/att512_scst_xe/best --length-norm 1.5
+
+writes src/captioner/assets/model (or --out). Only JSON and safetensors are read and written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from captioner.model.folder import load_model, save_model
+
+ASSETS = Path(__file__).resolve().parents[1] / "src" / "captioner" / "assets" / "model"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", type=Path, help="a trained model folder, e.g. runs/NAME/best")
+    ap.add_argument("--out", type=Path, default=ASSETS)
+    ap.add_argument("--beam-size", type=int, default=None, help="default decoding (default: the folder's own)")
+    ap.add_argument("--length-norm", type=float, default=None, help="default length normalisation")
+    ap.add_argument("--note", default="", help="stored in config.json under extra.shipped")
+    args = ap.parse_args()
+
+    model, vocab = load_model(args.model)
+    save_model(model, vocab, args.out, half=True)
+    path = args.out / "config.json"
+    cfg = json.loads(path.read_text())
+    if args.beam_size is not None:
+        cfg["beam_size"] = args.beam_size
+    if args.length_norm is not None:
+        cfg["length_norm"] = args.length_norm
+    cfg.setdefault("extra", {})["shipped"] = f"from {args.model}, weights in fp16. {args.note}".strip()
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+    print(f"{args.out}: beam {cfg['beam_size']}, length norm {cfg['length_norm']}")
+
+
+if __name__ == "__main__":
+    main()
