@@ -245,7 +245,7 @@ def bench_beam(args, device: torch.device) -> None:
     records = split_records(load_records(args.data), "val")[: args.beam_images]
     f, _, _ = cached_features(cap.model, [r.image for r in records], args.cache_dir, device=device,
                               precision=cap.precision, progress=False)
-    feats = torch.from_numpy(np.asarray(f)).float().to(device)
+    feats = torch.from_numpy(np.array(f, dtype=np.float32)).to(device)
     v, m = cap.vocab, cap.model
 
     def batched():

@@ -14,7 +14,7 @@ from captioner.data.features import ImageDataset, collate_images
 from captioner.data.images import eval_transform, open_rgb
 from captioner.decode import search
 from captioner.model.folder import ModelError, load_model
-from captioner.runtime import autocast, pick_device, resolve_precision
+from captioner.runtime import autocast, decoder_precision, encoder_chunk, pick_device, resolve_precision
 
 ImageLike = str | Path | Image.Image
 
@@ -43,8 +43,7 @@ class Captioner:
         """Load the model folder at `path`, or the shipped model when `path` is None."""
         dev = pick_device(device)
         model, vocab = load_model(Path(path) if path else shipped_model_dir(), dev)
-        if resolve_precision(precision, dev) == "fp32":
-            model.encoder.to(memory_format=torch.channels_last)
+        model.encoder.to(memory_format=torch.channels_last)  # faster in fp32 and bf16 on the CPU
         return cls(model, vocab, dev, resolve_precision(precision, dev), str(path) if path else "shipped")
 
     # -- captioning ------------------------------------------------------------------------------
@@ -66,12 +65,11 @@ class Captioner:
                        block_trigrams: bool = False, max_len: int | None = None) -> list[dict]:
         """Preprocessed images (B, 3, S, S) -> [{"caption", "logprob", "alternatives": [...]}]."""
         m, v = self.model, self.vocab
-        x = x.to(self.device)
-        if self.precision == "fp32":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.to(self.device, memory_format=torch.channels_last)
         with autocast(self.device, self.precision):
-            hyp = search(m.decoder, m.features(x), v,
-                         **m.cfg.search_settings(beam_size, length_norm, block_trigrams, max_len))
+            feats = m.features(x, chunk=encoder_chunk(self.device))
+        with autocast(self.device, decoder_precision(self.precision, self.device, x.shape[0])):
+            hyp = search(m.decoder, feats, v, **m.cfg.search_settings(beam_size, length_norm, block_trigrams, max_len))
         results = []
         for b in range(hyp.tokens.shape[0]):
             alts = [{"caption": v.decode(hyp.tokens[b, k].tolist()), "logprob": round(float(hyp.logprob[b, k]), 4)}

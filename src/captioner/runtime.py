@@ -36,6 +36,22 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
 
 
+def encoder_chunk(device: torch.device) -> int:
+    """Images per encoder call at inference. On a CPU, activations of a few images stay in cache:
+    measured on 2 cores, EfficientNet-Lite0 ran 1.3-1.5x faster per image in calls of 8 than of
+    32 or 64 (bf16 and fp32). A GPU wants the whole batch at once (0 = no chunking)."""
+    return 8 if device.type == "cpu" else 0
+
+
+def decoder_precision(precision: str, device: torch.device, images: int) -> str:
+    """The decoder's precision for `images` images. bf16 autocast costs a cast per small op on the
+    CPU; for fewer than 4 images that outweighs the gain (one image, beam 3: 27 ms bf16 against 20
+    ms fp32; 64 images: 1.4x faster in bf16), so small CPU batches decode in fp32."""
+    if device.type == "cpu" and images < 4:
+        return "fp32"
+    return precision
+
+
 def autocast(device: torch.device, precision: str):
     """Autocast context for a resolved precision ('fp32' gives a no-op context)."""
     if precision == "fp32":

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from captioner.data.images import ImageError, eval_transform, open_rgb
-from captioner.runtime import autocast
+from captioner.runtime import autocast, encoder_chunk
 
 CACHE_VERSION = 1
 
@@ -78,15 +78,14 @@ def extract_features(model, paths: Sequence[Path], *, batch_size: int = 32, devi
     ok = np.zeros(len(ds), dtype=bool)
     errors: list[str] = []
     model.eval()
-    memory_format = torch.channels_last if precision == "fp32" else torch.contiguous_format
-    model.encoder.to(device, memory_format=memory_format)
+    model.encoder.to(device, memory_format=torch.channels_last)
     bar = tqdm(total=len(ds), desc="features", unit="img", disable=not progress, leave=False)
     for idx, x, errs in loader:
         errors += errs
         if x is not None:
-            x = x.to(device, memory_format=memory_format)
+            x = x.to(device, memory_format=torch.channels_last)
             with autocast(device, precision):
-                f = model.features(x).float().cpu().numpy().astype(np.float16)
+                f = model.features(x, chunk=encoder_chunk(device)).float().cpu().numpy().astype(np.float16)
             if out is None:
                 out = np.zeros((len(ds), *f.shape[1:]), dtype=np.float16)
             out[idx] = f

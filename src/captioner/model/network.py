@@ -91,8 +91,12 @@ class CaptionModel(nn.Module):
     def create(cls, cfg: ModelConfig, encoder_weights: str | None = "default") -> CaptionModel:
         return cls(cfg, build_backbone(cfg.encoder, encoder_weights))
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, S, S) -> what the decoder takes: pooled (B, C) or spatial (B, H*W, C)."""
+    def features(self, images: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+        """images (B, 3, S, S) -> what the decoder takes: pooled (B, C) or spatial (B, H*W, C).
+
+        `chunk` > 0 runs the encoder on that many images at a time (see runtime.encoder_chunk)."""
+        if 0 < chunk < images.shape[0]:
+            return torch.cat([self.features(part) for part in images.split(chunk)])
         fmap = self.encoder(images)  # (B, C, H, W)
         return pool_features(fmap, self.decoder.feature_kind)
 
