@@ -50,3 +50,24 @@ def test_sharded_across_ranks_once_each_with_equal_steps():
             flat = [i for shard in shards for b in shard for i in b]
             assert sorted(flat) == list(range(777))  # nothing lost, nothing twice
             assert all(len({lengths[i] for i in b}) == 1 for shard in shards for b in shard)
+
+
+def test_accumulation_groups_are_the_batches_of_one_distributed_step():
+    rng = random.Random(4)
+    lengths = [rng.randint(3, 12) for _ in range(501)]
+    one = LengthBucketSampler(lengths, batch_size=16, seed=5, accum=3)
+    one.set_epoch(2)
+    batches = list(one)
+    assert len(batches) % 3 == 0 and len(batches) == len(one)
+    assert sorted(i for b in batches for i in b) == list(range(501))
+    ranks = []
+    for rank in range(3):
+        s = LengthBucketSampler(lengths, batch_size=16, seed=5, rank=rank, world=3)
+        s.set_epoch(2)
+        ranks.append(list(s))
+    # step k of 3 processes uses the batches of step k of 1 process accumulating 3
+    for k in range(len(batches) // 3):
+        assert sorted(map(sorted, batches[3 * k:3 * k + 3])) == sorted(sorted(r[k]) for r in ranks)
+    two = LengthBucketSampler(lengths, batch_size=16, seed=5, rank=1, world=2, accum=2)
+    two.set_epoch(0)
+    assert len(list(two)) % 2 == 0 and len(list(two)) == len(two)

@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="learning rate (default 4e-4; 5e-5 with --scst)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--clip", type=float, default=5.0, help="gradient norm clip (0 = off)")
+    p.add_argument("--accum", type=int, default=1, metavar="N",
+                   help="gradient accumulation: one optimiser step per N batches (their mean loss); "
+                        "with P processes a step sees P x N batches")
     p.add_argument("--lr-factor", type=float, default=0.5, help="lr multiplier when val CIDEr-D plateaus")
     p.add_argument("--lr-patience", type=int, default=1)
     p.add_argument("--patience", type=int, default=0, help="stop after N epochs without improvement (0 = never)")

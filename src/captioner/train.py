@@ -14,6 +14,7 @@ back with ``weights_only=True``) lets `--resume` continue exactly where the run 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -129,10 +130,12 @@ def caption_loss(logits: torch.Tensor, targets: torch.Tensor, pad: int = 0) -> t
 
 
 def train_one_epoch(model, batches, optimizer, device, precision: str, clip: float, epoch: int,
-                    images: bool = False, progress: bool = True, dist: Dist | None = None) -> float:
+                    images: bool = False, progress: bool = True, dist: Dist | None = None, accum: int = 1) -> float:
     """`batches` yields (features, tokens), or (images, tokens) when `images` (the encoder is
-    trained too). `model` is a CaptionModel, or its DistributedDataParallel wrapper. Returns the
-    mean cross-entropy per word (over all ranks)."""
+    trained too). `model` is a CaptionModel, or its DistributedDataParallel wrapper. Every `accum`
+    batches make one optimiser step on the mean of their losses (gradient accumulation; the
+    sampler makes the number of batches a multiple of it). Returns the mean cross-entropy per
+    word (over all ranks)."""
     dist = dist or Dist()
     core = getattr(model, "module", model)
     model.train()
@@ -143,18 +146,24 @@ def train_one_epoch(model, batches, optimizer, device, precision: str, clip: flo
     params = [p for g in optimizer.param_groups for p in g["params"]]
     total, tokens_seen, captions, t0 = 0.0, 0, 0, time.perf_counter()
     bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not (progress and dist.main))
-    for x, tok in bar:
+    optimizer.zero_grad(set_to_none=True)
+    for i, (x, tok) in enumerate(bar):
         x, tok = x.to(device, non_blocking=True), tok.to(device, non_blocking=True)
-        with autocast(device, precision):
-            logits, penalty = model(x, tok[:, :-1], images=images)  # (B, T-1, V)
-        loss = caption_loss(logits, tok[:, 1:])
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss + penalty.float()).backward()
-        if clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        scaler.step(optimizer)
-        scaler.update()
+        step = (i + 1) % accum == 0
+        # DDP averages gradients over ranks on the backward pass of a step's last batch only
+        sync = contextlib.nullcontext() if step or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast(device, precision):
+                logits, penalty = model(x, tok[:, :-1], images=images)  # (B, T-1, V)
+            loss = caption_loss(logits, tok[:, 1:])
+            scaler.scale((loss + penalty.float()) / accum).backward()
+        if step:
+            if clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
         n = tok[:, 1:].ne(0).sum().item()
         total += loss.item() * n
         tokens_seen += n
@@ -310,6 +319,8 @@ def _fit(args: Namespace, out: Path, dist: Dist, device: torch.device) -> dict:
     fine_tune, scst = bool(args.fine_tune_encoder), bool(args.scst)
     if scst and fine_tune:
         raise ValueError("--scst trains the decoder on cached features; it cannot be combined with --fine-tune-encoder")
+    if scst and args.accum > 1:
+        raise ValueError("--accum applies to cross-entropy training; with --scst, raise --batch-size instead")
     lr = args.lr or (5e-5 if scst else 4e-4)
 
     # records -> splits -> model and vocabulary
@@ -370,7 +381,7 @@ def _fit(args: Namespace, out: Path, dist: Dist, device: torch.device) -> dict:
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=args.lr_factor,
                                                            patience=args.lr_patience)
     sampler = LengthBucketSampler(train_caps.lengths, args.batch_size, shuffle=True, seed=args.seed,
-                                  rank=dist.rank, world=dist.world)
+                                  rank=dist.rank, world=dist.world, accum=1 if scst else args.accum)
     net = model
     if dist.world > 1 and not scst:  # SCST samples step by step outside forward(): gradients averaged by hand
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -402,7 +413,7 @@ def _fit(args: Namespace, out: Path, dist: Dist, device: torch.device) -> dict:
             else:
                 batches = ((train_feats[rows], tok) for rows, tok in map(train_caps.batch, sampler))
             train_loss = train_one_epoch(net, batches, optimizer, device, precision, args.clip, epoch,
-                                         images=fine_tune, progress=not args.quiet, dist=dist)
+                                         images=fine_tune, progress=not args.quiet, dist=dist, accum=args.accum)
         seconds = time.perf_counter() - t0
         # validation on rank 0; every rank then takes the same scheduler and early-stopping decisions
         val = validate(model, vocab, val_feats, val_caps, scorer, device, precision, max_len=max_words,

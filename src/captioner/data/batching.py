@@ -19,12 +19,19 @@ class LengthBucketSampler(Sampler[list[int]]):
     takes every world-th one, starting at its `rank`. When the batches do not divide evenly, the
     largest are split in two (both halves still of one length) until they do, so every rank takes
     the same number of steps and, over all ranks, every index still appears exactly once.
+
+    Gradient accumulation (`accum` > 1): the batches are made to divide by world x accum the same
+    way, so every optimiser step sees world x accum whole batches. One optimiser step then uses
+    the same batches in a 1-process run with accum = N as in an N-process run with accum = 1.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, accum: int = 1):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not in a world of {world}")
+        if accum < 1:
+            raise ValueError(f"accum must be at least 1, not {accum}")
+        self.accum = accum
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
@@ -48,8 +55,8 @@ class LengthBucketSampler(Sampler[list[int]]):
             out += [chunk.tolist() for chunk in idx.split(self.batch_size)]
         if self.shuffle:
             out = [out[i] for i in torch.randperm(len(out), generator=g).tolist()]
-        if self.world > 1:
-            out = _divisible(out, self.world)[self.rank:: self.world]
+        if self.world * self.accum > 1:
+            out = _divisible(out, self.world * self.accum)[self.rank:: self.world]
         return out
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -57,7 +64,8 @@ class LengthBucketSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         n = sum((len(v) + self.batch_size - 1) // self.batch_size for v in self.buckets.values())
-        return -(-n // self.world)  # every rank takes ceil(n / world) steps
+        group = self.world * self.accum
+        return -(-n // group) * self.accum  # batches per rank: a whole number of optimiser steps
 
 
 def _divisible(batches: list[list[int]], world: int) -> list[list[int]]:
