@@ -6,11 +6,17 @@ content, re-captions changed ones (their old lines are dropped) and appends the 
 interrupted run loses at most the batch in flight. Unreadable files are reported at the end and
 never stop the run. Memory stays flat however many images there are: paths stream through a
 DataLoader and results go straight to the file.
+
+Several processes (`captioner caption --nproc N`, or torchrun): process r captions every N-th
+image from the r-th into its own part file `OUT.partR`; when all are done, process 0 appends the
+parts to OUT in the order of the images and deletes them. Part files left by an interrupted run
+are folded into OUT at the next start, so their captions are not redone.
 """
 
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import os
@@ -22,6 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from captioner.data.features import file_digest
+from captioner.runtime import Dist
 
 FIELDS = ("image", "sha1", "caption")
 
@@ -67,26 +74,55 @@ def _rewrite(out: Path, entries: list[dict]) -> None:
     os.replace(tmp, out)
 
 
+def _part_files(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(glob.escape(out.name) + ".part*"))
+
+
+def _fold_parts(out: Path, order: dict[str, int] | None = None) -> None:
+    """Append the entries of `out`'s part files to it (in `order` of their images when given),
+    then delete the parts."""
+    parts = _part_files(out)
+    if not parts:
+        return
+    entries = [e for part in parts for e in _read_existing(part)]
+    if order is not None:
+        entries.sort(key=lambda e: order.get(e["image"], len(order)))
+    _rewrite(out, _read_existing(out) + entries)
+    for part in parts:
+        part.unlink()
+
+
 def caption_to_file(captioner, paths: Sequence[Path], out: Path, *, batch_size: int = 32, progress: bool = True,
-                    **search) -> BatchReport:
-    """Caption `paths` into `out` (.jsonl or .csv), skipping those already there unchanged."""
+                    dist: Dist | None = None, **search) -> BatchReport:
+    """Caption `paths` into `out` (.jsonl or .csv), skipping those already there unchanged.
+    With `dist` (several processes), each captions its share and process 0 merges them."""
     out = Path(out)
     if out.suffix.lower() not in (".jsonl", ".csv"):
         raise ValueError(f"{out}: the output must end in .jsonl or .csv")
+    dist = dist or Dist()
     t0 = time.perf_counter()
     report = BatchReport()
+    if dist.main:
+        _fold_parts(out)  # what an interrupted run of several processes had finished
+    dist.barrier()
     existing = _read_existing(out)
     digests = {str(p): file_digest(p) for p in paths if Path(p).is_file()}
     done = {e["image"] for e in existing if digests.get(e["image"]) == e["sha1"]}
-    keep = [e for e in existing if e["image"] in done or e["image"] not in digests]
-    _rewrite(out, keep)  # drops stale lines of changed files and any half-written line
     todo = [Path(p) for p in paths if str(p) not in done]
     report.skipped = len(paths) - len(todo)
+    dist.barrier()  # everyone has read `out` before process 0 rewrites it
+    if dist.main:
+        keep = [e for e in existing if e["image"] in done or e["image"] not in digests]
+        _rewrite(out, keep)  # drops stale lines of changed files and any half-written line
+    target = out
+    if dist.world > 1:
+        todo = todo[dist.rank:: dist.world]
+        target = out.with_name(f"{out.name}.part{dist.rank}.jsonl")
 
-    is_csv = out.suffix.lower() == ".csv"
-    with out.open("a", encoding="utf-8", newline="") as f:
+    is_csv = target.suffix.lower() == ".csv"
+    with target.open("a", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore") if is_csv else None
-        bar = tqdm(total=len(todo), desc="captioning", unit="img", disable=not progress)
+        bar = tqdm(total=len(todo), desc="captioning", unit="img", disable=not (progress and dist.main))
         for path, result, error in captioner.caption_files(todo, batch_size=batch_size, **search):
             bar.update(1)
             if error:
@@ -103,5 +139,11 @@ def caption_to_file(captioner, paths: Sequence[Path], out: Path, *, batch_size: 
             if report.captioned % batch_size == 0:
                 f.flush()
         bar.close()
+    if dist.world > 1:
+        report.captioned = int(dist.sum([report.captioned])[0])  # `skipped` is the same on every process
+        report.failed = [e for errors in dist.gather_objects(report.failed) for e in errors]
+        if dist.main:
+            _fold_parts(out, {str(p): i for i, p in enumerate(paths)})
+        dist.barrier()
     report.seconds = time.perf_counter() - t0
     return report

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "there with the same content")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="with --out: caption in N processes on this machine, each its share of the images "
+                        "(same as: torchrun --nproc-per-node N -m captioner caption ...)")
     p.add_argument("--attention-map", type=Path, metavar="PNG",
                    help="draw where an attention model looked for each word (one image: this file; several: "
                         "PNG-<image name>.png)")
@@ -193,17 +196,30 @@ def _report_failures(failed: list[str]) -> None:
 
 def cmd_caption(a: argparse.Namespace) -> int:
     from captioner.api import Captioner
+    from captioner.runtime import Dist
 
+    if a.nproc > 1 and not a.out:
+        raise DataError("--nproc N needs --out FILE: the processes merge their captions into it")
+    if a.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _torchrun(a.nproc, a.argv)
     paths = _images(a.paths, a.recursive)
-    cap = Captioner.load(a.model, a.device, a.precision)
     if a.out:
         from captioner.batch import caption_to_file
 
-        r = caption_to_file(cap, paths, a.out, batch_size=a.batch_size, progress=not a.quiet, **_search_args(a))
+        dist, device = Dist.from_env(a.device)
+        try:
+            cap = Captioner.load(a.model, str(device), a.precision)
+            r = caption_to_file(cap, paths, a.out, batch_size=a.batch_size, progress=not a.quiet, dist=dist,
+                                **_search_args(a))
+        finally:
+            dist.close()
+        if not dist.main:
+            return 0
         _report_failures(r.failed)
         print(f"{r.captioned} captioned, {r.skipped} already in {a.out}, {len(r.failed)} unreadable; "
-              f"{r.seconds:.1f}s", file=sys.stderr)
+              f"{r.seconds:.1f}s{f', {dist.world} processes' if dist.world > 1 else ''}", file=sys.stderr)
         return 1 if r.failed and not (r.captioned or r.skipped) else 0
+    cap = Captioner.load(a.model, a.device, a.precision)
     failed = []
     for path, result, error in cap.caption_files(paths, a.batch_size, **_search_args(a)):
         if error:
@@ -303,7 +319,7 @@ COMMANDS = {"caption": cmd_caption, "index": cmd_index, "search": cmd_search, "s
 
 
 def _torchrun(nproc: int, argv: list[str]) -> int:
-    """Start `nproc` training processes on this machine with torch's own launcher."""
+    """Start `nproc` processes of this command on this machine with torch's own launcher."""
     import subprocess
 
     rest, skip = [], False

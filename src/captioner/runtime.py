@@ -120,6 +120,16 @@ class Dist:
         dist.all_reduce(t)
         return t.tolist()
 
+    def gather_objects(self, obj) -> list:
+        """[obj of rank 0, obj of rank 1, ...], on every rank (small picklable values only)."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        box = [None] * self.world
+        dist.all_gather_object(box, obj)
+        return box
+
     def average_gradients(self, params) -> None:
         """All-reduce the gradients of `params` to their mean over ranks (for code paths that do
         not go through DistributedDataParallel, such as self-critical sampling)."""

@@ -339,23 +339,19 @@ def _fit(args: Namespace, out: Path, dist: Dist, device: torch.device) -> dict:
     cfg = model.cfg
     max_words = cfg.max_len
 
-    # features of frozen encoders come from the cache (filled by rank 0, then read by the others);
-    # then unreadable images are dropped
+    # features of frozen encoders come from the cache (a missing entry is extracted in shares by
+    # every process, then merged); then unreadable images are dropped
     extract_kw = dict(batch_size=args.feature_batch_size, device=device, precision=precision,
                       workers=args.workers, progress=not args.quiet and dist.main)
     cache = Path(args.cache_dir) if args.cache_dir else None
-    if not dist.main:
-        dist.barrier()
     if not fine_tune:
-        f_train, ok, errs = cached_features(model, [r.image for r in train_recs], cache, **extract_kw)
+        f_train, ok, errs = cached_features(model, [r.image for r in train_recs], cache, dist=dist, **extract_kw)
         keep = readable(train_recs, errs, ok)
         train_recs, train_feats = [train_recs[i] for i in keep], FeatureRows(f_train, keep)
-    f_val, ok, errs = (cached_features(model, [r.image for r in val_recs], cache, **extract_kw) if not fine_tune
-                       else extract_features(model, [r.image for r in val_recs], **extract_kw))
+    f_val, ok, errs = (cached_features(model, [r.image for r in val_recs], cache, dist=dist, **extract_kw)
+                       if not fine_tune else extract_features(model, [r.image for r in val_recs], **extract_kw))
     keep = readable(val_recs, errs, ok)
     val_recs, val_feats = [val_recs[i] for i in keep], FeatureRows(f_val, keep)
-    if dist.main:
-        dist.barrier()
 
     train_caps, dropped = Captions.build(train_recs, vocab, max_words)
     val_caps, _ = Captions.build(val_recs, vocab, max_words)

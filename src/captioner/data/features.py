@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from captioner.data.images import ImageError, eval_transform, open_rgb
-from captioner.runtime import autocast, encoder_chunk
+from captioner.data.records import DataError
+from captioner.runtime import Dist, autocast, encoder_chunk
 
 CACHE_VERSION = 1
 
@@ -97,12 +98,17 @@ def extract_features(model, paths: Sequence[Path], *, batch_size: int = 32, devi
     return out, ok, errors
 
 
-def cached_features(model, paths: Sequence[Path], cache_dir: Path | None = None, **kw
+def cached_features(model, paths: Sequence[Path], cache_dir: Path | None = None, dist: Dist | None = None, **kw
                     ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Features for `paths` from the cache, extracting (and storing) them when absent.
 
     Returns (memory-mapped fp16 features, ok mask, error messages of unreadable images).
+    With `dist` (several processes), a missing entry is extracted in shares: process r runs the
+    encoder on every N-th image from the r-th and saves them to a part file; process 0 merges the
+    parts into the cache entry, and every process then reads it (with several machines, the
+    cache folder must be one they all share).
     """
+    dist = dist or Dist()
     cache_dir = Path(cache_dir or default_cache_dir()) / "features"
     cache_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
@@ -110,22 +116,65 @@ def cached_features(model, paths: Sequence[Path], cache_dir: Path | None = None,
         "version": CACHE_VERSION, "encoder": model.encoder.identity, "size": cfg.image_size,
         "mean": list(cfg.mean), "std": list(cfg.std), "kind": model.decoder.feature_kind,
     }, sort_keys=True).encode())
-    for p in tqdm(paths, desc="hashing images", unit="img", leave=False, disable=not kw.get("progress", True)):
+    for p in tqdm(paths, desc="hashing images", unit="img", leave=False,
+                  disable=not (kw.get("progress", True) and dist.main)):
         h.update(file_digest(p).encode() if Path(p).is_file() else b"missing")
     key = h.hexdigest()[:32]
     npy, meta = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
-    if npy.is_file() and meta.is_file():
+    if dist.broadcast(npy.is_file() and meta.is_file()):  # process 0's view decides for everyone
         info = json.loads(meta.read_text())
         return np.load(npy, mmap_mode="r"), np.array(info["ok"], dtype=bool), info["errors"]
 
-    feats, ok, errors = extract_features(model, paths, **kw)
-    tmp = npy.with_name(f"{key}.{os.getpid()}.partial.npy")
-    np.save(tmp, feats)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    meta_tmp = meta.with_suffix(".partial")
-    meta_tmp.write_text(json.dumps({"ok": ok.tolist(), "errors": errors, "count": len(paths),
-                                    "encoder": model.encoder.identity}))
-    os.replace(tmp, npy)
-    os.replace(meta_tmp, meta)
-    return np.load(npy, mmap_mode="r"), ok, errors
+    if dist.world == 1:
+        feats, ok, errors = extract_features(model, paths, **kw)
+    else:
+        feats, ok, errors = _extract_in_shares(model, paths, cache_dir / f"{key}.shares", dist, **kw)
+    if dist.main:
+        tmp = npy.with_name(f"{key}.{os.getpid()}.partial.npy")
+        np.save(tmp, feats)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        meta_tmp = meta.with_suffix(".partial")
+        meta_tmp.write_text(json.dumps({"ok": ok.tolist(), "errors": errors, "count": len(paths),
+                                        "encoder": model.encoder.identity}))
+        os.replace(tmp, npy)
+        os.replace(meta_tmp, meta)
+    dist.barrier()
+    if not npy.is_file():
+        raise DataError(f"{npy}: not there after process 0 wrote it; with several machines, --cache-dir must "
+                        "be a folder they all share")
+    info = json.loads(meta.read_text())
+    return np.load(npy, mmap_mode="r"), np.array(info["ok"], dtype=bool), info["errors"]
+
+
+def _extract_in_shares(model, paths: Sequence[Path], folder: Path, dist: Dist, **kw
+                       ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Each process extracts paths[rank::world] into folder/R.npy; process 0 gathers them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    f, ok, errors = extract_features(model, [paths[i] for i in range(dist.rank, len(paths), dist.world)], **kw)
+    np.save(folder / f"{dist.rank}.partial.npy", f)
+    (folder / f"{dist.rank}.partial.json").write_text(json.dumps({"ok": ok.tolist(), "errors": errors}))
+    os.replace(folder / f"{dist.rank}.partial.npy", folder / f"{dist.rank}.npy")
+    os.replace(folder / f"{dist.rank}.partial.json", folder / f"{dist.rank}.json")
+    dist.barrier()
+    if not dist.main:
+        return f, ok, errors  # only process 0 assembles the whole
+    parts = []
+    for rank in range(dist.world):
+        if not (folder / f"{rank}.npy").is_file():
+            raise DataError(f"{folder}: process {rank}'s features are not there; with several machines, "
+                            "--cache-dir must be a folder they all share")
+        info = json.loads((folder / f"{rank}.json").read_text())
+        parts.append((range(rank, len(paths), dist.world), np.load(folder / f"{rank}.npy", mmap_mode="r"),
+                      np.array(info["ok"], dtype=bool), info["errors"]))
+    shape = next((part.shape[1:] for _, part, part_ok, _ in parts if part_ok.any()), (1,))
+    out, ok_all, errors_all = np.zeros((len(paths), *shape), dtype=np.float16), np.zeros(len(paths), bool), []
+    for idx, part, part_ok, part_errors in parts:
+        if part_ok.any():
+            out[list(idx)] = part
+        ok_all[list(idx)] = part_ok
+        errors_all += part_errors
+    for file in folder.iterdir():
+        file.unlink()
+    folder.rmdir()
+    return out, ok_all, errors_all
