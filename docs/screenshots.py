@@ -38,7 +38,7 @@ def main() -> None:
                 page.wait_for_function("document.querySelectorAll('.card .caption:not(.pending)').length == 2",
                                        timeout=60_000)
                 page.screenshot(path=str(ROOT / "docs" / "page-caption.png"), full_page=True)
-                page.fill("#query", sys.argv[1] if len(sys.argv) > 1 else "woman")
+                page.fill("#query", sys.argv[1] if len(sys.argv) > 1 else "dog playing")
                 page.click("#search-form button")
                 page.wait_for_selector(".hit img")
                 page.wait_for_function("[...document.querySelectorAll('.hit img')].every(i => i.complete)")
