@@ -153,3 +153,27 @@ def test_assign_splits_is_stable_and_keeps_given_splits(tmp_path):
     assign_splits(b)
     assert [r.split for r in a] == [r.split for r in b]
     assert 0 < len(split_records(a, "val")) < 30 and split_records(a, "train")
+
+
+def test_encodings_bom_and_duplicate_ids(tmp_path):
+    import warnings as w
+
+    from captioner.data.records import read_csv, read_flickr
+
+    (tmp_path / "utf16.csv").write_bytes("image,caption\na.jpg,a café by the sea\n".encode("utf-16"))
+    (tmp_path / "bom.csv").write_bytes("image,caption\na.jpg,a dog\n".encode("utf-8-sig"))
+    (tmp_path / "latin.csv").write_bytes("image,caption\na.jpg,a café by the sea\n".encode("cp1252"))
+    with w.catch_warnings(record=True) as said:
+        w.simplefilter("always")
+        assert read_csv(tmp_path / "utf16.csv")[0].captions == ["a café by the sea"]
+        assert read_csv(tmp_path / "bom.csv")[0].captions == ["a dog"]
+        assert not said
+        assert read_csv(tmp_path / "latin.csv")[0].captions == ["a café by the sea"]
+        assert len(said) == 1 and "not UTF-8" in str(said[0].message)
+    (tmp_path / "Flickr8k.token.txt").write_text("a.jpg#0\tone\na.jpg#1\ttwo\na.jpg#0\tone again\nb.jpg#0\t \n")
+    with w.catch_warnings(record=True) as said:
+        w.simplefilter("always")
+        recs = read_flickr(tmp_path)
+    assert [r.captions for r in recs] == [["one", "two"]]
+    text = " | ".join(str(x.message) for x in said)
+    assert "1 lines repeat an id" in text and "line 3: a.jpg#0" in text and "1 empty captions" in text

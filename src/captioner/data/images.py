@@ -47,7 +47,9 @@ def open_rgb(source: str | Path | bytes | Image.Image, max_pixels: int = MAX_PIX
                 img.load()
         except ImageError:
             raise
-        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageError(f"{name}: declares more pixels than {max_pixels:,} (a decompression bomb?)") from None
+        except UnidentifiedImageError as e:
             raise ImageError(f"{name}: not a readable image ({type(e).__name__})") from None
         except (OSError, ValueError, SyntaxError) as e:
             raise ImageError(f"{name}: broken image ({e})") from None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import re
 import warnings
@@ -53,9 +54,27 @@ def _image_root(folder: Path) -> Path:
     return folder
 
 
-def _group(pairs: list[tuple[str, str]], root: Path, splits: dict[str, str]) -> list[Record]:
-    """(image name, caption) pairs -> records, in first-seen order; empty captions dropped."""
+def read_text(path: Path) -> str:
+    """A caption file's text. UTF-8 (with or without a byte-order mark) and UTF-16 with a BOM are
+    read as they are; anything else is read as Windows-1252/Latin-1 with a warning, so a file
+    saved by another program never stops a run and never changes silently."""
+    data = Path(path).read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16", errors="replace")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        warnings.warn(f"{path}: not UTF-8 (byte {e.start}); read as Windows-1252", stacklevel=3)
+        return data.decode("cp1252", errors="replace")
+
+
+def _group(pairs: list[tuple[str, str]], root: Path, splits: dict[str, str], source: Path | None = None
+           ) -> list[Record]:
+    """(image name, caption) pairs -> records, in first-seen order. Empty captions are left out
+    with a warning that counts them. (Two people writing the same sentence for one photo is real
+    data, and kept: Flickr8k has 9 such pairs.)"""
     by_image: OrderedDict[str, Record] = OrderedDict()
+    empty = 0
     for name, caption in pairs:
         caption = " ".join(caption.split())
         rec = by_image.get(name)
@@ -63,6 +82,10 @@ def _group(pairs: list[tuple[str, str]], root: Path, splits: dict[str, str]) -> 
             rec = by_image[name] = Record(root / name, [], splits.get(name, ""))
         if caption:
             rec.captions.append(caption)
+        else:
+            empty += 1
+    if empty:
+        warnings.warn(f"{source or root}: {empty} empty captions left out", stacklevel=3)
     return [r for r in by_image.values() if r.captions]
 
 
@@ -75,7 +98,7 @@ def _read_split_lists(folder: Path) -> dict[str, str]:
             "test" if "test" in lower else "")
         if not split:
             continue
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        for line in read_text(path).splitlines():
             if line.strip():
                 splits[line.strip()] = split
     return splits
@@ -95,7 +118,9 @@ def read_flickr(path: Path, images: Path | None = None) -> list[Record]:
     root = Path(images) if images else _image_root(folder)
     pairs: list[tuple[str, str]] = []
     bad = 0
-    for lineno, line in enumerate(token.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    seen: set[str] = set()
+    duplicates: list[str] = []
+    for lineno, line in enumerate(read_text(token).splitlines(), 1):
         if not line.strip():
             continue
         key, sep, caption = line.partition("\t")
@@ -106,10 +131,17 @@ def read_flickr(path: Path, images: Path | None = None) -> list[Record]:
                 warnings.warn(f"{token}:{lineno}: not 'image#n<TAB>caption', skipped", stacklevel=2)
             continue
         # The official file has one bad id, '2258277193_586949ec62.jpg.1#0': the regex drops the '.1'.
+        if key.strip() in seen:
+            duplicates.append(f"{lineno}: {key.strip()}")
+            continue
+        seen.add(key.strip())
         pairs.append((m["name"], caption))
+    if duplicates:
+        warnings.warn(f"{token}: {len(duplicates)} lines repeat an id already read and were skipped (line "
+                      f"{duplicates[0]}{', ...' if len(duplicates) > 1 else ''})", stacklevel=2)
     if bad > 3:
         warnings.warn(f"{token}: {bad} malformed lines skipped in all", stacklevel=2)
-    return _group(pairs, root, _read_split_lists(folder))
+    return _group(pairs, root, _read_split_lists(folder), token)
 
 
 def _find_token_file(folder: Path) -> Path:
@@ -126,7 +158,7 @@ def read_csv(path: Path, images: Path | None = None) -> list[Record]:
     """``image,caption`` CSV with a header row; optional ``split`` column."""
     path = Path(path)
     root = Path(images) if images else _image_root(path.parent)
-    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+    with io.StringIO(read_text(path), newline="") as f:
         reader = csv.reader(f)
         header = [h.strip().lower() for h in next(reader, [])]
         try:
@@ -153,7 +185,7 @@ def read_csv(path: Path, images: Path | None = None) -> list[Record]:
     if bad:
         warnings.warn(f"{path}: {bad} malformed rows skipped", stacklevel=2)
     splits = row_splits or _read_split_lists(path.parent)
-    return _group(pairs, root, splits)
+    return _group(pairs, root, splits, path)
 
 
 def read_jsonl(path: Path, images: Path | None = None) -> list[Record]:
@@ -161,25 +193,28 @@ def read_jsonl(path: Path, images: Path | None = None) -> list[Record]:
     path = Path(path)
     root = Path(images) if images else path.parent
     pairs, splits, bad = [], {}, 0
-    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
-            name = str(obj["image"])
-            caps = obj.get("captions") or [obj["caption"]]
+            name = obj["image"]
+            caps = obj["captions"] if "captions" in obj else [obj["caption"]]
+            caps = [caps] if isinstance(caps, str) else caps
+            if not isinstance(name, str) or not name.strip() or not isinstance(caps, list):
+                raise TypeError
         except (json.JSONDecodeError, KeyError, TypeError):
             bad += 1
             if bad <= 3:
                 warnings.warn(f"{path}:{lineno}: not a JSON object with 'image' and 'caption', skipped",
                               stacklevel=2)
             continue
-        pairs.extend((name, str(c)) for c in caps)
+        pairs.extend((name, c if isinstance(c, str) else "") for c in caps or [""])  # no captions: one empty
         if obj.get("split"):
             splits[name] = _norm_split(obj["split"])
     if bad > 3:
         warnings.warn(f"{path}: {bad} malformed lines skipped in all", stacklevel=2)
-    return _group(pairs, root, splits)
+    return _group(pairs, root, splits, path)
 
 
 def read_karpathy(path: Path, images: Path | None = None) -> list[Record]:
@@ -189,18 +224,25 @@ def read_karpathy(path: Path, images: Path | None = None) -> list[Record]:
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"{path}: not a Karpathy split file (no 'images' list)")
     root = Path(images) if images else _image_root(path.parent)
-    records = []
+    pairs, splits, bad = [], {}, 0
     for img in data["images"]:
-        name = img.get("filename")
-        if not name:
+        name = img.get("filename") if isinstance(img, dict) else None
+        sentences = img.get("sentences", []) if isinstance(img, dict) else None
+        if not isinstance(name, str) or not name or not isinstance(sentences, list):
+            bad += 1
             continue
-        sub = img.get("filepath", "")
-        caps = [" ".join((s.get("raw") or " ".join(s.get("tokens", []))).split())
-                for s in img.get("sentences", [])]
-        caps = [c for c in caps if c]
-        if caps:
-            records.append(Record(root / sub / name, caps, _norm_split(img.get("split", ""))))
-    return records
+        name = str(Path(str(img.get("filepath") or "")) / name)
+        for sent in sentences:
+            sent = sent if isinstance(sent, dict) else {}
+            raw = sent.get("raw")
+            if not isinstance(raw, str):
+                tokens = sent.get("tokens")
+                raw = " ".join(t for t in tokens if isinstance(t, str)) if isinstance(tokens, list) else ""
+            pairs.append((name, raw))
+        splits[name] = _norm_split(img.get("split", ""))
+    if bad:
+        warnings.warn(f"{path}: {bad} entries of 'images' without a filename or sentences skipped", stacklevel=2)
+    return _group(pairs, root, splits, path)
 
 
 def read_coco(path: Path, images: Path | None = None) -> list[Record]:
@@ -219,10 +261,15 @@ def read_coco(path: Path, images: Path | None = None) -> list[Record]:
         base = f.parent.parent if f.parent.name == "annotations" else f.parent
         root = Path(images) if images else next(
             (p for p in (base / stem, base / "images" / stem, base / "images") if p.is_dir()), base)
-        names = {im["id"]: im["file_name"] for im in data["images"]}
-        pairs = [(names[a["image_id"]], a.get("caption", "")) for a in data["annotations"]
-                 if a.get("image_id") in names]
-        records += _group(pairs, root, {n: split for n in names.values()})
+        names = {im["id"]: im["file_name"] for im in data["images"]
+                 if isinstance(im, dict) and isinstance(im.get("file_name"), str) and "id" in im}
+        notes = [a for a in data["annotations"] if isinstance(a, dict)]
+        pairs = [(names[a["image_id"]], a["caption"] if isinstance(a.get("caption"), str) else "")
+                 for a in notes if a.get("image_id") in names]
+        if len(pairs) < len(data["annotations"]) or len(names) < len(data["images"]):
+            warnings.warn(f"{f}: {len(data['annotations']) - len(pairs)} annotations and "
+                          f"{len(data['images']) - len(names)} images malformed or unmatched, skipped", stacklevel=2)
+        records += _group(pairs, root, {n: split for n in names.values()}, f)
     return records
 
 
@@ -237,7 +284,7 @@ def _norm_split(s: str) -> str:
 
 def _load_json(path: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8", errors="replace"))
+        return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
@@ -279,7 +326,8 @@ def detect(path: Path) -> tuple[str, Path]:
         raise DataError(f"{path}: JSON is neither a Karpathy split file nor COCO annotations")
     if ".token" in path.name:
         return "flickr", path
-    first = path.open(encoding="utf-8", errors="replace").readline()
+    with path.open("rb") as f:
+        first = f.read(65536).decode("utf-8-sig", errors="replace").split("\n", 1)[0]
     if "\t" in first and "#" in first.split("\t")[0]:
         return "flickr", path
     return "csv", path
