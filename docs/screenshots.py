@@ -27,11 +27,11 @@ def main() -> None:
         db = Path(tmp) / "photos.sqlite"
         subprocess.run([sys.executable, "-m", "captioner", "index", str(ROOT / "examples"), "--db", str(db),
                         "--quiet"], check=True)
-        with serve_in_background("--db", str(db)) as url:
+        with serve_in_background("--db", str(db)) as server:
             with sync_playwright() as pw:
                 browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=FLAGS)
                 page = browser.new_page(viewport={"width": 1100, "height": 800})
-                page.goto(url)
+                page.goto(server.url)
                 page.wait_for_selector("#status:has-text('model:')")
                 page.set_input_files("#file-input", [str(ROOT / "examples" / n) for n in ("astronaut.jpg",
                                                                                           "grace_hopper.jpg")])

@@ -32,8 +32,8 @@ def server(trained, shapes, tmp_path):
         Image.open(p).save(folder / p.name)
     db = tmp_path / "photos.sqlite"
     index_folders(Captioner.load(trained / "best", device="cpu"), [folder], db, progress=False)
-    with serve_in_background("--model", str(trained / "best"), "--db", str(db)) as url:
-        yield url
+    with serve_in_background("--model", str(trained / "best"), "--db", str(db)) as server:
+        yield server.url
 
 
 def test_upload_caption_and_search_in_chromium(server, shapes, tmp_path):

@@ -103,3 +103,44 @@ def test_page_is_self_contained(client):
         assert client.get(asset).status_code == 200
     page = html + client.get("/static/app.js").text + client.get("/static/style.css").text
     assert "http://" not in page and "https://" not in page  # no CDN, no outside resource
+
+
+@pytest.mark.parametrize("path", [
+    "/static/%2e%2e/%2e%2e/%2e%2e/pyproject.toml", "/static/..%2f..%2f..%2fpyproject.toml", "/static/%2e%2e%2fapp.py",
+    "/static/....//....//pyproject.toml", "/api/thumb/%2e%2e", "/api/thumb/-1", "/static//etc/passwd", "/static/%00"])
+def test_no_path_traversal(client, path):
+    r = client.get(path)
+    assert r.status_code in (400, 404, 422), path
+    assert b"[project]" not in r.content and b"root:" not in r.content and b"import" not in r.content
+
+
+def test_a_busy_model_answers_503_with_retry_after(library):
+    import threading
+    import time
+
+    cap, db = library
+
+    class Slow:  # the real captioner, slowed down: one request holds the model for a while
+        def __getattr__(self, name):
+            return getattr(cap, name)
+
+        def caption_tensor(self, x, **kw):
+            time.sleep(1.0)
+            return cap.caption_tensor(x, **kw)
+
+    c = TestClient(create_app(Slow(), db, queue_timeout=0.1))
+    statuses = []
+
+    def post():
+        r = c.post("/api/caption", files={"file": ("red.png", png_bytes(), "image/png")})
+        statuses.append((r.status_code, r.headers.get("retry-after"), r.json()))
+
+    threads = [threading.Thread(target=post) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    codes = sorted(s for s, _, _ in statuses)
+    assert codes == [200, 503]
+    busy = next(x for x in statuses if x[0] == 503)
+    assert busy[1] == "5" and "busy" in busy[2]["detail"]

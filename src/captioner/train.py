@@ -18,6 +18,7 @@ import contextlib
 import csv
 import math
 import os
+import pickle
 import random
 import time
 import warnings
@@ -35,7 +36,7 @@ from captioner import metrics
 from captioner.data.batching import LengthBucketSampler
 from captioner.data.features import cached_features, extract_features
 from captioner.data.images import open_rgb, train_transform
-from captioner.data.records import Record, assign_splits, check_images, load_records, split_records
+from captioner.data.records import DataError, Record, assign_splits, check_images, load_records, split_records
 from captioner.data.vocab import Vocabulary
 from captioner.decode import search
 from captioner.model.encoder import weights_digest
@@ -255,7 +256,20 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Read a checkpoint with ``weights_only=True``: tensors and plain data, never code. Anything
+    else (a pickle from elsewhere, a damaged file) is refused in one line."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise DataError(f"{path}: holds objects other than tensors and plain data; captioner refuses to "
+                        "unpickle it, because unpickling can run arbitrary code") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise DataError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:200]})") from None
+    needed = {"epoch", "optimizer", "scheduler", "history", "best", "best_epoch"}
+    missing = needed - set(state) if isinstance(state, dict) else needed
+    if missing:
+        raise DataError(f"{path}: not a captioner checkpoint (it lacks {', '.join(sorted(missing))})")
+    return state
 
 
 def _plain(args: Namespace) -> dict:

@@ -8,7 +8,9 @@
     GET  /openapi.json      the API schema
 
 Errors are JSON ``{"detail": "..."}`` with a 4xx status: 413 for uploads over the byte or pixel
-limits, 415 for files that are not images, 404 for unknown photos or when no library is loaded.
+limits, 415 for files that are not images, 404 for unknown photos or when no library is loaded,
+503 (with Retry-After) when the model is busy for longer than the queue timeout or more than 64
+connections are open.
 Everything the page needs is served from here: it works with no network at all.
 """
 
@@ -23,6 +25,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -38,8 +41,10 @@ STATIC = Path(__file__).parent / "static"
 
 
 def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0, max_pixels: int = 40_000_000,
-               max_files: int = 16) -> FastAPI:
-    """The app, around a loaded `Captioner` (loaded once, shared by every request)."""
+               max_files: int = 16, queue_timeout: float = 30.0) -> FastAPI:
+    """The app, around a loaded `Captioner` (loaded once, shared by every request). A caption
+    request that waits more than `queue_timeout` seconds for the model gets a 503 with
+    Retry-After rather than an ever longer queue."""
     app = FastAPI(title="captioner", version="0.1.0", docs_url=None, redoc_url=None,  # Swagger UI needs a CDN
                   description="Caption photos with a CNN + LSTM model, and search a captioned photo library.")
     lock = threading.Lock()  # one inference at a time: the CPU's threads are already all in use
@@ -79,8 +84,14 @@ def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0
         if not images:  # nothing usable: the request as a whole fails, with the first reason
             first = results[0]
             raise HTTPException(first["status"], first["error"])
-        with lock, torch.inference_mode():
-            out = captioner.caption_tensor(torch.stack([x for _, x in images]))
+        if not lock.acquire(timeout=queue_timeout):
+            raise HTTPException(503, f"busy: no turn at the model within {queue_timeout:g} s; try again",
+                                headers={"Retry-After": "5"})
+        try:
+            with torch.inference_mode():
+                out = captioner.caption_tensor(torch.stack([x for _, x in images]))
+        finally:
+            lock.release()
         for (i, _), r in zip(images, out):
             results[i].update(caption=r["caption"], logprob=r["logprob"], alternatives=r["alternatives"])
         for r in results:
@@ -130,14 +141,22 @@ def serve(captioner, db: Path | None, host: str = "127.0.0.1", port: int = 8000)
 
     if db is not None and not Path(db).is_file():
         raise LibraryError(f"{db}: no such database (make one with: captioner index FOLDER --db {db})")
-    uvicorn.run(create_app(captioner, db), host=host, port=port, log_level="info")
+    # bounded: at most 64 connections at once (more get 503), idle keep-alive connections closed after 5 s
+    uvicorn.run(create_app(captioner, db), host=host, port=port, log_level="info", limit_concurrency=64,
+                timeout_keep_alive=5)
 
+
+
+@dataclass
+class Served:
+    url: str  # http://127.0.0.1:PORT
+    pid: int  # the server's process
 
 
 @contextlib.contextmanager
-def serve_in_background(*args: str, timeout: float = 120.0) -> Iterator[str]:
-    """`captioner serve ARGS...` in a child process on a free local port; yields its URL once
-    /health answers, and stops it afterwards (for tests and scripts)."""
+def serve_in_background(*args: str, timeout: float = 120.0) -> Iterator[Served]:
+    """`captioner serve ARGS...` in a child process on a free local port; yields its URL and
+    process id once /health answers, and stops it afterwards (for tests and scripts)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -154,7 +173,7 @@ def serve_in_background(*args: str, timeout: float = 120.0) -> Iterator[str]:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"captioner serve {' '.join(args)} did not start") from None
                 time.sleep(0.25)
-        yield url
+        yield Served(url, proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=10)

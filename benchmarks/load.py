@@ -1,0 +1,139 @@
+"""A bounded load test of `captioner serve` on loopback.
+
+    python benchmarks/load.py                          # 8 clients, 500 requests, the shipped model
+    python benchmarks/load.py --clients 8 --requests 500 --model runs/NAME/best --json
+
+Starts the server in a child process, warms it up, then has CLIENTS threads send REQUESTS
+requests in all: most upload a real photo to POST /api/caption (expecting 200 and a caption),
+one in ten uploads a file that is not an image (expecting a 415 JSON error), and one in ten asks
+GET /health. A request fails when the status or the body is not the expected one, or the
+connection breaks. The server's resident memory is read from /proc every 25 requests, so a leak
+shows as growth from the first reading to the last. Prints a table (and appends it to
+benchmarks/RESULTS.md unless --no-record); --json prints one JSON object on the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def multipart(name: str, data: bytes) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def one_request(url: str, k: int, photo: bytes) -> tuple[bool, float, str]:
+    """Request number k -> (as expected, seconds, what went wrong)."""
+    kind = "health" if k % 10 == 5 else "bad" if k % 10 == 9 else "photo"
+    if kind == "health":
+        req = urllib.request.Request(url + "/health")
+        expect = 200
+    else:
+        body, ctype = multipart("photo.jpg" if kind == "photo" else "notes.jpg",
+                                photo if kind == "photo" else b"these are my notes, not a photo")
+        req = urllib.request.Request(url + "/api/caption", data=body, headers={"Content-Type": ctype})
+        expect = 200 if kind == "photo" else 415
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            status, payload = r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        status, payload = e.code, json.loads(e.read() or b"{}")
+    except OSError as e:
+        return False, time.perf_counter() - t0, f"{kind}: {e}"
+    seconds = time.perf_counter() - t0
+    if status != expect:
+        return False, seconds, f"{kind}: status {status}, expected {expect}"
+    if kind == "photo" and not payload.get("results", [{}])[0].get("caption"):
+        return False, seconds, f"{kind}: no caption in {payload}"
+    if kind == "bad" and "detail" not in payload:
+        return False, seconds, f"{kind}: no JSON error in {payload}"
+    return True, seconds, ""
+
+
+def run(model: str | None, clients: int, requests: int, photo: Path) -> dict:
+    from captioner.server.app import serve_in_background
+
+    data = photo.read_bytes()
+    args = ["--model", model] if model else []
+    with serve_in_background(*args) as server:
+        for _ in range(5):  # warm-up: the first requests load lazily initialised parts
+            one_request(server.url, 0, data)
+        rss = [rss_mb(server.pid)]
+        lock, done, results = threading.Lock(), [0], []
+
+        def task(k: int) -> tuple[bool, float, str]:
+            out = one_request(server.url, k, data)
+            with lock:
+                done[0] += 1
+                if done[0] % 25 == 0:
+                    rss.append(rss_mb(server.pid))
+            return out
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            results = list(pool.map(task, range(requests)))
+        wall = time.perf_counter() - t0
+        rss.append(rss_mb(server.pid))
+    lat = sorted(s for _, s, _ in results)
+    failures = [why for ok, _, why in results if not ok]
+    return {"clients": clients, "requests": requests, "failed": len(failures), "first_failures": failures[:5],
+            "seconds": round(wall, 2), "requests_per_s": round(requests / wall, 1),
+            "p50_ms": round(statistics.median(lat) * 1000, 1),
+            "p95_ms": round(lat[int(0.95 * (len(lat) - 1))] * 1000, 1),
+            "rss_first_mb": round(rss[0], 1), "rss_max_mb": round(max(rss), 1), "rss_last_mb": round(rss[-1], 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="model folder (default: the shipped model)")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=500)
+    ap.add_argument("--photo", type=Path, default=ROOT / "examples" / "coffee.jpg")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    a = ap.parse_args()
+    r = run(a.model, a.clients, a.requests, a.photo)
+    lines = [f"Model: {a.model or 'shipped'}; {r['clients']} concurrent clients, {r['requests']} requests (8 in 10 "
+             "upload a photo, 1 in 10 a non-image expecting 415, 1 in 10 GET /health), loopback.", "",
+             "| failed | requests/s | p50 | p95 | server RSS after warm-up -> peak -> end |", "|---|---|---|---|---|",
+             f"| **{r['failed']}** | {r['requests_per_s']} | {r['p50_ms']} ms | {r['p95_ms']} ms | "
+             f"{r['rss_first_mb']:,.0f} -> {r['rss_max_mb']:,.0f} -> {r['rss_last_mb']:,.0f} MB |"]
+    if r["first_failures"]:
+        lines += ["", "First failures: " + "; ".join(r["first_failures"])]
+    if not a.no_record:
+        import torch
+        from bench import report
+
+        report("Server under load", lines, torch.device("cpu"))
+    else:
+        print("\n".join(lines))
+    if a.json:
+        print(json.dumps(r))
+    sys.exit(1 if r["failed"] else 0)
+
+
+if __name__ == "__main__":
+    main()
