@@ -47,6 +47,7 @@ def test_caption_beam_json_has_alternatives(trained, shapes, capsys):
     (["caption", EXAMPLES, "--model", "no/such/model"], "no/such/model: not a model folder"),
     (["train", "--data", "no/such/data", "--out", "x"], "no/such/data: no such file or folder"),
     (["evaluate", "--data", "no/such/data"], "no/such/data: no such file or folder"),
+    (["caption", EXAMPLES, "--nproc", "2"], "--nproc N needs --out FILE"),
 ])
 def test_user_mistakes_are_one_line_no_traceback(args, message, tmp_path):
     r = run_cli(*args, cwd=tmp_path)

@@ -2,7 +2,6 @@
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +52,8 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, sh
     which every process keeps for its own batches)."""
     same = ["--data", shapes, *TINY, "--batch-size", "16", "--epochs", "2", "--dropout", "0", "--head", "mlp",
             "--precision", "fp32", "--max-images", "60", "--val-images", "8"]
-    r1 = train(*same, "--out", tmp_path / "one", "--accum", "2")
+    # each run extracts its own features (the shared test cache may hold bf16 ones of other tests)
+    r1 = train(*same, "--out", tmp_path / "one", "--accum", "2", "--cache-dir", tmp_path / "cache1")
     assert r1.returncode == 0, r1.stderr[-3000:]
     r2 = train(*same, "--out", tmp_path / "two", "--nproc", "2", "--cache-dir", tmp_path / "cache2")
     assert r2.returncode == 0, r2.stderr[-3000:]
@@ -61,7 +61,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, sh
     entries = sorted((tmp_path / "cache2" / "features").glob("*.npy"))
     assert len(entries) == 2 and not list((tmp_path / "cache2" / "features").glob("*.shares"))
     for entry in entries:
-        one = np.load(Path(os.environ["CAPTIONER_CACHE"]) / "features" / entry.name)
+        one = np.load(tmp_path / "cache1" / "features" / entry.name)
         assert np.allclose(np.load(entry).astype(np.float32), one.astype(np.float32), atol=2e-3)
     w1 = load_file(tmp_path / "one" / "last" / "model.safetensors")
     w2 = load_file(tmp_path / "two" / "last" / "model.safetensors")
@@ -69,7 +69,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, sh
     for k in w1:
         assert torch.allclose(w1[k].float(), w2[k].float(), rtol=1e-3, atol=2e-4), k  # features: 1 fp16 ulp apart
     # and the comparison can tell: one process without accumulation takes other steps
-    r3 = train(*same, "--out", tmp_path / "plain")
+    r3 = train(*same, "--out", tmp_path / "plain", "--cache-dir", tmp_path / "cache1")
     assert r3.returncode == 0, r3.stderr[-3000:]
     w3 = load_file(tmp_path / "plain" / "last" / "model.safetensors")
     assert not all(torch.allclose(w1[k].float(), w3[k].float(), rtol=1e-3, atol=2e-4) for k in w1)

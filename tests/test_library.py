@@ -153,3 +153,20 @@ def test_caption_cli_out_file(trained, photos, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "12 captioned" in err and "broken.jpg" in err
     assert len(out.read_text().splitlines()) == 12
+
+
+def test_search_works_while_an_index_run_is_writing(cap, photos, tmp_path):
+    import sqlite3
+
+    db = tmp_path / "lib.sqlite"
+    index_folders(cap, [photos], db, progress=False)
+    assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    writer = sqlite3.connect(db, isolation_level=None, timeout=0)
+    writer.execute("BEGIN IMMEDIATE")  # an indexer in the middle of a batch holds the write lock
+    writer.execute("DELETE FROM photos")  # its uncommitted work is invisible to readers
+    try:
+        hits = search(db, "circle", limit=50)
+        assert hits and len(hits) == len({h["path"] for h in hits})
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()

@@ -115,6 +115,7 @@ def cached_features(model, paths: Sequence[Path], cache_dir: Path | None = None,
     h = hashlib.sha256(json.dumps({
         "version": CACHE_VERSION, "encoder": model.encoder.identity, "size": cfg.image_size,
         "mean": list(cfg.mean), "std": list(cfg.std), "kind": model.decoder.feature_kind,
+        "precision": kw.get("precision", "fp32"),  # bf16 and fp32 features differ slightly: never mixed
     }, sort_keys=True).encode())
     for p in tqdm(paths, desc="hashing images", unit="img", leave=False,
                   disable=not (kw.get("progress", True) and dist.main)):
