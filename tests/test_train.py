@@ -93,3 +93,19 @@ def test_validation_with_beam_search(tmp_path, shapes):
     assert main(["train", "--data", str(shapes), "--out", str(out), "--epochs", "1", "--max-images", "20",
                  "--val-images", "6", "--val-beam-size", "3", *TINY]) == 0
     assert json.loads((out / "best" / "config.json").read_text())["extra"]["val"]["decode"].startswith("beam 3")
+
+
+@pytest.mark.parametrize("decoder", ["show_tell", "attention"])
+def test_gru_decoders_train_save_and_load(tmp_path, shapes, decoder):
+    out = tmp_path / decoder
+    assert main(["train", "--data", str(shapes), "--out", str(out), "--epochs", "3", "--max-images", "40",
+                 "--val-images", "6", "--decoder", decoder, "--rnn", "gru", *TINY]) == 0
+    cfg = json.loads((out / "last" / "config.json").read_text())
+    assert cfg["rnn"] == "gru"
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    weights = load_file(out / "last" / "model.safetensors")
+    assert not any("init_c" in k for k in weights)  # no cell state to initialise
+    cap = Captioner.load(out / "last", device="cpu")
+    img = sorted(shapes.parent.glob("*.png"))[0]
+    assert cap.caption(img, beam_size=3) and cap.caption(img, beam_size=1)  # beams reorder a GRU state too

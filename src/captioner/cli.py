@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embed-dim", type=int, default=512)
     p.add_argument("--hidden-dim", type=int, default=512)
     p.add_argument("--num-layers", type=int, default=1)
+    p.add_argument("--rnn", default="lstm", choices=("lstm", "gru"), help="the decoder's recurrent cell")
     p.add_argument("--dropout", type=float, default=0.5)
     p.add_argument("--attention-dim", type=int, default=512, help="attention layer size (attention)")
     p.add_argument("--alpha-c", type=float, default=1.0, help="doubly stochastic penalty weight (attention)")

@@ -298,7 +298,7 @@ def build_model(args: Namespace, train_recs: list[Record], ckpt: dict | None) ->
     else:
         vocab = Vocabulary.build((c for r in train_recs for c in r.captions), args.min_count)
         cfg = ModelConfig.for_encoder(
-            args.encoder, len(vocab), args.image_size, decoder=args.decoder, head=args.head,
+            args.encoder, len(vocab), args.image_size, decoder=args.decoder, head=args.head, rnn=args.rnn,
             embed_dim=args.embed_dim, hidden_dim=args.hidden_dim, num_layers=args.num_layers, dropout=args.dropout,
             attention_dim=args.attention_dim, alpha_c=args.alpha_c, max_len=args.max_words)
         model = CaptionModel.create(cfg, args.encoder_weights)

@@ -29,7 +29,7 @@ from torch import nn
 @dataclass
 class AttentionState:
     h: torch.Tensor  # (B*K, hidden)
-    c: torch.Tensor  # (B*K, hidden)
+    c: torch.Tensor | None  # (B*K, hidden); None for a GRU
     cells: torch.Tensor  # (B, P, D) projected encoder cells, one copy per image
     keys: torch.Tensor  # (B, P, A) their attention projection U a_i
     alpha: torch.Tensor | None = None  # (B*K, P) the last step's attention weights
@@ -39,18 +39,20 @@ class AttentionDecoder(nn.Module):
     feature_kind = "spatial"  # wants encoder features of shape (B, P, C)
 
     def __init__(self, vocab_size: int, feat_dim: int, embed_dim: int = 512, hidden_dim: int = 512,
-                 attention_dim: int = 512, dropout: float = 0.5, alpha_c: float = 1.0):
+                 attention_dim: int = 512, dropout: float = 0.5, alpha_c: float = 1.0, rnn: str = "lstm"):
         super().__init__()
+        if rnn not in ("lstm", "gru"):
+            raise ValueError(f"unknown rnn {rnn!r}; choose from lstm, gru")
         self.alpha_c = alpha_c
         self.proj = nn.Sequential(nn.Linear(feat_dim, hidden_dim), nn.ReLU())
         self.init_h = nn.Linear(hidden_dim, hidden_dim)
-        self.init_c = nn.Linear(hidden_dim, hidden_dim)
+        self.init_c = nn.Linear(hidden_dim, hidden_dim) if rnn == "lstm" else None  # a GRU has no cell state
         self.att_cells = nn.Linear(hidden_dim, attention_dim)  # U
         self.att_hidden = nn.Linear(hidden_dim, attention_dim)  # W
         self.att_score = nn.Linear(attention_dim, 1)  # w
         self.gate = nn.Linear(hidden_dim, hidden_dim)  # f
         self.embed = nn.Embedding(vocab_size, embed_dim)
-        self.cell = nn.LSTMCell(embed_dim + hidden_dim, hidden_dim)
+        self.cell = (nn.LSTMCell if rnn == "lstm" else nn.GRUCell)(embed_dim + hidden_dim, hidden_dim)
         self.ctx_out = nn.Linear(hidden_dim, embed_dim)  # L_z
         self.h_out = nn.Linear(hidden_dim, embed_dim)  # L_h
         self.drop = nn.Dropout(dropout)
@@ -62,7 +64,8 @@ class AttentionDecoder(nn.Module):
         """feats (B, P, C) -> the state before the first word."""
         cells = self.proj(feats.float())  # (B, P, D)
         mean = cells.mean(dim=1)  # (B, D)
-        h, c = torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))
+        h = torch.tanh(self.init_h(mean))
+        c = torch.tanh(self.init_c(mean)) if self.init_c is not None else None
         return AttentionState(h, c, cells, self.att_cells(cells))
 
     def attend(self, s: AttentionState) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +82,11 @@ class AttentionDecoder(nn.Module):
     def _advance(self, tokens: torch.Tensor, s: AttentionState) -> tuple[torch.Tensor, AttentionState]:
         emb = self.embed(tokens)  # (N, E)
         context, alpha = self.attend(s)
-        h, c = self.cell(torch.cat([emb, context], dim=1), (s.h, s.c))
+        x = torch.cat([emb, context], dim=1)
+        if s.c is None:  # GRU
+            h, c = self.cell(x, s.h), None
+        else:
+            h, c = self.cell(x, (s.h, s.c))
         logits = self.out(self.drop(emb + self.h_out(h) + self.ctx_out(context)))  # (N, V)
         return logits, AttentionState(h, c, s.cells, s.keys, alpha)
 
@@ -113,6 +120,6 @@ class AttentionDecoder(nn.Module):
         """Keep/reorder rows of the LSTM state. `index` never moves a row to another image (see
         decode.py), so the per-image cells and keys stay as they are."""
         alpha = state.alpha.index_select(0, index) if state.alpha is not None else None
-        return AttentionState(state.h.index_select(0, index), state.c.index_select(0, index),
-                              state.cells, state.keys, alpha)
+        c = state.c.index_select(0, index) if state.c is not None else None
+        return AttentionState(state.h.index_select(0, index), c, state.cells, state.keys, alpha)
 

@@ -6,6 +6,7 @@
 
 Training feeds the whole caption at once (teacher forcing, one cuDNN/oneDNN LSTM call);
 decoding calls `start` once and `step` per word, which every search in `decode.py` uses.
+`rnn="gru"` swaps the LSTM for a GRU (no cell state, a third fewer recurrent weights).
 """
 
 from __future__ import annotations
@@ -15,19 +16,22 @@ from torch import nn
 
 from captioner.model.encoder import build_head
 
-State = tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), each (layers, B, hidden)
+State = tuple[torch.Tensor, ...]  # LSTM (h, c) or GRU (h,), each (layers, B, hidden)
+RNNS = {"lstm": nn.LSTM, "gru": nn.GRU}
 
 
 class ShowTellDecoder(nn.Module):
     feature_kind = "pooled"  # wants encoder features of shape (B, C)
 
     def __init__(self, vocab_size: int, feat_dim: int, embed_dim: int = 512, hidden_dim: int = 512,
-                 num_layers: int = 1, dropout: float = 0.5, head: str = "linear_bn"):
+                 num_layers: int = 1, dropout: float = 0.5, head: str = "linear_bn", rnn: str = "lstm"):
         super().__init__()
+        if rnn not in RNNS:
+            raise ValueError(f"unknown rnn {rnn!r}; choose from {', '.join(RNNS)}")
         self.head = build_head(head, feat_dim, embed_dim, dropout)
         self.embed = nn.Embedding(vocab_size, embed_dim)
-        self.lstm = nn.LSTM(embed_dim, hidden_dim, num_layers, batch_first=True,
-                            dropout=dropout if num_layers > 1 else 0.0)
+        self.rnn = RNNS[rnn](embed_dim, hidden_dim, num_layers, batch_first=True,
+                             dropout=dropout if num_layers > 1 else 0.0)
         self.drop = nn.Dropout(dropout)
         self.out = nn.Linear(hidden_dim, vocab_size)
 
@@ -36,19 +40,19 @@ class ShowTellDecoder(nn.Module):
         [w1..w_{T-1}, <end>], and an extra loss term (none here: zero; see attention.py)."""
         img = self.head(feats).unsqueeze(1)  # (B, 1, E)
         x = torch.cat([img, self.embed(tokens)], dim=1)  # (B, T+1, E)
-        h, _ = self.lstm(x)  # (B, T+1, H)
+        h, _ = self.rnn(x)  # (B, T+1, H)
         logits = self.out(self.drop(h[:, 1:]))  # (B, T, V); the output after the image step is unused
         return logits, logits.new_zeros(())
 
     def start(self, feats: torch.Tensor) -> State:
-        """Run the image step: feats (B, C) -> LSTM state."""
-        _, state = self.lstm(self.head(feats).unsqueeze(1))
-        return state
+        """Run the image step: feats (B, C) -> recurrent state."""
+        _, state = self.rnn(self.head(feats).unsqueeze(1))
+        return state if isinstance(state, tuple) else (state,)
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One word: tokens (B,) -> logits (B, V) for the next word, new state."""
-        h, state = self.lstm(self.embed(tokens).unsqueeze(1), state)  # h (B, 1, H)
-        return self.out(h[:, 0]), state
+        h, state = self.rnn(self.embed(tokens).unsqueeze(1), state if len(state) > 1 else state[0])  # (B, 1, H)
+        return self.out(h[:, 0]), state if isinstance(state, tuple) else (state,)
 
     @staticmethod
     def select(state: State, index: torch.Tensor) -> State:

@@ -79,6 +79,8 @@ def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[Captio
         state = load_file(str(folder / WEIGHTS))
     except (SafetensorError, OSError) as e:
         raise ModelError(f"{folder}: {WEIGHTS} is not a readable safetensors file ({e})") from None
+    # folders written before the GRU option named Show-and-Tell's recurrent layer "lstm"
+    state = {k.replace("decoder.lstm.", "decoder.rnn.", 1): v for k, v in state.items()}
 
     in_folder = cfg.encoder_weights == "folder"
     try:

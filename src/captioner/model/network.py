@@ -27,6 +27,7 @@ class ModelConfig:
     feat_dim: int = 1280
     decoder: str = "show_tell"  # or "attention"
     head: str = "linear_bn"  # show_tell only
+    rnn: str = "lstm"  # or "gru"
     embed_dim: int = 512
     hidden_dim: int = 512
     num_layers: int = 1  # show_tell only
@@ -71,10 +72,10 @@ class ModelConfig:
 def build_decoder(cfg: ModelConfig) -> nn.Module:
     if cfg.decoder == "show_tell":
         return ShowTellDecoder(cfg.vocab_size, cfg.feat_dim, cfg.embed_dim, cfg.hidden_dim, cfg.num_layers,
-                               cfg.dropout, cfg.head)
+                               cfg.dropout, cfg.head, cfg.rnn)
     if cfg.decoder == "attention":
         return AttentionDecoder(cfg.vocab_size, cfg.feat_dim, cfg.embed_dim, cfg.hidden_dim, cfg.attention_dim,
-                                cfg.dropout, cfg.alpha_c)
+                                cfg.dropout, cfg.alpha_c, cfg.rnn)
     raise ValueError(f"unknown decoder {cfg.decoder!r}; choose from {', '.join(DECODERS)}")
 
 
