@@ -97,3 +97,16 @@ def test_python_api_accepts_paths_pil_and_lists(trained, shapes):
     assert cap.caption(str(path)) == one
     assert cap.caption(Image.open(path)) == one
     assert cap.caption([path, Image.open(path)]) == [one, one]
+
+
+def test_embeddings_map_and_neighbours(trained, tmp_path, capsys):
+    out = tmp_path / "words.png"
+    assert main(["embeddings", "--model", str(trained / "best"), "--out", str(out), "--words", "20",
+                 "--neighbours", "circle"]) == 0
+    printed = capsys.readouterr().out
+    assert out.stat().st_size > 5000 and Image.open(out).format == "PNG"
+    line = printed.strip().splitlines()[0]
+    assert line.startswith("circle: ") and len(line.split(",")) == 5
+    assert main(["embeddings", "--model", str(trained / "best"), "--out", str(out), "--layer", "input"]) == 0
+    assert main(["embeddings", "--model", str(trained / "best"), "--out", str(out), "--neighbours", "zebra"]) == 2
+    assert "'zebra' is not in the model's vocabulary" in capsys.readouterr().err

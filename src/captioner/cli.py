@@ -66,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     _search(p)
     _common(p)
 
+    # embeddings ------------------------------------------------------------------------------
+    p = sub.add_parser("embeddings", help="draw a 2-D map of the model's word embeddings (PNG)")
+    p.add_argument("--model", type=Path, help="model folder (default: the shipped model)")
+    p.add_argument("--out", type=Path, default=Path("words.png"), help="the PNG to write (default: words.png)")
+    p.add_argument("--words", type=int, default=150, help="how many of the most frequent words (default 150)")
+    p.add_argument("--method", choices=("pca", "tsne"), default="pca", help="tsne needs scikit-learn")
+    p.add_argument("--layer", choices=("output", "input"), default="output",
+                   help="output: each word's row of the last layer (default; clusters by meaning); "
+                        "input: the embedding fed to the LSTM")
+    p.add_argument("--neighbours", nargs="*", default=[], metavar="WORD",
+                   help="also print the 5 nearest words to each WORD (cosine similarity)")
+
     # index, search --------------------------------------------------------------------------
     p = sub.add_parser("index", help="caption every photo under folders into a searchable SQLite database")
     p.add_argument("folders", nargs="+", type=Path)
@@ -315,8 +327,32 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embeddings(a: argparse.Namespace) -> int:
+    from captioner.api import shipped_model_dir
+    from captioner.model.folder import load_model
+    from captioner.viz import embedding_map, nearest_words, plot_embeddings
+
+    model, vocab = load_model(a.model or shipped_model_dir())
+    # output vectors (rows of the last linear layer) by default: on Flickr8k they cluster by meaning
+    # (dog: puppy, pitbull, lab), while the input embeddings stay close to their random start
+    weights = model.decoder.out.weight if a.layer == "output" else model.decoder.embed.weight
+    first = len(vocab.itos) - len(vocab.itos[4:])  # skip <pad> <start> <end> <unk>
+    words = vocab.itos[first:first + a.words]  # the vocabulary is ordered by frequency
+    try:
+        points = embedding_map(weights[first:first + a.words], words, a.method)
+        plot_embeddings(points, words, a.out, f"{len(words)} most frequent words, {a.method.upper()} of the "
+                                               f"{a.layer} word vectors ({a.model or 'shipped model'})")
+        for word in a.neighbours:
+            near = ", ".join(f"{w} {s:.2f}" for w, s in nearest_words(weights, vocab.itos, word))
+            print(f"{word}: {near}")
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    print(f"word map: {a.out}", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {"caption": cmd_caption, "index": cmd_index, "search": cmd_search, "serve": cmd_serve,
-            "train": cmd_train, "evaluate": cmd_evaluate}
+            "train": cmd_train, "evaluate": cmd_evaluate, "embeddings": cmd_embeddings}
 
 
 def _torchrun(nproc: int, argv: list[str]) -> int:

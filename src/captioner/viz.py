@@ -62,3 +62,46 @@ def draw_attention(image: Image.Image, words: list[str], alpha: torch.Tensor, pa
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def embedding_map(weights: torch.Tensor, words: list[str], method: str = "pca", seed: int = 0) -> np.ndarray:
+    """Word embeddings (N, E) -> 2-D points (N, 2): PCA (the two directions of largest variance),
+    or t-SNE (scikit-learn), which keeps neighbours together at the cost of global distances."""
+    x = weights.detach().float().cpu()
+    x = x - x.mean(dim=0)
+    if method == "pca":
+        _, _, v = torch.linalg.svd(x, full_matrices=False)
+        return (x @ v[:2].T).numpy()
+    if method == "tsne":
+        try:
+            from sklearn.manifold import TSNE
+        except ImportError:
+            raise ValueError("--method tsne needs scikit-learn (pip install scikit-learn); --method pca does not") \
+                from None
+        perplexity = min(30.0, max(2.0, (len(words) - 1) / 3))
+        return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x.numpy())
+    raise ValueError(f"unknown method {method!r}; choose pca or tsne")
+
+
+def nearest_words(weights: torch.Tensor, itos: list[str], word: str, k: int = 5) -> list[tuple[str, float]]:
+    """The k words whose embeddings are closest to `word`'s by cosine similarity."""
+    if word not in itos:
+        raise ValueError(f"{word!r} is not in the model's vocabulary")
+    w = F.normalize(weights.detach().float(), dim=1)
+    sims = w @ w[itos.index(word)]
+    order = [i for i in sims.argsort(descending=True).tolist() if itos[i] != word and not itos[i].startswith("<")]
+    return [(itos[i], round(float(sims[i]), 3)) for i in order[:k]]
+
+
+def plot_embeddings(points: np.ndarray, words: list[str], path: Path, title: str = "") -> None:
+    """A labelled scatter of 2-D word positions."""
+    plt = _pyplot()
+    size = 8 + len(words) / 25
+    fig, ax = plt.subplots(figsize=(size, size * 0.75))
+    ax.scatter(points[:, 0], points[:, 1], s=8, c="#4a78c2", alpha=0.6)
+    for (x, y), w in zip(points, words):
+        ax.annotate(w, (x, y), fontsize=8, xytext=(2, 2), textcoords="offset points")
+    ax.set(title=title, xticks=[], yticks=[])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
