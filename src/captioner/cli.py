@@ -15,14 +15,15 @@ from pathlib import Path
 
 from captioner.data.images import ImageError
 from captioner.data.records import FORMATS, DataError
+from captioner.export import ExportError
 from captioner.library import LibraryError
 from captioner.model.encoder import BACKBONES, HEADS, EncoderError
 from captioner.model.folder import ModelError
 from captioner.model.network import DECODERS
 from captioner.runtime import PRECISIONS
 
-USER_ERRORS = (DataError, ImageError, ModelError, EncoderError, LibraryError, FileNotFoundError, NotADirectoryError,
-               PermissionError, ValueError)
+USER_ERRORS = (DataError, ExportError, ImageError, ModelError, EncoderError, LibraryError, FileNotFoundError,
+               NotADirectoryError, PermissionError, ValueError)
 
 
 def _one_line_warnings() -> None:
@@ -77,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "input: the embedding fed to the LSTM")
     p.add_argument("--neighbours", nargs="*", default=[], metavar="WORD",
                    help="also print the 5 nearest words to each WORD (cosine similarity)")
+
+    # export ----------------------------------------------------------------------------------
+    p = sub.add_parser("export", help="export a model as ONNX or TorchScript graphs (start + one decoder step)")
+    p.add_argument("--model", type=Path, help="model folder (default: the shipped model)")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    p.add_argument("--out", type=Path, required=True, help="the folder to write")
 
     # index, search --------------------------------------------------------------------------
     p = sub.add_parser("index", help="caption every photo under folders into a searchable SQLite database")
@@ -351,8 +358,17 @@ def cmd_embeddings(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from captioner.api import shipped_model_dir
+    from captioner.export import export_model
+
+    out = export_model(a.model or shipped_model_dir(), a.out, a.format)
+    print(f"{a.format} export of {a.model or 'the shipped model'}: {out}", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {"caption": cmd_caption, "index": cmd_index, "search": cmd_search, "serve": cmd_serve,
-            "train": cmd_train, "evaluate": cmd_evaluate, "embeddings": cmd_embeddings}
+            "train": cmd_train, "evaluate": cmd_evaluate, "embeddings": cmd_embeddings, "export": cmd_export}
 
 
 def _torchrun(nproc: int, argv: list[str]) -> int:
