@@ -9,9 +9,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from synthetic import make_dataset  # noqa: E402
-
 from captioner.cli import main  # noqa: E402
+from captioner.data.synthetic import make_dataset  # noqa: E402
 
 # Small and fast: 96 px images, a 128-unit LSTM. Lite0 keeps its real ImageNet weights.
 TINY = ["--image-size", "96", "--embed-dim", "64", "--hidden-dim", "128", "--dropout", "0.1",

@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import TINY
 from safetensors.torch import load_file
-from synthetic import COLOURS, SHAPES
 
 from captioner import Captioner
 from captioner.cli import main
 from captioner.data.records import load_records
+from captioner.data.synthetic import COLOURS, SHAPES
 
 
 def test_tiny_model_learns_to_caption_held_out_images(trained, shapes):

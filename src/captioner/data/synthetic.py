@@ -1,4 +1,5 @@
-"""A small synthetic captioned dataset: one coloured shape on a plain background per image.
+"""A small synthetic captioned dataset: one coloured shape on a plain background per image (the
+tests and the walkthrough notebook use it when no real data is at hand).
 
 Captions are templated from what is drawn ("a red circle on a blue background"), so a model that
 really learns from pixels can be checked word by word on held-out images.
