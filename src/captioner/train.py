@@ -131,7 +131,8 @@ def caption_loss(logits: torch.Tensor, targets: torch.Tensor, pad: int = 0) -> t
 
 
 def train_one_epoch(model, batches, optimizer, device, precision: str, clip: float, epoch: int,
-                    images: bool = False, progress: bool = True, dist: Dist | None = None, accum: int = 1) -> float:
+                    images: bool = False, progress: bool = True, dist: Dist | None = None, accum: int = 1,
+                    total: int | None = None) -> float:
     """`batches` yields (features, tokens), or (images, tokens) when `images` (the encoder is
     trained too). `model` is a CaptionModel, or its DistributedDataParallel wrapper. Every `accum`
     batches make one optimiser step on the mean of their losses (gradient accumulation; the
@@ -146,7 +147,8 @@ def train_one_epoch(model, batches, optimizer, device, precision: str, clip: flo
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     params = [p for g in optimizer.param_groups for p in g["params"]]
     total, tokens_seen, captions, t0 = 0.0, 0, 0, time.perf_counter()
-    bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not (progress and dist.main))
+    bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", total=total, leave=False,
+               disable=not (progress and dist.main))
     optimizer.zero_grad(set_to_none=True)
     for i, (x, tok) in enumerate(bar):
         x, tok = x.to(device, non_blocking=True), tok.to(device, non_blocking=True)
@@ -423,7 +425,8 @@ def _fit(args: Namespace, out: Path, dist: Dist, device: torch.device) -> dict:
             else:
                 batches = ((train_feats[rows], tok) for rows, tok in map(train_caps.batch, sampler))
             train_loss = train_one_epoch(net, batches, optimizer, device, precision, args.clip, epoch,
-                                         images=fine_tune, progress=not args.quiet, dist=dist, accum=args.accum)
+                                         images=fine_tune, progress=not args.quiet, dist=dist, accum=args.accum,
+                                         total=len(sampler))
         seconds = time.perf_counter() - t0
         # validation on rank 0; every rank then takes the same scheduler and early-stopping decisions
         val = validate(model, vocab, val_feats, val_caps, scorer, device, precision, max_len=max_words,
