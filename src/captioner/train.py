@@ -136,8 +136,8 @@ def train_one_epoch(model, batches, optimizer, device, precision: str, clip: flo
     """`batches` yields (features, tokens), or (images, tokens) when `images` (the encoder is
     trained too). `model` is a CaptionModel, or its DistributedDataParallel wrapper. Every `accum`
     batches make one optimiser step on the mean of their losses (gradient accumulation; the
-    sampler makes the number of batches a multiple of it). Returns the mean cross-entropy per
-    word (over all ranks)."""
+    sampler makes the number of batches a multiple of it). `total`: how many batches there are,
+    for the progress bar. Returns the mean cross-entropy per word (over all ranks)."""
     dist = dist or Dist()
     core = getattr(model, "module", model)
     model.train()
@@ -146,7 +146,7 @@ def train_one_epoch(model, batches, optimizer, device, precision: str, clip: flo
     # fp16 needs its gradients scaled up so that small ones do not underflow (bf16 does not)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    total, tokens_seen, captions, t0 = 0.0, 0, 0, time.perf_counter()
+    loss_sum, tokens_seen, captions, t0 = 0.0, 0, 0, time.perf_counter()
     bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", total=total, leave=False,
                disable=not (progress and dist.main))
     optimizer.zero_grad(set_to_none=True)
@@ -168,12 +168,12 @@ def train_one_epoch(model, batches, optimizer, device, precision: str, clip: flo
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
         n = tok[:, 1:].ne(0).sum().item()
-        total += loss.item() * n
+        loss_sum += loss.item() * n
         tokens_seen += n
         captions += tok.shape[0] * dist.world
-        bar.set_postfix(loss=f"{total / tokens_seen:.3f}", cap_s=f"{captions / (time.perf_counter() - t0):.0f}")
-    total, tokens_seen = dist.sum([total, tokens_seen])
-    return total / max(tokens_seen, 1)
+        bar.set_postfix(loss=f"{loss_sum / tokens_seen:.3f}", cap_s=f"{captions / (time.perf_counter() - t0):.0f}")
+    loss_sum, tokens_seen = dist.sum([loss_sum, tokens_seen])
+    return loss_sum / max(tokens_seen, 1)
 
 
 @torch.no_grad()
