@@ -121,31 +121,45 @@ def cached_features(model, paths: Sequence[Path], cache_dir: Path | None = None,
                   disable=not (kw.get("progress", True) and dist.main)):
         h.update(file_digest(p).encode() if Path(p).is_file() else b"missing")
     key = h.hexdigest()[:32]
-    npy, meta = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
-    if dist.broadcast(npy.is_file() and meta.is_file()):  # process 0's view decides for everyone
-        info = json.loads(meta.read_text())
-        return np.load(npy, mmap_mode="r"), np.array(info["ok"], dtype=bool), info["errors"]
+    entry = cache_dir / key
+    if dist.broadcast(_has_entry(entry)):  # process 0's view decides for everyone
+        return _read_entry(entry)
 
     if dist.world == 1:
         feats, ok, errors = extract_features(model, paths, **kw)
     else:
         feats, ok, errors = _extract_in_shares(model, paths, cache_dir / f"{key}.shares", dist, **kw)
     if dist.main:
-        tmp = npy.with_name(f"{key}.{os.getpid()}.partial.npy")
-        np.save(tmp, feats)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        meta_tmp = meta.with_suffix(".partial")
-        meta_tmp.write_text(json.dumps({"ok": ok.tolist(), "errors": errors, "count": len(paths),
-                                        "encoder": model.encoder.identity}))
-        os.replace(tmp, npy)
-        os.replace(meta_tmp, meta)
+        _write_entry(entry, feats, ok, errors, encoder=model.encoder.identity)
     dist.barrier()
-    if not npy.is_file():
-        raise DataError(f"{npy}: not there after process 0 wrote it; with several machines, --cache-dir must "
-                        "be a folder they all share")
-    info = json.loads(meta.read_text())
-    return np.load(npy, mmap_mode="r"), np.array(info["ok"], dtype=bool), info["errors"]
+    if not _has_entry(entry):
+        raise DataError(f"{entry}.npy: not there after process 0 wrote it; with several machines, --cache-dir "
+                        "must be a folder they all share")
+    return _read_entry(entry)
+
+
+def _has_entry(entry: Path) -> bool:
+    return entry.with_suffix(".npy").is_file() and entry.with_suffix(".json").is_file()
+
+
+def _write_entry(entry: Path, feats: np.ndarray, ok: np.ndarray, errors: list[str], **info) -> None:
+    """ENTRY.npy (features) and ENTRY.json (ok mask, errors, `info`), each written under a
+    temporary name, synced and renamed: an interrupted write never leaves an entry to be read.
+    The .json is renamed last, and an entry counts only when both are there."""
+    npy_tmp = entry.with_name(f"{entry.name}.{os.getpid()}.partial.npy")
+    np.save(npy_tmp, feats)
+    with open(npy_tmp, "rb") as f:
+        os.fsync(f.fileno())
+    meta_tmp = entry.with_name(f"{entry.name}.{os.getpid()}.partial.json")
+    meta_tmp.write_text(json.dumps({"ok": ok.tolist(), "errors": errors, "count": len(ok), **info}))
+    os.replace(npy_tmp, entry.with_suffix(".npy"))
+    os.replace(meta_tmp, entry.with_suffix(".json"))
+
+
+def _read_entry(entry: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(memory-mapped features, ok mask, errors) of an entry `_write_entry` wrote."""
+    info = json.loads(entry.with_suffix(".json").read_text())
+    return np.load(entry.with_suffix(".npy"), mmap_mode="r"), np.array(info["ok"], dtype=bool), info["errors"]
 
 
 def _extract_in_shares(model, paths: Sequence[Path], folder: Path, dist: Dist, **kw
@@ -153,21 +167,16 @@ def _extract_in_shares(model, paths: Sequence[Path], folder: Path, dist: Dist, *
     """Each process extracts paths[rank::world] into folder/R.npy; process 0 gathers them."""
     folder.mkdir(parents=True, exist_ok=True)
     f, ok, errors = extract_features(model, [paths[i] for i in range(dist.rank, len(paths), dist.world)], **kw)
-    np.save(folder / f"{dist.rank}.partial.npy", f)
-    (folder / f"{dist.rank}.partial.json").write_text(json.dumps({"ok": ok.tolist(), "errors": errors}))
-    os.replace(folder / f"{dist.rank}.partial.npy", folder / f"{dist.rank}.npy")
-    os.replace(folder / f"{dist.rank}.partial.json", folder / f"{dist.rank}.json")
+    _write_entry(folder / str(dist.rank), f, ok, errors)
     dist.barrier()
     if not dist.main:
         return f, ok, errors  # only process 0 assembles the whole
     parts = []
     for rank in range(dist.world):
-        if not (folder / f"{rank}.npy").is_file():
+        if not _has_entry(folder / str(rank)):
             raise DataError(f"{folder}: process {rank}'s features are not there; with several machines, "
                             "--cache-dir must be a folder they all share")
-        info = json.loads((folder / f"{rank}.json").read_text())
-        parts.append((range(rank, len(paths), dist.world), np.load(folder / f"{rank}.npy", mmap_mode="r"),
-                      np.array(info["ok"], dtype=bool), info["errors"]))
+        parts.append((range(rank, len(paths), dist.world), *_read_entry(folder / str(rank))))
     shape = next((part.shape[1:] for _, part, part_ok, _ in parts if part_ok.any()), (1,))
     out, ok_all, errors_all = np.zeros((len(paths), *shape), dtype=np.float16), np.zeros(len(paths), bool), []
     for idx, part, part_ok, part_errors in parts:
