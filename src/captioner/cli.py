@@ -337,20 +337,15 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def cmd_embeddings(a: argparse.Namespace) -> int:
     from captioner.api import shipped_model_dir
     from captioner.model.folder import load_model
-    from captioner.viz import embedding_map, nearest_words, plot_embeddings
+    from captioner.viz import nearest_words, word_map, word_vectors
 
     model, vocab = load_model(a.model or shipped_model_dir())
-    # output vectors (rows of the last linear layer) by default: on Flickr8k they cluster by meaning
-    # (dog: puppy, pitbull, lab), while the input embeddings stay close to their random start
-    weights = model.decoder.out.weight if a.layer == "output" else model.decoder.embed.weight
-    first = len(vocab.itos) - len(vocab.itos[4:])  # skip <pad> <start> <end> <unk>
-    words = vocab.itos[first:first + a.words]  # the vocabulary is ordered by frequency
+    vectors = word_vectors(model, a.layer)
     try:
-        points = embedding_map(weights[first:first + a.words], words, a.method)
-        plot_embeddings(points, words, a.out, f"{len(words)} most frequent words, {a.method.upper()} of the "
-                                               f"{a.layer} word vectors ({a.model or 'shipped model'})")
+        word_map(vectors, vocab.itos, a.out, a.words, a.method,
+                 f"{a.method.upper()} of the {a.layer} word vectors ({a.model or 'shipped model'})")
         for word in a.neighbours:
-            near = ", ".join(f"{w} {s:.2f}" for w, s in nearest_words(weights, vocab.itos, word))
+            near = ", ".join(f"{w} {s:.2f}" for w, s in nearest_words(vectors, vocab.itos, word))
             print(f"{word}: {near}")
     except ValueError as e:
         raise DataError(str(e)) from None

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from captioner.data.vocab import SPECIALS
+
 
 def _pyplot():
     import matplotlib
@@ -83,13 +85,30 @@ def embedding_map(weights: torch.Tensor, words: list[str], method: str = "pca", 
     raise ValueError(f"unknown method {method!r}; choose pca or tsne")
 
 
+def word_vectors(model, layer: str = "output") -> torch.Tensor:
+    """One vector per vocabulary word (V, E). "output": the word's row of the decoder's last layer,
+    which on Flickr8k clusters by meaning (dog: puppy, pitbull, lab); "input": its embedding,
+    which after a few epochs stays close to its random start."""
+    return (model.decoder.out.weight if layer == "output" else model.decoder.embed.weight).detach()
+
+
+def word_map(vectors: torch.Tensor, itos: list[str], path: Path, words: int = 150, method: str = "pca",
+             title: str = "") -> None:
+    """Draw the `words` most frequent words (the vocabulary is ordered by frequency after its four
+    special tokens) at their 2-D positions, titled "N most frequent words, TITLE"."""
+    first = len(SPECIALS)
+    chosen = itos[first:first + words]
+    plot_embeddings(embedding_map(vectors[first:first + words], chosen, method), chosen, path,
+                    f"{len(chosen)} most frequent words, {title}")
+
+
 def nearest_words(weights: torch.Tensor, itos: list[str], word: str, k: int = 5) -> list[tuple[str, float]]:
     """The k words whose embeddings are closest to `word`'s by cosine similarity."""
     if word not in itos:
         raise ValueError(f"{word!r} is not in the model's vocabulary")
     w = F.normalize(weights.detach().float(), dim=1)
     sims = w @ w[itos.index(word)]
-    order = [i for i in sims.argsort(descending=True).tolist() if itos[i] != word and not itos[i].startswith("<")]
+    order = [i for i in sims.argsort(descending=True).tolist() if itos[i] != word and itos[i] not in SPECIALS]
     return [(itos[i], round(float(sims[i]), 3)) for i in order[:k]]
 
 

@@ -47,14 +47,19 @@ class ShowTellDecoder(nn.Module):
     def start(self, feats: torch.Tensor) -> State:
         """Run the image step: feats (B, C) -> recurrent state."""
         _, state = self.rnn(self.head(feats).unsqueeze(1))
-        return state if isinstance(state, tuple) else (state,)
+        return _as_tuple(state)
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One word: tokens (B,) -> logits (B, V) for the next word, new state."""
         h, state = self.rnn(self.embed(tokens).unsqueeze(1), state if len(state) > 1 else state[0])  # (B, 1, H)
-        return self.out(h[:, 0]), state if isinstance(state, tuple) else (state,)
+        return self.out(h[:, 0]), _as_tuple(state)
 
     @staticmethod
     def select(state: State, index: torch.Tensor) -> State:
         """Keep/reorder rows of a state (beam search)."""
         return tuple(s.index_select(1, index) for s in state)  # type: ignore[return-value]
+
+
+def _as_tuple(state: torch.Tensor | State) -> State:
+    """nn.LSTM's state is (h, c), nn.GRU's a bare h: keep both as tuples, so select() serves both."""
+    return state if isinstance(state, tuple) else (state,)
