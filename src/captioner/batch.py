@@ -102,18 +102,18 @@ def caption_to_file(captioner, paths: Sequence[Path], out: Path, *, batch_size: 
     dist = dist or Dist()
     t0 = time.perf_counter()
     report = BatchReport()
+    digests: dict[str, str] = {}  # SHA-1 of each image, read once (by process 0)
+    todo = None
     if dist.main:
         _fold_parts(out)  # what an interrupted run of several processes had finished
-    dist.barrier()
-    existing = _read_existing(out)
-    digests = {str(p): file_digest(p) for p in paths if Path(p).is_file()}
-    done = {e["image"] for e in existing if digests.get(e["image"]) == e["sha1"]}
-    todo = [Path(p) for p in paths if str(p) not in done]
-    report.skipped = len(paths) - len(todo)
-    dist.barrier()  # everyone has read `out` before process 0 rewrites it
-    if dist.main:
+        existing = _read_existing(out)
+        digests = {str(p): file_digest(p) for p in paths if Path(p).is_file()}
+        done = {e["image"] for e in existing if digests.get(e["image"]) == e["sha1"]}
         keep = [e for e in existing if e["image"] in done or e["image"] not in digests]
         _rewrite(out, keep)  # drops stale lines of changed files and any half-written line
+        todo = [Path(p) for p in paths if str(p) not in done]
+    todo = dist.broadcast(todo)
+    report.skipped = len(paths) - len(todo)
     target = out
     if dist.world > 1:
         todo = todo[dist.rank:: dist.world]
@@ -128,7 +128,8 @@ def caption_to_file(captioner, paths: Sequence[Path], out: Path, *, batch_size: 
             if error:
                 report.failed.append(error)
                 continue
-            entry = {"image": str(path), "sha1": digests.get(str(path), ""), "caption": result["caption"]}
+            sha1 = digests.get(str(path)) or file_digest(path)  # other processes hash their own share
+            entry = {"image": str(path), "sha1": sha1, "caption": result["caption"]}
             if len(result["alternatives"]) > 1:
                 entry["alternatives"] = result["alternatives"]
             if writer:
