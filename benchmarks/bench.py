@@ -43,10 +43,11 @@ from captioner.data.features import cached_features, extract_features
 from captioner.data.images import eval_transform, open_rgb
 from captioner.data.records import load_records, split_records
 from captioner.data.vocab import Vocabulary
-from captioner.decode import beam_search
+from captioner.decode import Decoding, beam_search
 from captioner.model.network import CaptionModel, ModelConfig
 from captioner.runtime import autocast, pick_device, resolve_precision
-from captioner.train import Captions, FeatureRows, train_one_epoch
+from captioner.train.data import Captions, FeatureRows
+from captioner.train.epoch import train_one_epoch
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 
@@ -149,7 +150,7 @@ def bench_train(args, device: torch.device) -> None:
     sampler = LengthBucketSampler(caps.lengths, 128, seed=0)
     t0 = time.perf_counter()
     train_one_epoch(model, ((feats[rows], tok) for rows, tok in map(caps.batch, sampler)), opt, device, precision,
-                    5.0, 1, progress=False)
+                    5.0, 1, vocab.pad, progress=False)
     a_epoch = time.perf_counter() - t0
     a_rate = n / a_epoch
 
@@ -163,7 +164,7 @@ def bench_train(args, device: torch.device) -> None:
             yield torch.stack([transform(open_rgb(train[int(i)].image)) for i in rows]), tok
 
     t0 = time.perf_counter()
-    train_one_epoch(model, image_batches(), opt, device, precision, 5.0, 1, images=True, progress=False)
+    train_one_epoch(model, image_batches(), opt, device, precision, 5.0, 1, vocab.pad, images=True, progress=False)
     b_seconds = time.perf_counter() - t0
     b_caps = sum(len(b) for b in batches)
     b_rate = b_caps / b_seconds
@@ -215,7 +216,8 @@ def bench_caption(args, device: torch.device) -> None:
             for beam in (1, 3):
                 n = min(len(x), max(bs * 4, 32))
                 results[precision, bs, beam] = n / timed(lambda c=cap, n=n, bs=bs, beam=beam, x=x: [
-                    c.caption_tensor(x[i:i + bs], beam_size=beam, length_norm=1.0) for i in range(0, n, bs)], repeat=2)
+                    c.caption_tensor(x[i:i + bs], Decoding(beam_size=beam, length_norm=1.0)) for i in range(0, n, bs)],
+                    repeat=2)
     for bs in (1, 8, 64):
         for beam in (1, 3):
             a, b = results["fp32", bs, beam], results[low, bs, beam]
@@ -223,11 +225,12 @@ def bench_caption(args, device: torch.device) -> None:
 
     cap = Captioner.load(args.model, device=str(device))  # the default precision
     path = records[0].image
-    cap.caption(path, beam_size=3)
+    beam3 = Decoding(beam_size=3, length_norm=1.0)
+    cap.caption(path, decoding=beam3)
     lat = []
     for _ in range(args.latency_runs):
         t0 = time.perf_counter()
-        cap.caption(path, beam_size=3, length_norm=1.0)
+        cap.caption(path, decoding=beam3)
         lat.append((time.perf_counter() - t0) * 1000)
     lat.sort()
     p95 = lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))]

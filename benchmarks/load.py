@@ -74,7 +74,7 @@ def one_request(url: str, k: int, photo: bytes) -> tuple[bool, float, str]:
 
 
 def run(model: str | None, clients: int, requests: int, photo: Path) -> dict:
-    from captioner.server.app import serve_in_background
+    from captioner.server.background import serve_in_background
 
     data = photo.read_bytes()
     args = ["--model", model] if model else []

@@ -13,7 +13,7 @@ from PIL import Image
 
 from captioner import Captioner
 from captioner.library import index_folders
-from captioner.server.app import serve_in_background
+from captioner.server.background import serve_in_background
 
 CHROMIUM = os.environ.get("CAPTIONER_CHROMIUM", "/usr/bin/chromium")
 FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from captioner.decode import beam_search, greedy
-from captioner.model.decoder import ShowTellDecoder
+from captioner.model.show_tell import ShowTellDecoder
 
 BOS, EOS = 1, 2
 

@@ -35,7 +35,7 @@ def test_onnx_export_captions_like_pytorch(trained, attention_gru, shapes, tmp_p
     assert {p.name for p in (tmp_path / "x").iterdir()} == {"start.onnx", "step.onnx", "vocab.json", "export.json"}
     cap = Captioner.load(model, device="cpu", precision="fp32")
     xs = [cap.transform(open_rgb(p)) for p in images(shapes)]
-    expected = [r["caption"] for r in cap.caption_tensor(torch.stack(xs), beam_size=1)]
+    expected = [r["caption"] for r in cap.caption_tensor(torch.stack(xs), cap.decoding.replace(beam_size=1))]
     onnx = OnnxCaptioner(tmp_path / "x")
     assert onnx.caption([x.numpy() for x in xs]) == expected  # batch of 6
     assert onnx.caption([xs[0].numpy()]) == expected[:1]  # and of 1: the batch axis is dynamic
@@ -47,7 +47,7 @@ def test_torchscript_export_captions_like_pytorch(trained, shapes, tmp_path):
     start, step = torch.jit.load(str(tmp_path / "start.pt")), torch.jit.load(str(tmp_path / "step.pt"))
     cap = Captioner.load(trained / "best", device="cpu", precision="fp32")
     x = torch.stack([cap.transform(open_rgb(p)) for p in images(shapes)])
-    expected = [r["caption"] for r in cap.caption_tensor(x, beam_size=1)]
+    expected = [r["caption"] for r in cap.caption_tensor(x, cap.decoding.replace(beam_size=1))]
     v = cap.vocab
     with torch.no_grad():
         state = start(x)

@@ -120,7 +120,7 @@ def test_coco_annotations(tmp_path):
 def test_format_override_and_errors(tmp_path):
     f = tmp_path / "data.txt"
     f.write_text("image,caption\na.jpg,a dog\n")
-    assert load_records(f, fmt="csv")[0].captions == ["a dog"]
+    assert load_records(f, layout="csv")[0].captions == ["a dog"]
     with pytest.raises(DataError, match="no such file"):
         load_records(tmp_path / "nope")
     (tmp_path / "empty").mkdir()

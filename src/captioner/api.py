@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from captioner.data.features import ImageDataset, collate_images
-from captioner.data.images import eval_transform, open_rgb
-from captioner.decode import search
-from captioner.model.folder import ModelError, load_model
+from captioner.data.images import ImageDataset, collate_images, eval_transform, open_rgb
+from captioner.decode import Decoding, caption_features
+from captioner.errors import ModelError
+from captioner.model.folder import load_model
 from captioner.runtime import autocast, decoder_precision, encoder_chunk, pick_device, resolve_precision
 
 ImageLike = str | Path | Image.Image
@@ -30,6 +30,9 @@ class Captioner:
     >>> from captioner import Captioner
     >>> Captioner.load().caption("photo.jpg")
     'a dog runs through the grass'
+
+    Every method takes an optional `decoding` (see `decode.Decoding`); without one, the model's own
+    settings from its config.json apply (`self.decoding`).
     """
 
     def __init__(self, model, vocab, device: torch.device, precision: str, source: str = ""):
@@ -37,6 +40,7 @@ class Captioner:
         self.source = source  # where the model came from: its folder, or "shipped"
         cfg = model.cfg
         self.transform = eval_transform(cfg.image_size, cfg.mean, cfg.std)
+        self.decoding = Decoding.for_model(cfg)  # the model's own
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "auto", precision: str = "auto") -> Captioner:
@@ -49,56 +53,52 @@ class Captioner:
     # -- captioning ------------------------------------------------------------------------------
 
     def caption(self, images: ImageLike | Sequence[ImageLike], beam_size: int | None = None,
-                **search) -> str | list[str]:
+                decoding: Decoding | None = None) -> str | list[str]:
         """Caption one image (path or PIL image) -> str, or a list of them -> list[str].
-
-        `beam_size` (1 = greedy), `length_norm`, `block_trigrams`, `max_len`: default to the
-        model's own decoding settings (config.json)."""
+        `beam_size` (1 = greedy) changes only that setting of `decoding`."""
         single = isinstance(images, (str, Path, Image.Image))
         batch = [images] if single else list(images)
+        decoding = decoding or self.decoding
+        if beam_size is not None:
+            decoding = decoding.replace(beam_size=beam_size)
         x = torch.stack([self.transform(open_rgb(im)) for im in batch])
-        texts = [r["caption"] for r in self.caption_tensor(x, beam_size, **search)]
+        texts = [r["caption"] for r in self.caption_tensor(x, decoding)]
         return texts[0] if single else texts
 
     @torch.no_grad()
-    def caption_tensor(self, x: torch.Tensor, beam_size: int | None = None, length_norm: float | None = None,
-                       block_trigrams: bool = False, max_len: int | None = None) -> list[dict]:
-        """Preprocessed images (B, 3, S, S) -> [{"caption", "logprob", "alternatives": [...]}]."""
-        m, v = self.model, self.vocab
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images (B, 3, S, S) -> what the decoder takes (see CaptionModel.features)."""
         x = x.to(self.device, memory_format=torch.channels_last)
         with autocast(self.device, self.precision):
-            feats = m.features(x, chunk=encoder_chunk(self.device))
-        with autocast(self.device, decoder_precision(self.precision, self.device, x.shape[0])):
-            hyp = search(m.decoder, feats, v, **m.cfg.search_settings(beam_size, length_norm, block_trigrams, max_len))
-        results = []
-        for b in range(hyp.tokens.shape[0]):
-            alts = [{"caption": v.decode(hyp.tokens[b, k].tolist()), "logprob": round(float(hyp.logprob[b, k]), 4)}
-                    for k in range(hyp.tokens.shape[1]) if torch.isfinite(hyp.logprob[b, k])]
-            results.append({**alts[0], "alternatives": alts})
-        return results
+            return self.model.features(x, chunk=encoder_chunk(self.device))
 
     @torch.no_grad()
-    def attention(self, image: ImageLike, **search_args) -> tuple[str, list[str], torch.Tensor]:
+    def caption_tensor(self, x: torch.Tensor, decoding: Decoding | None = None) -> list[dict]:
+        """Preprocessed images (B, 3, S, S) -> [{"caption", "logprob", "alternatives": [...]}]."""
+        return caption_features(self.model.decoder, self.vocab, self.features(x), decoding or self.decoding,
+                                self.device, self.precision, batch_size=x.shape[0])
+
+    @torch.no_grad()
+    def attention(self, image: ImageLike, decoding: Decoding | None = None) -> tuple[str, list[str], torch.Tensor]:
         """Caption one image and say where the model looked for each word: (caption, words,
-        weights (T, H, W)), one map per word and one for <end>. Attention models only."""
+        weights (T, H, W)), one map per word and one for <end>. Attention models only. The
+        caption is the one `caption()` gives with the same decoding."""
         m, v = self.model, self.vocab
-        if not hasattr(m.decoder, "teacher_forced"):
+        if not m.decoder.has_attention:
             raise ModelError(f"this model's decoder ({m.cfg.decoder}) has no attention to show; "
                              "train one with --decoder attention")
-        pil = open_rgb(image)
-        x = self.transform(pil)[None].to(self.device)
-        with autocast(self.device, self.precision):
-            feats = m.features(x)  # (1, P, C)
-            hyp = search(m.decoder, feats, v, **m.cfg.search_settings(**search_args))
-            caption = v.decode(hyp.tokens[0, 0].tolist())
-            ids = [v.stoi[w] for w in caption.split()]
-            tokens = torch.tensor([[v.start, *ids]], device=self.device)  # the words as inputs, <start> first
-            _, alpha = m.decoder.teacher_forced(feats, tokens)  # (1, T, P): where it looked for each word
+        feats = self.features(self.transform(open_rgb(image))[None])  # (1, P, C)
+        caption = caption_features(m.decoder, v, feats, decoding or self.decoding, self.device,
+                                   self.precision)[0]["caption"]
+        ids = [v.stoi[w] for w in caption.split()]
+        tokens = torch.tensor([[v.start, *ids]], device=self.device)  # the words as inputs, <start> first
+        with autocast(self.device, decoder_precision(self.precision, self.device, 1)):  # as the search ran
+            alpha = m.decoder.attention_maps(feats.float(), tokens)  # (1, T, P)
         side = round(alpha.shape[-1] ** 0.5)
         return caption, caption.split() + ["<end>"], alpha[0].float().cpu().view(-1, side, side)
 
-    def caption_files(self, paths: Sequence[Path], batch_size: int = 32, beam_size: int | None = None, workers: int = 0,
-                      **search) -> Iterator[tuple[Path, dict | None, str | None]]:
+    def caption_files(self, paths: Sequence[Path], batch_size: int = 32, decoding: Decoding | None = None,
+                      workers: int = 0) -> Iterator[tuple[Path, dict | None, str | None]]:
         """Caption many files in batches. Yields (path, result, None) or (path, None, error line):
         an unreadable file is reported and skipped, never fatal."""
         ds = ImageDataset(paths, self.transform)
@@ -107,7 +107,7 @@ class Captioner:
             for i, e in zip(err_idx, errors):
                 yield ds.paths[i], None, e
             if x is not None:
-                for i, r in zip(idx, self.caption_tensor(x, beam_size, **search)):
+                for i, r in zip(idx, self.caption_tensor(x, decoding)):
                     yield ds.paths[i], r, None
 
 

@@ -19,7 +19,6 @@ import csv
 import glob
 import io
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,7 +26,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from captioner.data.features import file_digest
+from captioner.decode import Decoding
+from captioner.errors import ConfigError
+from captioner.files import atomic_write, file_digest
 from captioner.runtime import Dist
 
 FIELDS = ("image", "sha1", "caption")
@@ -63,15 +64,13 @@ def _read_existing(out: Path) -> list[dict]:
 
 def _rewrite(out: Path, entries: list[dict]) -> None:
     """Write `entries` as the whole file, atomically."""
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as f:
+    with atomic_write(out, newline="") as f:
         if out.suffix.lower() == ".csv":
             w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
             w.writeheader()
             w.writerows(entries)
         else:
             f.writelines(json.dumps(e) + "\n" for e in entries)
-    os.replace(tmp, out)
 
 
 def _part_files(out: Path) -> list[Path]:
@@ -93,12 +92,13 @@ def _fold_parts(out: Path, order: dict[str, int] | None = None) -> None:
 
 
 def caption_to_file(captioner, paths: Sequence[Path], out: Path, *, batch_size: int = 32, progress: bool = True,
-                    dist: Dist | None = None, **search) -> BatchReport:
-    """Caption `paths` into `out` (.jsonl or .csv), skipping those already there unchanged.
-    With `dist` (several processes), each captions its share and process 0 merges them."""
+                    dist: Dist | None = None, decoding: Decoding | None = None) -> BatchReport:
+    """Caption `paths` into `out` (.jsonl or .csv) with `decoding` (else the model's own), skipping
+    those already there unchanged. With `dist` (several processes), each captions its share and
+    process 0 merges them."""
     out = Path(out)
     if out.suffix.lower() not in (".jsonl", ".csv"):
-        raise ValueError(f"{out}: the output must end in .jsonl or .csv")
+        raise ConfigError(f"{out}: the output must end in .jsonl or .csv")
     dist = dist or Dist()
     t0 = time.perf_counter()
     report = BatchReport()
@@ -123,7 +123,7 @@ def caption_to_file(captioner, paths: Sequence[Path], out: Path, *, batch_size: 
     with target.open("a", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore") if is_csv else None
         bar = tqdm(total=len(todo), desc="captioning", unit="img", disable=not (progress and dist.main))
-        for path, result, error in captioner.caption_files(todo, batch_size=batch_size, **search):
+        for path, result, error in captioner.caption_files(todo, batch_size=batch_size, decoding=decoding):
             bar.update(1)
             if error:
                 report.failed.append(error)

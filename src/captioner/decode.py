@@ -1,22 +1,68 @@
-"""Caption search, shared by every decoder.
+"""From encoder features to captions, shared by every decoder and every caller.
 
-A decoder offers three calls: ``start(feats) -> state``, ``step(tokens (N,), state) -> (logits
-(N, V), state)``, and ``select(state, index) -> state`` (keep/reorder rows). Both searches run
+    Decoding           the settings of a search (beam size, length normalisation, trigram
+                       blocking, length limit): one frozen value, from the model's config.json
+                       with the caller's changes
+    caption_features   features -> captions with alternatives and log-probabilities; the one
+                       road training, evaluation, the Python API and the server all take
+    search             greedy when beam_size is 1, else batched beam search
+    sample             captions drawn from the model, with their graph (self-critical training)
+
+The searches use the decoder contract of model/base.py (``start``, ``step``, ``select``) and run
 the whole batch at once: beam search keeps B*K rows (B images, K beams, image b's beams in rows
-b*K .. b*K+K-1), never a loop per image. ``select`` is only ever asked to repeat each image's row
-K times (once, at the start) or to reorder rows within one image's block, never to move a row to
-another image, so a decoder may keep per-image tensors at B rows (see model/attention.py).
+b*K .. b*K+K-1), never a loop per image.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from captioner.errors import ConfigError
+from captioner.runtime import autocast, decoder_precision
+
 NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How to decode: built once (from the model's config.json, with the user's changes) and passed
+    to everything that captions."""
+
+    beam_size: int = 1  # 1 = greedy
+    length_norm: float = 0.0  # rank finished beams by logprob / length**length_norm (0 = off)
+    block_trigrams: bool = False  # never repeat a word trigram within a caption
+    max_len: int = 20  # longest caption, in words
+
+    def __post_init__(self):
+        if not isinstance(self.beam_size, int) or self.beam_size < 1:
+            raise ConfigError(f"beam size must be 1 (greedy) or more, not {self.beam_size}")
+        if not self.max_len >= 1:
+            raise ConfigError(f"the longest caption must be 1 word or more, not {self.max_len}")
+
+    @classmethod
+    def for_model(cls, cfg, beam_size: int | None = None, length_norm: float | None = None,
+                  block_trigrams: bool | None = None, max_len: int | None = None) -> Decoding:
+        """The model's own decoding (config.json, chosen on val at the end of training), with each
+        setting that is not None replaced."""
+        return cls(beam_size=cfg.beam_size if beam_size is None else beam_size,
+                   length_norm=cfg.length_norm if length_norm is None else length_norm,
+                   block_trigrams=bool(block_trigrams),
+                   max_len=cfg.max_len if max_len is None else max_len)
+
+    def replace(self, **changes) -> Decoding:
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        """'greedy' or 'beam 3, length norm 1.0' (for logs and config notes)."""
+        if self.beam_size == 1:
+            return "greedy"
+        return f"beam {self.beam_size}, length norm {self.length_norm}" + (", no repeated trigrams"
+                                                                          if self.block_trigrams else "")
 
 
 @dataclass
@@ -29,14 +75,47 @@ class Hypotheses:
 
 
 @torch.no_grad()
-def search(decoder, feats: torch.Tensor, vocab, beam_size: int = 1, length_norm: float = 0.0,
-           block_trigrams: bool = False, max_len: int = 20) -> Hypotheses:
-    """Caption a batch of features: greedy when `beam_size` is 1, else beam search. `vocab`
-    gives the <start>/<end> ids; <unk> is never produced (a caption saying "<unk>" helps no one)."""
-    if beam_size <= 1:
-        return greedy(decoder, feats, vocab.start, vocab.end, max_len, banned=[vocab.unk])
-    return beam_search(decoder, feats, vocab.start, vocab.end, max_len, beam_size, length_norm, block_trigrams,
-                       banned=[vocab.unk])
+def caption_features(decoder, vocab, feats, decoding: Decoding, device: torch.device, precision: str,
+                     batch_size: int = 100) -> list[dict]:
+    """Captions of every row of `feats` (a tensor, or anything with len() and slicing that gives
+    tensors, such as training's memory-mapped feature rows), in order, `batch_size` rows a search:
+
+        [{"caption": str, "logprob": float, "alternatives": [{"caption", "logprob"}, ...]}, ...]
+
+    best first; `alternatives` holds the K beams (one for greedy). The decoder runs under
+    autocast at `precision`, except where `runtime.decoder_precision` says a small batch decodes
+    faster in fp32: the same rule for every caller, so the same image gets the same caption from
+    the command line, the API, the server, evaluation and training's validation."""
+    decoder.eval()
+    out: list[dict] = []
+    for i in range(0, len(feats), batch_size):
+        f = feats[i:i + batch_size].to(device).float()
+        with autocast(device, decoder_precision(precision, device, f.shape[0])):
+            hyp = search(decoder, f, vocab, decoding)
+        out += _results(hyp, vocab)
+    return out
+
+
+def _results(hyp: Hypotheses, vocab) -> list[dict]:
+    tokens, logprob = hyp.tokens.tolist(), hyp.logprob.float().cpu()
+    results = []
+    for b in range(len(tokens)):
+        alts = [{"caption": vocab.decode(tokens[b][k]), "logprob": round(float(logprob[b, k]), 4)}
+                for k in range(len(tokens[b])) if torch.isfinite(logprob[b, k])]
+        results.append({**alts[0], "alternatives": alts})
+    return results
+
+
+@torch.no_grad()
+def search(decoder, feats: torch.Tensor, vocab, decoding: Decoding | None = None) -> Hypotheses:
+    """Caption a batch of features: greedy when `decoding.beam_size` is 1, else beam search.
+    `vocab` gives the <start>/<end> ids; <unk> is never produced (a caption saying "<unk>" helps
+    no one)."""
+    d = decoding or Decoding()
+    if d.beam_size == 1:
+        return greedy(decoder, feats, vocab.start, vocab.end, d.max_len, banned=[vocab.unk])
+    return beam_search(decoder, feats, vocab.start, vocab.end, d.max_len, d.beam_size, d.length_norm,
+                       d.block_trigrams, banned=[vocab.unk])
 
 
 def log_probs(logits: torch.Tensor, banned: Sequence[int] = (), temperature: float = 1.0) -> torch.Tensor:

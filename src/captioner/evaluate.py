@@ -12,22 +12,24 @@ import torch
 
 from captioner import metrics
 from captioner.data.features import cached_features
-from captioner.data.records import DataError, check_images, load_records, split_records
-from captioner.decode import search
+from captioner.data.records import check_images, load_records, split_records
+from captioner.decode import Decoding, caption_features
+from captioner.errors import DataError
 from captioner.model.folder import load_model
-from captioner.runtime import autocast, pick_device, resolve_precision
+from captioner.runtime import pick_device, resolve_precision
 
 
 @torch.no_grad()
-def evaluate(model_dir: Path, data: Path, split: str = "val", *, fmt: str | None = None,
-             images: Path | None = None, beam_size: int | None = None, length_norm: float | None = None,
-             block_trigrams: bool = False, batch_size: int = 100, device: str = "auto",
-             precision: str = "auto", cache_dir: Path | None = None, out: Path | None = None,
-             skip_missing: bool = False, max_images: int = 0, meteor: bool = True,
-             progress: bool = True) -> dict:
+def evaluate(model_dir: Path, data: Path, split: str = "val", *, layout: str | None = None,
+             images: Path | None = None, decoding: Decoding | None = None, batch_size: int = 100,
+             device: str = "auto", precision: str = "auto", cache_dir: Path | None = None, out: Path | None = None,
+             skip_missing: bool = False, max_images: int = 0, meteor: bool = True, progress: bool = True) -> dict:
+    """Caption every image of `split` with the model folder `model_dir` (with `decoding`, else the
+    model's own) and score the captions against all of each image's references. Returns the
+    scores and what was run (images, beam size, length norm, split, tokenizer, seconds)."""
     dev = pick_device(device)
     prec = resolve_precision(precision, dev)
-    records = load_records(data, fmt, images)
+    records = load_records(data, layout, images)
     chosen = split_records(records, split)
     if not chosen and all(r.split == "" for r in records):
         chosen = records  # a folder holding only one split's images and captions
@@ -44,17 +46,12 @@ def evaluate(model_dir: Path, data: Path, split: str = "val", *, fmt: str | None
     keep = np.flatnonzero(ok)
     chosen = [chosen[i] for i in keep]
     feats = torch.from_numpy(np.asarray(feats[keep]))
-    settings = model.cfg.search_settings(beam_size, length_norm, block_trigrams)
-    hyps = []
-    for i in range(0, len(chosen), batch_size):
-        f = feats[i:i + batch_size].to(dev).float()
-        with autocast(dev, prec):
-            h = search(model.decoder, f, vocab, **settings)
-        hyps += [vocab.decode(t) for t in h.tokens[:, 0].tolist()]
+    decoding = decoding or Decoding.for_model(model.cfg)
+    hyps = [r["caption"] for r in caption_features(model.decoder, vocab, feats, decoding, dev, prec, batch_size)]
     ids = [r.image.name for r in chosen]
     scores = metrics.score({k: r.captions for k, r in zip(ids, chosen)}, dict(zip(ids, hyps)), meteor=meteor)
     result = {k: (round(scores[k], 4) if scores[k] is not None else None) for k in metrics.KEYS}
-    result |= {"images": len(chosen), "beam_size": settings["beam_size"], "length_norm": settings["length_norm"],
+    result |= {"images": len(chosen), "beam_size": decoding.beam_size, "length_norm": decoding.length_norm,
                "split": split, "tokenizer": scores["tokenizer"], "seconds": round(time.perf_counter() - t0, 1)}
     if scores.get("meteor_skipped"):
         result["meteor_skipped"] = scores["meteor_skipped"]

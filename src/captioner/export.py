@@ -20,34 +20,18 @@ from pathlib import Path
 
 import numpy as np
 
+from captioner.errors import ExportError
+
 FORMATS = ("onnx", "torchscript")
 
 
-class ExportError(Exception):
-    """An export that cannot be done, in one line."""
-
-
 def _modules(model):
-    """The `start` and `step` modules of a loaded CaptionModel, over flat state tensors."""
+    """The `start` and `step` modules of a loaded CaptionModel, over the decoder's flat state
+    tensors (see the decoder contract in model/base.py)."""
     import torch
     from torch import nn
 
-    from captioner.model.attention import AttentionState
-
     decoder = model.decoder
-    attention = model.cfg.decoder == "attention"
-    gru = model.cfg.rnn == "gru"
-
-    def flat(state) -> tuple:
-        if attention:
-            return (state.h, state.cells, state.keys) if gru else (state.h, state.c, state.cells, state.keys)
-        return tuple(state)
-
-    def unflat(parts: tuple):
-        if attention:
-            h, c, cells, keys = (parts[0], None, *parts[1:]) if gru else parts
-            return AttentionState(h, c, cells, keys)
-        return tuple(parts)
 
     class Start(nn.Module):
         def __init__(self):
@@ -55,7 +39,7 @@ def _modules(model):
             self.model = model
 
         def forward(self, images: torch.Tensor):
-            return flat(decoder.start(self.model.features(images)))
+            return decoder.flatten_state(decoder.start(self.model.features(images)))
 
     class Step(nn.Module):
         def __init__(self):
@@ -63,14 +47,10 @@ def _modules(model):
             self.decoder = decoder
 
         def forward(self, tokens: torch.Tensor, *state: torch.Tensor):
-            logits, new = self.decoder.step(tokens, unflat(state))
-            return (logits, *flat(new))
+            logits, new = self.decoder.step(tokens, decoder.unflatten_state(state))
+            return (logits, *decoder.flatten_state(new))
 
-    if attention:
-        names = ["h", "cells", "keys"] if gru else ["h", "c", "cells", "keys"]
-    else:
-        names = ["h"] if gru else ["h", "c"]
-    return Start().eval(), Step().eval(), names
+    return Start().eval(), Step().eval(), list(decoder.state_names)
 
 
 def export_model(folder: Path, out: Path, fmt: str = "onnx", image_size: int | None = None) -> Path:
@@ -94,8 +74,7 @@ def export_model(folder: Path, out: Path, fmt: str = "onnx", image_size: int | N
     tokens = torch.full((2,), vocab.start, dtype=torch.long)
     state_in = [f"{n}_in" for n in names]
     state_out = [f"{n}_out" for n in names]
-    # the batch axis of every state tensor: 1 for Show-and-Tell's (layers, B, H), else 0
-    batch_axis = {n: (0 if cfg.decoder == "attention" else 1) for n in names}
+    batch_axis = {n: model.decoder.state_batch_axis for n in names}  # Show-and-Tell's (layers, B, H): 1
     with torch.no_grad():
         if fmt == "onnx":
             try:

@@ -24,12 +24,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from captioner.data.features import file_digest
 from captioner.data.images import list_images
 from captioner.data.vocab import tokenize
+from captioner.errors import LibraryError
+from captioner.files import file_digest
+
+if TYPE_CHECKING:
+    from captioner.decode import Decoding
 
 SCHEMA_VERSION = "1"
 SCHEMA = """
@@ -55,10 +60,6 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 # Words too common in captions to say anything about a photo; dropped from queries.
 STOPWORDS = frozenset("a an the of on in at to and or with is are be by for from its it this that there".split())
-
-
-class LibraryError(Exception):
-    """A database that cannot be used; one line naming the file and the problem."""
 
 
 def connect(db: Path, create: bool = True) -> sqlite3.Connection:
@@ -156,8 +157,9 @@ def _write_batch(con: sqlite3.Connection, rows: list[tuple], failures: list[tupl
 
 
 def index_folders(captioner, roots: Sequence[Path], db: Path, *, batch_size: int = 32, progress: bool = True,
-                  **search) -> IndexReport:
-    """Caption every image under `roots` into the database at `db` (see the module docstring)."""
+                  decoding: Decoding | None = None) -> IndexReport:
+    """Caption every image under `roots` into the database at `db` with `decoding` (else the
+    model's own; see the module docstring)."""
     t0 = time.perf_counter()
     roots = [Path(r).resolve() for r in roots]
     for r in roots:
@@ -172,7 +174,8 @@ def index_folders(captioner, roots: Sequence[Path], db: Path, *, batch_size: int
     by_path = {f: (st, sha1) for f, st, sha1 in todo}
     rows, failures = [], []
     bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress)
-    for path, result, error in captioner.caption_files([f for f, _, _ in todo], batch_size=batch_size, **search):
+    for path, result, error in captioner.caption_files([f for f, _, _ in todo], batch_size=batch_size,
+                                                        decoding=decoding):
         st, sha1 = by_path[path]
         if error:
             failures.append((str(path), st, error))

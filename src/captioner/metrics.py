@@ -19,6 +19,8 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
+from captioner.errors import DataError
+
 KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 # pycocoevalcap drops these tokens after PTB tokenization (brackets come out as -lrb- and stay).
 _PUNCT = {"''", "'", '"', "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
@@ -80,7 +82,7 @@ class Scorer:
     def __init__(self, references: Mapping[Hashable, Sequence[str]], use_java: bool | None = None):
         empty = [k for k, v in references.items() if not v]
         if empty:
-            raise ValueError(f"{len(empty)} images have no reference captions (first: {empty[0]})")
+            raise DataError(f"{len(empty)} images have no reference captions (first: {empty[0]})")
         self.java = java_available() if use_java is None else use_java
         self.tokenizer = "ptb (java)" if self.java else "python (no java)"
         self.refs = tokenize_all({k: list(v) for k, v in references.items()}, self.java)
@@ -90,7 +92,7 @@ class Scorer:
         ``tokenizer`` and, when METEOR was skipped, ``meteor_skipped`` with the reason."""
         missing = [k for k in hypotheses if k not in self.refs]
         if missing:
-            raise ValueError(f"{len(missing)} images have no reference captions (first: {missing[0]})")
+            raise DataError(f"{len(missing)} images have no reference captions (first: {missing[0]})")
         refs = {k: self.refs[k] for k in hypotheses}
         hyps = tokenize_all({k: [v] for k, v in hypotheses.items()}, self.java)
         # pycocoevalcap asserts a non-empty hypothesis; an empty caption scores as one unknown word.
@@ -122,7 +124,7 @@ def score(references: Mapping[Hashable, Sequence[str]], hypotheses: Mapping[Hash
     """Score one hypothesis per image against all of that image's references (see `Scorer`)."""
     missing = [k for k in hypotheses if not references.get(k)]
     if missing:
-        raise ValueError(f"{len(missing)} images have no reference captions (first: {missing[0]})")
+        raise DataError(f"{len(missing)} images have no reference captions (first: {missing[0]})")
     return Scorer({k: references[k] for k in hypotheses}, use_java)(hypotheses, meteor)
 
 

@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from captioner.errors import ConfigError
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -28,7 +30,7 @@ def cpu_has_fast_bf16() -> bool:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """'auto' -> bf16 on a CPU with native bf16, fp16 (or bf16) on CUDA, fp32 otherwise."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+        raise ConfigError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     if precision != "auto":
         return precision
     if device.type == "cuda":

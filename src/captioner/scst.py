@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from captioner.data.vocab import Vocabulary, tokenize
-from captioner.decode import sample, search
+from captioner.decode import Decoding, sample, search
+from captioner.errors import ConfigError
 from captioner.runtime import Dist, autocast
 
 Ngrams = list[Counter]  # Counter of n-gram tuples for n = 1..4
@@ -110,7 +111,7 @@ def scst_one_epoch(model, vocab: Vocabulary, feats, sc: SelfCritical, optimizer,
     """One pass over the training images (not captions). `feats[idx]` gives image features.
     Returns the mean reward of the samples (over all ranks)."""
     if sc.baseline == "mean" and sc.samples < 2:
-        raise ValueError("the 'mean' baseline needs --samples 2 or more")
+        raise ConfigError("the 'mean' baseline needs --samples 2 or more")
     dist = dist or Dist()
     batches = image_batches(len(feats), batch_size, seed + epoch, dist.rank, dist.world)
     params = [p for grp in optimizer.param_groups for p in grp["params"]]
@@ -152,7 +153,7 @@ def scst_loss(model, vocab: Vocabulary, f: torch.Tensor, idx: list[int], sc: Sel
     else:  # the model's own greedy caption, decoded without dropout
         model.eval()
         with torch.no_grad(), autocast(device, precision):
-            greedy_tokens = search(model.decoder, f, vocab, beam_size=1, max_len=sc.max_len).tokens[:, 0]
+            greedy_tokens = search(model.decoder, f, vocab, Decoding(max_len=sc.max_len)).tokens[:, 0]
         model.train()
         model.encoder.eval()
         b = torch.from_numpy(sc.reward(_words(greedy_tokens, vocab), idx))[:, None]

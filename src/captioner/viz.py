@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from captioner.data.images import open_rgb
 from captioner.data.vocab import SPECIALS
+from captioner.errors import ConfigError, ImageError
 
 
 def _pyplot():
@@ -66,6 +69,23 @@ def draw_attention(image: Image.Image, words: list[str], alpha: torch.Tensor, pa
     plt.close(fig)
 
 
+def draw_attention_maps(captioner, paths: Sequence[Path], target: Path, decoding=None) -> list[tuple[Path, Path]]:
+    """An attention map PNG for each image that can be read: `target` itself for one image, else
+    TARGET-<image name>.png beside it. `decoding` as for the printed captions, so the caption drawn
+    is the caption printed. Returns [(image, PNG written)]; unreadable images are left out (the
+    caller has reported them already)."""
+    written = []
+    for path in paths:
+        out = target if len(paths) == 1 else target.with_name(f"{target.stem}-{path.stem}.png")
+        try:
+            _, words, alpha = captioner.attention(path, decoding)
+        except ImageError:
+            continue
+        draw_attention(open_rgb(path), words, alpha, out)
+        written.append((path, out))
+    return written
+
+
 def embedding_map(weights: torch.Tensor, words: list[str], method: str = "pca", seed: int = 0) -> np.ndarray:
     """Word embeddings (N, E) -> 2-D points (N, 2): PCA (the two directions of largest variance),
     or t-SNE (scikit-learn), which keeps neighbours together at the cost of global distances."""
@@ -78,18 +98,18 @@ def embedding_map(weights: torch.Tensor, words: list[str], method: str = "pca", 
         try:
             from sklearn.manifold import TSNE
         except ImportError:
-            raise ValueError("--method tsne needs scikit-learn (pip install scikit-learn); --method pca does not") \
+            raise ConfigError("--method tsne needs scikit-learn (pip install scikit-learn); --method pca does not") \
                 from None
         perplexity = min(30.0, max(2.0, (len(words) - 1) / 3))
         return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x.numpy())
-    raise ValueError(f"unknown method {method!r}; choose pca or tsne")
+    raise ConfigError(f"unknown method {method!r}; choose pca or tsne")
 
 
 def word_vectors(model, layer: str = "output") -> torch.Tensor:
     """One vector per vocabulary word (V, E). "output": the word's row of the decoder's last layer,
     which on Flickr8k clusters by meaning (dog: puppy, pitbull, lab); "input": its embedding,
     which after a few epochs stays close to its random start."""
-    return (model.decoder.out.weight if layer == "output" else model.decoder.embed.weight).detach()
+    return model.decoder.word_vectors(layer)
 
 
 def word_map(vectors: torch.Tensor, itos: list[str], path: Path, words: int = 150, method: str = "pca",
@@ -105,7 +125,7 @@ def word_map(vectors: torch.Tensor, itos: list[str], path: Path, words: int = 15
 def nearest_words(weights: torch.Tensor, itos: list[str], word: str, k: int = 5) -> list[tuple[str, float]]:
     """The k words whose embeddings are closest to `word`'s by cosine similarity."""
     if word not in itos:
-        raise ValueError(f"{word!r} is not in the model's vocabulary")
+        raise ConfigError(f"{word!r} is not in the model's vocabulary")
     w = F.normalize(weights.detach().float(), dim=1)
     sims = w @ w[itos.index(word)]
     order = [i for i in sims.argsort(descending=True).tolist() if itos[i] != word and itos[i] not in SPECIALS]

@@ -7,6 +7,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
+from captioner.errors import ConfigError
+
 
 class LengthBucketSampler(Sampler[list[int]]):
     """Yields lists of indices whose `lengths` are equal.
@@ -28,9 +30,9 @@ class LengthBucketSampler(Sampler[list[int]]):
     def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0,
                  rank: int = 0, world: int = 1, accum: int = 1):
         if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} is not in a world of {world}")
+            raise ConfigError(f"rank {rank} is not in a world of {world}")
         if accum < 1:
-            raise ValueError(f"accum must be at least 1, not {accum}")
+            raise ConfigError(f"accum must be at least 1, not {accum}")
         self.accum = accum
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -74,7 +76,7 @@ def _divisible(batches: list[list[int]], world: int) -> list[list[int]]:
     while len(batches) % world:
         i = max(range(len(batches)), key=lambda j: len(batches[j]))
         if len(batches[i]) < 2:
-            raise ValueError(f"{sum(map(len, batches))} captions cannot make equal steps on {world} processes")
+            raise ConfigError(f"{sum(map(len, batches))} captions cannot make equal steps on {world} processes")
         b = batches[i]
         batches[i: i + 1] = [b[: len(b) // 2], b[len(b) // 2:]]
     return batches

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from captioner.data.images import ImageError, eval_transform, open_rgb
-from captioner.data.records import DataError
+from captioner.data.images import ImageDataset, collate_images, eval_transform
+from captioner.errors import DataError
+from captioner.files import atomic_write, file_digest
 from captioner.runtime import Dist, autocast, encoder_chunk
 
 CACHE_VERSION = 1
@@ -32,39 +33,6 @@ def default_cache_dir() -> Path:
     if os.environ.get("CAPTIONER_CACHE"):
         return Path(os.environ["CAPTIONER_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "captioner"
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-class ImageDataset(Dataset):
-    """Paths -> (index, tensor) or (index, error message) for images that cannot be read."""
-
-    def __init__(self, paths: Sequence[Path], transform):
-        self.paths = list(paths)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            return i, self.transform(open_rgb(self.paths[i]))
-        except ImageError as e:
-            return i, str(e)
-
-
-def collate_images(batch):
-    """-> (indices of good images, stacked tensors or None, error messages)."""
-    good = [(i, x) for i, x in batch if isinstance(x, torch.Tensor)]
-    errors = [x for _, x in batch if isinstance(x, str)]
-    idx = [i for i, _ in good]
-    return idx, (torch.stack([x for _, x in good]) if good else None), errors
 
 
 @torch.no_grad()
@@ -143,17 +111,13 @@ def _has_entry(entry: Path) -> bool:
 
 
 def _write_entry(entry: Path, feats: np.ndarray, ok: np.ndarray, errors: list[str], **info) -> None:
-    """ENTRY.npy (features) and ENTRY.json (ok mask, errors, `info`), each written under a
-    temporary name, synced and renamed: an interrupted write never leaves an entry to be read.
-    The .json is renamed last, and an entry counts only when both are there."""
-    npy_tmp = entry.with_name(f"{entry.name}.{os.getpid()}.partial.npy")
-    np.save(npy_tmp, feats)
-    with open(npy_tmp, "rb") as f:
-        os.fsync(f.fileno())
-    meta_tmp = entry.with_name(f"{entry.name}.{os.getpid()}.partial.json")
-    meta_tmp.write_text(json.dumps({"ok": ok.tolist(), "errors": errors, "count": len(ok), **info}))
-    os.replace(npy_tmp, entry.with_suffix(".npy"))
-    os.replace(meta_tmp, entry.with_suffix(".json"))
+    """ENTRY.npy (features) and ENTRY.json (ok mask, errors, `info`), each written atomically: an
+    interrupted write never leaves an entry to be read. The .json comes last, and an entry counts
+    only when both are there."""
+    with atomic_write(entry.with_suffix(".npy"), "wb") as f:
+        np.save(f, feats)
+    with atomic_write(entry.with_suffix(".json")) as f:
+        f.write(json.dumps({"ok": ok.tolist(), "errors": errors, "count": len(ok), **info}))
 
 
 def _read_entry(entry: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
+
+from captioner.errors import ImageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MAX_PIXELS = 60_000_000  # refuse decompression bombs well before Pillow's own hard limit
-
-
-class ImageError(Exception):
-    """An image that cannot be used; the message names the file and the reason."""
 
 
 def open_rgb(source: str | Path | bytes | Image.Image, max_pixels: int = MAX_PIXELS, name: str | None = None
@@ -105,3 +105,29 @@ def list_images(paths: list[str | Path], recursive: bool = True) -> list[Path]:
         else:
             out.append(p)
     return out
+
+
+class ImageDataset(Dataset):
+    """Paths -> (index, tensor), or (index, error message) for an image that cannot be read: a bad
+    file is one item's error, never the loader's."""
+
+    def __init__(self, paths: Sequence[Path], transform):
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.transform(open_rgb(self.paths[i]))
+        except ImageError as e:
+            return i, str(e)
+
+
+def collate_images(batch):
+    """-> (indices of good images, stacked tensors or None, error messages)."""
+    good = [(i, x) for i, x in batch if isinstance(x, torch.Tensor)]
+    errors = [x for _, x in batch if isinstance(x, str)]
+    idx = [i for i, _ in good]
+    return idx, (torch.stack([x for _, x in good]) if good else None), errors

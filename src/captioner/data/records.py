@@ -25,15 +25,13 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-FORMATS = ("flickr", "csv", "jsonl", "karpathy", "coco")
+from captioner.errors import DataError
+
+LAYOUTS = ("flickr", "csv", "jsonl", "karpathy", "coco")  # the dataset layouts read here
 SPLITS = ("train", "val", "test")
 
 # Folder names the common distributions use for their images, tried in order.
 _IMAGE_DIRS = ("Images", "images", "Flicker8k_Dataset", "Flickr8k_Dataset", "flickr30k-images", "flickr30k_images")
-
-
-class DataError(Exception):
-    """A problem with the user's data, reported as one line without a traceback."""
 
 
 @dataclass
@@ -333,14 +331,14 @@ def detect(path: Path) -> tuple[str, Path]:
     return "csv", path
 
 
-def load_records(path: Path, fmt: str | None = None, images: Path | None = None) -> list[Record]:
-    """Read any supported layout into records. `fmt` overrides detection."""
+def load_records(path: Path, layout: str | None = None, images: Path | None = None) -> list[Record]:
+    """Read any supported layout into records. `layout` overrides detection."""
     detected, file = detect(path)
-    if fmt and fmt != detected:
-        if fmt not in READERS:
-            raise DataError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if layout and layout != detected:
+        if layout not in READERS:
+            raise DataError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
         file = Path(path)
-        detected = fmt
+        detected = layout
     records = READERS[detected](file, images)
     if not records:
         raise DataError(f"{path}: no captioned images found ({detected} layout)")

@@ -25,6 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from captioner.errors import ConfigError
+from captioner.model.base import Decoder
+
 
 @dataclass
 class AttentionState:
@@ -35,14 +38,16 @@ class AttentionState:
     alpha: torch.Tensor | None = None  # (B*K, P) the last step's attention weights
 
 
-class AttentionDecoder(nn.Module):
+class AttentionDecoder(Decoder):
     feature_kind = "spatial"  # wants encoder features of shape (B, P, C)
+    has_attention = True
+    state_batch_axis = 0  # h, c (B, hidden); cells (B, P, D); keys (B, P, A)
 
     def __init__(self, vocab_size: int, feat_dim: int, embed_dim: int = 512, hidden_dim: int = 512,
                  attention_dim: int = 512, dropout: float = 0.5, alpha_c: float = 1.0, rnn: str = "lstm"):
         super().__init__()
         if rnn not in ("lstm", "gru"):
-            raise ValueError(f"unknown rnn {rnn!r}; choose from lstm, gru")
+            raise ConfigError(f"unknown rnn {rnn!r}; choose from lstm, gru")
         self.alpha_c = alpha_c
         self.proj = nn.Sequential(nn.Linear(feat_dim, hidden_dim), nn.ReLU())
         self.init_h = nn.Linear(hidden_dim, hidden_dim)
@@ -57,6 +62,11 @@ class AttentionDecoder(nn.Module):
         self.h_out = nn.Linear(hidden_dim, embed_dim)  # L_h
         self.drop = nn.Dropout(dropout)
         self.out = nn.Linear(embed_dim, vocab_size)  # L_o
+
+    @classmethod
+    def from_config(cls, cfg) -> AttentionDecoder:
+        return cls(cfg.vocab_size, cfg.feat_dim, cfg.embed_dim, cfg.hidden_dim, cfg.attention_dim, cfg.dropout,
+                   cfg.alpha_c, cfg.rnn)
 
     # -- the pieces -----------------------------------------------------------------------------
 
@@ -122,4 +132,29 @@ class AttentionDecoder(nn.Module):
         alpha = state.alpha.index_select(0, index) if state.alpha is not None else None
         c = state.c.index_select(0, index) if state.c is not None else None
         return AttentionState(state.h.index_select(0, index), c, state.cells, state.keys, alpha)
+
+    # -- attention maps, export and word maps ---------------------------------------------------
+
+    def attention_maps(self, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Where the decoder looked for each word: weights (B, T, P), `tokens` (B, T) the words so far."""
+        return self.teacher_forced(feats, tokens)[1]
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return ("h", "c", "cells", "keys") if self.init_c is not None else ("h", "cells", "keys")
+
+    def flatten_state(self, state: AttentionState) -> tuple[torch.Tensor, ...]:
+        if state.c is None:  # GRU
+            return state.h, state.cells, state.keys
+        return state.h, state.c, state.cells, state.keys
+
+    def unflatten_state(self, tensors: tuple[torch.Tensor, ...]) -> AttentionState:
+        if self.init_c is None:  # GRU
+            h, cells, keys = tensors
+            return AttentionState(h, None, cells, keys)
+        return AttentionState(*tensors)
+
+    def word_vectors(self, layer: str = "output") -> torch.Tensor:
+        """(V, E): each word's row of the output layer, or its input embedding."""
+        return (self.out.weight if layer == "output" else self.embed.weight).detach()
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from captioner.data.features import file_digest
+from captioner.errors import ConfigError, EncoderError
+from captioner.files import file_digest
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,10 +47,6 @@ BACKBONES: dict[str, BackboneSpec] = {
     "resnet152": BackboneSpec("torchvision", 2048, 224, IMAGENET_MEAN, IMAGENET_STD),
     "densenet121": BackboneSpec("torchvision", 1024, 224, IMAGENET_MEAN, IMAGENET_STD),
 }
-
-
-class EncoderError(Exception):
-    """A backbone or weights problem, reported as one line."""
 
 
 class Backbone(nn.Module):
@@ -198,4 +195,4 @@ def build_head(kind: str, in_dim: int, out_dim: int, dropout: float = 0.5) -> nn
     if kind == "mlp":
         return nn.Sequential(nn.Linear(in_dim, out_dim), nn.PReLU(), nn.Dropout(dropout),
                              nn.Linear(out_dim, out_dim))
-    raise ValueError(f"unknown head {kind!r}; choose from {HEADS}")
+    raise ConfigError(f"unknown head {kind!r}; choose from {HEADS}")

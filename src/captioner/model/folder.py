@@ -7,9 +7,6 @@ own offline source (the frozen default), the encoder too (``encoder.*``).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,14 +14,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from captioner.data.vocab import Vocabulary
+from captioner.errors import ModelError
+from captioner.files import atomic_folder
 from captioner.model.encoder import EncoderError, build_backbone, weights_digest
 from captioner.model.network import CaptionModel, ModelConfig
 
 CONFIG, VOCAB, WEIGHTS = "config.json", "vocab.json", "model.safetensors"
-
-
-class ModelError(Exception):
-    """A model folder that cannot be used; one line naming the folder and the problem."""
 
 
 def save_model(model: CaptionModel, vocab: Vocabulary, folder: Path, *, half: bool = False) -> Path:
@@ -38,22 +33,10 @@ def save_model(model: CaptionModel, vocab: Vocabulary, folder: Path, *, half: bo
         state.update({f"encoder.{k}": v for k, v in model.encoder.state_dict().items()})
     state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
              for k, v in state.items()}
-    cfg_json = cfg.to_json()
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    (tmp / CONFIG).write_text(json.dumps(cfg_json, indent=2), encoding="utf-8")
-    vocab.save(tmp / VOCAB)
-    save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    for f in tmp.iterdir():
-        with f.open("rb") as fh:
-            os.fsync(fh.fileno())
-    old = folder.with_name(f".{folder.name}.old")
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_folder(folder) as tmp:
+        (tmp / CONFIG).write_text(json.dumps(cfg.to_json(), indent=2), encoding="utf-8")
+        vocab.save(tmp / VOCAB)
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
     return folder
 
 
@@ -68,11 +51,11 @@ def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[Captio
             hint = (f"; found {pickles[0]}, a pickle, which captioner never loads because unpickling can run "
                     "arbitrary code") if pickles else ""
             raise ModelError(f"{folder}: missing {name}{hint}")
+    cfg = read_config(folder)
     try:
-        cfg = ModelConfig.from_json(json.loads((folder / CONFIG).read_text(encoding="utf-8")))
         vocab = Vocabulary.load(folder / VOCAB)
     except (ValueError, TypeError, KeyError) as e:
-        raise ModelError(f"{folder}: bad config.json or vocab.json ({e})") from None
+        raise ModelError(f"{folder}: bad vocab.json ({e})") from None
     if len(vocab) != cfg.vocab_size:
         raise ModelError(f"{folder}: vocab.json has {len(vocab)} words but config.json says {cfg.vocab_size}")
     try:
@@ -101,3 +84,14 @@ def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[Captio
     if in_folder:  # name the exact weights, so the feature cache can never mix two encoders
         encoder.identity = f"{cfg.encoder}:weights:{weights_digest(encoder)}"
     return model.to(device).eval(), vocab
+
+
+def read_config(folder: Path) -> ModelConfig:
+    """A model folder's config.json alone (its decoding settings, sizes), without loading weights."""
+    path = Path(folder) / CONFIG
+    if not path.is_file():
+        raise ModelError(f"{folder}: not a model folder (no {CONFIG})")
+    try:
+        return ModelConfig.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, TypeError, KeyError) as e:
+        raise ModelError(f"{folder}: bad config.json ({e})") from None

@@ -7,11 +7,17 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
+from captioner.errors import ConfigError
 from captioner.model.attention import AttentionDecoder
-from captioner.model.decoder import ShowTellDecoder
+from captioner.model.base import Decoder
 from captioner.model.encoder import BACKBONES, Backbone, build_backbone
+from captioner.model.show_tell import ShowTellDecoder
 
-DECODERS = ("show_tell", "attention")
+# Every decoder, by the name config.json and --decoder give it (see model/base.py for the contract).
+DECODERS: dict[str, type[Decoder]] = {
+    "show_tell": ShowTellDecoder,  # Show and Tell: the image is the LSTM's first input
+    "attention": AttentionDecoder,  # Show, Attend and Tell: soft attention over the CNN's grid
+}
 
 
 @dataclass
@@ -46,13 +52,6 @@ class ModelConfig:
         return cls(vocab_size=vocab_size, encoder=encoder, image_size=image_size or spec.size,
                    mean=spec.mean, std=spec.std, feat_dim=spec.dim, **kw)
 
-    def search_settings(self, beam_size: int | None = None, length_norm: float | None = None,
-                        block_trigrams: bool = False, max_len: int | None = None) -> dict:
-        """Keyword arguments for `decode.search`: what the caller asks for, else the model's own."""
-        return {"beam_size": self.beam_size if beam_size is None else beam_size,
-                "length_norm": self.length_norm if length_norm is None else length_norm,
-                "block_trigrams": block_trigrams, "max_len": max_len or self.max_len}
-
     def to_json(self) -> dict:
         return asdict(self)
 
@@ -69,14 +68,10 @@ class ModelConfig:
         return cls(**data)
 
 
-def build_decoder(cfg: ModelConfig) -> nn.Module:
-    if cfg.decoder == "show_tell":
-        return ShowTellDecoder(cfg.vocab_size, cfg.feat_dim, cfg.embed_dim, cfg.hidden_dim, cfg.num_layers,
-                               cfg.dropout, cfg.head, cfg.rnn)
-    if cfg.decoder == "attention":
-        return AttentionDecoder(cfg.vocab_size, cfg.feat_dim, cfg.embed_dim, cfg.hidden_dim, cfg.attention_dim,
-                                cfg.dropout, cfg.alpha_c, cfg.rnn)
-    raise ValueError(f"unknown decoder {cfg.decoder!r}; choose from {', '.join(DECODERS)}")
+def build_decoder(cfg: ModelConfig) -> Decoder:
+    if cfg.decoder not in DECODERS:
+        raise ConfigError(f"unknown decoder {cfg.decoder!r}; choose from {', '.join(DECODERS)}")
+    return DECODERS[cfg.decoder].from_config(cfg)
 
 
 class CaptionModel(nn.Module):
@@ -86,7 +81,7 @@ class CaptionModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = encoder
-        self.decoder = build_decoder(cfg)
+        self.decoder: Decoder = build_decoder(cfg)
 
     @classmethod
     def create(cls, cfg: ModelConfig, encoder_weights: str | None = "default") -> CaptionModel:

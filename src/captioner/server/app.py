@@ -16,16 +16,9 @@ Everything the page needs is served from here: it works with no network at all.
 
 from __future__ import annotations
 
-import contextlib
 import io
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -144,36 +137,3 @@ def serve(captioner, db: Path | None, host: str = "127.0.0.1", port: int = 8000)
     # bounded: at most 64 connections at once (more get 503), idle keep-alive connections closed after 5 s
     uvicorn.run(create_app(captioner, db), host=host, port=port, log_level="info", limit_concurrency=64,
                 timeout_keep_alive=5)
-
-
-
-@dataclass
-class Served:
-    url: str  # http://127.0.0.1:PORT
-    pid: int  # the server's process
-
-
-@contextlib.contextmanager
-def serve_in_background(*args: str, timeout: float = 120.0) -> Iterator[Served]:
-    """`captioner serve ARGS...` in a child process on a free local port; yields its URL and
-    process id once /health answers, and stops it afterwards (for tests and scripts)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "captioner", "serve", *args, "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"captioner serve {' '.join(args)} did not start") from None
-                time.sleep(0.25)
-        yield Served(url, proc.pid)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)

@@ -1,0 +1,74 @@
+"""Files on disk: content digests and atomic writes, the one place that knows how to do either.
+
+An atomic write goes to a temporary name beside the target, is flushed and synced, and only then
+renamed over the target (``os.replace``, atomic on POSIX and Windows). A crash or a kill at any
+moment leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-1 of a file's bytes (names a photo's content in caches, output files and the library)."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "w", **open_kw) -> Iterator[IO]:
+    """Open a temporary file beside `path` for writing; when the block ends without an error, sync
+    it and rename it to `path`. On an error the temporary file is removed and `path` is untouched.
+
+        with atomic_write(out / "metrics.csv", newline="") as f:
+            f.write(...)
+    """
+    path = Path(path)
+    if "w" not in mode:
+        raise ValueError(f"atomic_write writes whole files; mode {mode!r} has no 'w'")
+    if "b" not in mode:
+        open_kw.setdefault("encoding", "utf-8")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, mode, **open_kw) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | Path) -> Iterator[Path]:
+    """Build a folder's new contents in a temporary folder beside it; when the block ends without an
+    error, sync the files and swap the new folder in for the old one. On an error the temporary
+    folder is removed and the old folder is untouched."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            if f.is_file():
+                with f.open("rb") as fh:
+                    os.fsync(fh.fileno())
+        old = folder.with_name(f".{folder.name}.old")
+        if folder.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

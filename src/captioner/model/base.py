@@ -1,0 +1,77 @@
+"""The decoder contract: what every decoder offers, and the only thing other code may rely on.
+
+Training, the searches in `decode.py`, the Python API, export and the word maps talk to a decoder
+through these members alone, never through its layers. A new decoder is one file with a subclass
+of `Decoder` and one line in `model/network.py`'s `DECODERS`.
+
+    feature_kind      "pooled": features (B, C); "spatial": a grid of cells (B, P, C)
+    has_attention     whether `attention_maps` can say where the decoder looked for each word
+    state_batch_axis  the batch axis of every tensor of a flattened state (see `flatten_state`)
+
+    from_config(cfg)                -> a new decoder for a ModelConfig
+    forward(feats, tokens)          -> logits (B, T, V), extra loss term (a scalar)   training
+    start(feats)                    -> state before the first word                  decoding
+    step(tokens (N,), state)        -> logits (N, V) for the next word, new state
+    select(state, index (N',))      -> the state's rows `index` (keep / repeat / reorder beams)
+    flatten_state(state)            -> tuple of tensors, named by `state_names`     export
+    unflatten_state(tensors)        -> state
+    attention_maps(feats, tokens)   -> weights (B, T, P) of each word over the cells
+    word_vectors(layer)             -> (V, E): "output" rows of the last layer, or "input" embeddings
+
+A state is whatever the decoder likes (a tuple, a dataclass); only the decoder looks inside it.
+`select` is only ever asked to repeat each image's row K times (once, at the start of a beam
+search or sampling) or to reorder rows within one image's block of K, never to move a row to
+another image, so a decoder may keep per-image tensors at B rows (see attention.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+State = Any  # each decoder's own
+
+
+class Decoder(nn.Module):
+    """Base class of every decoder; the methods below are the contract (see the module docstring)."""
+
+    feature_kind: ClassVar[str]  # "pooled" or "spatial"
+    has_attention: ClassVar[bool] = False
+    state_batch_axis: ClassVar[int] = 0
+
+    @classmethod
+    def from_config(cls, cfg) -> Decoder:
+        raise NotImplementedError
+
+    def forward(self, feats: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def start(self, feats: torch.Tensor) -> State:
+        raise NotImplementedError
+
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        raise NotImplementedError
+
+    @staticmethod
+    def select(state: State, index: torch.Tensor) -> State:
+        raise NotImplementedError
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        """Names of the tensors `flatten_state` returns, in order (export names its graph inputs by them)."""
+        raise NotImplementedError
+
+    def flatten_state(self, state: State) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def unflatten_state(self, tensors: tuple[torch.Tensor, ...]) -> State:
+        raise NotImplementedError
+
+    def attention_maps(self, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Attention weights (B, T, P) with `tokens` (B, T) as the words so far."""
+        raise NotImplementedError(f"{type(self).__name__} has no attention")
+
+    def word_vectors(self, layer: str = "output") -> torch.Tensor:
+        raise NotImplementedError

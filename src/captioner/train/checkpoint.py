@@ -1,0 +1,84 @@
+"""What a run leaves behind: `checkpoint.pt`, `metrics.csv`, `curves.png`, and where the run stands.
+
+`checkpoint.pt` holds the decoder (and a trained encoder), optimizer, scheduler, the run's config,
+vocabulary and model config, and `RunState` (epoch, history, best score and epoch): tensors and
+plain data only, read back with ``weights_only=True``, so `--resume` continues exactly where the
+run stopped and a planted pickle is refused, never run.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from captioner.errors import DataError
+from captioner.files import atomic_write
+
+CHECKPOINT = "checkpoint.pt"
+METRICS_COLUMNS = ["epoch", "train_loss", "reward", "val_loss", "BLEU-4", "CIDEr", "lr", "seconds"]
+
+
+@dataclass
+class RunState:
+    """Where a run stands: the last finished epoch, one history row per epoch, the best val CIDEr-D
+    and its epoch. It writes itself into the checkpoint and reads itself back."""
+
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best: float = -math.inf
+    best_epoch: int = 0
+
+    def record(self, row: dict, score: float) -> bool:
+        """Add epoch `row["epoch"]`'s row; `score` is its val CIDEr-D. True when it is the best yet."""
+        self.epoch = row["epoch"]
+        self.history.append(row)
+        if score > self.best:
+            self.best, self.best_epoch = score, self.epoch
+            return True
+        return False
+
+    def epochs_without_improvement(self) -> int:
+        return self.epoch - self.best_epoch
+
+    def to_checkpoint(self) -> dict:
+        return {"epoch": self.epoch, "history": self.history, "best": self.best, "best_epoch": self.best_epoch}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> RunState:
+        return cls(int(ckpt["epoch"]), list(ckpt["history"]), float(ckpt["best"]), int(ckpt["best_epoch"]))
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic: a crash never leaves half a checkpoint."""
+    with atomic_write(path, "wb") as f:
+        torch.save(state, f)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint with ``weights_only=True``: tensors and plain data, never code. Anything
+    else (a pickle from elsewhere, a damaged file) is refused in one line."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise DataError(f"{path}: holds objects other than tensors and plain data; captioner refuses to "
+                        "unpickle it, because unpickling can run arbitrary code") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise DataError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:200]})") from None
+    needed = {"epoch", "optimizer", "scheduler", "history", "best", "best_epoch"}
+    missing = needed - set(state) if isinstance(state, dict) else needed
+    if missing:
+        raise DataError(f"{path}: not a captioner checkpoint (it lacks {', '.join(sorted(missing))})")
+    return state
+
+
+def write_metrics(out: Path, history: list[dict]) -> None:
+    """metrics.csv: one row per epoch."""
+    with atomic_write(out / "metrics.csv", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=METRICS_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(history)

@@ -1,0 +1,166 @@
+"""Training data: records -> train/val splits -> encoder features and caption ids.
+
+Frozen encoder (the default): every image goes through the CNN once, into the feature cache, and
+training reads the memory-mapped features a batch at a time. `fine_tune_encoder`: train images go
+through the (augmented) encoder at every step instead.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from captioner import metrics
+from captioner.data.features import cached_features, extract_features
+from captioner.data.images import open_rgb, train_transform
+from captioner.data.records import Record, assign_splits, check_images, load_records, split_records
+from captioner.data.vocab import Vocabulary
+from captioner.errors import DataError
+from captioner.model.network import CaptionModel, ModelConfig
+from captioner.runtime import Dist
+from captioner.scst import CiderD, SelfCritical
+from captioner.train.config import TrainConfig
+
+
+@dataclass
+class Captions:
+    """Every training caption as ids, with the row of its image's features."""
+
+    tokens: list[torch.Tensor]  # each (T,) = [<start>, w1..wn, <end>]
+    image: torch.Tensor  # (N,) index into the image list / feature rows
+    lengths: list[int]
+
+    @classmethod
+    def build(cls, records: list[Record], vocab: Vocabulary, max_words: int) -> tuple[Captions, int]:
+        """-> (the captions of `records` of 1 to `max_words` words, how many others were left out)."""
+        tokens, image, dropped = [], [], 0
+        for i, r in enumerate(records):
+            for c in r.captions:
+                ids = vocab.encode(c)
+                if len(ids) - 2 > max_words or len(ids) == 2:
+                    dropped += 1
+                    continue
+                tokens.append(torch.tensor(ids))
+                image.append(i)
+        return cls(tokens, torch.tensor(image, dtype=torch.long), [len(t) for t in tokens]), dropped
+
+    def batch(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (image rows (B,), tokens (B, T)); the sampler guarantees equal lengths."""
+        return self.image[idx], torch.stack([self.tokens[i] for i in idx])
+
+
+class AugmentedImages(Dataset):
+    """For fine-tuning: index of a caption -> (augmented image, caption ids)."""
+
+    def __init__(self, records: list[Record], caps: Captions, cfg: ModelConfig):
+        self.records, self.caps = records, caps
+        self.transform = train_transform(cfg.image_size, cfg.mean, cfg.std)
+
+    def __len__(self) -> int:
+        return len(self.caps.tokens)
+
+    def __getitem__(self, i: int):
+        return self.transform(open_rgb(self.records[int(self.caps.image[i])].image)), self.caps.tokens[i]
+
+
+def collate_augmented(batch):
+    return torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
+
+
+class FeatureRows:
+    """Cached features of the kept images, read a batch at a time from the memory-mapped file, so
+    a cache larger than memory (COCO's spatial maps) still trains."""
+
+    def __init__(self, array: np.ndarray, keep: list[int]):
+        self.array = array  # (N_all, ...) fp16, usually a np.memmap
+        self.keep = np.asarray(keep, dtype=np.int64)  # record index -> row of `array`
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        """Rows by index array, tensor or slice -> a tensor (len(idx), ...)."""
+        rows = self.keep[idx] if isinstance(idx, slice) else self.keep[np.asarray(idx)]
+        return torch.from_numpy(np.ascontiguousarray(self.array[rows]))
+
+
+@dataclass
+class Splits:
+    train: list[Record]
+    val: list[Record]
+
+
+def read_splits(cfg: TrainConfig) -> Splits:
+    """The records of the train and val splits (the first `max_images` / `val_images` of each)."""
+    records = load_records(Path(cfg.data), cfg.layout, Path(cfg.images) if cfg.images else None)
+    assign_splits(records)
+    train = check_images(split_records(records, "train"), cfg.skip_missing)[: cfg.max_images or None]
+    val = check_images(split_records(records, "val"), cfg.skip_missing)[: cfg.val_images or None]
+    if not train or not val:
+        raise DataError(f"{cfg.data}: need train and val images, found {len(train)} and {len(val)}")
+    return Splits(train, val)
+
+
+@dataclass
+class TrainData:
+    """Everything an epoch and a validation read, for the images that could be read."""
+
+    train: list[Record]
+    val: list[Record]
+    train_feats: FeatureRows | None  # None when the encoder is fine-tuned (it sees images)
+    val_feats: FeatureRows
+    train_caps: Captions
+    val_caps: Captions
+    dropped: int  # training captions left out as too long (or empty)
+    scorer: metrics.Scorer | None  # val references, on the process that validates
+    critic: SelfCritical | None  # the self-critical reward, with --scst
+
+    def summary(self, vocab: Vocabulary, max_words: int) -> str:
+        return (f"{len(self.train)} train images ({len(self.train_caps.tokens)} captions, {self.dropped} longer "
+                f"than {max_words} words left out), {len(self.val)} val images, {len(vocab)} words")
+
+
+def prepare_data(cfg: TrainConfig, model: CaptionModel, vocab: Vocabulary, splits: Splits, device: torch.device,
+                 precision: str, dist: Dist) -> TrainData:
+    """Features of frozen encoders come from the cache (a missing entry is extracted in shares by
+    every process, then merged); then unreadable images are dropped, and captions become ids."""
+    extract_kw = dict(batch_size=cfg.feature_batch_size, device=device, precision=precision,
+                      workers=cfg.workers, progress=not cfg.quiet and dist.main)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else None
+    train, train_feats = splits.train, None
+    if not cfg.fine_tune_encoder:
+        f_train, ok, errs = cached_features(model, [r.image for r in train], cache, dist=dist, **extract_kw)
+        keep = readable(train, errs, ok)
+        train, train_feats = [train[i] for i in keep], FeatureRows(f_train, keep)
+    val_paths = [r.image for r in splits.val]
+    f_val, ok, errs = (cached_features(model, val_paths, cache, dist=dist, **extract_kw) if not cfg.fine_tune_encoder
+                       else extract_features(model, val_paths, **extract_kw))
+    keep = readable(splits.val, errs, ok)
+    val, val_feats = [splits.val[i] for i in keep], FeatureRows(f_val, keep)
+
+    max_words = model.cfg.max_len
+    train_caps, dropped = Captions.build(train, vocab, max_words)
+    val_caps, _ = Captions.build(val, vocab, max_words)
+    scorer = metrics.Scorer({i: r.captions for i, r in enumerate(val)}) if dist.main else None
+    critic = None
+    if cfg.scst:
+        references: list[list[list[int]]] = [[] for _ in train]
+        for tok, i in zip(train_caps.tokens, train_caps.image.tolist()):
+            references[i].append(tok.tolist())
+        critic = SelfCritical(CiderD([r.captions for r in train]), references, cfg.samples, cfg.baseline,
+                              max_words, cfg.scst_xe)
+    return TrainData(train, val, train_feats, val_feats, train_caps, val_caps, dropped, scorer, critic)
+
+
+def readable(records: list[Record], errors: list[str], ok: np.ndarray) -> list[int]:
+    """Indices of the records whose images could be read; a warning names the others."""
+    if errors:
+        shown = "; ".join(errors[:3])
+        warnings.warn(f"{len(errors)} unreadable images left out ({shown}{'; ...' if len(errors) > 3 else ''})",
+                      stacklevel=2)
+    return [i for i in range(len(records)) if ok[i]]

@@ -1,0 +1,125 @@
+"""One epoch of training, one validation, and the choice of decoding at the end of a run.
+
+Validation is honest: val loss (teacher-forced, as a loss only) and free-running captions of every
+val image, scored with BLEU-4 and CIDEr-D against all of its references; never teacher-forced
+"BLEU".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from captioner import metrics
+from captioner.data.batching import LengthBucketSampler
+from captioner.data.vocab import Vocabulary
+from captioner.decode import Decoding, caption_features
+from captioner.model.folder import load_model, save_model
+from captioner.model.network import CaptionModel
+from captioner.runtime import Dist, autocast
+from captioner.train.data import Captions, FeatureRows
+
+
+def caption_loss(logits: torch.Tensor, targets: torch.Tensor, pad: int) -> torch.Tensor:
+    """Mean cross-entropy over non-pad target tokens. logits (B, T, V), targets (B, T)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=pad)
+
+
+def train_one_epoch(model, batches, optimizer, device, precision: str, clip: float, epoch: int, pad: int,
+                    images: bool = False, progress: bool = True, dist: Dist | None = None, accum: int = 1,
+                    total: int | None = None) -> float:
+    """`batches` yields (features, tokens), or (images, tokens) when `images` (the encoder is
+    trained too). `model` is a CaptionModel, or its DistributedDataParallel wrapper. Every `accum`
+    batches make one optimiser step on the mean of their losses (gradient accumulation; the
+    sampler makes the number of batches a multiple of it). `pad`: the vocabulary's padding id,
+    which the loss ignores. `total`: how many batches there are, for the progress bar. Returns
+    the mean cross-entropy per word (over all ranks)."""
+    dist = dist or Dist()
+    core = getattr(model, "module", model)
+    model.train()
+    if not images:
+        core.encoder.eval()  # frozen: keep its BatchNorm statistics fixed
+    # fp16 needs its gradients scaled up so that small ones do not underflow (bf16 does not)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    loss_sum, tokens_seen, captions, t0 = 0.0, 0, 0, time.perf_counter()
+    bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", total=total, leave=False,
+               disable=not (progress and dist.main))
+    optimizer.zero_grad(set_to_none=True)
+    for i, (x, tok) in enumerate(bar):
+        x, tok = x.to(device, non_blocking=True), tok.to(device, non_blocking=True)
+        step = (i + 1) % accum == 0
+        # DDP averages gradients over ranks on the backward pass of a step's last batch only
+        sync = contextlib.nullcontext() if step or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast(device, precision):
+                logits, penalty = model(x, tok[:, :-1], images=images)  # (B, T-1, V)
+            loss = caption_loss(logits, tok[:, 1:], pad)
+            scaler.scale((loss + penalty.float()) / accum).backward()
+        if step:
+            if clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        n = tok[:, 1:].ne(pad).sum().item()
+        loss_sum += loss.item() * n
+        tokens_seen += n
+        captions += tok.shape[0] * dist.world
+        bar.set_postfix(loss=f"{loss_sum / tokens_seen:.3f}", cap_s=f"{captions / (time.perf_counter() - t0):.0f}")
+    loss_sum, tokens_seen = dist.sum([loss_sum, tokens_seen])
+    return loss_sum / max(tokens_seen, 1)
+
+
+def val_decoding(beam_size: int, max_len: int) -> Decoding:
+    """How validation decodes: greedy, or beam search with length normalisation 1.0."""
+    return Decoding(beam_size=beam_size, length_norm=1.0 if beam_size > 1 else 0.0, max_len=max_len)
+
+
+@torch.no_grad()
+def validate(model: CaptionModel, vocab: Vocabulary, feats: FeatureRows, caps: Captions, scorer: metrics.Scorer,
+             device, precision: str, decoding: Decoding, batch_size: int = 256) -> dict:
+    """Val loss (teacher-forced, as a loss only) and free-running captions of every val image
+    (with `decoding`) scored with BLEU-4 and CIDEr-D against all of its references."""
+    model.eval()
+    total, n_tok = 0.0, 0
+    for idx in LengthBucketSampler(caps.lengths, batch_size, shuffle=False):
+        rows, tok = caps.batch(idx)
+        f, tok = feats[rows].to(device).float(), tok.to(device)
+        with autocast(device, precision):
+            logits, _ = model(f, tok[:, :-1])  # features, not images
+        n = tok[:, 1:].ne(vocab.pad).sum().item()
+        total += caption_loss(logits, tok[:, 1:], vocab.pad).item() * n
+        n_tok += n
+    hyps = [r["caption"] for r in caption_features(model.decoder, vocab, feats, decoding, device, precision,
+                                                   batch_size if decoding.beam_size == 1 else 100)]
+    s = scorer(dict(enumerate(hyps)), meteor=False)
+    return {"val_loss": total / max(n_tok, 1), "BLEU-4": s["BLEU-4"], "CIDEr": s["CIDEr"], "samples": hyps[:3]}
+
+
+DECODING_CANDIDATES = ((1, 0.0), (3, 0.0), (3, 0.5), (3, 1.0), (3, 1.5), (3, 2.0))  # (beam size, length norm)
+
+
+def choose_decoding(folder: Path, feats: FeatureRows, scorer: metrics.Scorer, device, precision: str,
+                    half: bool = False) -> list[dict]:
+    """Score the model folder's captions of val with each candidate decoding and store the best
+    (by CIDEr-D) in its config.json as the model's default. Returns one row per candidate."""
+    model, vocab = load_model(folder, device)
+    rows = []
+    for beam_size, length_norm in DECODING_CANDIDATES:
+        decoding = Decoding(beam_size=beam_size, length_norm=length_norm, max_len=model.cfg.max_len)
+        hyps = [r["caption"] for r in caption_features(model.decoder, vocab, feats, decoding, device, precision)]
+        s = scorer(dict(enumerate(hyps)), meteor=False)
+        rows.append({"beam_size": beam_size, "length_norm": length_norm, "BLEU-4": round(s["BLEU-4"], 4),
+                     "CIDEr": round(s["CIDEr"], 4)})
+    best = max(rows, key=lambda r: r["CIDEr"])
+    model.cfg.beam_size, model.cfg.length_norm = best["beam_size"], best["length_norm"]
+    model.cfg.extra = {**model.cfg.extra, "decoding_on_val": rows}
+    save_model(model, vocab, folder, half=half)
+    return rows

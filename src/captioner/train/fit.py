@@ -1,0 +1,215 @@
+"""`fit()`: one training run, read top to bottom as its table of contents.
+
+    prepare data        records -> splits; features from the cache; captions as ids
+    build the model     resumed from the checkpoint, started from a model folder, or new
+    build the optimiser Adam (the encoder with its own rate when fine-tuned), plateau scheduler,
+                        length-bucketed sampler, DDP wrapper with several processes
+    resume              optimiser, scheduler and RunState from checkpoint.pt
+    loop over epochs    train (cross-entropy or self-critical), validate, keep the best, checkpoint
+    finish              choose the best model's decoding on val
+
+Cross-entropy by default; with `cfg.scst`, self-critical training (see scst.py), usually from a
+cross-entropy model given as `cfg.init`. The best model by val CIDEr-D and the last one are
+written as model folders (best/, last/) after every epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from captioner.data.batching import LengthBucketSampler
+from captioner.data.records import Record
+from captioner.data.vocab import Vocabulary
+from captioner.model.encoder import weights_digest
+from captioner.model.folder import load_model, save_model
+from captioner.model.network import CaptionModel, ModelConfig
+from captioner.runtime import Dist, resolve_precision
+from captioner.scst import scst_one_epoch
+from captioner.train.checkpoint import CHECKPOINT, RunState, load_checkpoint, save_checkpoint, write_metrics
+from captioner.train.config import TrainConfig
+from captioner.train.data import AugmentedImages, TrainData, collate_augmented, prepare_data, read_splits
+from captioner.train.epoch import choose_decoding, train_one_epoch, val_decoding, validate
+from captioner.viz import plot_curves
+
+
+def fit(cfg: TrainConfig) -> dict:
+    """Train a model as `cfg` says. Returns {"best_CIDEr": best val CIDEr-D, "history": rows}."""
+    cfg.check()
+    dist, device = Dist.from_env(cfg.device)
+    try:
+        out = Path(cfg.out)
+        if dist.main:
+            out.mkdir(parents=True, exist_ok=True)
+        log = print if dist.main else (lambda *a, **k: None)
+        precision = resolve_precision(cfg.precision, device)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        ckpt = _resume_point(cfg, out, log)
+
+        splits = read_splits(cfg)
+        model, vocab = build_model(cfg, splits.train, ckpt)
+        model.to(device)
+        data = prepare_data(cfg, model, vocab, splits, device, precision, dist)
+        log(f"{data.summary(vocab, model.cfg.max_len)}, {'self-critical, ' if cfg.scst else ''}device {device}, "
+            f"precision {precision}{f', {dist.world} processes' if dist.world > 1 else ''}")
+
+        opt = Optimisation.build(cfg, model, data, dist, device)
+        run = RunState()
+        if ckpt:
+            opt.load_state_dict(ckpt)
+            run = RunState.from_checkpoint(ckpt)
+            log(f"resumed from {out / CHECKPOINT} after epoch {run.epoch}")
+
+        for epoch in range(run.epoch + 1, cfg.epochs + 1):
+            train_epoch(cfg, model, vocab, data, opt, device, precision, dist, epoch, run, log)
+            if cfg.patience and run.epochs_without_improvement() >= cfg.patience:
+                log(f"no val improvement for {cfg.patience} epochs: stopping")
+                break
+
+        if run.best_epoch and dist.main:
+            rows = choose_decoding(out / "best", data.val_feats, data.scorer, device, precision, cfg.half)
+            log("decoding of the best model on val: " + "; ".join(
+                f"beam {r['beam_size']} length-norm {r['length_norm']}: CIDEr-D {r['CIDEr']:.3f}" for r in rows))
+        return {"best_CIDEr": run.best, "history": run.history}
+    finally:
+        dist.close()
+
+
+def _resume_point(cfg: TrainConfig, out: Path, log) -> dict | None:
+    """The checkpoint to continue from, with `cfg.resume` (None: start from scratch)."""
+    if not cfg.resume:
+        return None
+    if not (out / CHECKPOINT).is_file():
+        log(f"no {out / CHECKPOINT} yet: starting from scratch")
+        return None
+    return load_checkpoint(out / CHECKPOINT)
+
+
+def build_model(cfg: TrainConfig, train: list[Record], ckpt: dict | None) -> tuple[CaptionModel, Vocabulary]:
+    """The model to train: resumed from the checkpoint (its own config, vocabulary and weights),
+    started from a model folder (`cfg.init`), or new, with a vocabulary from the training captions."""
+    if ckpt:
+        mcfg = ModelConfig.from_json(ckpt["config"])
+        vocab = Vocabulary(ckpt["vocab"][4:])
+        model = CaptionModel.create(mcfg, "none" if mcfg.encoder_weights == "folder" else "default")
+        model.decoder.load_state_dict(ckpt["decoder"])
+        if "encoder" in ckpt:
+            model.encoder.load_state_dict(ckpt["encoder"])
+            model.encoder.identity = f"{mcfg.encoder}:weights:{weights_digest(model.encoder)}"
+    elif cfg.init:
+        model, vocab = load_model(Path(cfg.init))
+        model.cfg.extra = {}
+    else:
+        vocab = Vocabulary.build((c for r in train for c in r.captions), cfg.min_count)
+        mcfg = ModelConfig.for_encoder(
+            cfg.encoder, len(vocab), cfg.image_size, decoder=cfg.decoder, head=cfg.head, rnn=cfg.rnn,
+            embed_dim=cfg.embed_dim, hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers, dropout=cfg.dropout,
+            attention_dim=cfg.attention_dim, alpha_c=cfg.alpha_c, max_len=cfg.max_words)
+        model = CaptionModel.create(mcfg, cfg.encoder_weights)
+        mcfg.encoder_weights = "default" if cfg.encoder_weights == "default" else "folder"
+    if cfg.fine_tune_encoder:
+        model.cfg.encoder_weights = "folder"
+    model.encoder.requires_grad_(bool(cfg.fine_tune_encoder))
+    return model, vocab
+
+
+@dataclass
+class Optimisation:
+    """What changes the weights: the optimiser and its scheduler, the order of the batches, and the
+    module the steps go through (the model, or its DistributedDataParallel wrapper)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    sampler: LengthBucketSampler
+    net: torch.nn.Module
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, model: CaptionModel, data: TrainData, dist: Dist,
+              device: torch.device) -> Optimisation:
+        groups = [{"params": list(model.decoder.parameters()), "lr": cfg.learning_rate}]
+        if cfg.fine_tune_encoder:
+            groups.append({"params": list(model.encoder.parameters()), "lr": cfg.encoder_lr})
+        optimizer = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.lr_factor,
+                                                               patience=cfg.lr_patience)
+        sampler = LengthBucketSampler(data.train_caps.lengths, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                      rank=dist.rank, world=dist.world, accum=1 if cfg.scst else cfg.accum)
+        net = model
+        if dist.world > 1 and not cfg.scst:  # SCST samples outside forward(): gradients are averaged by hand
+            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
+                                                            else None)
+        return cls(optimizer, scheduler, sampler, net)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+
+
+def train_epoch(cfg: TrainConfig, model: CaptionModel, vocab: Vocabulary, data: TrainData, opt: Optimisation,
+                device: torch.device, precision: str, dist: Dist, epoch: int, run: RunState, log) -> None:
+    """One epoch: train, validate (on rank 0; every rank then takes the same scheduler and
+    early-stopping decisions), record it in `run`, and write the run folder."""
+    torch.manual_seed(cfg.seed + epoch)  # dropout/augmentation/sampling noise: the same per epoch on resume
+    opt.sampler.set_epoch(epoch)
+    t0 = time.perf_counter()
+    train_loss, mean_reward = math.nan, math.nan
+    progress = not cfg.quiet
+    if cfg.scst:
+        random.seed(cfg.seed + epoch)  # which reference the cross-entropy term sees
+        mean_reward = scst_one_epoch(model, vocab, data.train_feats, data.critic, opt.optimizer, device, precision,
+                                     cfg.clip, epoch, cfg.batch_size, cfg.seed, progress=progress,
+                                     dist=dist)["reward"]
+    else:
+        if cfg.fine_tune_encoder:
+            batches = DataLoader(AugmentedImages(data.train, data.train_caps, model.cfg), batch_sampler=opt.sampler,
+                                 num_workers=cfg.workers, collate_fn=collate_augmented)
+        else:
+            batches = ((data.train_feats[rows], tok) for rows, tok in map(data.train_caps.batch, opt.sampler))
+        train_loss = train_one_epoch(opt.net, batches, opt.optimizer, device, precision, cfg.clip, epoch, vocab.pad,
+                                     images=cfg.fine_tune_encoder, progress=progress, dist=dist, accum=cfg.accum,
+                                     total=len(opt.sampler))
+    seconds = time.perf_counter() - t0
+
+    decoding = val_decoding(cfg.val_beam_size, model.cfg.max_len)
+    val = validate(model, vocab, data.val_feats, data.val_caps, data.scorer, device, precision, decoding) \
+        if dist.main else None
+    val = dist.broadcast(val)
+    opt.scheduler.step(val["CIDEr"])
+    row = {"epoch": epoch, "train_loss": round(train_loss, 4), "reward": round(mean_reward, 4),
+           "val_loss": round(val["val_loss"], 4), "BLEU-4": round(val["BLEU-4"], 4),
+           "CIDEr": round(val["CIDEr"], 4), "lr": opt.optimizer.param_groups[0]["lr"], "seconds": round(seconds, 1)}
+    improved = run.record(row, val["CIDEr"])
+    if improved:
+        model.cfg.extra = {"val": {"epoch": epoch, "BLEU-4": row["BLEU-4"], "CIDEr": row["CIDEr"],
+                                   "decode": decoding.describe()}}
+    trained = f"reward {mean_reward:.3f}" if cfg.scst else f"train loss {train_loss:.3f}"
+    log(f"epoch {epoch}: {trained}  val loss {val['val_loss']:.3f}  "
+        f"BLEU-4 {val['BLEU-4']:.3f}  CIDEr-D {val['CIDEr']:.3f}  {seconds:.1f}s"
+        f"{'  (best)' if improved else ''}  e.g. \"{val['samples'][0]}\"")
+    if dist.main:
+        out = Path(cfg.out)
+        if improved:
+            save_model(model, vocab, out / "best", half=cfg.half)
+        save_run(out, cfg, model, vocab, opt, run)
+
+
+def save_run(out: Path, cfg: TrainConfig, model: CaptionModel, vocab: Vocabulary, opt: Optimisation,
+             run: RunState) -> None:
+    """After each epoch: the last model folder, metrics.csv, curves.png and the checkpoint."""
+    save_model(model, vocab, out / "last", half=cfg.half)
+    write_metrics(out, run.history)
+    plot_curves(out / "curves.png", run.history)
+    state = {"decoder": model.decoder.state_dict(), **opt.state_dict(), "args": cfg.to_json(),
+             "vocab": vocab.itos, "config": model.cfg.to_json(), **run.to_checkpoint()}
+    if model.cfg.encoder_weights == "folder":
+        state["encoder"] = model.encoder.state_dict()
+    save_checkpoint(out / CHECKPOINT, state)

@@ -1,0 +1,310 @@
+"""The shape of the code: floors without upward imports, one decoding value, one road from features
+to captions, a declared decoder contract that a third decoder can keep, and training from Python."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY
+from torch import nn
+
+import captioner.decode as decode_module
+from captioner import Captioner
+from captioner.cli import build_parser, main
+from captioner.data.records import load_records
+from captioner.decode import Decoding
+from captioner.errors import ConfigError
+from captioner.model.attention import AttentionDecoder
+from captioner.model.base import Decoder
+from captioner.model.network import DECODERS, ModelConfig
+from captioner.model.show_tell import ShowTellDecoder
+from captioner.train import TrainConfig, fit
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "captioner"
+
+# data -> model -> decode -> train/api -> cli/server: a module imports only from its floor or below
+FLOORS = [
+    ("base", ["errors", "files", "runtime"]),
+    ("data", ["data", "metrics"]),
+    ("model", ["model"]),
+    ("decode", ["decode"]),
+    ("work", ["scst", "train", "evaluate", "api", "batch", "library", "export", "viz"]),
+    ("front", ["cli", "server", "__init__", "__main__"]),
+]
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(SRC).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" and len(rel.parts) > 1 else rel.parts
+    return ".".join(parts)
+
+
+def _floor(module: str) -> int:
+    for i, (_, tops) in enumerate(FLOORS):
+        if module.split(".")[0] in tops:
+            return i
+    raise AssertionError(f"captioner.{module} is on no floor: add it to FLOORS (and docs/ARCHITECTURE.md)")
+
+
+def _imports() -> dict[str, set[str]]:
+    """captioner module -> the captioner modules it imports (at any depth in the file)."""
+    graph = {}
+    for path in SRC.rglob("*.py"):
+        name = _module_name(path)
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("captioner"):
+                deps.add(node.module.removeprefix("captioner").lstrip("."))
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.removeprefix("captioner").lstrip(".") for a in node.names
+                         if a.name.startswith("captioner")}
+        graph[name] = {d for d in deps if d} - {name}
+    return graph
+
+
+def test_no_module_imports_upward():
+    upward = [f"captioner.{m} ({FLOORS[_floor(m)][0]}) imports captioner.{d} ({FLOORS[_floor(d)][0]})"
+              for m, deps in _imports().items() if m not in ("__init__", "__main__")
+              for d in deps if _floor(d) > _floor(m)]
+    assert not upward, upward
+
+
+def test_no_import_cycles():
+    graph = _imports()
+    graph = {m: {d for d in deps if d in graph} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for d in graph[m]:
+            if state.get(d) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*path[path.index(d):], d]))
+            if d not in state:
+                visit(d, [*path, d])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [m])
+
+
+# -- the decoder contract -------------------------------------------------------------------------
+
+
+class BagDecoder(Decoder):
+    """A third decoder, as a user would add one: the image and the last word, no recurrence."""
+
+    feature_kind = "pooled"
+    state_batch_axis = 0
+
+    def __init__(self, vocab_size: int, feat_dim: int, hidden_dim: int):
+        super().__init__()
+        self.img = nn.Linear(feat_dim, hidden_dim)
+        self.embed = nn.Embedding(vocab_size, hidden_dim)
+        self.out = nn.Linear(hidden_dim, vocab_size)
+
+    @classmethod
+    def from_config(cls, cfg) -> BagDecoder:
+        return cls(cfg.vocab_size, cfg.feat_dim, cfg.hidden_dim)
+
+    def forward(self, feats, tokens):
+        h = torch.tanh(self.img(feats)[:, None] + self.embed(tokens))  # (B, T, H)
+        return self.out(h), h.new_zeros(())
+
+    def start(self, feats):
+        return (self.img(feats),)
+
+    def step(self, tokens, state):
+        return self.out(torch.tanh(state[0] + self.embed(tokens))), state
+
+    @staticmethod
+    def select(state, index):
+        return (state[0].index_select(0, index),)
+
+    @property
+    def state_names(self):
+        return ("image",)
+
+    def flatten_state(self, state):
+        return tuple(state)
+
+    def unflatten_state(self, tensors):
+        return tuple(tensors)
+
+    def word_vectors(self, layer="output"):
+        return (self.out.weight if layer == "output" else self.embed.weight).detach()
+
+
+@pytest.mark.parametrize("cls,rnn", [(ShowTellDecoder, "lstm"), (ShowTellDecoder, "gru"),
+                                     (AttentionDecoder, "lstm"), (AttentionDecoder, "gru")])
+def test_decoders_keep_the_contract(cls, rnn):
+    cfg = ModelConfig(vocab_size=11, feat_dim=8, embed_dim=6, hidden_dim=10, attention_dim=7, rnn=rnn,
+                      decoder="show_tell" if cls is ShowTellDecoder else "attention")
+    dec = DECODERS[cfg.decoder].from_config(cfg).eval()
+    assert isinstance(dec, Decoder) and type(dec) is cls
+    feats = torch.randn(2, 8) if dec.feature_kind == "pooled" else torch.randn(2, 4, 8)
+    state = dec.start(feats)
+    flat = dec.flatten_state(state)
+    assert len(flat) == len(dec.state_names) and all(t.shape[dec.state_batch_axis] == 2 for t in flat)
+    logits, new = dec.step(torch.tensor([1, 1]), dec.unflatten_state(flat))
+    logits2, _ = dec.step(torch.tensor([1, 1]), state)
+    assert logits.shape == (2, 11) and torch.equal(logits, logits2)
+    assert [t.shape for t in dec.flatten_state(new)] == [t.shape for t in flat]
+    assert dec.word_vectors("output").shape[0] == dec.word_vectors("input").shape[0] == 11
+    if dec.has_attention:
+        assert dec.attention_maps(feats, torch.tensor([[1, 5, 6], [1, 7, 8]])).shape == (2, 3, 4)
+    else:
+        with pytest.raises(NotImplementedError):
+            dec.attention_maps(feats, torch.tensor([[1, 5]]))
+
+
+def test_a_third_decoder_is_one_class_and_one_registry_line(tmp_path, shapes, monkeypatch):
+    """Registered in DECODERS, a new decoder trains from Python with fit(TrainConfig(...)), saves,
+    loads, captions (greedy and beam), exports to ONNX and draws word vectors, untouched code all."""
+    monkeypatch.setitem(DECODERS, "bag", BagDecoder)
+    import captioner.train.epoch
+
+    roads, real = [], decode_module.caption_features
+    monkeypatch.setattr(captioner.train.epoch, "caption_features", lambda *a, **k: roads.append(a[3]) or real(*a, **k))
+    out = tmp_path / "bag"
+    result = fit(TrainConfig(data=shapes, out=out, decoder="bag", epochs=2, max_images=40, val_images=6,
+                             image_size=96, hidden_dim=64, min_count=1, batch_size=32, lr=3e-3, workers=0,
+                             quiet=True))
+    assert result["best_CIDEr"] > 0 and len(result["history"]) == 2
+    assert len(roads) == 2 + 6  # validation after each epoch, then the six candidate decodings
+    cap = Captioner.load(out / "best", device="cpu")
+    assert type(cap.model.decoder) is BagDecoder
+    img = sorted(shapes.parent.glob("*.png"))[0]
+    assert cap.caption(img, beam_size=1) and cap.caption(img, beam_size=3)
+    with pytest.raises(Exception, match="no attention"):
+        cap.attention(img)
+    pytest.importorskip("onnxruntime")
+    from captioner.export import OnnxCaptioner, export_model
+
+    export_model(out / "best", tmp_path / "onnx")
+    onnx = OnnxCaptioner(tmp_path / "onnx")
+    assert onnx.caption([onnx.preprocess(img)]) == [cap.caption(img, beam_size=1)]
+    assert main(["embeddings", "--model", str(out / "best"), "--out", str(tmp_path / "w.png"), "--words", "8"]) == 0
+
+
+# -- training config ------------------------------------------------------------------------------
+
+
+def test_cli_train_defaults_are_the_config_defaults():
+    a = build_parser().parse_args(["train", "--data", "d", "--out", "o"])
+    from_cli = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)})
+    assert from_cli == TrainConfig(data=Path("d"), out=Path("o"))
+
+
+def test_layout_option_and_its_old_name():
+    p = build_parser()
+    assert p.parse_args(["train", "--data", "d", "--out", "o", "--layout", "csv"]).layout == "csv"
+    assert p.parse_args(["evaluate", "--data", "d", "--format", "coco"]).layout == "coco"
+    assert p.parse_args(["export", "--out", "x", "--format", "torchscript"]).format == "torchscript"
+
+
+def test_clashing_options_are_a_config_error(tmp_path, shapes):
+    with pytest.raises(ConfigError, match="--fine-tune-encoder"):
+        fit(TrainConfig(data=shapes, out=tmp_path, scst=True, fine_tune_encoder=True))
+
+
+def test_user_mistakes_are_one_line_but_bugs_keep_their_traceback(monkeypatch, capsys):
+    from captioner import cli
+
+    def mistake(a):
+        raise ConfigError("--words must be 1 or more")
+
+    def bug(a):
+        raise ValueError("a bug")
+
+    monkeypatch.setitem(cli.COMMANDS, "search", mistake)
+    assert main(["search", "x", "--db", "y"]) == 2
+    assert capsys.readouterr().err == "captioner: error: --words must be 1 or more\n"
+    monkeypatch.setitem(cli.COMMANDS, "search", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["search", "x", "--db", "y"])
+
+
+# -- one decoding value, one road from features to captions -----------------------------------------
+
+
+def test_decoding_value():
+    cfg = ModelConfig(vocab_size=10, beam_size=3, length_norm=1.5, max_len=16)
+    assert Decoding.for_model(cfg) == Decoding(3, 1.5, False, 16)
+    assert Decoding.for_model(cfg, beam_size=1, block_trigrams=True) == Decoding(1, 1.5, True, 16)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Decoding().beam_size = 2
+    for bad in (0, -1):
+        with pytest.raises(ConfigError, match="beam size"):
+            Decoding(beam_size=bad)
+
+
+def _record_searches(monkeypatch) -> list[tuple[Decoding, bool]]:
+    """Every search run from now on: (its decoding, whether bf16 autocast was on)."""
+    seen, real = [], decode_module.search
+
+    def spy(decoder, feats, vocab, decoding=None):
+        seen.append((decoding, torch.is_autocast_enabled("cpu")))
+        return real(decoder, feats, vocab, decoding)
+
+    monkeypatch.setattr(decode_module, "search", spy)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def attention_model(tmp_path_factory, shapes) -> Path:
+    out = tmp_path_factory.mktemp("att")
+    assert main(["train", "--data", str(shapes), "--out", str(out), "--decoder", "attention", "--epochs", "4",
+                 "--max-images", "60", "--val-images", "6", *TINY]) == 0
+    return out / "best"
+
+
+def test_attention_map_uses_every_decoding_setting(attention_model, shapes, tmp_path, monkeypatch, capsys):
+    """--block-trigrams (and every other setting) reaches the attention map's search too."""
+    seen = _record_searches(monkeypatch)
+    img = sorted(shapes.parent.glob("*.png"))[0]
+    assert main(["caption", str(img), "--model", str(attention_model), "--attention-map", str(tmp_path / "a.png"),
+                 "--beam-size", "2", "--length-norm", "0.7", "--block-trigrams", "--device", "cpu"]) == 0
+    assert (tmp_path / "a.png").is_file()
+    assert len(seen) == 2 and seen[0][0] == seen[1][0] == Decoding(2, 0.7, True, 20)
+
+
+def test_attention_caption_is_the_printed_caption(attention_model, shapes, monkeypatch):
+    """The caption drawn on an attention map comes from the same search, under the same precision
+    rule, as the caption printed: with bf16 on a CPU, a single image decodes in fp32 either way."""
+    seen = _record_searches(monkeypatch)
+    cap = Captioner.load(attention_model, device="cpu", precision="bf16")
+    val = [r.image for r in load_records(shapes) if r.split == "val"][:4]
+    for img in val:
+        caption, words, alpha = cap.attention(img)
+        assert caption == cap.caption(img) and words[:-1] == caption.split()
+        assert alpha.shape[0] == len(words)
+    assert len({autocast for _, autocast in seen}) == 1, seen
+
+
+def test_every_caller_takes_the_one_road(trained, shapes, monkeypatch):
+    """The API and evaluation decode through decode.caption_features (training's validation too:
+    see test_a_third_decoder_is_one_class_and_one_registry_line)."""
+    calls, real = [], decode_module.caption_features
+
+    def spy(*args, **kw):
+        calls.append(args[3])
+        return real(*args, **kw)
+
+    import captioner.api
+    import captioner.evaluate
+    import captioner.train.epoch
+
+    for module in (captioner.api, captioner.evaluate, captioner.train.epoch):
+        monkeypatch.setattr(module, "caption_features", spy)
+    cap = Captioner.load(trained / "best", device="cpu")
+    cap.caption(sorted(shapes.parent.glob("*.png"))[:2])
+    assert calls == [cap.decoding]
+    from captioner.evaluate import evaluate
+
+    evaluate(trained / "best", shapes, "val", decoding=Decoding(beam_size=2), meteor=False, progress=False)
+    assert calls[-1] == Decoding(beam_size=2)
