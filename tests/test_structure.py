@@ -200,6 +200,14 @@ def test_cli_train_defaults_are_the_config_defaults():
     assert from_cli == TrainConfig(data=Path("d"), out=Path("o"))
 
 
+def test_train_config_and_model_config_agree_on_model_defaults():
+    model_defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    shared = [f for f in dataclasses.fields(TrainConfig) if f.name in model_defaults and f.name not in ("encoder_weights", "image_size")]
+    assert len(shared) >= 10
+    assert {f.name: f.default for f in shared} == {f.name: model_defaults[f.name] for f in shared}
+    assert TrainConfig.max_words == ModelConfig.max_len
+
+
 def test_layout_option_and_its_old_name():
     p = build_parser()
     assert p.parse_args(["train", "--data", "d", "--out", "o", "--layout", "csv"]).layout == "csv"
