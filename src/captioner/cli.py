@@ -179,6 +179,8 @@ def _train_parser(sub) -> None:
                    help="decode val with this beam (length norm 1.0) to pick the best epoch (default 1: greedy)")
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in OUT (without --resume or this, an existing run is refused)")
     p.add_argument("--init", type=Path, help="start from this model folder (its config and vocabulary)")
     p.add_argument("--scst", action="store_true",
                    help="self-critical training with a CIDEr-D reward (use with --init a cross-entropy model); "
@@ -336,13 +338,34 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    if a.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _torchrun(a.nproc, a.argv)
-    from captioner.train import fit
+    try:
+        if a.nproc > 1 and "WORLD_SIZE" not in os.environ:
+            return _torchrun(a.nproc, a.argv)
+        from captioner.train import fit
 
-    result = fit(TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig)}))
+        result = fit(TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig)}))
+    except KeyboardInterrupt:
+        _how_to_continue(a)
+        return 130
     print(f"best val CIDEr-D {result['best_CIDEr']:.3f}; model folders in {a.out}/best and {a.out}/last")
     return 0
+
+
+def _how_to_continue(a: argparse.Namespace) -> None:
+    """After Ctrl-C: which epoch's checkpoint is saved, and the command that continues from it."""
+    import shlex
+
+    from captioner.train.checkpoint import CHECKPOINT, saved_epoch
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    epoch = saved_epoch(a.out)
+    if not epoch:
+        print("captioner: interrupted before the first epoch was saved; nothing to resume", file=sys.stderr)
+        return
+    argv = [x for x in a.argv if x not in ("--overwrite", "--resume")] + ["--resume"]
+    print(f"captioner: interrupted; the checkpoint after epoch {epoch} is in {a.out / CHECKPOINT}. Continue with:\n"
+          f"  captioner {shlex.join(argv)}", file=sys.stderr)
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from captioner.errors import ConfigError
+
 
 def file_digest(path: str | Path) -> str:
     """SHA-1 of a file's bytes (names a photo's content in caches, output files and the library)."""
@@ -72,3 +74,32 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def locked(folder: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (its file ``.lock``) while the block runs, so that two
+    processes never write one folder at once; a second one gets a ConfigError naming the folder.
+    The lock goes with the process, however it ends (kill -9 included)."""
+    folder = Path(folder)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        yield
+        return
+    with open(folder / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            raise ConfigError(f"{folder}: another {what} is writing to it{f' ({holder})' if holder else ''}; "
+                              "wait for it to finish or choose another folder") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

@@ -12,10 +12,32 @@ from captioner.errors import ConfigError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+def available_devices() -> list[str]:
+    """The devices this machine has, as --device takes them."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ["cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(gpus)] if gpus else [])
+
+
 def pick_device(name: str = "auto") -> torch.device:
+    """'auto' (a GPU when there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'; a device this
+    machine lacks is a ConfigError naming the ones it has."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    have = ", ".join(["auto", *available_devices()])
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"unknown device {name!r}; this machine has: {have}") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ConfigError(f"device {name!r} is not supported; this machine has: {have}")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: no CUDA GPU is usable here (torch {torch.__version__}, "
+                          f"CUDA build: {torch.version.cuda or 'none'}); this machine has: {have}")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r}: there are only {torch.cuda.device_count()} GPUs; this machine has: {have}")
+    return device
 
 
 def cpu_has_fast_bf16() -> bool:

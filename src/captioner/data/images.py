@@ -51,12 +51,25 @@ def open_rgb(source: str | Path | bytes | Image.Image, max_pixels: int = MAX_PIX
             raise ImageError(f"{name}: declares more pixels than {max_pixels:,} (a decompression bomb?)") from None
         except UnidentifiedImageError as e:
             raise ImageError(f"{name}: not a readable image ({type(e).__name__})") from None
-        except (OSError, ValueError, SyntaxError) as e:
-            raise ImageError(f"{name}: broken image ({e})") from None
+        except Exception as e:  # any decoder's failure (OSError, SyntaxError, AVIF's RuntimeError ...) is this file's
+            raise ImageError(f"{name}: broken image ({_first_line(e)})") from None
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # a broken EXIF block should not cost the picture
         pass
+    try:
+        return _to_rgb(img)
+    except Exception as e:
+        raise ImageError(f"{name or 'image'}: broken image ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0][:200] if text else type(e).__name__)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode -> RGB: transparency onto white, 16-bit grey scaled to 8 bits."""
     if img.mode == "RGB":
         return img
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):

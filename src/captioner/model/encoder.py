@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from captioner.errors import ConfigError, EncoderError
@@ -188,10 +189,22 @@ def weights_digest(module: nn.Module) -> str:
 HEADS = ("linear_bn", "mlp")
 
 
+class BatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d that also trains on a batch of one: the statistics of one sample are undefined,
+    so such a batch is normalised with the running statistics and leaves them as they are.
+    (Length-bucketed batches can hold a single caption: the only one of its length, or the last
+    one of a bucket.) Same weights and state-dict keys as nn.BatchNorm1d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
 def build_head(kind: str, in_dim: int, out_dim: int, dropout: float = 0.5) -> nn.Module:
     """"linear_bn": Linear + BatchNorm (Show and Tell). "mlp": Linear, PReLU, Dropout, Linear."""
     if kind == "linear_bn":
-        return nn.Sequential(nn.Linear(in_dim, out_dim), nn.BatchNorm1d(out_dim, momentum=0.01))
+        return nn.Sequential(nn.Linear(in_dim, out_dim), BatchNorm(out_dim, momentum=0.01))
     if kind == "mlp":
         return nn.Sequential(nn.Linear(in_dim, out_dim), nn.PReLU(), nn.Dropout(dropout),
                              nn.Linear(out_dim, out_dim))

@@ -4,13 +4,13 @@
     data.py        records -> splits -> cached features and caption ids (TrainData)
     epoch.py       train_one_epoch(), validate(), choose_decoding()
     checkpoint.py  RunState, checkpoint.pt, metrics.csv
-    fit.py         fit(): prepare data, build model and optimiser, resume, loop over epochs, finish
+    run.py         fit(): prepare data, build model and optimiser, resume, loop over epochs, finish
 
     from captioner.train import TrainConfig, fit
     fit(TrainConfig(data="flickr8k/", out="runs/x", epochs=3))
 """
 
 from captioner.train.config import TrainConfig
-from captioner.train.fit import fit
+from captioner.train.run import fit
 
 __all__ = ["TrainConfig", "fit"]

@@ -8,16 +8,19 @@ run stopped and a planted pickle is refused, never run.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import pickle
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from captioner.errors import DataError
-from captioner.files import atomic_write
+from captioner.errors import ConfigError, DataError
+from captioner.files import atomic_write, locked
 
 CHECKPOINT = "checkpoint.pt"
 METRICS_COLUMNS = ["epoch", "train_loss", "reward", "val_loss", "BLEU-4", "CIDEr", "lr", "seconds"]
@@ -82,3 +85,43 @@ def write_metrics(out: Path, history: list[dict]) -> None:
         w = csv.DictWriter(f, fieldnames=METRICS_COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(history)
+
+
+RUN_FILES = (CHECKPOINT, "metrics.csv", "curves.png")
+RUN_FOLDERS = ("best", "last")
+
+
+def holds_a_run(out: Path) -> bool:
+    return any((out / f).is_file() for f in RUN_FILES) or any((out / d / "config.json").is_file()
+                                                                  for d in RUN_FOLDERS)
+
+
+@contextlib.contextmanager
+def run_folder(out: Path, resume: bool, overwrite: bool) -> Iterator[None]:
+    """Claim the run folder `out` for this training while the block runs: locked against a second
+    training, and never silently written over. A folder that already holds a run is continued
+    (`resume`), replaced (`overwrite`: its run files are removed first), or refused."""
+    out.mkdir(parents=True, exist_ok=True)
+    with locked(out, "training"):
+        if holds_a_run(out) and not resume:
+            if not overwrite:
+                epochs = saved_epoch(out)
+                what = f"a training run ({epochs} epochs saved)" if epochs else "a training run"
+                raise ConfigError(f"{out} already holds {what}; add --resume to continue it, --overwrite to "
+                                  "replace it, or choose another --out")
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+            for name in RUN_FOLDERS:
+                if (out / name / "config.json").is_file():
+                    shutil.rmtree(out / name)
+        yield
+
+
+def saved_epoch(out: Path) -> int:
+    """The last epoch whose checkpoint is in `out` (0: none, or not readable)."""
+    if not (Path(out) / CHECKPOINT).is_file():
+        return 0
+    try:
+        return int(load_checkpoint(Path(out) / CHECKPOINT)["epoch"])
+    except DataError:
+        return 0

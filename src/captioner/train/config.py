@@ -67,6 +67,7 @@ class TrainConfig:
     val_beam_size: int = 1  # decode val with this beam (length norm 1.0) to pick the best epoch
     half: bool = False  # store model folders in fp16
     resume: bool = False  # continue from OUT/checkpoint.pt
+    overwrite: bool = False  # replace the run already in OUT (without it, or resume, an existing run is refused)
 
     # the machine
     device: str = "auto"

@@ -15,6 +15,7 @@ written as model folders (best/, last/) after every epoch.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -32,7 +33,14 @@ from captioner.model.folder import load_model, save_model
 from captioner.model.network import CaptionModel, ModelConfig
 from captioner.runtime import Dist, resolve_precision
 from captioner.scst import scst_one_epoch
-from captioner.train.checkpoint import CHECKPOINT, RunState, load_checkpoint, save_checkpoint, write_metrics
+from captioner.train.checkpoint import (
+    CHECKPOINT,
+    RunState,
+    load_checkpoint,
+    run_folder,
+    save_checkpoint,
+    write_metrics,
+)
 from captioner.train.config import TrainConfig
 from captioner.train.data import AugmentedImages, TrainData, collate_augmented, prepare_data, read_splits
 from captioner.train.epoch import choose_decoding, train_one_epoch, val_decoding, validate
@@ -43,42 +51,47 @@ def fit(cfg: TrainConfig) -> dict:
     """Train a model as `cfg` says. Returns {"best_CIDEr": best val CIDEr-D, "history": rows}."""
     cfg.check()
     dist, device = Dist.from_env(cfg.device)
+    out = Path(cfg.out)
     try:
-        out = Path(cfg.out)
-        if dist.main:
-            out.mkdir(parents=True, exist_ok=True)
-        log = print if dist.main else (lambda *a, **k: None)
-        precision = resolve_precision(cfg.precision, device)
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        ckpt = _resume_point(cfg, out, log)
-
-        splits = read_splits(cfg)
-        model, vocab = build_model(cfg, splits.train, ckpt)
-        model.to(device)
-        data = prepare_data(cfg, model, vocab, splits, device, precision, dist)
-        log(f"{data.summary(vocab, model.cfg.max_len)}, {'self-critical, ' if cfg.scst else ''}device {device}, "
-            f"precision {precision}{f', {dist.world} processes' if dist.world > 1 else ''}")
-
-        opt = Optimisation.build(cfg, model, data, dist, device)
-        run = RunState()
-        if ckpt:
-            opt.load_state_dict(ckpt)
-            run = RunState.from_checkpoint(ckpt)
-            log(f"resumed from {out / CHECKPOINT} after epoch {run.epoch}")
-
-        for epoch in range(run.epoch + 1, cfg.epochs + 1):
-            train_epoch(cfg, model, vocab, data, opt, device, precision, dist, epoch, run, log)
-            if cfg.patience and run.epochs_without_improvement() >= cfg.patience:
-                log(f"no val improvement for {cfg.patience} epochs: stopping")
-                break
-
-        if run.best_epoch and dist.main:
-            rows = choose_decoding(out / "best", data.val_feats, data.scorer, device, precision, cfg.half)
-            log("decoding of the best model on val: " + "; ".join(
-                f"beam {r['beam_size']} length-norm {r['length_norm']}: CIDEr-D {r['CIDEr']:.3f}" for r in rows))
-        return {"best_CIDEr": run.best, "history": run.history}
+        # rank 0 writes the run folder: it claims it (locked; an earlier run is resumed or refused)
+        with run_folder(out, cfg.resume, cfg.overwrite) if dist.main else contextlib.nullcontext():
+            return _fit(cfg, out, dist, device)
     finally:
         dist.close()
+
+
+def _fit(cfg: TrainConfig, out: Path, dist: Dist, device: torch.device) -> dict:
+    """The run itself: prepare data, build the model and optimiser, resume, loop, finish."""
+    log = print if dist.main else (lambda *a, **k: None)
+    precision = resolve_precision(cfg.precision, device)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    ckpt = _resume_point(cfg, out, log)
+
+    splits = read_splits(cfg)
+    model, vocab = build_model(cfg, splits.train, ckpt)
+    model.to(device)
+    data = prepare_data(cfg, model, vocab, splits, device, precision, dist)
+    log(f"{data.summary(vocab, model.cfg.max_len)}, {'self-critical, ' if cfg.scst else ''}device {device}, "
+        f"precision {precision}{f', {dist.world} processes' if dist.world > 1 else ''}")
+
+    opt = Optimisation.build(cfg, model, data, dist, device)
+    run = RunState()
+    if ckpt:
+        opt.load_state_dict(ckpt)
+        run = RunState.from_checkpoint(ckpt)
+        log(f"resumed from {out / CHECKPOINT} after epoch {run.epoch}")
+
+    for epoch in range(run.epoch + 1, cfg.epochs + 1):
+        train_epoch(cfg, model, vocab, data, opt, device, precision, dist, epoch, run, log)
+        if cfg.patience and run.epochs_without_improvement() >= cfg.patience:
+            log(f"no val improvement for {cfg.patience} epochs: stopping")
+            break
+
+    if run.best_epoch and dist.main:
+        rows = choose_decoding(out / "best", data.val_feats, data.scorer, device, precision, cfg.half)
+        log("decoding of the best model on val: " + "; ".join(
+            f"beam {r['beam_size']} length-norm {r['length_norm']}: CIDEr-D {r['CIDEr']:.3f}" for r in rows))
+    return {"best_CIDEr": run.best, "history": run.history}
 
 
 def _resume_point(cfg: TrainConfig, out: Path, log) -> dict | None:

@@ -1,0 +1,177 @@
+"""What a new user meets in their first hour: a first training run that does not crash, an earlier
+run that is never silently lost, one bad file that never stops a job, one-line device errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import TINY
+from PIL import Image
+
+import captioner.train.run as run_module
+from captioner.cli import main
+from captioner.data.images import open_rgb
+from captioner.errors import ConfigError, ImageError
+from captioner.files import locked
+from captioner.model.encoder import BatchNorm
+from captioner.model.show_tell import ShowTellDecoder
+from captioner.train import TrainConfig, fit
+
+SMALL = dict(image_size=64, embed_dim=16, hidden_dim=32, min_count=1, batch_size=32, workers=0, quiet=True,
+             max_images=30, val_images=4)
+
+
+def test_batchnorm_head_trains_on_a_batch_of_one():
+    dec = ShowTellDecoder(vocab_size=9, feat_dim=8, embed_dim=6, hidden_dim=10).train()
+    bn = dec.head[1]
+    assert isinstance(bn, BatchNorm)
+    before = bn.running_mean.clone()
+    logits, _ = dec(torch.randn(1, 8), torch.tensor([[1, 4, 5]]))
+    logits.sum().backward()
+    assert torch.equal(bn.running_mean, before)  # one sample says nothing about the statistics
+    dec(torch.randn(4, 8), torch.tensor([[1, 4, 5]] * 4))
+    assert not torch.equal(bn.running_mean, before)
+
+
+def test_a_caption_alone_in_its_length_bucket_trains(tmp_path, shapes):
+    """The first run a user tried crashed: a length bucket left a one-caption batch and the
+    default Linear+BatchNorm head could not train on it."""
+    lines = shapes.read_text().splitlines()
+    first = json.loads(lines[0])
+    lonely = {"image": first["image"], "caption": "a very long and quite unusual caption that no other caption "
+              "in this tiny synthetic set has the length of", "split": "train"}
+    data = tmp_path / "captions.jsonl"
+    data.write_text("\n".join(lines + [json.dumps(lonely)]) + "\n")
+    for p in shapes.parent.glob("*.png"):
+        (tmp_path / p.name).symlink_to(p)
+    result = fit(TrainConfig(data=data, out=tmp_path / "run", epochs=1, max_words=30, **SMALL))
+    assert len(result["history"]) == 1
+
+
+def test_an_earlier_run_is_never_silently_replaced(tmp_path, shapes, capsys):
+    args = ["train", "--data", str(shapes), "--out", str(tmp_path / "run"), "--epochs", "1", "--max-images", "20",
+            "--val-images", "4", *TINY]
+    assert main(args) == 0
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "already holds a training run (1 epochs saved); add --resume to continue it, --overwrite" in err
+    assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 2  # untouched
+    assert main([*args, "--epochs", "2", "--resume"]) == 0
+    assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 3
+    assert main([*args, "--overwrite"]) == 0
+    assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 2
+
+
+def test_two_trainings_never_write_one_folder(tmp_path, shapes):
+    out = tmp_path / "run"
+    out.mkdir()
+    with locked(out, "training"):
+        with pytest.raises(ConfigError, match="another training is writing to it"):
+            fit(TrainConfig(data=shapes, out=out, epochs=1, **SMALL))
+    assert not (out / "metrics.csv").exists()
+
+
+def test_ctrl_c_says_what_is_saved_and_how_to_continue(tmp_path, shapes, monkeypatch, capsys):
+    real = run_module.train_epoch
+
+    def interrupted_in_epoch_2(*args):
+        if args[8] == 2:  # epoch
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(run_module, "train_epoch", interrupted_in_epoch_2)
+    args = ["train", "--data", str(shapes), "--out", str(tmp_path / "run"), "--epochs", "3", "--max-images", "20",
+            "--val-images", "4", *TINY]
+    assert main(args) == 130
+    err = capsys.readouterr().err.splitlines()
+    saved = tmp_path / "run" / "checkpoint.pt"
+    assert err[0] == f"captioner: interrupted; the checkpoint after epoch 1 is in {saved}. Continue with:"
+    command = err[1].split()
+    assert command[:2] == ["captioner", "train"] and command[-1] == "--resume"
+    monkeypatch.setattr(run_module, "train_epoch", real)
+    assert main(command[1:]) == 0
+    assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 4
+
+
+def _broken_avif() -> bytes:
+    """An AVIF file whose header reads but whose decoding fails with RuntimeError inside Pillow."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buf, "AVIF")
+    rng = random.Random(0)
+    for _ in range(2000):
+        d = bytearray(buf.getvalue())
+        for _ in range(3):
+            d[rng.randrange(len(d))] = rng.randrange(256)
+        try:
+            Image.open(io.BytesIO(bytes(d))).load()
+        except RuntimeError:
+            return bytes(d)
+        except Exception:
+            continue
+    pytest.skip("no mutation of this AVIF made Pillow raise RuntimeError")
+
+
+@pytest.fixture(scope="module")
+def broken_avif() -> bytes:
+    try:
+        Image.new("RGB", (8, 8)).save(io.BytesIO(), "AVIF")
+    except (KeyError, OSError):
+        pytest.skip("this Pillow has no AVIF support")
+    return _broken_avif()
+
+
+def test_a_decoder_failure_is_one_files_error(broken_avif, tmp_path, trained, shapes, capsys):
+    bad = tmp_path / "photos" / "holiday.jpg"  # an AVIF named .jpg
+    bad.parent.mkdir()
+    bad.write_bytes(broken_avif)
+    shutil.copy(sorted(shapes.parent.glob("*.png"))[0], bad.parent / "good.png")
+    with pytest.raises(ImageError, match="holiday.jpg: broken image"):
+        open_rgb(bad)
+    with pytest.raises(ImageError, match="upload: broken image"):
+        open_rgb(broken_avif, name="upload")
+    assert main(["caption", str(bad.parent), "--model", str(trained / "best"), "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert "good.png" in out and "holiday.jpg" not in out and "skipped" in err and "holiday.jpg" in err
+    assert main(["caption", str(bad.parent), "--model", str(trained / "best"), "--out", str(tmp_path / "c.jsonl"),
+                 "--quiet"]) == 0
+    assert main(["index", str(bad.parent), "--db", str(tmp_path / "lib.sqlite"), "--model", str(trained / "best"),
+                 "--quiet"]) == 0
+
+
+def test_server_answers_json_for_a_broken_upload(broken_avif, trained, shapes):
+    from fastapi.testclient import TestClient
+
+    from captioner import Captioner
+    from captioner.server.app import create_app
+
+    client = TestClient(create_app(Captioner.load(trained / "best", device="cpu")), raise_server_exceptions=False)
+    good = sorted(shapes.parent.glob("*.png"))[0].read_bytes()
+    r = client.post("/api/caption", files=[("file", ("holiday.avif", broken_avif)), ("file", ("good.png", good))])
+    assert r.status_code == 200
+    first, second = r.json()["results"]
+    assert "broken image" in first["error"] and second["caption"]
+    r = client.post("/api/caption", files=[("file", ("holiday.avif", broken_avif))])
+    assert r.status_code == 415 and "holiday.avif: broken image" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("device,message", [("cuda", "no CUDA GPU is usable here"), ("gpu", "unknown device 'gpu'"),
+                                            ("cuda:7", "device 'cuda:7'")])
+def test_a_missing_device_is_one_line(device, message, tmp_path):
+    if torch.cuda.is_available() and device != "gpu":
+        pytest.skip("this machine has a GPU")
+    r = subprocess.run([sys.executable, "-m", "captioner", "caption", "examples/coffee.jpg", "--device", device],
+                       capture_output=True, text=True, cwd=str(__import__("pathlib").Path(__file__).parent.parent))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    line, = r.stderr.strip().splitlines()
+    assert message in line and "this machine has: auto, cpu" in line
+    with pytest.raises(ConfigError, match=message):
+        from captioner import Captioner
+
+        Captioner.load(device=device)
