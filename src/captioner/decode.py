@@ -41,7 +41,7 @@ class Decoding:
     def __post_init__(self):
         if not isinstance(self.beam_size, int) or self.beam_size < 1:
             raise ConfigError(f"beam size must be 1 (greedy) or more, not {self.beam_size}")
-        if not self.max_len >= 1:
+        if self.max_len < 1:
             raise ConfigError(f"the longest caption must be 1 word or more, not {self.max_len}")
 
     @classmethod

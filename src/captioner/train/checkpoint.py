@@ -118,10 +118,12 @@ def run_folder(out: Path, resume: bool, overwrite: bool) -> Iterator[None]:
 
 
 def saved_epoch(out: Path) -> int:
-    """The last epoch whose checkpoint is in `out` (0: none, or not readable)."""
-    if not (Path(out) / CHECKPOINT).is_file():
+    """The last epoch whose checkpoint is in `out` (0: none, or not readable). Memory-mapped: the
+    weights are not read, however large they are."""
+    path = Path(out) / CHECKPOINT
+    if not path.is_file():
         return 0
     try:
-        return int(load_checkpoint(Path(out) / CHECKPOINT)["epoch"])
-    except DataError:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+    except Exception:  # a damaged or foreign file: say nothing is saved rather than fail on the way out
         return 0
