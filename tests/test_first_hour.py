@@ -175,3 +175,39 @@ def test_a_missing_device_is_one_line(device, message, tmp_path):
         from captioner import Captioner
 
         Captioner.load(device=device)
+
+
+def test_help_version_search_and_argument_errors_do_not_wait_for_torch(tmp_path):
+    from captioner import __version__
+    from captioner.library import connect
+
+    connect(tmp_path / "photos.db").close()
+    probe = ("import sys; from captioner.cli import main\n"
+             "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+             "print('torch imported' if 'torch' in sys.modules else 'no torch', file=sys.stderr); sys.exit(code)")
+    db, no_db = str(tmp_path / "photos.db"), str(tmp_path / "none.db")
+    for argv, code in [(["--help"], 0), (["--version"], 0), (["caption", "--help"], 0), (["train"], 2),
+                       (["caption", "x.jpg", "--precision", "fp8"], 2), (["search", "dog", "--db", db], 0),
+                       (["search", "dog", "--db", no_db], 2)]:
+        r = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True)
+        assert r.returncode == code, (argv, r.stderr)
+        assert r.stderr.strip().splitlines()[-1] == "no torch", (argv, r.stderr)
+    r = subprocess.run([sys.executable, "-m", "captioner", "--version"], capture_output=True, text=True)
+    assert r.stdout.strip() == f"captioner {__version__}"
+    import importlib.metadata
+
+    assert importlib.metadata.version("captioner") == __version__
+
+
+def test_only_our_warnings_are_labelled_ours(monkeypatch):
+    import warnings
+
+    from captioner.cli import _one_line_warnings
+    from captioner.errors import CaptionerWarning
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    _one_line_warnings()
+    assert warnings.formatwarning("3 malformed lines skipped", CaptionerWarning, "records.py", 9) == \
+        "captioner: warning: 3 malformed lines skipped\n"
+    theirs = warnings.formatwarning("TypedStorage is deprecated", UserWarning, "torch/storage.py", 12)
+    assert "captioner" not in theirs and "torch/storage.py:12: UserWarning: TypedStorage" in theirs

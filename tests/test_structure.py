@@ -28,7 +28,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "captioner"
 
 # data -> model -> decode -> train/api -> cli/server: a module imports only from its floor or below
 FLOORS = [
-    ("base", ["errors", "files", "runtime"]),
+    ("base", ["errors", "files", "names", "runtime"]),
     ("data", ["data", "metrics"]),
     ("model", ["model"]),
     ("decode", ["decode"]),
@@ -207,6 +207,15 @@ def test_train_config_and_model_config_agree_on_model_defaults():
     assert len(shared) >= 10
     assert {f.name: f.default for f in shared} == {f.name: model_defaults[f.name] for f in shared}
     assert TrainConfig.max_words == ModelConfig.max_len
+
+
+def test_the_torch_free_names_are_the_registries():
+    from captioner import names
+    from captioner.model.encoder import BACKBONES, HEADS
+    from captioner.runtime import PRECISIONS
+
+    assert names.ENCODERS == tuple(BACKBONES) and names.DECODERS == tuple(DECODERS)
+    assert HEADS is names.HEADS and PRECISIONS is names.PRECISIONS
 
 
 def test_layout_option_and_its_old_name():

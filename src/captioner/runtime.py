@@ -8,8 +8,7 @@ import os
 import torch
 
 from captioner.errors import ConfigError
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from captioner.names import PRECISIONS
 
 
 def available_devices() -> list[str]:

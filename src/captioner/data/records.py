@@ -25,7 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from captioner.errors import DataError
+from captioner.errors import CaptionerWarning, DataError
 
 LAYOUTS = ("flickr", "csv", "jsonl", "karpathy", "coco")  # the dataset layouts read here
 SPLITS = ("train", "val", "test")
@@ -62,7 +62,7 @@ def read_text(path: Path) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        warnings.warn(f"{path}: not UTF-8 (byte {e.start}); read as Windows-1252", stacklevel=3)
+        warnings.warn(f"{path}: not UTF-8 (byte {e.start}); read as Windows-1252", CaptionerWarning, stacklevel=3)
         return data.decode("cp1252", errors="replace")
 
 
@@ -83,7 +83,7 @@ def _group(pairs: list[tuple[str, str]], root: Path, splits: dict[str, str], sou
         else:
             empty += 1
     if empty:
-        warnings.warn(f"{source or root}: {empty} empty captions left out", stacklevel=3)
+        warnings.warn(f"{source or root}: {empty} empty captions left out", CaptionerWarning, stacklevel=3)
     return [r for r in by_image.values() if r.captions]
 
 
@@ -126,7 +126,7 @@ def read_flickr(path: Path, images: Path | None = None) -> list[Record]:
         if not sep or not m:
             bad += 1
             if bad <= 3:
-                warnings.warn(f"{token}:{lineno}: not 'image#n<TAB>caption', skipped", stacklevel=2)
+                warnings.warn(f"{token}:{lineno}: not 'image#n<TAB>caption', skipped", CaptionerWarning, stacklevel=2)
             continue
         # The official file has one bad id, '2258277193_586949ec62.jpg.1#0': the regex drops the '.1'.
         if key.strip() in seen:
@@ -136,9 +136,9 @@ def read_flickr(path: Path, images: Path | None = None) -> list[Record]:
         pairs.append((m["name"], caption))
     if duplicates:
         warnings.warn(f"{token}: {len(duplicates)} lines repeat an id already read and were skipped (line "
-                      f"{duplicates[0]}{', ...' if len(duplicates) > 1 else ''})", stacklevel=2)
+                      f"{duplicates[0]}{', ...' if len(duplicates) > 1 else ''})", CaptionerWarning, stacklevel=2)
     if bad > 3:
-        warnings.warn(f"{token}: {bad} malformed lines skipped in all", stacklevel=2)
+        warnings.warn(f"{token}: {bad} malformed lines skipped in all", CaptionerWarning, stacklevel=2)
     return _group(pairs, root, _read_split_lists(folder), token)
 
 
@@ -181,7 +181,7 @@ def read_csv(path: Path, images: Path | None = None) -> list[Record]:
             if i_split is not None and len(row) > i_split:
                 row_splits[name] = _norm_split(row[i_split])
     if bad:
-        warnings.warn(f"{path}: {bad} malformed rows skipped", stacklevel=2)
+        warnings.warn(f"{path}: {bad} malformed rows skipped", CaptionerWarning, stacklevel=2)
     splits = row_splits or _read_split_lists(path.parent)
     return _group(pairs, root, splits, path)
 
@@ -205,13 +205,13 @@ def read_jsonl(path: Path, images: Path | None = None) -> list[Record]:
             bad += 1
             if bad <= 3:
                 warnings.warn(f"{path}:{lineno}: not a JSON object with 'image' and 'caption', skipped",
-                              stacklevel=2)
+                              CaptionerWarning, stacklevel=2)
             continue
         pairs.extend((name, c if isinstance(c, str) else "") for c in caps or [""])  # no captions: one empty
         if obj.get("split"):
             splits[name] = _norm_split(obj["split"])
     if bad > 3:
-        warnings.warn(f"{path}: {bad} malformed lines skipped in all", stacklevel=2)
+        warnings.warn(f"{path}: {bad} malformed lines skipped in all", CaptionerWarning, stacklevel=2)
     return _group(pairs, root, splits, path)
 
 
@@ -239,7 +239,8 @@ def read_karpathy(path: Path, images: Path | None = None) -> list[Record]:
             pairs.append((name, raw))
         splits[name] = _norm_split(img.get("split", ""))
     if bad:
-        warnings.warn(f"{path}: {bad} entries of 'images' without a filename or sentences skipped", stacklevel=2)
+        warnings.warn(f"{path}: {bad} entries of 'images' without a filename or sentences skipped",
+                      CaptionerWarning, stacklevel=2)
     return _group(pairs, root, splits, path)
 
 
@@ -266,7 +267,8 @@ def read_coco(path: Path, images: Path | None = None) -> list[Record]:
                  for a in notes if a.get("image_id") in names]
         if len(pairs) < len(data["annotations"]) or len(names) < len(data["images"]):
             warnings.warn(f"{f}: {len(data['annotations']) - len(pairs)} annotations and "
-                          f"{len(data['images']) - len(names)} images malformed or unmatched, skipped", stacklevel=2)
+                          f"{len(data['images']) - len(names)} images malformed or unmatched, skipped",
+                          CaptionerWarning, stacklevel=2)
         records += _group(pairs, root, {n: split for n in names.values()}, f)
     return records
 
@@ -372,6 +374,6 @@ def check_images(records: list[Record], skip_missing: bool = False) -> list[Reco
     msg = f"{len(missing)} of {len(records)} listed images are missing (first: {first})"
     if not skip_missing:
         raise DataError(msg + "; pass --skip-missing to leave them out")
-    warnings.warn(msg + "; left out", stacklevel=2)
+    warnings.warn(msg + "; left out", CaptionerWarning, stacklevel=2)
     gone = {id(r) for r in missing}
     return [r for r in records if id(r) not in gone]

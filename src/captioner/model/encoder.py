@@ -25,6 +25,7 @@ from torch import nn
 
 from captioner.errors import ConfigError, EncoderError
 from captioner.files import file_digest
+from captioner.names import HEADS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -186,7 +187,6 @@ def weights_digest(module: nn.Module) -> str:
 # ---------------------------------------------------------------------------------------------
 # projection heads: encoder features (B, C) -> the decoder's input size (B, E)
 
-HEADS = ("linear_bn", "mlp")
 
 
 class BatchNorm(nn.BatchNorm1d):

@@ -10,7 +10,22 @@
     fit(TrainConfig(data="flickr8k/", out="runs/x", epochs=3))
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from captioner.train.config import TrainConfig
-from captioner.train.run import fit
 
 __all__ = ["TrainConfig", "fit"]
+
+if TYPE_CHECKING:
+    from captioner.train.run import fit
+
+
+def __getattr__(name: str):
+    # fit imports torch; TrainConfig alone (what the command line needs for --help) does not
+    if name == "fit":
+        from captioner.train.run import fit
+
+        return fit
+    raise AttributeError(f"module 'captioner.train' has no attribute {name!r}")

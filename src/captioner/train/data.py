@@ -20,7 +20,7 @@ from captioner.data.features import cached_features, extract_features
 from captioner.data.images import open_rgb, train_transform
 from captioner.data.records import Record, assign_splits, check_images, load_records, split_records
 from captioner.data.vocab import Vocabulary
-from captioner.errors import DataError
+from captioner.errors import CaptionerWarning, DataError
 from captioner.model.network import CaptionModel, ModelConfig
 from captioner.runtime import Dist
 from captioner.scst import CiderD, SelfCritical
@@ -162,5 +162,5 @@ def readable(records: list[Record], errors: list[str], ok: np.ndarray) -> list[i
     if errors:
         shown = "; ".join(errors[:3])
         warnings.warn(f"{len(errors)} unreadable images left out ({shown}{'; ...' if len(errors) > 3 else ''})",
-                      stacklevel=2)
+                      CaptionerWarning, stacklevel=2)
     return [i for i in range(len(records)) if ok[i]]
