@@ -67,6 +67,13 @@ def test_attention_model_learns_shapes(tmp_path, shapes):
     png = tmp_path / "map.png"
     assert main(["caption", str(val[0].image), "--model", str(out / "best"), "--attention-map", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # with --out too: the captions go to the file and the maps are still drawn
+    maps = tmp_path / "maps" / "m.png"
+    maps.parent.mkdir()
+    args = ["caption", *(str(r.image) for r in val[:2]), "--model", str(out / "best"), "--attention-map", str(maps)]
+    assert main([*args, "--out", str(tmp_path / "c.jsonl"), "--quiet"]) == 0
+    assert sorted(p.name for p in maps.parent.iterdir()) == sorted(f"m-{r.image.stem}.png" for r in val[:2])
+    assert len((tmp_path / "c.jsonl").read_text().splitlines()) == 2
 
 
 def test_attention_map_of_a_show_tell_model_is_a_clear_error(trained, shapes, tmp_path, capsys):
@@ -74,3 +81,5 @@ def test_attention_map_of_a_show_tell_model_is_a_clear_error(trained, shapes, tm
     args = ["caption", str(img), "--model", str(trained / "best"), "--attention-map", str(tmp_path / "m.png")]
     assert main(args) == 2
     assert "no attention to show" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "c.jsonl")]) == 2  # refused before any work
+    assert "no attention to show" in capsys.readouterr().err and not (tmp_path / "c.jsonl").exists()

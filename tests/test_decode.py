@@ -127,3 +127,39 @@ def test_banned_words_are_removed_before_normalising():
     logits.requires_grad_(True)
     log_probs(logits, banned=[3])[:, 4].sum().backward()
     assert (logits.grad[:, 3] == 0).all()  # the banned word's logit is never pushed
+
+
+def test_alternatives_carry_the_score_they_are_ranked_by():
+    from captioner.data.vocab import Vocabulary
+    from captioner.decode import Decoding, caption_features
+
+    class Model(Markov):
+        def eval(self):
+            return self
+
+    vocab = Vocabulary.build(["a b c d e"], min_count=1)  # ids 1 and 2 are <start> and <end>, as BOS, EOS
+    torch.manual_seed(0)
+    out = caption_features(Model(torch.randn(4, len(vocab), len(vocab)) * 2), vocab, torch.zeros(4, 1),
+                           Decoding(beam_size=4, length_norm=1.0, max_len=6), torch.device("cpu"), "fp32")
+    out_of_logprob_order = 0
+    for r in out:
+        alts = r["alternatives"]
+        assert r["caption"] == alts[0]["caption"] and r["score"] == alts[0]["score"]
+        assert [a["score"] for a in alts] == sorted((a["score"] for a in alts), reverse=True)
+        for a in alts:  # score = logprob / length, length counting <end>
+            assert a["score"] == pytest.approx(a["logprob"] / (len(a["caption"].split()) + 1), abs=1e-3)
+        out_of_logprob_order += [a["logprob"] for a in alts] != sorted((a["logprob"] for a in alts), reverse=True)
+    assert out_of_logprob_order  # why the score is shown: with length norm, logprob order differs
+
+
+def test_pad_and_start_are_never_said():
+    from captioner.data.vocab import Vocabulary
+    from captioner.decode import Decoding, search
+
+    vocab = Vocabulary.build(["a b c"], min_count=1)
+    table = torch.zeros(1, len(vocab), len(vocab))
+    table[0, :, [vocab.pad, vocab.start, vocab.unk]] = 5.0  # the model prefers the non-words
+    for beam in (1, 3):
+        hyp = search(Markov(table), torch.zeros(1, 1), vocab, Decoding(beam_size=beam, max_len=4))
+        words = set(hyp.tokens.flatten().tolist())
+        assert not words & {vocab.pad, vocab.start, vocab.unk}

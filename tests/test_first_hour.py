@@ -211,3 +211,27 @@ def test_only_our_warnings_are_labelled_ours(monkeypatch):
         "captioner: warning: 3 malformed lines skipped\n"
     theirs = warnings.formatwarning("TypedStorage is deprecated", UserWarning, "torch/storage.py", 12)
     assert "captioner" not in theirs and "torch/storage.py:12: UserWarning: TypedStorage" in theirs
+
+
+def test_caption_and_index_find_the_same_photos_and_report_heic(tmp_path, trained, shapes, capsys, monkeypatch):
+    import captioner.data.images as images
+
+    monkeypatch.setattr(images, "_register_heif", lambda: False)  # as on a machine without pillow-heif
+    photos = tmp_path / "photos"
+    (photos / "2024").mkdir(parents=True)
+    pngs = sorted(shapes.parent.glob("*.png"))
+    shutil.copy(pngs[0], photos / "top.png")
+    shutil.copy(pngs[1], photos / "2024" / "deep.png")
+    (photos / "2024" / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(64))
+    (photos / "notes.txt").write_text("not a photo")
+    model = ["--model", str(trained / "best"), "--quiet"]
+    assert main(["caption", str(photos), *model, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert sorted(json.loads(line)["image"].rsplit("/", 1)[1] for line in out.splitlines()) == ["deep.png", "top.png"]
+    assert "IMG_0001.HEIC: a HEIC/HEIF photo; reading these needs pillow-heif (pip install pillow-heif)" in err
+    assert "notes.txt" not in err
+    assert main(["caption", str(photos), *model, "--no-recursive"]) == 0
+    assert [line.split("\t")[0].rsplit("/", 1)[1] for line in capsys.readouterr().out.splitlines()] == ["top.png"]
+    assert main(["index", str(photos), "--db", str(tmp_path / "lib.sqlite"), *model]) == 0
+    err = capsys.readouterr().err
+    assert "2 captioned" in err and "1 unreadable" in err and "IMG_0001.HEIC: a HEIC/HEIF photo" in err

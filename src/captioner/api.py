@@ -78,15 +78,19 @@ class Captioner:
         return caption_features(self.model.decoder, self.vocab, self.features(x), decoding or self.decoding,
                                 self.device, self.precision, batch_size=x.shape[0])
 
+    def require_attention(self) -> None:
+        """Raise a one-line ModelError unless the model has attention maps to show."""
+        if not self.model.decoder.has_attention:
+            raise ModelError(f"this model's decoder ({self.model.cfg.decoder}) has no attention to show; "
+                             "train one with --decoder attention")
+
     @torch.no_grad()
     def attention(self, image: ImageLike, decoding: Decoding | None = None) -> tuple[str, list[str], torch.Tensor]:
         """Caption one image and say where the model looked for each word: (caption, words,
         weights (T, H, W)), one map per word and one for <end>. Attention models only. The
         caption is the one `caption()` gives with the same decoding."""
         m, v = self.model, self.vocab
-        if not m.decoder.has_attention:
-            raise ModelError(f"this model's decoder ({m.cfg.decoder}) has no attention to show; "
-                             "train one with --decoder attention")
+        self.require_attention()
         feats = self.features(self.transform(open_rgb(image))[None])  # (1, P, C)
         caption = caption_features(m.decoder, v, feats, decoding or self.decoding, self.device,
                                    self.precision)[0]["caption"]

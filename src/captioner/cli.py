@@ -86,7 +86,9 @@ def _caption_parser(sub) -> None:
     p.add_argument("paths", nargs="+", type=Path, help="image files and/or folders")
     _model_option(p)
     p.add_argument("--json", action="store_true", help='one JSON object per line: {"image", "caption"}')
-    p.add_argument("-r", "--recursive", action="store_true", help="also caption images in sub-folders")
+    p.add_argument("-r", "--recursive", action=argparse.BooleanOptionalAction, default=True,
+                   help="look for images in sub-folders too, as index does (default; --no-recursive: only the "
+                        "folders named)")
     p.add_argument("--out", type=Path, metavar="FILE",
                    help="write to FILE (.jsonl or .csv) instead of the terminal; a re-run skips images already "
                         "there with the same content")
@@ -250,7 +252,7 @@ def _images(paths: list[Path], recursive: bool) -> list[Path]:
         raise DataError(f"{missing[0]}: no such file" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     found = list_images(paths, recursive=recursive)
     if not found:
-        hint = "" if recursive else " (add --recursive to look in sub-folders)"
+        hint = "" if recursive else " (without --no-recursive, sub-folders are looked in too)"
         raise DataError(f"no images found in {', '.join(map(str, paths))}{hint}")
     return found
 
@@ -277,8 +279,11 @@ def cmd_caption(a: argparse.Namespace) -> int:
         dist, device = Dist.from_env(a.device)
         try:
             cap = Captioner.load(a.model, str(device), a.precision)
+            if a.attention_map:
+                cap.require_attention()  # before the work, not after it
+            decoding = _decoding(a, cap.model.cfg)
             r = caption_to_file(cap, paths, a.out, batch_size=a.batch_size, progress=not a.quiet, dist=dist,
-                                decoding=_decoding(a, cap.model.cfg))
+                                decoding=decoding)
         finally:
             dist.close()
         if not dist.main:
@@ -286,8 +291,11 @@ def cmd_caption(a: argparse.Namespace) -> int:
         _report_failures(r.failed)
         print(f"{r.captioned} captioned, {r.skipped} already in {a.out}, {len(r.failed)} unreadable; "
               f"{r.seconds:.1f}s{f', {dist.world} processes' if dist.world > 1 else ''}", file=sys.stderr)
+        _attention_maps(a, cap, paths, decoding)
         return 1 if r.failed and not (r.captioned or r.skipped) else 0
     cap = Captioner.load(a.model, a.device, a.precision)
+    if a.attention_map:
+        cap.require_attention()
     decoding = _decoding(a, cap.model.cfg)
     failed = []
     for path, result, error in cap.caption_files(paths, a.batch_size, decoding):
@@ -302,12 +310,16 @@ def cmd_caption(a: argparse.Namespace) -> int:
         else:
             print(f"{path}\t{result['caption']}", flush=True)
     _report_failures(failed)
+    _attention_maps(a, cap, paths, decoding)
+    return 1 if failed and len(failed) == len(paths) else 0
+
+
+def _attention_maps(a: argparse.Namespace, cap, paths: list[Path], decoding: Decoding) -> None:
     if a.attention_map:
         from captioner.viz import draw_attention_maps
 
         for _, png in draw_attention_maps(cap, paths, a.attention_map, decoding):
             print(f"attention map: {png}", file=sys.stderr)
-    return 1 if failed and len(failed) == len(paths) else 0
 
 
 def cmd_index(a: argparse.Namespace) -> int:

@@ -80,9 +80,12 @@ def caption_features(decoder, vocab, feats, decoding: Decoding, device: torch.de
     """Captions of every row of `feats` (a tensor, or anything with len() and slicing that gives
     tensors, such as training's memory-mapped feature rows), in order, `batch_size` rows a search:
 
-        [{"caption": str, "logprob": float, "alternatives": [{"caption", "logprob"}, ...]}, ...]
+        [{"caption": str, "logprob": float, "score": float,
+          "alternatives": [{"caption", "logprob", "score"}, ...]}, ...]
 
-    best first; `alternatives` holds the K beams (one for greedy). The decoder runs under
+    `alternatives` holds the K beams (one for greedy), best first: in the order of `score`, the
+    search's ranking (logprob / length**length_norm, counting <end>; the logprob itself when length
+    normalisation is off), so a longer caption can come first with a lower logprob. The decoder runs under
     autocast at `precision`, except where `runtime.decoder_precision` says a small batch decodes
     faster in fp32: the same rule for every caller, so the same image gets the same caption from
     the command line, the API, the server, evaluation and training's validation."""
@@ -97,10 +100,11 @@ def caption_features(decoder, vocab, feats, decoding: Decoding, device: torch.de
 
 
 def _results(hyp: Hypotheses, vocab) -> list[dict]:
-    tokens, logprob = hyp.tokens.tolist(), hyp.logprob.float().cpu()
+    tokens, logprob, score = hyp.tokens.tolist(), hyp.logprob.float().cpu(), hyp.score.float().cpu()
     results = []
     for b in range(len(tokens)):
-        alts = [{"caption": vocab.decode(tokens[b][k]), "logprob": round(float(logprob[b, k]), 4)}
+        alts = [{"caption": vocab.decode(tokens[b][k]), "logprob": round(float(logprob[b, k]), 4),
+                 "score": round(float(score[b, k]), 4)}
                 for k in range(len(tokens[b])) if torch.isfinite(logprob[b, k])]
         results.append({**alts[0], "alternatives": alts})
     return results
@@ -109,13 +113,19 @@ def _results(hyp: Hypotheses, vocab) -> list[dict]:
 @torch.no_grad()
 def search(decoder, feats: torch.Tensor, vocab, decoding: Decoding | None = None) -> Hypotheses:
     """Caption a batch of features: greedy when `decoding.beam_size` is 1, else beam search.
-    `vocab` gives the <start>/<end> ids; <unk> is never produced (a caption saying "<unk>" helps
-    no one)."""
+    `vocab` gives the <start>/<end> ids; the words of `never_said` are never produced."""
     d = decoding or Decoding()
     if d.beam_size == 1:
-        return greedy(decoder, feats, vocab.start, vocab.end, d.max_len, banned=[vocab.unk])
+        return greedy(decoder, feats, vocab.start, vocab.end, d.max_len, banned=never_said(vocab))
     return beam_search(decoder, feats, vocab.start, vocab.end, d.max_len, d.beam_size, d.length_norm,
-                       d.block_trigrams, banned=[vocab.unk])
+                       d.block_trigrams, banned=never_said(vocab))
+
+
+def never_said(vocab) -> list[int]:
+    """Ids no caption may contain: <unk> (a caption saying "<unk>" helps no one), and <pad> and
+    <start>, which are not words (a barely trained model can put them anywhere; they would be
+    dropped from the text but counted in its length and log-probability)."""
+    return [vocab.pad, vocab.start, vocab.unk]
 
 
 def log_probs(logits: torch.Tensor, banned: Sequence[int] = (), temperature: float = 1.0) -> torch.Tensor:

@@ -3,7 +3,7 @@
 One file, readable with the ``sqlite3`` shell:
 
     photos(id, path, sha1, size, mtime, caption, alternatives, model, indexed_at)
-        one row per captioned photo; `alternatives` is JSON [{"caption", "logprob"}, ...]
+        one row per captioned photo; `alternatives` is JSON [{"caption", "logprob", "score"}, ...]
     photos_fts(caption, alternatives)       FTS5 full-text index, rowid = photos.id,
         Porter stemming so "dogs" finds "dog" and "running" finds "runs"
     failures(path, size, mtime, error)      files that could not be read, and why

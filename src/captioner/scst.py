@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from captioner.data.vocab import Vocabulary, tokenize
-from captioner.decode import Decoding, sample, search
+from captioner.decode import Decoding, never_said, sample, search
 from captioner.errors import ConfigError
 from captioner.runtime import Dist, autocast
 
@@ -145,7 +145,7 @@ def scst_loss(model, vocab: Vocabulary, f: torch.Tensor, idx: list[int], sc: Sel
     the policy gradient, plus `sc.xe_weight` times cross-entropy on one reference per image."""
     with autocast(device, precision):
         tokens, logp, mask = sample(model.decoder, f, vocab.start, vocab.end, sc.max_len, sc.samples,
-                                    banned=[vocab.unk])
+                                    banned=never_said(vocab))
     images = [i for i in idx for _ in range(sc.samples)]
     r = torch.from_numpy(sc.reward(_words(tokens, vocab), images)).view(len(idx), sc.samples)
     if sc.baseline == "mean":  # the mean of the *other* samples of the same image

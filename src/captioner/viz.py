@@ -52,7 +52,8 @@ def draw_attention(image: Image.Image, words: list[str], alpha: torch.Tensor, pa
     maps = F.interpolate(alpha[:, None].float(), size=(224, 224), mode="bilinear", align_corners=False)[:, 0]
     panels = len(words) + 1
     rows = math.ceil(panels / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.6 * rows))
+    # constrained layout leaves room for each panel's title and the caption above them all
+    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.7 * rows + 0.4), layout="constrained")
     axes = np.atleast_1d(axes).ravel()
     for ax in axes:
         ax.axis("off")
@@ -64,7 +65,7 @@ def draw_attention(image: Image.Image, words: list[str], alpha: torch.Tensor, pa
         ax.imshow(m, cmap="jet", alpha=0.35)
         ax.set_title(word, fontsize=11)
     fig.suptitle(" ".join(w for w in words if w != "<end>"), fontsize=12)
-    fig.tight_layout()
+    fig.get_layout_engine().set(h_pad=0.08)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 

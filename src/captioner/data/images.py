@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from collections.abc import Sequence
@@ -14,7 +15,10 @@ from torchvision.transforms import v2 as T
 
 from captioner.errors import ImageError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# what a folder's photos are found by; HEIC/HEIF (iPhone photos) need the optional pillow-heif
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".avif",
+                  ".heic", ".heif"}
+HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
 MAX_PIXELS = 60_000_000  # refuse decompression bombs well before Pillow's own hard limit
 
 
@@ -38,6 +42,7 @@ def open_rgb(source: str | Path | bytes | Image.Image, max_pixels: int = MAX_PIX
             if path.stat().st_size == 0:
                 raise ImageError(f"{name}: empty file")
             stream = path
+        _register_heif()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -50,6 +55,9 @@ def open_rgb(source: str | Path | bytes | Image.Image, max_pixels: int = MAX_PIX
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageError(f"{name}: declares more pixels than {max_pixels:,} (a decompression bomb?)") from None
         except UnidentifiedImageError as e:
+            if _is_heif(source) and not _register_heif():
+                raise ImageError(f"{name}: a HEIC/HEIF photo; reading these needs pillow-heif "
+                                 "(pip install pillow-heif)") from None
             raise ImageError(f"{name}: not a readable image ({type(e).__name__})") from None
         except Exception as e:  # any decoder's failure (OSError, SyntaxError, AVIF's RuntimeError ...) is this file's
             raise ImageError(f"{name}: broken image ({_first_line(e)})") from None
@@ -61,6 +69,30 @@ def open_rgb(source: str | Path | bytes | Image.Image, max_pixels: int = MAX_PIX
         return _to_rgb(img)
     except Exception as e:
         raise ImageError(f"{name or 'image'}: broken image ({_first_line(e)})") from None
+
+
+@functools.cache
+def _register_heif() -> bool:
+    """Teach Pillow HEIC/HEIF when the optional pillow-heif is installed; say whether it is."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+def _is_heif(source: Path | bytes) -> bool:
+    """Whether a file is HEIC/HEIF by its first bytes (an ISO box 'ftyp' with a HEIF brand)."""
+    if isinstance(source, bytes):
+        head = source[:12]
+    else:
+        try:
+            with open(source, "rb") as f:
+                head = f.read(12)
+        except OSError:
+            return False
+    return head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS
 
 
 def _first_line(e: Exception) -> str:
