@@ -59,6 +59,12 @@ def test_an_earlier_run_is_never_silently_replaced(tmp_path, shapes, capsys):
     args = ["train", "--data", str(shapes), "--out", str(tmp_path / "run"), "--epochs", "1", "--max-images", "20",
             "--val-images", "4", *TINY]
     assert main(args) == 0
+    # the closing line scores the model as it will caption: with the decoding chosen on val
+    closing = capsys.readouterr().out.strip().splitlines()[-1]
+    chosen = max(json.loads((tmp_path / "run" / "best" / "config.json").read_text())["extra"]["decoding_on_val"],
+                 key=lambda r: r["CIDEr"])
+    assert closing.startswith(f"best epoch 1: val CIDEr-D {chosen['CIDEr']:.3f} with its decoding (")
+    assert "greedy, which picked the epoch); model folders in" in closing
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "already holds a training run (1 epochs saved); add --resume to continue it, --overwrite" in err
@@ -235,3 +241,13 @@ def test_caption_and_index_find_the_same_photos_and_report_heic(tmp_path, traine
     assert main(["index", str(photos), "--db", str(tmp_path / "lib.sqlite"), *model]) == 0
     err = capsys.readouterr().err
     assert "2 captioned" in err and "1 unreadable" in err and "IMG_0001.HEIC: a HEIC/HEIF photo" in err
+
+
+def test_init_shipped_fine_tunes_the_shipped_model(tmp_path, shapes, capsys):
+    from captioner.model.folder import shipped_model_dir
+
+    out = tmp_path / "mine"
+    assert main(["train", "--data", str(shapes), "--out", str(out), "--init", "shipped", "--epochs", "1",
+                 "--max-images", "12", "--val-images", "4", "--batch-size", "16", "--workers", "0", "--quiet"]) == 0
+    assert (out / "best" / "vocab.json").read_text() == (shipped_model_dir() / "vocab.json").read_text()
+    assert main(["caption", str(next(shapes.parent.glob("*.png"))), "--model", "shipped"]) == 0

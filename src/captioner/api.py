@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from importlib.resources import files
 from pathlib import Path
 
 import torch
@@ -13,15 +12,12 @@ from torch.utils.data import DataLoader
 from captioner.data.images import ImageDataset, collate_images, eval_transform, open_rgb
 from captioner.decode import Decoding, caption_features
 from captioner.errors import ModelError
-from captioner.model.folder import load_model
+from captioner.model.folder import SHIPPED, load_model, model_dir, shipped_model_dir
 from captioner.runtime import autocast, decoder_precision, encoder_chunk, pick_device, resolve_precision
 
 ImageLike = str | Path | Image.Image
 
-
-def shipped_model_dir() -> Path:
-    """The model folder that comes inside the package."""
-    return Path(str(files("captioner") / "assets" / "model"))
+__all__ = ["Captioner", "shipped_model_dir"]
 
 
 class Captioner:
@@ -44,11 +40,11 @@ class Captioner:
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "auto", precision: str = "auto") -> Captioner:
-        """Load the model folder at `path`, or the shipped model when `path` is None."""
+        """Load the model folder at `path`, or the shipped model when `path` is None or "shipped"."""
         dev = pick_device(device)
-        model, vocab = load_model(Path(path) if path else shipped_model_dir(), dev)
+        model, vocab = load_model(model_dir(path), dev)
         model.encoder.to(memory_format=torch.channels_last)  # faster in fp32 and bf16 on the CPU
-        return cls(model, vocab, dev, resolve_precision(precision, dev), str(path) if path else "shipped")
+        return cls(model, vocab, dev, resolve_precision(precision, dev), str(path) if path else SHIPPED)
 
     # -- captioning ------------------------------------------------------------------------------
 

@@ -47,7 +47,7 @@ def _one_line_warnings() -> None:
 
 
 def _model_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, help="model folder (default: the shipped model)")
+    p.add_argument("--model", type=Path, help="model folder (default: shipped, the model that comes with captioner)")
 
 
 def _machine_options(p: argparse.ArgumentParser) -> None:
@@ -70,7 +70,8 @@ def _data_options(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--format", dest="layout", choices=LAYOUTS, help=argparse.SUPPRESS)  # its old name
     p.add_argument("--images", type=Path, help="image folder, when not where the layout expects it")
     p.add_argument("--skip-missing", action="store_true", help="leave out listed images that are missing")
-    p.add_argument("--max-images", type=int, default=0, help="use only the first N images (of train, for train)")
+    p.add_argument("--max-images", type=int, default=0,
+                   help="use only the first N images (train: of the train split only; val is limited by --val-images)")
 
 
 def _decoding(a: argparse.Namespace, model_cfg) -> Decoding:
@@ -193,7 +194,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in OUT (without --resume or this, an existing run is refused)")
-    p.add_argument("--init", type=Path, help="start from this model folder (its config and vocabulary)")
+    p.add_argument("--init", type=Path,
+                   help="start from this model folder (its config, vocabulary and weights); 'shipped' is the model "
+                        "that comes with captioner, the natural start for fine-tuning on your own photos")
     p.add_argument("--scst", action="store_true",
                    help="self-critical training with a CIDEr-D reward (use with --init a cross-entropy model); "
                         "--batch-size then counts images")
@@ -370,8 +373,20 @@ def cmd_train(a: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         _how_to_continue(a)
         return 130
-    print(f"best val CIDEr-D {result['best_CIDEr']:.3f}; model folders in {a.out}/best and {a.out}/last")
+    print(_closing_line(result, a))
     return 0
+
+
+def _closing_line(result: dict, a: argparse.Namespace) -> str:
+    """What was trained, scored as the model will caption: with the decoding chosen on val."""
+    folders = f"model folders in {a.out}/best and {a.out}/last"
+    d = result.get("decoding")
+    if not d:
+        return f"best val CIDEr-D {result['best_CIDEr']:.3f}; {folders}"
+    how = "greedy" if d["beam_size"] == 1 else f"beam {d['beam_size']}, length norm {d['length_norm']}"
+    picked = "greedy" if a.val_beam_size == 1 else f"beam {a.val_beam_size}"
+    return (f"best epoch {result['best_epoch']}: val CIDEr-D {d['CIDEr']:.3f} with its decoding ({how}; "
+            f"{result['best_CIDEr']:.3f} {picked}, which picked the epoch); {folders}")
 
 
 def _how_to_continue(a: argparse.Namespace) -> None:
@@ -392,12 +407,11 @@ def _how_to_continue(a: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from captioner.api import shipped_model_dir
     from captioner.evaluate import evaluate
     from captioner.metrics import format_scores
-    from captioner.model.folder import read_config
+    from captioner.model.folder import model_dir, read_config
 
-    model = a.model or shipped_model_dir()
+    model = model_dir(a.model)
     r = evaluate(model, a.data, a.split, layout=a.layout, images=a.images, decoding=_decoding(a, read_config(model)),
                  device=a.device, precision=a.precision, cache_dir=a.cache_dir, out=a.out,
                  skip_missing=a.skip_missing, max_images=a.max_images, meteor=not a.no_meteor)
@@ -408,11 +422,10 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def cmd_embeddings(a: argparse.Namespace) -> int:
-    from captioner.api import shipped_model_dir
     from captioner.model.folder import load_model
     from captioner.viz import nearest_words, word_map, word_vectors
 
-    model, vocab = load_model(a.model or shipped_model_dir())
+    model, vocab = load_model(a.model)
     vectors = word_vectors(model, a.layer)
     word_map(vectors, vocab.itos, a.out, a.words, a.method,
              f"{a.method.upper()} of the {a.layer} word vectors ({a.model or 'shipped model'})")
@@ -424,10 +437,10 @@ def cmd_embeddings(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from captioner.api import shipped_model_dir
     from captioner.export import export_model
+    from captioner.model.folder import model_dir
 
-    out = export_model(a.model or shipped_model_dir(), a.out, a.format)
+    out = export_model(model_dir(a.model), a.out, a.format)
     print(f"{a.format} export of {a.model or 'the shipped model'}: {out}", file=sys.stderr)
     return 0
 

@@ -7,6 +7,7 @@ own offline source (the frozen default), the encoder too (``encoder.*``).
 from __future__ import annotations
 
 import json
+from importlib.resources import files
 from pathlib import Path
 
 import torch
@@ -20,6 +21,18 @@ from captioner.model.encoder import EncoderError, build_backbone, weights_digest
 from captioner.model.network import CaptionModel, ModelConfig
 
 CONFIG, VOCAB, WEIGHTS = "config.json", "vocab.json", "model.safetensors"
+SHIPPED = "shipped"  # the word for the model that comes inside the package (--model, --init)
+
+
+def shipped_model_dir() -> Path:
+    """The model folder that comes inside the package."""
+    return Path(str(files("captioner") / "assets" / "model"))
+
+
+def model_dir(folder: str | Path | None) -> Path:
+    """A model folder as the user names it: None or "shipped" is the shipped model (a folder of
+    that name in the current directory is ./shipped)."""
+    return shipped_model_dir() if folder is None or str(folder) == SHIPPED else Path(folder)
 
 
 def save_model(model: CaptionModel, vocab: Vocabulary, folder: Path, *, half: bool = False) -> Path:
@@ -40,9 +53,9 @@ def save_model(model: CaptionModel, vocab: Vocabulary, folder: Path, *, half: bo
     return folder
 
 
-def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[CaptionModel, Vocabulary]:
+def load_model(folder: str | Path | None, device: torch.device | str = "cpu") -> tuple[CaptionModel, Vocabulary]:
     """Load a model folder into eval mode. Only JSON and safetensors are read."""
-    folder = Path(folder)
+    folder = model_dir(folder)
     if not folder.is_dir():
         raise ModelError(f"{folder}: not a model folder (no such directory)")
     for name in (CONFIG, VOCAB, WEIGHTS):
@@ -86,9 +99,10 @@ def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[Captio
     return model.to(device).eval(), vocab
 
 
-def read_config(folder: Path) -> ModelConfig:
+def read_config(folder: str | Path | None) -> ModelConfig:
     """A model folder's config.json alone (its decoding settings, sizes), without loading weights."""
-    path = Path(folder) / CONFIG
+    folder = model_dir(folder)
+    path = folder / CONFIG
     if not path.is_file():
         raise ModelError(f"{folder}: not a model folder (no {CONFIG})")
     try:

@@ -48,7 +48,10 @@ from captioner.viz import plot_curves
 
 
 def fit(cfg: TrainConfig) -> dict:
-    """Train a model as `cfg` says. Returns {"best_CIDEr": best val CIDEr-D, "history": rows}."""
+    """Train a model as `cfg` says. Returns {"best_CIDEr": the best epoch's val CIDEr-D (with the
+    validation decoding, greedy unless --val-beam-size), "best_epoch", "history": one row per epoch,
+    "decoding": the decoding chosen on val for the best model with its scores (None when no epoch
+    was saved as best)}."""
     cfg.check()
     dist, device = Dist.from_env(cfg.device)
     out = Path(cfg.out)
@@ -87,11 +90,13 @@ def _fit(cfg: TrainConfig, out: Path, dist: Dist, device: torch.device) -> dict:
             log(f"no val improvement for {cfg.patience} epochs: stopping")
             break
 
+    chosen = None
     if run.best_epoch and dist.main:
         rows = choose_decoding(out / "best", data.val_feats, data.scorer, device, precision, cfg.half)
         log("decoding of the best model on val: " + "; ".join(
             f"beam {r['beam_size']} length-norm {r['length_norm']}: CIDEr-D {r['CIDEr']:.3f}" for r in rows))
-    return {"best_CIDEr": run.best, "history": run.history}
+        chosen = max(rows, key=lambda r: r["CIDEr"])
+    return {"best_CIDEr": run.best, "best_epoch": run.best_epoch, "history": run.history, "decoding": chosen}
 
 
 def _resume_point(cfg: TrainConfig, out: Path, log) -> dict | None:
@@ -116,7 +121,7 @@ def build_model(cfg: TrainConfig, train: list[Record], ckpt: dict | None) -> tup
             model.encoder.load_state_dict(ckpt["encoder"])
             model.encoder.identity = f"{mcfg.encoder}:weights:{weights_digest(model.encoder)}"
     elif cfg.init:
-        model, vocab = load_model(Path(cfg.init))
+        model, vocab = load_model(cfg.init)  # a folder, or "shipped"
         model.cfg.extra = {}
     else:
         vocab = Vocabulary.build((c for r in train for c in r.captions), cfg.min_count)
