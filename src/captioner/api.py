@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from captioner.data.images import ImageDataset, collate_images, eval_transform, open_rgb
 from captioner.decode import Decoding, caption_features
-from captioner.errors import ModelError
+from captioner.errors import CaptionerWarning, ConfigError, ImageError, ModelError
 from captioner.model.folder import SHIPPED, load_model, model_dir, shipped_model_dir
 from captioner.runtime import autocast, decoder_precision, encoder_chunk, pick_device, resolve_precision
 
-ImageLike = str | Path | Image.Image
+ImageLike = str | Path | bytes | Image.Image | np.ndarray
 
 __all__ = ["Captioner", "shipped_model_dir"]
 
@@ -49,17 +51,50 @@ class Captioner:
     # -- captioning ------------------------------------------------------------------------------
 
     def caption(self, images: ImageLike | Sequence[ImageLike], beam_size: int | None = None,
-                decoding: Decoding | None = None) -> str | list[str]:
-        """Caption one image (path or PIL image) -> str, or a list of them -> list[str].
-        `beam_size` (1 = greedy) changes only that setting of `decoding`."""
-        single = isinstance(images, (str, Path, Image.Image))
+                decoding: Decoding | None = None, *, batch_size: int = 32, errors: str = "raise",
+                details: bool = False) -> str | dict | None | list[str | dict | None]:
+        """Caption one image -> its caption, or a list of images -> a list in the same order.
+
+        An image is a path, the bytes of a file, a PIL image, or a numpy array of uint8 pixels
+        (HxWx3 RGB, HxWx4 RGBA, HxW grey; a 4-D array is a list of such images). A list is read
+        and captioned `batch_size` images at a time, so memory stays flat however long it is.
+
+        `beam_size` (1 = greedy) changes only that setting of `decoding` (default: the model's own).
+        `errors="raise"` stops at the first image that cannot be read (an ImageError naming it);
+        `errors="skip"` gives None in its place and a CaptionerWarning with the reason.
+        `details=True` gives dicts instead of strings: {"caption", "logprob", "score",
+        "alternatives": [{"caption", "logprob", "score"}, ...]} (the beams, best first), or
+        {"caption": None, "error": reason} for a skipped image.
+        """
+        if errors not in ("raise", "skip"):
+            raise ConfigError(f"errors must be 'raise' or 'skip', not {errors!r}")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be 1 or more, not {batch_size}")
+        single = _is_one_image(images)
         batch = [images] if single else list(images)
         decoding = decoding or self.decoding
         if beam_size is not None:
             decoding = decoding.replace(beam_size=beam_size)
-        x = torch.stack([self.transform(open_rgb(im)) for im in batch])
-        texts = [r["caption"] for r in self.caption_tensor(x, decoding)]
-        return texts[0] if single else texts
+        results: list = []
+        for start in range(0, len(batch), batch_size):
+            tensors, read, failed = [], [], {}
+            for i, image in enumerate(batch[start:start + batch_size], start):
+                try:
+                    tensors.append(self.transform(open_rgb(image, name=_name(image, i, single))))
+                    read.append(i)
+                except ImageError as e:
+                    if errors == "raise":
+                        raise
+                    failed[i] = str(e)
+                    warnings.warn(str(e), CaptionerWarning, stacklevel=2)
+            captioned = dict(zip(read, self.caption_tensor(torch.stack(tensors), decoding) if tensors else []))
+            for i in range(start, min(start + batch_size, len(batch))):
+                r = captioned.get(i)
+                if details:
+                    results.append(r if r else {"caption": None, "error": failed[i]})
+                else:
+                    results.append(r["caption"] if r else None)
+        return results[0] if single else results
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,7 +105,8 @@ class Captioner:
 
     @torch.no_grad()
     def caption_tensor(self, x: torch.Tensor, decoding: Decoding | None = None) -> list[dict]:
-        """Preprocessed images (B, 3, S, S) -> [{"caption", "logprob", "alternatives": [...]}]."""
+        """Preprocessed images (B, 3, S, S) -> [{"caption", "logprob", "score", "alternatives": [...]}]
+        (see decode.caption_features)."""
         return caption_features(self.model.decoder, self.vocab, self.features(x), decoding or self.decoding,
                                 self.device, self.precision, batch_size=x.shape[0])
 
@@ -109,6 +145,19 @@ class Captioner:
             if x is not None:
                 for i, r in zip(idx, self.caption_tensor(x, decoding)):
                     yield ds.paths[i], r, None
+
+
+def _is_one_image(images) -> bool:
+    if isinstance(images, np.ndarray):
+        return images.ndim in (2, 3)
+    return isinstance(images, (str, Path, bytes, bytearray, memoryview, Image.Image))
+
+
+def _name(image, i: int, single: bool) -> str | None:
+    """How an error names an image: its path, else its place in the list."""
+    if isinstance(image, (str, Path)):
+        return str(image)
+    return "image" if single else f"image {i}"
 
 
 def _collate_with_errors(batch):

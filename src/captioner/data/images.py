@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
@@ -22,14 +23,18 @@ HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"
 MAX_PIXELS = 60_000_000  # refuse decompression bombs well before Pillow's own hard limit
 
 
-def open_rgb(source: str | Path | bytes | Image.Image, max_pixels: int = MAX_PIXELS, name: str | None = None
-             ) -> Image.Image:
-    """Open an image (a path, the bytes of a file, or a PIL image) as RGB with EXIF orientation
-    applied, or raise ImageError with one clear line naming it (`name`, else the path)."""
-    if isinstance(source, Image.Image):
+def open_rgb(source: str | Path | bytes | Image.Image | np.ndarray, max_pixels: int = MAX_PIXELS,
+             name: str | None = None) -> Image.Image:
+    """Open an image (a path, the bytes of a file, a PIL image, or an array of uint8 pixels: HxWx3
+    RGB, HxWx4 RGBA or HxW grey) as RGB with EXIF orientation applied, or raise ImageError with one
+    clear line naming it (`name`, else the path)."""
+    if isinstance(source, np.ndarray):
+        img = _from_array(source, name or "array", max_pixels)
+    elif isinstance(source, Image.Image):
         img = source
     else:
-        if isinstance(source, bytes):
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            source = bytes(source)
             name = name or "<upload>"
             if not source:
                 raise ImageError(f"{name}: empty file")
@@ -69,6 +74,18 @@ def open_rgb(source: str | Path | bytes | Image.Image, max_pixels: int = MAX_PIX
         return _to_rgb(img)
     except Exception as e:
         raise ImageError(f"{name or 'image'}: broken image ({_first_line(e)})") from None
+
+
+def _from_array(a: np.ndarray, name: str, max_pixels: int) -> Image.Image:
+    """Pixels as numpy gives them (imageio, or OpenCV after BGR -> RGB) -> a PIL image."""
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+        raise ImageError(f"{name}: an array of shape {a.shape} and dtype {a.dtype}; expected uint8 pixels "
+                         "HxWx3 (RGB), HxWx4 (RGBA) or HxW (grey)")
+    if not 0 < a.shape[0] * a.shape[1] <= max_pixels:
+        raise ImageError(f"{name}: {a.shape[1]}x{a.shape[0]} pixels is not a usable image size")
+    return Image.fromarray(np.ascontiguousarray(a))  # L, RGB or RGBA from the shape
 
 
 @functools.cache
@@ -111,7 +128,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return canvas
     if img.mode.startswith("I;16") or img.mode == "I":
         # 16-bit grey: scale to 8 bits rather than let convert() clip.
-        arr = torch.from_numpy(__import__("numpy").asarray(img, dtype="float32"))
+        arr = torch.from_numpy(np.asarray(img, dtype="float32"))
         hi = float(arr.max()) or 1.0
         img = Image.fromarray((arr / hi * 255).clamp(0, 255).byte().numpy(), mode="L")
     return img.convert("RGB")
