@@ -3,6 +3,7 @@ give the same greedy captions as the PyTorch model."""
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY
@@ -37,9 +38,12 @@ def test_onnx_export_captions_like_pytorch(trained, attention_gru, shapes, tmp_p
     xs = [cap.transform(open_rgb(p)) for p in images(shapes)]
     expected = [r["caption"] for r in cap.caption_tensor(torch.stack(xs), cap.decoding.replace(beam_size=1))]
     onnx = OnnxCaptioner(tmp_path / "x")
-    assert onnx.caption([x.numpy() for x in xs]) == expected  # batch of 6
-    assert onnx.caption([xs[0].numpy()]) == expected[:1]  # and of 1: the batch axis is dynamic
+    assert onnx.caption_arrays(np.stack([x.numpy() for x in xs])) == expected  # batch of 6
+    assert onnx.caption_arrays(xs[0].numpy()[None]) == expected[:1]  # and of 1: the batch axis is dynamic
     assert all(expected)
+    # from files, like Captioner: its own preprocessing (Pillow's resize) gives the same captions here
+    assert onnx.caption(images(shapes), batch_size=4) == expected
+    assert onnx.caption(str(images(shapes)[0])) == expected[0]
 
 
 def test_torchscript_export_captions_like_pytorch(trained, shapes, tmp_path):
@@ -68,3 +72,22 @@ def test_torchscript_export_captions_like_pytorch(trained, shapes, tmp_path):
 def test_export_errors_are_one_line(tmp_path, capsys):
     assert main(["export", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     assert "not a model folder" in capsys.readouterr().err
+
+
+def test_onnx_captioner_needs_no_torch(trained, shapes, tmp_path):
+    import subprocess
+    import sys
+
+    assert main(["export", "--model", str(trained / "best"), "--out", str(tmp_path / "x")]) == 0
+    photo = images(shapes)[0]
+    want = Captioner.load(trained / "best", device="cpu", precision="fp32").caption(photo, beam_size=1)
+    probe = ("import sys; sys.modules['torch'] = None  # any import of torch now fails\n"
+             "from captioner.export import OnnxCaptioner\n"
+             "print(OnnxCaptioner(sys.argv[1]).caption(sys.argv[2]))")
+    r = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "x"), str(photo)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == want
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"nope")
+    r = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "x"), str(bad)], capture_output=True, text=True)
+    assert r.returncode == 1 and "bad.jpg: not a readable image" in r.stderr

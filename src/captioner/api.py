@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from captioner.data.images import ImageDataset, collate_images, eval_transform, open_rgb
+from captioner.data.images import ImageDataset, collate_images, eval_transform, image_name, one_or_many, open_rgb
 from captioner.decode import Decoding, caption_features
 from captioner.errors import CaptionerWarning, ConfigError, ImageError, ModelError
 from captioner.model.folder import SHIPPED, load_model, model_dir, shipped_model_dir
@@ -70,8 +70,7 @@ class Captioner:
             raise ConfigError(f"errors must be 'raise' or 'skip', not {errors!r}")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be 1 or more, not {batch_size}")
-        single = _is_one_image(images)
-        batch = [images] if single else list(images)
+        single, batch = one_or_many(images)
         decoding = decoding or self.decoding
         if beam_size is not None:
             decoding = decoding.replace(beam_size=beam_size)
@@ -80,7 +79,7 @@ class Captioner:
             tensors, read, failed = [], [], {}
             for i, image in enumerate(batch[start:start + batch_size], start):
                 try:
-                    tensors.append(self.transform(open_rgb(image, name=_name(image, i, single))))
+                    tensors.append(self.transform(open_rgb(image, name=image_name(image, i, single))))
                     read.append(i)
                 except ImageError as e:
                     if errors == "raise":
@@ -145,19 +144,6 @@ class Captioner:
             if x is not None:
                 for i, r in zip(idx, self.caption_tensor(x, decoding)):
                     yield ds.paths[i], r, None
-
-
-def _is_one_image(images) -> bool:
-    if isinstance(images, np.ndarray):
-        return images.ndim in (2, 3)
-    return isinstance(images, (str, Path, bytes, bytearray, memoryview, Image.Image))
-
-
-def _name(image, i: int, single: bool) -> str | None:
-    """How an error names an image: its path, else its place in the list."""
-    if isinstance(image, (str, Path)):
-        return str(image)
-    return "image" if single else f"image {i}"
 
 
 def _collate_with_errors(batch):

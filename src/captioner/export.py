@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,7 @@ def export_model(folder: Path, out: Path, fmt: str = "onnx", image_size: int | N
     """Export the model folder `folder` into the folder `out` (see the module docstring)."""
     import torch
 
+    from captioner.decode import never_said
     from captioner.model.folder import load_model
 
     if fmt not in FORMATS:
@@ -75,7 +77,10 @@ def export_model(folder: Path, out: Path, fmt: str = "onnx", image_size: int | N
     state_in = [f"{n}_in" for n in names]
     state_out = [f"{n}_out" for n in names]
     batch_axis = {n: model.decoder.state_batch_axis for n in names}  # Show-and-Tell's (layers, B, H): 1
-    with torch.no_grad():
+    # torch's exporters warn about their own internals (the legacy exporter, tracing, LSTM batch
+    # sizes): nothing a user can act on; tests/test_export.py checks the graphs at batch 1 and 6
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         if fmt == "onnx":
             try:
                 import onnx  # noqa: F401
@@ -97,49 +102,82 @@ def export_model(folder: Path, out: Path, fmt: str = "onnx", image_size: int | N
     shutil.copy(Path(folder) / "vocab.json", out / "vocab.json")
     (out / "export.json").write_text(json.dumps({
         "format": fmt, "image_size": size, "mean": list(cfg.mean), "std": list(cfg.std),
-        "state": names, "start": vocab.start, "end": vocab.end, "banned": [vocab.unk], "max_len": cfg.max_len,
+        "state": names, "start": vocab.start, "end": vocab.end, "banned": never_said(vocab), "max_len": cfg.max_len,
         "decoder": cfg.decoder, "rnn": cfg.rnn, "source": str(folder),
     }, indent=2) + "\n")
     return out
 
 
 class OnnxCaptioner:
-    """Greedy captions from an ONNX export with onnxruntime, NumPy and Pillow only (no torch)."""
+    """Greedy captions from an ONNX export with onnxruntime, NumPy and Pillow only (no torch).
 
-    def __init__(self, folder: Path):
-        import onnxruntime as ort
+    >>> OnnxCaptioner("exported/").caption(["photo.jpg", "other.png"])
 
+    Images are opened and checked as everywhere else in captioner (data/images.open_rgb: EXIF
+    orientation, size limits, one-line errors), then resized with Pillow's bilinear filter to the
+    export's size and normalised with its mean and std. (The torch path resizes with
+    torchvision's antialiased bilinear: pixel values can differ by a level or so.)
+    """
+
+    def __init__(self, folder: str | Path):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ExportError("OnnxCaptioner needs onnxruntime (pip install onnxruntime)") from None
         folder = Path(folder)
+        for name in ("export.json", "vocab.json", "start.onnx", "step.onnx"):
+            if not (folder / name).is_file():
+                raise ExportError(f"{folder}: not an ONNX export (no {name}; make one with captioner export)")
         self.meta = json.loads((folder / "export.json").read_text())
-        self.itos = json.loads((folder / "vocab.json").read_text())["itos"]
+        if self.meta.get("format") != "onnx":
+            raise ExportError(f"{folder}: a {self.meta.get('format')} export, not ONNX")
+        self.itos = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))["itos"]
         opts = ort.SessionOptions()
         self.start = ort.InferenceSession(str(folder / "start.onnx"), opts, providers=["CPUExecutionProvider"])
         self.step = ort.InferenceSession(str(folder / "step.onnx"), opts, providers=["CPUExecutionProvider"])
 
-    def preprocess(self, path: Path) -> np.ndarray:
-        from PIL import Image, ImageOps
+    def preprocess(self, image, name: str | None = None) -> np.ndarray:
+        """An image (path, bytes, PIL image or uint8 array) -> the model's input (3, S, S) float32."""
+        from PIL import Image
+
+        from captioner.data.images import open_rgb
 
         m = self.meta
-        img = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
-        img = img.resize((m["image_size"], m["image_size"]), Image.BILINEAR, reducing_gap=None)
+        img = open_rgb(image, name=name).resize((m["image_size"], m["image_size"]), Image.BILINEAR,
+                                                 reducing_gap=None)
         x = np.asarray(img, dtype=np.float32) / 255.0
         x = (x - np.array(m["mean"], np.float32)) / np.array(m["std"], np.float32)
         return x.transpose(2, 0, 1)
 
-    def caption(self, images: list[np.ndarray]) -> list[str]:
-        """Preprocessed images (3, S, S) each -> greedy captions."""
+    def caption(self, images, batch_size: int = 32) -> str | list[str]:
+        """Caption one image (path, bytes, PIL image or uint8 array) -> str, or a list of them ->
+        list[str], `batch_size` at a time. An image that cannot be read raises ImageError naming it."""
+        from captioner.data.images import image_name, one_or_many
+
+        single, batch = one_or_many(images)
+        out: list[str] = []
+        for i in range(0, len(batch), batch_size):
+            part = batch[i:i + batch_size]
+            out += self.caption_arrays(np.stack([self.preprocess(im, image_name(im, i + k, single))
+                                                 for k, im in enumerate(part)]))
+        return out[0] if single else out
+
+    def caption_arrays(self, x: np.ndarray) -> list[str]:
+        """Preprocessed images (B, 3, S, S), as `preprocess` makes them -> greedy captions."""
         m = self.meta
-        x = np.stack(images).astype(np.float32)
+        x = np.asarray(x, dtype=np.float32)
+        if not len(x):
+            return []
         state = self.start.run(None, {"images": x})
-        tokens = np.full(len(images), m["start"], dtype=np.int64)
-        words: list[list[str]] = [[] for _ in images]
-        done = np.zeros(len(images), dtype=bool)
+        tokens = np.full(len(x), m["start"], dtype=np.int64)
+        words: list[list[str]] = [[] for _ in x]
+        done = np.zeros(len(x), dtype=bool)
         for t in range(m["max_len"] + 1):
             logits, *state = self.step.run(None, {"tokens": tokens, **{f"{n}_in": s for n, s in
                                                                           zip(m["state"], state)}})
             logits[:, m["banned"]] = -np.inf
             if t == m["max_len"]:
-                tokens = np.full(len(images), m["end"], dtype=np.int64)
+                tokens = np.full(len(x), m["end"], dtype=np.int64)
             else:
                 tokens = logits.argmax(axis=1)
             for b, tok in enumerate(tokens):

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from captioner.data.images import list_images
 from captioner.data.vocab import tokenize
 from captioner.errors import LibraryError
 from captioner.files import file_digest
@@ -166,8 +167,6 @@ def index_folders(captioner, roots: Sequence[Path], db: Path, *, batch_size: int
             raise FileNotFoundError(f"{r}: no such folder")
     con = connect(db)
     report = IndexReport()
-    from captioner.data.images import list_images  # imports torch, which search does not need
-
     files = [f.resolve() for f in list_images(roots, recursive=True)]
     report.removed = _remove_missing(con, roots, {str(f) for f in files})
     todo = _plan(con, files, report)

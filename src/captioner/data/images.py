@@ -1,4 +1,9 @@
-"""Safe image opening and the transforms that turn images into encoder input."""
+"""Safe image opening and the transforms that turn images into encoder input.
+
+Opening and listing images needs only Pillow and NumPy (torch is imported by the transforms and
+the batch collation that need it), so that torch-free code can share them: `search` and the
+ONNX captioner (export.OnnxCaptioner) open and check images exactly as the rest does.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,15 @@ import io
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import Dataset
-from torchvision.transforms import v2 as T
 
 from captioner.errors import ImageError
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2 as T
 
 # what a folder's photos are found by; HEIC/HEIF (iPhone photos) need the optional pillow-heif
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".avif",
@@ -76,6 +82,23 @@ def open_rgb(source: str | Path | bytes | Image.Image | np.ndarray, max_pixels: 
         raise ImageError(f"{name or 'image'}: broken image ({_first_line(e)})") from None
 
 
+def one_or_many(images) -> tuple[bool, list]:
+    """What the captioning functions take: one image (a path, bytes, a PIL image, an HxW(xC)
+    array) or many (a list or tuple of them, or an NxHxWxC array) -> (was it one, the list)."""
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return False, list(images)
+    if isinstance(images, (str, Path, bytes, bytearray, memoryview, Image.Image, np.ndarray)):
+        return True, [images]
+    return False, list(images)
+
+
+def image_name(image, i: int, single: bool) -> str:
+    """How an error names an image: its path, else its place in the list."""
+    if isinstance(image, (str, Path)):
+        return str(image)
+    return "image" if single else f"image {i}"
+
+
 def _from_array(a: np.ndarray, name: str, max_pixels: int) -> Image.Image:
     """Pixels as numpy gives them (imageio, or OpenCV after BGR -> RGB) -> a PIL image."""
     if a.ndim == 3 and a.shape[2] == 1:
@@ -128,14 +151,17 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return canvas
     if img.mode.startswith("I;16") or img.mode == "I":
         # 16-bit grey: scale to 8 bits rather than let convert() clip.
-        arr = torch.from_numpy(np.asarray(img, dtype="float32"))
+        arr = np.asarray(img, dtype=np.float32)
         hi = float(arr.max()) or 1.0
-        img = Image.fromarray((arr / hi * 255).clamp(0, 255).byte().numpy(), mode="L")
+        img = Image.fromarray(np.clip(arr / hi * 255, 0, 255).astype(np.uint8))
     return img.convert("RGB")
 
 
 def eval_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> T.Compose:
     """Resize to size x size (the aspect ratio is not kept, like the training data), normalise."""
+    import torch
+    from torchvision.transforms import v2 as T
+
     return T.Compose([
         T.PILToTensor(),
         T.Resize((size, size), antialias=True),
@@ -146,6 +172,9 @@ def eval_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -
 
 def train_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> T.Compose:
     """Augmentations for fine-tuning the encoder: random resized crop, flip, colour jitter, rotation."""
+    import torch
+    from torchvision.transforms import v2 as T
+
     return T.Compose([
         T.PILToTensor(),
         T.RandomResizedCrop((size, size), scale=(0.6, 1.0), antialias=True),
@@ -169,9 +198,9 @@ def list_images(paths: list[str | Path], recursive: bool = True) -> list[Path]:
     return out
 
 
-class ImageDataset(Dataset):
+class ImageDataset:
     """Paths -> (index, tensor), or (index, error message) for an image that cannot be read: a bad
-    file is one item's error, never the loader's."""
+    file is one item's error, never the loader's. (A map-style dataset for torch's DataLoader.)"""
 
     def __init__(self, paths: Sequence[Path], transform):
         self.paths = list(paths)
@@ -189,6 +218,8 @@ class ImageDataset(Dataset):
 
 def collate_images(batch):
     """-> (indices of good images, stacked tensors or None, error messages)."""
+    import torch
+
     good = [(i, x) for i, x in batch if isinstance(x, torch.Tensor)]
     errors = [x for _, x in batch if isinstance(x, str)]
     idx = [i for i, _ in good]
