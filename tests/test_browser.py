@@ -66,3 +66,56 @@ def test_upload_caption_and_search_in_chromium(server, shapes, tmp_path):
         if shots:
             page.screenshot(path=str(Path(shots) / "search.png"), full_page=True)
         browser.close()
+
+
+def test_keyboard_only_user_captions_photos_and_opens_a_result(server, shapes, tmp_path):
+    photos = sorted(shapes.parent.glob("*_4.png"))[:2]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a photo")
+    with sync_api.sync_playwright() as pw:
+        try:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        except Exception as e:
+            pytest.skip(f"Chromium could not start: {str(e).splitlines()[0]}")
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        uploads = []
+        page.on("request", lambda r: uploads.append(r) if r.url.endswith("/api/caption") else None)
+        page.goto(server)
+        page.wait_for_selector("#status:has-text('model:')")
+
+        # search comes first, then the upload button; every stop shows where the focus is
+        stops = []
+        for _ in range(3):
+            page.keyboard.press("Tab")
+            stops.append(page.evaluate("""() => { const e = document.activeElement, s = getComputedStyle(e);
+                return [e.id || e.textContent.trim(), s.outlineStyle, parseFloat(s.outlineWidth)]; }"""))
+        assert [s[0] for s in stops] == ["query", "Search", "choose"], stops
+        assert all(style != "none" and width >= 2 for _, style, width in stops), stops
+
+        # Enter on the upload button opens the file chooser; the chosen order is kept; a non-image
+        # is refused on the page, never uploaded
+        with page.expect_file_chooser() as chooser:
+            page.keyboard.press("Enter")
+        chooser.value.set_files([str(photos[0]), str(notes), str(photos[1])])
+        page.wait_for_function("document.querySelectorAll('.card .caption:not(.pending)').length === 3",
+                               timeout=60_000)
+        metas = [m.inner_text() for m in page.query_selector_all(".card .meta")]
+        assert [m.split(" ·")[0] for m in metas] == [photos[0].name, "notes.txt", photos[1].name]
+        captions = page.query_selector_all(".card .caption")
+        assert "not an image; not uploaded" in captions[1].inner_text()
+        assert "error" not in captions[0].get_attribute("class") and captions[0].inner_text()
+        assert len(uploads) == 2
+        assert page.evaluate("[...document.images].every(i => i.alt)")
+
+        # search from the keyboard; the count is the true number of matches; a result opens its photo
+        page.focus("#query")
+        page.keyboard.type("circle")
+        page.keyboard.press("Enter")
+        page.wait_for_selector(".hit a img", timeout=30_000)
+        info = page.inner_text("#search-info")
+        hits = page.query_selector_all(".hit")
+        assert info == f"{len(hits)} photo{'s' if len(hits) > 1 else ''} match", info
+        href = hits[0].query_selector("a").get_attribute("href")
+        photo = page.request.get(server.rstrip("/") + href)
+        assert photo.ok and photo.headers["content-type"] == "image/jpeg"
+        browser.close()

@@ -41,6 +41,25 @@ def test_health_and_schema(client):
     assert {"/api/caption", "/api/search", "/health"} <= set(schema["paths"])
 
 
+def test_schema_types_every_answer_and_error_and_docs_need_no_network(client):
+    schema = client.get("/openapi.json").json()
+    schemas = schema["components"]["schemas"]
+    ok = schema["paths"]["/api/caption"]["post"]["responses"]
+    assert ok["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/CaptionResponse")
+    assert {"413", "415", "422", "503"} <= set(ok)
+    assert ok["503"]["content"]["application/json"]["schema"]["$ref"].endswith("/Error")
+    search = schema["paths"]["/api/search"]["get"]["responses"]
+    assert search["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/SearchResponse")
+    assert {"total", "results"} <= set(schemas["SearchResponse"]["properties"])
+    assert set(schemas["Alternative"]["properties"]) == {"caption", "logprob", "score"}
+    assert "image/jpeg" in schema["paths"]["/api/thumb/{photo_id}"]["get"]["responses"]["200"]["content"]
+    page = client.get("/docs")
+    assert page.status_code == 200 and "/static/docs.js" in page.text
+    for asset in ("/", "/docs", "/static/app.js", "/static/docs.js", "/static/style.css"):
+        text = client.get(asset).text
+        assert "http://" not in text and "https://" not in text, asset  # nothing from a CDN
+
+
 def test_caption_one_and_many(client):
     r = client.post("/api/caption", files={"file": ("red.png", png_bytes(), "image/png")})
     assert r.status_code == 200
@@ -75,9 +94,11 @@ def test_missing_file_field(client):
 
 
 def test_search_and_thumbnails(client):
-    r = client.get("/api/search", params={"q": "circle", "limit": 5})
+    r = client.get("/api/search", params={"q": "circle", "limit": 2})
     hits = r.json()["results"]
-    assert r.status_code == 200 and hits and all("circle" in h["caption"] for h in hits)
+    assert r.status_code == 200 and len(hits) == 2 and all("circle" in h["caption"] for h in hits)
+    everything = client.get("/api/search", params={"q": "circle", "limit": 200}).json()
+    assert r.json()["total"] == everything["total"] == len(everything["results"]) > 2  # the true count
     t = client.get(hits[0]["thumb"])
     assert t.status_code == 200 and t.headers["content-type"] == "image/jpeg"
     assert Image.open(io.BytesIO(t.content)).size[0] <= 256

@@ -352,6 +352,11 @@ def cmd_search(a: argparse.Namespace) -> int:
             print(f"{h['score']:.2f}\t{h['path']}\t{h['caption']}")
     if not hits and not a.json:
         print(f"no photo in {a.db} matches {a.query!r}", file=sys.stderr)
+    elif len(hits) == a.limit and not a.json:
+        from captioner.library import count_matches
+
+        print(f"the best {a.limit} of {count_matches(a.db, a.query)} matching photos (--limit N for more)",
+              file=sys.stderr)
     return 0
 
 

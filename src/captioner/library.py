@@ -218,6 +218,18 @@ def search(db: Path, text: str, limit: int = 20) -> list[dict]:
     return [{"id": i, "path": p, "caption": c, "score": round(s, 4)} for i, p, c, s in rows]
 
 
+def count_matches(db: Path, text: str) -> int:
+    """How many photos `search` would find for `text` without a limit."""
+    query = fts_query(text)
+    if not query:
+        return 0
+    con = connect(db, create=False)
+    try:
+        return con.execute("SELECT count(*) FROM photos_fts WHERE photos_fts MATCH ?", (query,)).fetchone()[0]
+    finally:
+        con.close()
+
+
 def photo_path(db: Path, photo_id: int) -> Path | None:
     """The file of photo `photo_id`, or None when the database has no such photo."""
     con = connect(db, create=False)

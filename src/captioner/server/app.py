@@ -2,10 +2,11 @@
 
     GET  /                  the page: drop photos to caption them; search the library
     POST /api/caption       multipart field `file`, repeatable -> captions, alternatives, seconds
-    GET  /api/search?q=     photos of the library whose captions match, best first
-    GET  /api/thumb/{id}    a JPEG thumbnail of a photo *in the library* (by id: no paths from clients)
+    GET  /api/search?q=     photos of the library whose captions match, best first, and how many match
+    GET  /api/thumb/{id}    a JPEG of a photo *in the library* (by id: no paths from clients), re-encoded
     GET  /health            model and library status
-    GET  /openapi.json      the API schema
+    GET  /openapi.json      the API schema (answers and errors typed: see server/schema.py)
+    GET  /docs              the schema as a page (served from here, no CDN)
 
 Errors are JSON ``{"detail": "..."}`` with a 4xx status: 413 for uploads over the byte or pixel
 limits, 415 for files that are not images, 404 for unknown photos or when no library is loaded,
@@ -27,8 +28,10 @@ from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from captioner import __version__
 from captioner.data.images import ImageError, open_rgb
-from captioner.library import LibraryError, photo_path, search
+from captioner.library import LibraryError, count_matches, photo_path, search
+from captioner.server.schema import CaptionResponse, Health, SearchResponse, errors
 
 STATIC = Path(__file__).parent / "static"
 
@@ -38,8 +41,9 @@ def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0
     """The app, around a loaded `Captioner` (loaded once, shared by every request). A caption
     request that waits more than `queue_timeout` seconds for the model gets a 503 with
     Retry-After rather than an ever longer queue."""
-    app = FastAPI(title="captioner", version="0.1.0", docs_url=None, redoc_url=None,  # Swagger UI needs a CDN
-                  description="Caption photos with a CNN + LSTM model, and search a captioned photo library.")
+    app = FastAPI(title="captioner", version=__version__, docs_url=None, redoc_url=None,  # theirs need a CDN
+                  description="Caption photos with a CNN + LSTM model, and search a captioned photo library. "
+                              "Every error is JSON {\"detail\": \"...\"}.")
     lock = threading.Lock()  # one inference at a time: the CPU's threads are already all in use
     max_bytes = int(max_upload_mb * 1024 * 1024)
     db = Path(db) if db else None
@@ -51,13 +55,16 @@ def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0
             return _json_error(413, f"request of {int(length):,} bytes is over the limit")
         return await call_next(request)
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health)
     def health() -> dict:
         return {"status": "ok", "model": captioner.source, "decoder": captioner.model.cfg.decoder,
                 "library": str(db) if db else None}
 
-    @app.post("/api/caption")
+    @app.post("/api/caption", response_model=CaptionResponse, response_model_exclude_none=True,
+              responses=errors(413, 415, 422, 503))
     def caption(file: Annotated[list[UploadFile], File(description="one or more images")]) -> dict:
+        """Caption the uploaded images. A file that cannot be read gets an `error` in its result and
+        the others are still captioned; only when no file can be read does the request fail."""
         if len(file) > max_files:
             raise HTTPException(413, f"{len(file)} files: at most {max_files} per request")
         t0 = time.perf_counter()
@@ -86,24 +93,29 @@ def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0
         finally:
             lock.release()
         for (i, _), r in zip(images, out):
-            results[i].update(caption=r["caption"], logprob=r["logprob"], alternatives=r["alternatives"])
+            results[i].update(caption=r["caption"], logprob=r["logprob"], score=r["score"],
+                              alternatives=r["alternatives"])
         for r in results:
             r.pop("status", None)
         return {"results": results, "seconds": round(time.perf_counter() - t0, 3)}
 
-    @app.get("/api/search")
+    @app.get("/api/search", response_model=SearchResponse, responses=errors(404, 422))
     def search_photos(q: Annotated[str, Query(min_length=1, max_length=200)],
                       limit: Annotated[int, Query(ge=1, le=200)] = 20) -> dict:
+        """Photos of the library whose captions match the words of `q`, best first."""
         if db is None:
             raise HTTPException(404, "no photo library is loaded (start the server with --db FILE)")
         try:
             hits = search(db, q, limit)
+            total = count_matches(db, q)
         except LibraryError as e:
             raise HTTPException(404, str(e)) from None
-        return {"query": q, "results": [h | {"thumb": f"/api/thumb/{h['id']}"} for h in hits]}
+        return {"query": q, "total": total, "results": [h | {"thumb": f"/api/thumb/{h['id']}"} for h in hits]}
 
-    @app.get("/api/thumb/{photo_id}", response_class=Response)
-    def thumbnail(photo_id: int, size: Annotated[int, Query(ge=32, le=1024)] = 256) -> Response:
+    @app.get("/api/thumb/{photo_id}", response_class=Response, responses={
+        200: {"content": {"image/jpeg": {}}, "description": "the photo as a JPEG, at most `size` pixels a side"},
+        **errors(404, 422)})
+    def thumbnail(photo_id: int, size: Annotated[int, Query(ge=32, le=2048)] = 256) -> Response:
         path = photo_path(db, photo_id) if db else None
         if path is None:
             raise HTTPException(404, f"no photo {photo_id} in the library")
@@ -119,6 +131,10 @@ def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> FileResponse:
+        return FileResponse(STATIC / "docs.html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

@@ -1,7 +1,9 @@
-// captioner's page: caption dropped photos through POST /api/caption, search through GET /api/search.
+// captioner's page: caption chosen or dropped photos through POST /api/caption, search the library
+// through GET /api/search. Every control works from the keyboard.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+const IMAGE_NAME = /\.(jpe?g|jfif|png|gif|bmp|webp|tiff?|avif|heic|heif)$/i;
 
 function el(tag, props = {}, ...children) {
   const node = document.createElement(tag);
@@ -20,13 +22,26 @@ async function health() {
   }
 }
 
-async function captionFile(file) {
-  const caption = el("p", { className: "caption pending", textContent: "captioning…" });
-  const meta = el("p", { className: "meta", textContent: file.name });
-  const card = el("article", { className: "card" },
-    el("img", { src: URL.createObjectURL(file), alt: file.name }), el("div", { className: "body" }, caption, meta));
-  $("results").prepend(card);
+function isImage(file) {
+  return file.type.startsWith("image/") || IMAGE_NAME.test(file.name);
+}
 
+// One card per file, in the order chosen; the newest selection goes on top.
+function card(file) {
+  const caption = el("p", { className: "caption pending", textContent: "waiting…" });
+  const meta = el("p", { className: "meta", textContent: file.name });
+  const body = el("div", { className: "body" }, caption, meta);
+  const picture = isImage(file) ? el("img", { src: URL.createObjectURL(file), alt: file.name }) : el("div", { className: "no-image" });
+  return { node: el("article", { className: "card" }, picture, body), caption, meta, body };
+}
+
+function fail(c, message) {
+  c.caption.className = "caption error";
+  c.caption.textContent = message;
+}
+
+async function captionFile(file, c) {
+  c.caption.textContent = "captioning…";
   const form = new FormData();
   form.append("file", file, file.name);
   try {
@@ -35,22 +50,32 @@ async function captionFile(file) {
     if (!response.ok) throw new Error(data.detail || response.statusText);
     const result = data.results[0];
     if (result.error) throw new Error(result.error);
-    caption.className = "caption";
-    caption.textContent = result.caption;
-    meta.textContent = `${file.name} · ${data.seconds.toFixed(2)} s`;
+    c.caption.className = "caption";
+    c.caption.textContent = result.caption;
+    c.meta.textContent = `${file.name} · ${data.seconds.toFixed(2)} s`;
     if (result.alternatives && result.alternatives.length > 1) {
-      const list = el("ol");
+      const list = el("ol", { ariaLabel: "other captions the model considered" });
       for (const alt of result.alternatives.slice(1)) list.append(el("li", { textContent: alt.caption }));
-      card.querySelector(".body").append(list);
+      c.body.append(list);
     }
   } catch (err) {
-    caption.className = "caption error";
-    caption.textContent = String(err.message || err);
+    fail(c, String(err.message || err));
   }
 }
 
-function captionFiles(files) {
-  for (const file of files) captionFile(file);
+async function captionFiles(fileList) {
+  const files = [...fileList];
+  const batch = el("div", { className: "batch" });
+  $("results").prepend(batch);
+  const cards = files.map((file) => {
+    const c = card(file);
+    batch.append(c.node);
+    return c;
+  });
+  for (let i = 0; i < files.length; i++) {  // one at a time: the model captions one request at a time anyway
+    if (!isImage(files[i])) fail(cards[i], `${files[i].name}: not an image; not uploaded`);
+    else await captionFile(files[i], cards[i]);
+  }
 }
 
 async function runSearch(event) {
@@ -63,10 +88,14 @@ async function runSearch(event) {
     const response = await fetch(`/api/search?q=${encodeURIComponent(q)}&limit=40`);
     const data = await response.json();
     if (!response.ok) throw new Error(data.detail || response.statusText);
-    $("search-info").textContent = data.results.length ? `${data.results.length} photos` : "no photo matches";
+    const shown = data.results.length;
+    $("search-info").textContent = !data.total ? "no photo matches"
+      : shown < data.total ? `${data.total} photos match; the best ${shown} are shown`
+      : `${data.total} photo${data.total === 1 ? "" : "s"} match`;
     for (const hit of data.results) {
-      $("hits").append(el("figure", { className: "hit" },
-        el("img", { src: hit.thumb, alt: hit.caption, loading: "lazy" }),
+      const open = el("a", { href: `${hit.thumb}?size=2048`, target: "_blank", rel: "noopener",
+        title: `open ${hit.path}` }, el("img", { src: hit.thumb, alt: hit.caption, loading: "lazy" }));
+      $("hits").append(el("figure", { className: "hit" }, open,
         el("figcaption", {}, hit.caption, el("span", { className: "path", textContent: hit.path }))));
     }
   } catch (err) {
@@ -82,6 +111,7 @@ drop.addEventListener("drop", (e) => {
   drop.classList.remove("over");
   captionFiles(e.dataTransfer.files);
 });
+$("choose").addEventListener("click", () => $("file-input").click());
 $("file-input").addEventListener("change", (e) => { captionFiles(e.target.files); e.target.value = ""; });
 $("search-form").addEventListener("submit", runSearch);
 health();

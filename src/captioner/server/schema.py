@@ -1,0 +1,67 @@
+"""The shapes of the REST API's answers, so that /openapi.json (and the /docs page built from it)
+says exactly what each endpoint returns, errors included."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class Error(BaseModel):
+    """Every error answer: one line saying what is wrong."""
+
+    detail: str = Field(examples=["notes.txt: not a readable image (UnidentifiedImageError)"])
+
+
+class Alternative(BaseModel):
+    caption: str
+    logprob: float = Field(description="summed log-probability of the words and <end>")
+    score: float = Field(description="what the search ranks by: logprob / length**length_norm")
+
+
+class CaptionResult(BaseModel):
+    """One uploaded file: its caption, or the error that kept it from being captioned."""
+
+    filename: str
+    caption: str | None = None
+    logprob: float | None = None
+    score: float | None = None
+    alternatives: list[Alternative] | None = Field(None, description="the beams, best first")
+    error: str | None = Field(None, description="why this file was not captioned (the others still were)")
+
+
+class CaptionResponse(BaseModel):
+    results: list[CaptionResult] = Field(description="one per uploaded file, in the order sent")
+    seconds: float = Field(description="time spent on the request, reading the files included")
+
+
+class Hit(BaseModel):
+    id: int
+    path: str
+    caption: str
+    score: float = Field(description="BM25 relevance of the caption to the query (higher is better)")
+    thumb: str = Field(description="URL of a JPEG thumbnail; add ?size=N (32-2048) for a larger one")
+
+
+class SearchResponse(BaseModel):
+    query: str
+    total: int = Field(description="how many photos match in all (results holds at most `limit` of them)")
+    results: list[Hit] = Field(description="best first")
+
+
+class Health(BaseModel):
+    status: str = Field(examples=["ok"])
+    model: str = Field(description="the model's folder, or 'shipped'")
+    decoder: str = Field(examples=["attention"])
+    library: str | None = Field(None, description="the photo library's database, when one is loaded")
+
+
+def errors(*codes: int) -> dict:
+    """The `responses=` of an endpoint: these error statuses, each documented with its meaning."""
+    meaning = {
+        404: "unknown photo, or no photo library loaded",
+        413: "too large: more bytes, pixels or files than the server's limits",
+        415: "not an image this server can read",
+        422: "a parameter is missing or out of range",
+        503: "busy: the model had no turn free within the queue timeout (see Retry-After)",
+    }
+    return {c: {"model": Error, "description": meaning[c]} for c in codes}
