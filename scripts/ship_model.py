@@ -26,7 +26,12 @@ def main() -> None:
     args = ap.parse_args()
 
     model, vocab = load_model(args.model)
-    save_model(model, vocab, args.out, half=True)
+    card = args.out / "MODEL_CARD.md"
+    card_text = card.read_text(encoding="utf-8") if card.is_file() else None
+    save_model(model, vocab, args.out, half=True)  # replaces the folder: keep its model card
+    if card_text is not None:
+        card.write_text(card_text, encoding="utf-8")
+        print(f"{card}: kept; update its figures for the new model")
     path = args.out / "config.json"
     cfg = json.loads(path.read_text())
     if args.beam_size is not None:

@@ -251,3 +251,21 @@ def test_init_shipped_fine_tunes_the_shipped_model(tmp_path, shapes, capsys):
                  "--max-images", "12", "--val-images", "4", "--batch-size", "16", "--workers", "0", "--quiet"]) == 0
     assert (out / "best" / "vocab.json").read_text() == (shipped_model_dir() / "vocab.json").read_text()
     assert main(["caption", str(next(shapes.parent.glob("*.png"))), "--model", "shipped"]) == 0
+
+
+def test_licence_model_card_and_example_credits_are_there(capsys):
+    from pathlib import Path
+
+    from captioner.names import shipped_model_dir
+
+    root = Path(__file__).resolve().parent.parent
+    assert "MIT License" in (root / "LICENSE").read_text()
+    card = shipped_model_dir() / "MODEL_CARD.md"
+    text = card.read_text()
+    assert "Flickr8k" in text and "research use" in text and "cannot do" in text
+    with pytest.raises(SystemExit):
+        main(["caption", "--help"])
+    assert str(card) in capsys.readouterr().out  # argparse wraps at spaces only: the path stays whole
+    credits = (root / "examples" / "LICENSE.md").read_text()
+    for photo in (root / "examples").glob("*.jpg"):
+        assert f"`{photo.name}`" in credits and f"`{photo.name}`" in text, photo.name  # credited and shown

@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 from captioner.data.images import ImageDataset, collate_images, eval_transform, image_name, one_or_many, open_rgb
 from captioner.decode import Decoding, caption_features
 from captioner.errors import CaptionerWarning, ConfigError, ImageError, ModelError
-from captioner.model.folder import SHIPPED, load_model, model_dir, shipped_model_dir
+from captioner.model.folder import load_model, model_dir
+from captioner.names import SHIPPED, shipped_model_dir
 from captioner.runtime import autocast, decoder_precision, encoder_chunk, pick_device, resolve_precision
 
 ImageLike = str | Path | bytes | Image.Image | np.ndarray

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from captioner import __version__
 from captioner.data.records import LAYOUTS
 from captioner.errors import CaptionerError, CaptionerWarning, DataError
-from captioner.names import DECODERS, ENCODERS, HEADS, PRECISIONS
+from captioner.names import DECODERS, ENCODERS, HEADS, PRECISIONS, shipped_model_dir
 from captioner.train.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -83,7 +83,11 @@ def _decoding(a: argparse.Namespace, model_cfg) -> Decoding:
 
 
 def _caption_parser(sub) -> None:
-    p = sub.add_parser("caption", help="caption images or folders of images")
+    p = sub.add_parser(
+        "caption", help="caption images or folders of images",
+        epilog="Without --model: the shipped model, trained on Flickr8k (research use) for everyday photos of "
+               "people, dogs and outdoor scenes; outside that world it errs (a cat or a cup of coffee comes out "
+               f"as a dog). What it can and cannot do: {shipped_model_dir() / 'MODEL_CARD.md'}")
     p.add_argument("paths", nargs="+", type=Path, help="image files and/or folders")
     _model_option(p)
     p.add_argument("--json", action="store_true", help='one JSON object per line: {"image", "caption"}')

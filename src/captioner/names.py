@@ -1,9 +1,16 @@
 """The names that options and config.json accept, in a module that does not import torch.
 
+(Also where the shipped model lives, which `--model shipped` and `--init shipped` name.)
+
 `captioner --help`, `--version`, `search` and argument errors must answer at once, and importing
 torch takes seconds, so the command line takes its choices from here. Each tuple is the keys of a
 registry that lives with its code; tests/test_structure.py checks that the two agree.
 """
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
 
 # model/encoder.BACKBONES
 ENCODERS = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2",
@@ -14,3 +21,11 @@ DECODERS = ("show_tell", "attention")
 HEADS = ("linear_bn", "mlp")
 # runtime.resolve_precision: the autocast precision
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+# --model shipped, --init shipped: the model folder that comes inside the package
+SHIPPED = "shipped"
+
+
+def shipped_model_dir() -> Path:
+    """The model folder that comes inside the package (its MODEL_CARD.md says what it can do)."""
+    return Path(str(files("captioner") / "assets" / "model"))

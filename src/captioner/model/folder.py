@@ -7,7 +7,6 @@ own offline source (the frozen default), the encoder too (``encoder.*``).
 from __future__ import annotations
 
 import json
-from importlib.resources import files
 from pathlib import Path
 
 import torch
@@ -19,14 +18,9 @@ from captioner.errors import ModelError
 from captioner.files import atomic_folder
 from captioner.model.encoder import EncoderError, build_backbone, weights_digest
 from captioner.model.network import CaptionModel, ModelConfig
+from captioner.names import SHIPPED, shipped_model_dir
 
 CONFIG, VOCAB, WEIGHTS = "config.json", "vocab.json", "model.safetensors"
-SHIPPED = "shipped"  # the word for the model that comes inside the package (--model, --init)
-
-
-def shipped_model_dir() -> Path:
-    """The model folder that comes inside the package."""
-    return Path(str(files("captioner") / "assets" / "model"))
 
 
 def model_dir(folder: str | Path | None) -> Path:
