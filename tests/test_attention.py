@@ -49,6 +49,7 @@ def test_beam_on_attention(decoder):
         assert torch.equal(one.tokens[0], batched.tokens[i])
 
 
+@pytest.mark.slow
 def test_attention_model_learns_shapes(tmp_path, shapes):
     out = tmp_path / "att"
     assert main(["train", "--data", str(shapes), "--out", str(out), "--decoder", "attention", "--epochs", "12",

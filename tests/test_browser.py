@@ -15,6 +15,8 @@ from captioner import Captioner
 from captioner.library import index_folders
 from captioner.server.background import serve_in_background
 
+pytestmark = pytest.mark.slow
+
 CHROMIUM = os.environ.get("CAPTIONER_CHROMIUM", "/usr/bin/chromium")
 FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]

@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 
 from captioner.data import features as features_module
 
+pytestmark = pytest.mark.slow
+
 
 def start(out, *extra):
     return subprocess.Popen([sys.executable, "-m", "captioner", "train", "--out", str(out), *map(str, extra)],

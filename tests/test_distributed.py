@@ -7,9 +7,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from conftest import TINY
 from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
 
 
 def train(*args):

@@ -55,6 +55,7 @@ def test_a_caption_alone_in_its_length_bucket_trains(tmp_path, shapes):
     assert len(result["history"]) == 1
 
 
+@pytest.mark.slow
 def test_an_earlier_run_is_never_silently_replaced(tmp_path, shapes, capsys):
     args = ["train", "--data", str(shapes), "--out", str(tmp_path / "run"), "--epochs", "1", "--max-images", "20",
             "--val-images", "4", *TINY]
@@ -84,6 +85,7 @@ def test_two_trainings_never_write_one_folder(tmp_path, shapes):
     assert not (out / "metrics.csv").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_what_is_saved_and_how_to_continue(tmp_path, shapes, monkeypatch, capsys):
     real = run_module.train_epoch
 
@@ -243,6 +245,7 @@ def test_caption_and_index_find_the_same_photos_and_report_heic(tmp_path, traine
     assert "2 captioned" in err and "1 unreadable" in err and "IMG_0001.HEIC: a HEIC/HEIF photo" in err
 
 
+@pytest.mark.slow
 def test_init_shipped_fine_tunes_the_shipped_model(tmp_path, shapes, capsys):
     from captioner.model.folder import shipped_model_dir
 

@@ -80,6 +80,7 @@ def test_incremental_reindex(cap, photos, tmp_path):
     con.close()
 
 
+@pytest.mark.slow
 def test_killed_index_run_leaves_a_consistent_database(cap, trained, shapes, tmp_path):
     folder = tmp_path / "many"
     folder.mkdir()

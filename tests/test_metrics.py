@@ -52,6 +52,7 @@ def test_python_tokenizer_drops_punctuation_and_splits_clitics():
     assert python_tokenize("The man isn't on a T-shirt.") == "the man is n't on a t-shirt"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not java_available(), reason="METEOR and the PTB tokenizer need Java")
 def test_meteor_and_ptb_with_java():
     refs = {1: ["A dog runs on the grass."], 2: ["Two children play in the snow ."]}

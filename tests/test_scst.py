@@ -16,6 +16,8 @@ from captioner.decode import sample
 from captioner.model.attention import AttentionDecoder
 from captioner.scst import CiderD
 
+pytestmark = pytest.mark.slow
+
 REFS = [["a dog runs on the grass", "a brown dog running through grass", "the dog is running outside"],
         ["two children play in the snow", "kids playing in snow", "two kids in the snow having fun"],
         ["a man rides a wave on a surfboard", "a surfer on a big wave", "man surfing a wave in the ocean"]]

@@ -162,6 +162,7 @@ def test_decoders_keep_the_contract(cls, rnn):
             dec.attention_maps(feats, torch.tensor([[1, 5]]))
 
 
+@pytest.mark.slow
 def test_a_third_decoder_is_one_class_and_one_registry_line(tmp_path, shapes, monkeypatch):
     """Registered in DECODERS, a new decoder trains from Python with fit(TrainConfig(...)), saves,
     loads, captions (greedy and beam), exports to ONNX and draws word vectors, untouched code all."""
@@ -281,6 +282,7 @@ def attention_model(tmp_path_factory, shapes) -> Path:
     return out / "best"
 
 
+@pytest.mark.slow
 def test_attention_map_uses_every_decoding_setting(attention_model, shapes, tmp_path, monkeypatch, capsys):
     """--block-trigrams (and every other setting) reaches the attention map's search too."""
     seen = _record_searches(monkeypatch)
@@ -291,6 +293,7 @@ def test_attention_map_uses_every_decoding_setting(attention_model, shapes, tmp_
     assert len(seen) == 2 and seen[0][0] == seen[1][0] == Decoding(2, 0.7, True, 20)
 
 
+@pytest.mark.slow
 def test_attention_caption_is_the_printed_caption(attention_model, shapes, monkeypatch):
     """The caption drawn on an attention map comes from the same search, under the same precision
     rule, as the caption printed: with bf16 on a CPU, a single image decodes in fp32 either way."""

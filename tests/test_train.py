@@ -40,6 +40,7 @@ def test_run_folder_contents(trained):
     assert all(k.startswith("decoder.") for k in load_file(trained / "best" / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path, shapes):
     common = ["train", "--data", str(shapes), "--max-images", "40", *TINY]
     assert main([*common, "--out", str(tmp_path / "a"), "--epochs", "3"]) == 0
@@ -52,6 +53,7 @@ def test_resume_continues_exactly(tmp_path, shapes):
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
 
 
+@pytest.mark.slow
 def test_fine_tune_encoder_stores_it_in_the_folder(tmp_path, shapes):
     out = tmp_path / "ft"
     assert main(["train", "--data", str(shapes), "--out", str(out), "--epochs", "1", "--max-images", "12",
@@ -63,6 +65,7 @@ def test_fine_tune_encoder_stores_it_in_the_folder(tmp_path, shapes):
     assert isinstance(cap.caption(next(shapes.parent.glob("*.png"))), str)
 
 
+@pytest.mark.slow
 def test_same_seed_same_model(tmp_path, shapes):
     args = ["train", "--data", str(shapes), "--max-images", "20", "--val-images", "4", "--epochs", "1", *TINY]
     for name in ("x", "y"):
@@ -77,6 +80,7 @@ def test_synthetic_vocabulary_has_the_words(trained, colour):
     assert colour in itos and all(s in itos for s in SHAPES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision,decoder", [("fp32", "show_tell"), ("fp16", "attention")])
 def test_other_precisions_train(tmp_path, shapes, precision, decoder):
     """fp32, and fp16 autocast with a gradient scaler (the CUDA path on GPUs without bf16; on the
@@ -88,6 +92,7 @@ def test_other_precisions_train(tmp_path, shapes, precision, decoder):
     assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
 
 
+@pytest.mark.slow
 def test_validation_with_beam_search(tmp_path, shapes):
     out = tmp_path / "vb"
     assert main(["train", "--data", str(shapes), "--out", str(out), "--epochs", "1", "--max-images", "20",
@@ -95,6 +100,7 @@ def test_validation_with_beam_search(tmp_path, shapes):
     assert json.loads((out / "best" / "config.json").read_text())["extra"]["val"]["decode"].startswith("beam 3")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decoder", ["show_tell", "attention"])
 def test_gru_decoders_train_save_and_load(tmp_path, shapes, decoder):
     out = tmp_path / decoder
