@@ -8,9 +8,14 @@ never stop the run. Memory stays flat however many images there are: paths strea
 DataLoader and results go straight to the file.
 
 Several processes (`captioner caption --nproc N`, or torchrun): process r captions every N-th
-image from the r-th into its own part file `OUT.partR`; when all are done, process 0 appends the
-parts to OUT in the order of the images and deletes them. Part files left by an interrupted run
+image from the r-th into its own part file `OUT.partR.jsonl`; when all are done, process 0 appends
+the parts to OUT in the order of the images and deletes them. Part files left by an interrupted run
 are folded into OUT at the next start, so their captions are not redone.
+
+A file is only ever rewritten or appended to when captioner wrote it: an existing OUT that is not
+such a file (a dataset's captions.csv, anything else) is refused unless `force` replaces it, and
+only part files of exactly the names above are folded in and deleted. CSV cells that a spreadsheet
+would run as a formula (starting with = + - @) are written with a leading apostrophe.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import csv
 import glob
 import io
 import json
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +38,7 @@ from captioner.files import atomic_write, file_digest
 from captioner.runtime import Dist
 
 FIELDS = ("image", "sha1", "caption")
+FORMULA = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet cell a formula
 
 
 @dataclass
@@ -50,7 +57,8 @@ def _read_existing(out: Path) -> list[dict]:
     if not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]  # drop a half-written last line
     if out.suffix.lower() == ".csv":
-        return [r for r in csv.DictReader(io.StringIO(text)) if r.get("image") and r.get("sha1")]
+        rows = csv.DictReader(io.StringIO(text))
+        return [{k: _from_cell(v) for k, v in r.items()} for r in rows if r.get("image") and r.get("sha1")]
     entries = []
     for line in text.splitlines():
         try:
@@ -62,19 +70,66 @@ def _read_existing(out: Path) -> list[dict]:
     return entries
 
 
+def written_by_us(out: Path) -> bool:
+    """Whether `out` is missing, empty, or a file this module wrote: a CSV whose header is
+    image,sha1,caption, or JSON lines that are all our entries (the first MiB is read)."""
+    if not out.exists():
+        return True
+    if not out.is_file():
+        return False
+    with out.open("rb") as f:
+        head = f.read(1 << 20)
+    if not head.strip():
+        return True  # empty: nothing to lose
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    ours = text is not None
+    if ours and out.suffix.lower() == ".csv":
+        ours = text.splitlines()[0].strip() == ",".join(FIELDS)
+    elif ours:
+        complete = text.splitlines()[: -1 if not text.endswith("\n") else None]
+        for line in complete:
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                obj = None
+            if not (isinstance(obj, dict) and {"image", "sha1", "caption"} <= set(obj)):
+                ours = False
+                break
+    return ours
+
+
+def _to_cell(value):
+    """A CSV cell that a spreadsheet shows as text, never runs as a formula."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA) else value
+
+
+def _from_cell(value):
+    return value[1:] if isinstance(value, str) and value.startswith("'") and value[1:].startswith(FORMULA) else value
+
+
+def _write_csv_rows(writer: csv.DictWriter, entries) -> None:
+    writer.writerows({k: _to_cell(v) for k, v in e.items()} for e in entries)
+
+
 def _rewrite(out: Path, entries: list[dict]) -> None:
     """Write `entries` as the whole file, atomically."""
     with atomic_write(out, newline="") as f:
         if out.suffix.lower() == ".csv":
             w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
             w.writeheader()
-            w.writerows(entries)
+            _write_csv_rows(w, entries)
         else:
             f.writelines(json.dumps(e) + "\n" for e in entries)
 
 
 def _part_files(out: Path) -> list[Path]:
-    return sorted(out.parent.glob(glob.escape(out.name) + ".part*"))
+    """The part files of `out` that this module writes: exactly OUT.part<rank>.jsonl."""
+    name = re.compile(re.escape(out.name) + r"\.part\d+\.jsonl")
+    found = out.parent.glob(glob.escape(out.name) + ".part*")
+    return sorted(p for p in found if name.fullmatch(p.name) and p.is_file())
 
 
 def _fold_parts(out: Path, order: dict[str, int] | None = None) -> None:
@@ -92,14 +147,20 @@ def _fold_parts(out: Path, order: dict[str, int] | None = None) -> None:
 
 
 def caption_to_file(captioner, paths: Sequence[Path], out: Path, *, batch_size: int = 32, progress: bool = True,
-                    dist: Dist | None = None, decoding: Decoding | None = None) -> BatchReport:
+                    dist: Dist | None = None, decoding: Decoding | None = None, force: bool = False) -> BatchReport:
     """Caption `paths` into `out` (.jsonl or .csv) with `decoding` (else the model's own), skipping
     those already there unchanged. With `dist` (several processes), each captions its share and
-    process 0 merges them."""
+    process 0 merges them. An existing `out` that captioner did not write is refused unless
+    `force` (then it is replaced)."""
     out = Path(out)
     if out.suffix.lower() not in (".jsonl", ".csv"):
         raise ConfigError(f"{out}: the output must end in .jsonl or .csv")
     dist = dist or Dist()
+    if not force and not written_by_us(out):  # every process sees the same file: the same answer
+        raise ConfigError(f"{out}: already exists and was not written by captioner caption (what it holds would be "
+                          "lost); choose another --out, or add --force to replace it")
+    if force and dist.main and not written_by_us(out):
+        out.unlink()
     t0 = time.perf_counter()
     report = BatchReport()
     digests: dict[str, str] = {}  # SHA-1 of each image, read once (by process 0)
@@ -133,7 +194,7 @@ def caption_to_file(captioner, paths: Sequence[Path], out: Path, *, batch_size: 
             if len(result["alternatives"]) > 1:
                 entry["alternatives"] = result["alternatives"]
             if writer:
-                writer.writerow(entry)
+                _write_csv_rows(writer, [entry])
             else:
                 f.write(json.dumps(entry) + "\n")
             report.captioned += 1

@@ -97,6 +97,8 @@ def _caption_parser(sub) -> None:
     p.add_argument("--out", type=Path, metavar="FILE",
                    help="write to FILE (.jsonl or .csv) instead of the terminal; a re-run skips images already "
                         "there with the same content")
+    p.add_argument("--force", action="store_true",
+                   help="with --out: replace FILE even when captioner did not write it (else such a file is refused)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--nproc", type=int, default=1,
@@ -290,7 +292,7 @@ def cmd_caption(a: argparse.Namespace) -> int:
                 cap.require_attention()  # before the work, not after it
             decoding = _decoding(a, cap.model.cfg)
             r = caption_to_file(cap, paths, a.out, batch_size=a.batch_size, progress=not a.quiet, dist=dist,
-                                decoding=decoding)
+                                decoding=decoding, force=a.force)
         finally:
             dist.close()
         if not dist.main:

@@ -1,0 +1,73 @@
+"""What a careless user or an attacker tried, and what must happen instead: nothing a user already
+had is lost, one bad file never stops a job, the server cannot be flooded or read from another
+site, and no result is silently wrong. (Each case is a row of docs/RELIABILITY.md.)"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+
+from captioner.cli import main
+
+
+@pytest.fixture
+def photos(shapes, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in sorted(shapes.parent.glob("*_4.png"))[:3]:
+        shutil.copy(p, folder / p.name)
+    return folder
+
+
+# -- data loss --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,text", [
+    ("captions.csv", "image,caption\nphotos/a.jpg,a dog runs on the beach\n"),
+    ("captions.jsonl", '{"image": "a.jpg", "caption": "a dog runs on the beach"}\n'),
+    ("notes.jsonl", "my own notes, not JSON\n"),
+])
+def test_caption_out_never_rewrites_a_file_it_did_not_write(photos, trained, tmp_path, capsys, name, text):
+    out = tmp_path / name
+    out.write_text(text)
+    args = ["caption", str(photos), "--model", str(trained / "best"), "--out", str(out), "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "was not written by captioner caption" in err and "--force" in err
+    assert out.read_text() == text  # untouched
+    assert main([*args, "--force"]) == 0
+    assert "a dog runs on the beach" not in out.read_text()
+    assert main(args) == 0  # now it is ours: a re-run skips what is done
+    assert "0 captioned, 3 already" in capsys.readouterr().err
+
+
+def test_only_our_own_part_files_are_folded_in(photos, trained, tmp_path):
+    out = tmp_path / "c.jsonl"
+    mine = tmp_path / "c.jsonl.partial"
+    mine.write_text("a user's own file\n")
+    first = sorted(photos.iterdir())[0]
+    from captioner.files import file_digest
+
+    part = tmp_path / "c.jsonl.part1.jsonl"  # what an interrupted run of two processes left
+    part.write_text(json.dumps({"image": str(first), "sha1": file_digest(first), "caption": "from the part"}) + "\n")
+    assert main(["caption", str(photos), "--model", str(trained / "best"), "--out", str(out), "--quiet"]) == 0
+    assert mine.read_text() == "a user's own file\n" and not part.exists()
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 3 and lines[0]["caption"] == "from the part"
+
+
+# -- security ---------------------------------------------------------------------------------------
+
+
+def test_csv_cells_never_become_formulas(photos, trained, tmp_path, monkeypatch, capsys):
+    evil = photos / '=HYPERLINK("x.example";"click").png'
+    shutil.copy(sorted(photos.iterdir())[0], evil)
+    monkeypatch.chdir(photos)
+    args = ["caption", evil.name, "--model", str(trained / "best"), "--out", str(tmp_path / "c.csv"), "--quiet"]
+    assert main(args) == 0
+    rows = list(csv.DictReader((tmp_path / "c.csv").open()))
+    assert rows[0]["image"] == "'" + evil.name  # shown as text by a spreadsheet, never run
+    assert main(args) == 0 and "0 captioned, 1 already" in capsys.readouterr().err  # and read back as the path
