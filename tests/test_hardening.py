@@ -71,3 +71,48 @@ def test_csv_cells_never_become_formulas(photos, trained, tmp_path, monkeypatch,
     rows = list(csv.DictReader((tmp_path / "c.csv").open()))
     assert rows[0]["image"] == "'" + evil.name  # shown as text by a spreadsheet, never run
     assert main(args) == 0 and "0 captioned, 1 already" in capsys.readouterr().err  # and read back as the path
+
+
+def test_index_never_changes_a_database_it_did_not_make(photos, trained, tmp_path, capsys):
+    import hashlib
+    import sqlite3
+
+    db = tmp_path / "contacts.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE contacts (name TEXT, phone TEXT)")
+    con.execute("INSERT INTO contacts VALUES ('Ada', '555')")
+    con.commit()
+    con.close()
+    before = hashlib.sha1(db.read_bytes()).hexdigest()
+    model = ["--model", str(trained / "best"), "--quiet"]
+    assert main(["index", str(photos), "--db", str(db), *model]) == 2
+    err = capsys.readouterr().err
+    assert "not a captioner photo database (it holds contacts)" in err and "left as it is" in err
+    assert main(["search", "dog", "--db", str(db)]) == 2
+    assert hashlib.sha1(db.read_bytes()).hexdigest() == before and not (tmp_path / "contacts.db-wal").exists()
+
+    notes = tmp_path / "notes.db"
+    notes.write_text("my notes")
+    assert main(["index", str(photos), "--db", str(notes), *model]) == 2
+    assert "not an SQLite database" in capsys.readouterr().err and notes.read_text() == "my notes"
+
+    ours = tmp_path / "photos.db"
+    assert main(["index", str(photos), "--db", str(ours), *model]) == 0
+    con = sqlite3.connect(ours)
+    con.execute("UPDATE meta SET value = '0' WHERE key = 'schema'")  # as an older captioner would have left it
+    con.commit()
+    con.close()
+    capsys.readouterr()
+    for args in (["index", str(photos), "--db", str(ours), *model], ["search", "circle", "--db", str(ours)]):
+        assert main(args) == 2
+        assert "made by another version of captioner (schema 0" in capsys.readouterr().err
+
+
+def test_export_never_writes_into_a_folder_of_other_things(trained, tmp_path, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    assert main(["export", "--model", str(trained / "best"), "--out", str(tmp_path / "mine")]) == 2
+    assert "not a captioner export" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["thesis.tex"]
+    assert main(["export", "--model", str(trained / "best"), "--out", str(tmp_path / "x")]) == 0
+    assert main(["export", "--model", str(trained / "best"), "--out", str(tmp_path / "x")]) == 0  # its own: redone

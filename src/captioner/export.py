@@ -69,6 +69,9 @@ def export_model(folder: Path, out: Path, fmt: str = "onnx", image_size: int | N
     size = image_size or cfg.image_size
     start, step, names = _modules(model)
     out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "export.json").is_file())):
+        raise ExportError(f"{out}: already holds something that is not a captioner export; it is left as it is: "
+                          "choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     images = torch.zeros(2, 3, size, size)
     with torch.no_grad():

@@ -63,23 +63,62 @@ STOPWORDS = frozenset("a an the of on in at to and or with is are be by for from
 
 
 def connect(db: Path, create: bool = True) -> sqlite3.Connection:
-    """Open (and, with `create`, set up) a library database."""
+    """Open a library database: with `create`, for indexing (made when missing or empty), else
+    read-only, for searching (it works on read-only storage too).
+
+    A database captioner did not make is refused, never changed (no tables added, no journal mode
+    switched), and so is one made by another schema version."""
     db = Path(db)
-    if not create and not db.is_file():
+    exists = db.is_file() and db.stat().st_size > 0
+    if not create and not exists:
         raise LibraryError(f"{db}: no such database (make one with: captioner index FOLDER --db {db})")
+    if db.exists() and not db.is_file():
+        raise LibraryError(f"{db}: not a file")
     try:
+        if exists:
+            _check_ours(db)
+        if not create:
+            return _open_read_only(db)
         con = sqlite3.connect(db, timeout=30)
         con.execute("PRAGMA journal_mode=WAL")  # readers (the web page) never block the indexer
         con.execute("PRAGMA synchronous=NORMAL")
-        if create:
-            con.executescript(SCHEMA)
-            con.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-            con.commit()
-        elif not con.execute("SELECT 1 FROM sqlite_master WHERE name = 'photos'").fetchone():
-            raise LibraryError(f"{db}: not a captioner photo database")
+        con.executescript(SCHEMA)
+        con.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        con.commit()
+        return con
     except sqlite3.DatabaseError as e:
         raise LibraryError(f"{db}: not a usable SQLite database ({e})") from None
-    return con
+
+
+def _check_ours(db: Path) -> None:
+    """Refuse (without writing to it) a file that is not a photo database of this schema."""
+    with db.open("rb") as f:
+        if f.read(16) != b"SQLite format 3\x00":
+            raise LibraryError(f"{db}: not an SQLite database; choose another --db")
+    con = _open_read_only(db)
+    try:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
+        version = (con.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+                   if {"meta", "photos"} <= tables else None)
+    finally:
+        con.close()
+    if version is None:
+        shown = ", ".join(sorted(tables)[:5]) or "no tables"
+        raise LibraryError(f"{db}: not a captioner photo database (it holds {shown}); it is left as it is: "
+                           "choose another --db")
+    if version[0] != SCHEMA_VERSION:
+        raise LibraryError(f"{db}: made by another version of captioner (schema {version[0]}, this one reads "
+                           f"{SCHEMA_VERSION}); index into a new --db")
+
+
+def _open_read_only(db: Path) -> sqlite3.Connection:
+    uri = db.resolve().as_uri()
+    try:
+        con = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=30)
+        con.execute("SELECT 1 FROM sqlite_master").fetchone()
+        return con
+    except sqlite3.OperationalError:  # read-only storage: a WAL database cannot make its -shm file
+        return sqlite3.connect(f"{uri}?immutable=1", uri=True)
 
 
 @dataclass
