@@ -116,3 +116,23 @@ def test_export_never_writes_into_a_folder_of_other_things(trained, tmp_path, ca
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["thesis.tex"]
     assert main(["export", "--model", str(trained / "best"), "--out", str(tmp_path / "x")]) == 0
     assert main(["export", "--model", str(trained / "best"), "--out", str(tmp_path / "x")]) == 0  # its own: redone
+
+
+def test_a_kill_between_the_two_renames_of_a_model_save_loses_nothing(trained, tmp_path, shapes, capsys):
+    from captioner.model.folder import load_model, save_model
+
+    best = tmp_path / "run" / "best"
+    shutil.copytree(trained / "best", best)
+    photo = str(sorted(shapes.parent.glob("*_4.png"))[0])
+    assert main(["caption", photo, "--model", str(best)]) == 0
+    want = capsys.readouterr().out
+    # what SIGKILL leaves after the first rename: the old folder moved aside, the new one half-built
+    best.rename(best.with_name(".best.old"))
+    half = tmp_path / "run" / ".best.k1ll3d"
+    half.mkdir()
+    (half / "config.json").write_text("{")
+    assert main(["caption", photo, "--model", str(best)]) == 0  # the complete old version is back
+    assert capsys.readouterr().out == want and best.is_dir() and not best.with_name(".best.old").exists()
+    model, vocab = load_model(best)
+    save_model(model, vocab, best)  # the next save clears what the killed one left
+    assert sorted(p.name for p in best.parent.iterdir()) == ["best"]

@@ -8,6 +8,7 @@ moment leaves either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 import shutil
@@ -56,9 +57,16 @@ def atomic_write(path: str | Path, mode: str = "w", **open_kw) -> Iterator[IO]:
 def atomic_folder(folder: str | Path) -> Iterator[Path]:
     """Build a folder's new contents in a temporary folder beside it; when the block ends without an
     error, sync the files and swap the new folder in for the old one. On an error the temporary
-    folder is removed and the old folder is untouched."""
-    folder = Path(folder)
+    folder is removed and the old folder is untouched.
+
+    The swap is two renames (folder -> .folder.old, temporary -> folder). A kill between them leaves
+    no `folder`, only `.folder.old`: `complete_folder` (used by every reader, and here before the
+    next write) puts that complete old version back."""
+    folder = complete_folder(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in folder.parent.glob(f".{glob.escape(folder.name)}.*"):  # temporary folders of a killed write
+        if stale.is_dir() and stale.name != f".{folder.name}.old":
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         yield tmp
@@ -74,6 +82,19 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def complete_folder(folder: str | Path) -> Path:
+    """`folder`, put back from `.folder.old` when a kill during `atomic_folder`'s swap left only
+    that (or, where the folder cannot be renamed, the `.folder.old` to read instead)."""
+    folder = Path(folder)
+    old = folder.with_name(f".{folder.name}.old")
+    if not folder.exists() and old.is_dir():
+        try:
+            old.rename(folder)
+        except OSError:
+            return old
+    return folder
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from captioner.data.vocab import Vocabulary
 from captioner.errors import ModelError
-from captioner.files import atomic_folder
+from captioner.files import atomic_folder, complete_folder
 from captioner.model.encoder import EncoderError, build_backbone, weights_digest
 from captioner.model.network import CaptionModel, ModelConfig
 from captioner.names import SHIPPED, shipped_model_dir
@@ -49,7 +49,7 @@ def save_model(model: CaptionModel, vocab: Vocabulary, folder: Path, *, half: bo
 
 def load_model(folder: str | Path | None, device: torch.device | str = "cpu") -> tuple[CaptionModel, Vocabulary]:
     """Load a model folder into eval mode. Only JSON and safetensors are read."""
-    folder = model_dir(folder)
+    folder = complete_folder(model_dir(folder))
     if not folder.is_dir():
         raise ModelError(f"{folder}: not a model folder (no such directory)")
     for name in (CONFIG, VOCAB, WEIGHTS):
@@ -95,7 +95,7 @@ def load_model(folder: str | Path | None, device: torch.device | str = "cpu") ->
 
 def read_config(folder: str | Path | None) -> ModelConfig:
     """A model folder's config.json alone (its decoding settings, sizes), without loading weights."""
-    folder = model_dir(folder)
+    folder = complete_folder(model_dir(folder))
     path = folder / CONFIG
     if not path.is_file():
         raise ModelError(f"{folder}: not a model folder (no {CONFIG})")
