@@ -136,3 +136,18 @@ def test_a_kill_between_the_two_renames_of_a_model_save_loses_nothing(trained, t
     model, vocab = load_model(best)
     save_model(model, vocab, best)  # the next save clears what the killed one left
     assert sorted(p.name for p in best.parent.iterdir()) == ["best"]
+
+
+@pytest.mark.parametrize("bad_line,message", [
+    ('b.jpg,"a dog runs on the beach', "records.csv:3: a field runs over"),  # the quote is never closed
+    ("b.jpg," + "x" * 200_000, "records.csv:3:"),  # past the csv module's field limit
+    ('b.jpg,"' + "y" * 20_000 + '"', "records.csv:3: a field of more than 10,000 characters"),
+])
+def test_a_stray_quote_in_a_caption_csv_never_swallows_rows_silently(tmp_path, bad_line, message):
+    from captioner.data.records import load_records
+    from captioner.errors import DataError
+
+    rows = ["image,caption", "a.jpg,a cat on a mat", bad_line] + [f"c{i}.jpg,a bird on a wire" for i in range(40)]
+    (tmp_path / "records.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=message):
+        load_records(tmp_path / "records.csv")

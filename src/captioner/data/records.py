@@ -167,7 +167,7 @@ def read_csv(path: Path, images: Path | None = None) -> list[Record]:
                             f"found {header}") from None
         i_split = header.index("split") if "split" in header else None
         pairs, row_splits, bad = [], {}, 0
-        for row in reader:
+        for row in _checked_rows(reader, path):
             if len(row) <= max(i_img, i_cap):
                 bad += bool(row)
                 continue
@@ -184,6 +184,26 @@ def read_csv(path: Path, images: Path | None = None) -> list[Record]:
         warnings.warn(f"{path}: {bad} malformed rows skipped", CaptionerWarning, stacklevel=2)
     splits = row_splits or _read_split_lists(path.parent)
     return _group(pairs, root, splits, path)
+
+
+def _checked_rows(reader, path: Path):
+    """The rows of a csv.reader, refusing what only a broken file gives: a field that runs over
+    several lines (a quote opened and never closed swallows the rows after it) or one too large to
+    be a caption or a file name. Both name the line where the trouble starts."""
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(f"{path}:{start}: {e} (a quote that is never closed?)") from None
+        if any("\n" in f or "\r" in f for f in row):
+            raise DataError(f"{path}:{start}: a field runs over {reader.line_num - start + 1} lines, swallowing the "
+                            "rows after it: a quote that is never closed? Fix that line and run again")
+        if any(len(f) > 10_000 for f in row):
+            raise DataError(f"{path}:{start}: a field of more than 10,000 characters: not a caption or a file name")
+        yield row
 
 
 def read_jsonl(path: Path, images: Path | None = None) -> list[Record]:
