@@ -151,3 +151,33 @@ def test_a_stray_quote_in_a_caption_csv_never_swallows_rows_silently(tmp_path, b
     (tmp_path / "records.csv").write_text("\n".join(rows) + "\n")
     with pytest.raises(DataError, match=message):
         load_records(tmp_path / "records.csv")
+
+
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\n"
+       b"newpath 0 0 moveto 16 0 lineto 16 16 lineto closepath fill showpage\n%%EOF\n")
+
+
+def test_postscript_named_jpg_never_reaches_ghostscript(tmp_path, trained, monkeypatch, capsys):
+    from fastapi.testclient import TestClient
+    from PIL import EpsImagePlugin
+
+    from captioner import Captioner
+    from captioner.data.images import open_rgb
+    from captioner.errors import ImageError
+    from captioner.server.app import create_app
+
+    def no_ghostscript(*a, **k):
+        raise AssertionError("Ghostscript was called")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", no_ghostscript)
+    evil = tmp_path / "holiday.jpg"
+    evil.write_bytes(EPS)
+    with pytest.raises(ImageError, match="holiday.jpg: not a readable image"):
+        open_rgb(evil)
+    with pytest.raises(ImageError, match="not a readable image"):
+        open_rgb(b"%PDF-1.4\n1 0 obj << >> endobj\ntrailer << >>\n%%EOF\n")
+    assert main(["caption", str(evil), "--model", str(trained / "best")]) == 1  # reported, no traceback
+    assert "holiday.jpg: not a readable image" in capsys.readouterr().err
+    client = TestClient(create_app(Captioner.load(trained / "best", device="cpu")))
+    r = client.post("/api/caption", files={"file": ("x.jpg", EPS, "image/jpeg")})
+    assert r.status_code == 415 and "not a readable image" in r.json()["detail"]

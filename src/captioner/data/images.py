@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 # what a folder's photos are found by; HEIC/HEIF (iPhone photos) need the optional pillow-heif
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".avif",
                   ".heic", ".heif"}
+# The only decoders Pillow may use: raster photo formats. Never EPS/PS/PDF (handed to Ghostscript),
+# nor the dozens of rarer formats Pillow would otherwise try on any file, whatever its name.
+FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "HEIF")
 HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
 MAX_PIXELS = 60_000_000  # refuse decompression bombs well before Pillow's own hard limit
 
@@ -57,7 +60,7 @@ def open_rgb(source: str | Path | bytes | Image.Image | np.ndarray, max_pixels: 
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(stream)
+                img = Image.open(stream, formats=_allowed_formats())
                 if img.width * img.height > max_pixels:
                     raise ImageError(f"{name}: {img.width}x{img.height} is more than {max_pixels:,} pixels")
                 img.load()
@@ -69,7 +72,8 @@ def open_rgb(source: str | Path | bytes | Image.Image | np.ndarray, max_pixels: 
             if _is_heif(source) and not _register_heif():
                 raise ImageError(f"{name}: a HEIC/HEIF photo; reading these needs pillow-heif "
                                  "(pip install pillow-heif)") from None
-            raise ImageError(f"{name}: not a readable image ({type(e).__name__})") from None
+            raise ImageError(f"{name}: not a readable image (captioner reads JPEG, PNG, WebP, GIF, BMP, TIFF, AVIF "
+                             f"and HEIC; {type(e).__name__})") from None
         except Exception as e:  # any decoder's failure (OSError, SyntaxError, AVIF's RuntimeError ...) is this file's
             raise ImageError(f"{name}: broken image ({_first_line(e)})") from None
     try:
@@ -109,6 +113,12 @@ def _from_array(a: np.ndarray, name: str, max_pixels: int) -> Image.Image:
     if not 0 < a.shape[0] * a.shape[1] <= max_pixels:
         raise ImageError(f"{name}: {a.shape[1]}x{a.shape[0]} pixels is not a usable image size")
     return Image.fromarray(np.ascontiguousarray(a))  # L, RGB or RGBA from the shape
+
+
+def _allowed_formats() -> list[str]:
+    """FORMATS that this Pillow can open (AVIF and HEIF depend on how it was built and on plugins)."""
+    Image.init()
+    return [f for f in FORMATS if f in Image.OPEN]
 
 
 @functools.cache
