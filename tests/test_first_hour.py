@@ -159,7 +159,8 @@ def test_server_answers_json_for_a_broken_upload(broken_avif, trained, shapes):
     from captioner import Captioner
     from captioner.server.app import create_app
 
-    client = TestClient(create_app(Captioner.load(trained / "best", device="cpu")), raise_server_exceptions=False)
+    client = TestClient(create_app(Captioner.load(trained / "best", device="cpu")), raise_server_exceptions=False,
+                        base_url="http://127.0.0.1:8000")
     good = sorted(shapes.parent.glob("*.png"))[0].read_bytes()
     r = client.post("/api/caption", files=[("file", ("holiday.avif", broken_avif)), ("file", ("good.png", good))])
     assert r.status_code == 200

@@ -178,6 +178,189 @@ def test_postscript_named_jpg_never_reaches_ghostscript(tmp_path, trained, monke
         open_rgb(b"%PDF-1.4\n1 0 obj << >> endobj\ntrailer << >>\n%%EOF\n")
     assert main(["caption", str(evil), "--model", str(trained / "best")]) == 1  # reported, no traceback
     assert "holiday.jpg: not a readable image" in capsys.readouterr().err
-    client = TestClient(create_app(Captioner.load(trained / "best", device="cpu")))
+    client = TestClient(create_app(Captioner.load(trained / "best", device="cpu")), base_url="http://localhost")
     r = client.post("/api/caption", files={"file": ("x.jpg", EPS, "image/jpeg")})
     assert r.status_code == 415 and "not a readable image" in r.json()["detail"]
+
+
+@pytest.fixture(scope="module")
+def app_for(trained):
+    from captioner import Captioner
+    from captioner.server.app import create_app
+
+    cap = Captioner.load(trained / "best", device="cpu")
+    return lambda db=None, **kw: create_app(cap, db, **kw)
+
+
+def _png(size, colour=(200, 30, 30)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_another_sites_host_name_is_refused(app_for):
+    from fastapi.testclient import TestClient
+
+    app = app_for()
+    for base, status in [("http://attacker.example", 400), ("http://localhost:8000", 200), ("http://127.0.0.1", 200),
+                         ("http://[::1]:8000", 200), ("http://192.168.1.20:8000", 200)]:
+        r = TestClient(app, base_url=base).get("/health")
+        assert r.status_code == status, base
+    r = TestClient(app, base_url="http://attacker.example").get("/api/search", params={"q": "dog"})
+    assert r.status_code == 400 and "does not answer to host 'attacker.example'" in r.json()["detail"]
+    allowed = TestClient(app_for(allowed_hosts=["photos.lan"]), base_url="http://photos.lan")
+    assert allowed.get("/health").status_code == 200
+
+
+def test_a_chunked_upload_is_cut_off_at_the_limit(app_for):
+    from fastapi.testclient import TestClient
+
+    client = TestClient(app_for(max_upload_mb=0.01, max_files=2), base_url="http://localhost")
+    sent = []
+
+    def body():  # no Content-Length: chunked transfer encoding
+        boundary = b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.png\"\r\n\r\n"
+        yield boundary
+        for _ in range(2_000):  # 2,000 x 64 KiB = 125 MiB offered
+            sent.append(1)
+            yield b"\0" * 65_536
+        yield b"\r\n--x--\r\n"
+
+    r = client.post("/api/caption", content=body(), headers={"content-type": "multipart/form-data; boundary=x"})
+    assert r.status_code == 413 and "request body over the limit of 86,506 bytes" in r.json()["detail"]
+    # (the test client sends the whole body at once; a real server stops reading: see the slow test below)
+
+
+def test_decoded_pixels_are_budgeted_per_request_and_decoders_are_bounded(app_for):
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    import captioner.server.app as app_module
+
+    client = TestClient(app_for(max_pixels=1_000_000, max_request_pixels=1_500_000), base_url="http://localhost")
+    files = [("file", (f"{i}.png", _png((1000, 1000)), "image/png")) for i in range(3)]  # 1 MP each
+    r = client.post("/api/caption", files=files)
+    results = r.json()["results"]
+    assert r.status_code == 200 and results[0]["caption"]
+    assert all("budget of 1,500,000 decoded pixels" in x["error"] for x in results[1:])
+
+    # one decoder: a second request waits for it, then gets 503 with Retry-After
+    gate, entered = threading.Event(), threading.Event()
+    real = app_module.open_rgb
+
+    def slow_open(*a, **k):
+        entered.set()
+        gate.wait(5)
+        return real(*a, **k)
+
+    app = app_for(decoders=1, queue_timeout=0.2)
+    app_module.open_rgb = slow_open
+    try:
+        first = threading.Thread(target=lambda: TestClient(app, base_url="http://localhost").post(
+            "/api/caption", files={"file": ("a.png", _png((50, 50)), "image/png")}))
+        first.start()
+        entered.wait(5)
+        r = TestClient(app, base_url="http://localhost").post("/api/caption", files={"file": ("b.png", _png((50, 50)),
+                                                                                                  "image/png")})
+        assert r.status_code == 503 and r.headers["retry-after"] and "image decoders" in r.json()["detail"]
+    finally:
+        gate.set()
+        first.join()
+        app_module.open_rgb = real
+
+
+@pytest.mark.slow
+def test_a_real_server_stops_reading_a_chunked_upload_at_the_limit(trained):
+    import socket
+    from urllib.parse import urlparse
+
+    from captioner.server.background import serve_in_background
+
+    with serve_in_background("--model", str(trained / "best"), "--max-upload-mb", "1") as server:
+        url = urlparse(server.url)
+        s = socket.create_connection((url.hostname, url.port))
+        s.sendall(b"POST /api/caption HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
+                  b"Content-Type: multipart/form-data; boundary=x\r\n\r\n")
+        part = b'--x\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n\r\n'
+        s.sendall(b"%x\r\n%s\r\n" % (len(part), part))
+        chunk = b"10000\r\n" + b"\0" * 65_536 + b"\r\n"
+        sent, answer = 0, b""
+        while sent < 2_000 * 65_536 and not answer:  # offer up to 125 MiB
+            try:
+                s.sendall(chunk)
+                sent += 65_536
+                answer = s.recv(4096, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            except OSError:  # the server closed the connection
+                break
+        answer = answer or s.recv(4096)
+        s.close()
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:80]
+        assert sent < 24 * 2 ** 20  # it stopped at its limit (16 files x 1 MB), long before 125 MiB
+
+
+@pytest.mark.slow
+def test_connections_that_never_finish_their_headers_do_not_shut_everyone_out(trained):
+    import socket
+    import time
+    import urllib.request
+    from urllib.parse import urlparse
+
+    from captioner.server.background import serve_in_background
+
+    with serve_in_background("--model", str(trained / "best"), "--header-timeout", "2") as server:
+        url = urlparse(server.url)
+        hogs = []
+        for _ in range(64):
+            s = socket.create_connection((url.hostname, url.port))
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")  # and never the blank line
+            hogs.append(s)
+        time.sleep(3.5)  # past the header timeout: the server has closed them
+        assert urllib.request.urlopen(server.url + "/health", timeout=5).status == 200
+        for s in hogs:
+            s.close()
+
+
+@pytest.mark.slow
+def test_many_huge_one_colour_uploads_keep_server_memory_bounded(trained):
+    """A one-colour 40-megapixel PNG is about 130 KB on the wire and 120 MB decoded: 16 of them at
+    once must not multiply the server's memory."""
+    import concurrent.futures
+    import urllib.request
+
+    from captioner.server.background import serve_in_background
+
+    huge = _png((8000, 5000), (90, 140, 200))  # 40 MP
+    boundary = "b0undary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"sky.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + huge + f"\r\n--{boundary}--\r\n".encode()
+
+    def rss_mb(pid: int, key: str) -> float:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) / 1024
+        raise AssertionError(key)
+
+    with serve_in_background("--model", str(trained / "best")) as server:
+        def post(_):
+            req = urllib.request.Request(server.url + "/api/caption", data=body, method="POST",
+                                         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+            try:
+                return urllib.request.urlopen(req, timeout=120).status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        post(0)  # warm up: one decode
+        before = rss_mb(server.pid, "VmHWM:")
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            statuses = list(pool.map(post, range(16)))
+        peak = rss_mb(server.pid, "VmHWM:")
+        print(f"server peak memory: {before:.0f} MB after one upload, {peak:.0f} MB after 16 at once")
+        assert set(statuses) <= {200, 503} and 200 in statuses
+        assert peak - before < 1_000  # at most two decodes at a time (unbounded: 16 x ~250 MB)

@@ -31,7 +31,7 @@ def library(trained, shapes, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(library):
     cap, db = library
-    return TestClient(create_app(cap, db, max_upload_mb=0.05, max_pixels=200_000))
+    return TestClient(create_app(cap, db, max_upload_mb=0.05, max_pixels=200_000), base_url="http://localhost")
 
 
 def test_health_and_schema(client):
@@ -112,7 +112,7 @@ def test_thumbnails_only_for_library_photos(client):
 
 def test_search_without_a_library(library):
     cap, _ = library
-    c = TestClient(create_app(cap, None))
+    c = TestClient(create_app(cap, None), base_url="http://localhost")
     assert c.get("/api/search", params={"q": "dog"}).status_code == 404
     assert c.get("/health").json()["library"] is None
 
@@ -149,7 +149,7 @@ def test_a_busy_model_answers_503_with_retry_after(library):
             time.sleep(1.0)
             return cap.caption_tensor(x, **kw)
 
-    c = TestClient(create_app(Slow(), db, queue_timeout=0.1))
+    c = TestClient(create_app(Slow(), db, queue_timeout=0.1), base_url="http://localhost")
     statuses = []
 
     def post():

@@ -157,6 +157,14 @@ def _serve_parser(sub) -> None:
     p.add_argument("--db", type=Path, help="photo library made by 'captioner index' (enables search)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also answer to this host name (repeatable; '*': any). By default only this machine's own "
+                        "names and IP addresses are answered to, so that no web page elsewhere can read the "
+                        "library through a browser (DNS rebinding)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, metavar="MB",
+                   help="largest upload accepted, per file (default 20; a request holds at most 16 files)")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="close connections that take longer to send a request's headers (default 10)")
     _machine_options(p)
 
 
@@ -370,7 +378,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from captioner.api import Captioner
     from captioner.server.app import serve
 
-    serve(Captioner.load(a.model, a.device, a.precision), a.db, a.host, a.port)
+    serve(Captioner.load(a.model, a.device, a.precision), a.db, a.host, a.port, allowed_hosts=a.allowed_host,
+          header_timeout=a.header_timeout, max_upload_mb=a.max_upload_mb)
     return 0
 
 

@@ -60,7 +60,7 @@ def open_rgb(source: str | Path | bytes | Image.Image | np.ndarray, max_pixels: 
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(stream, formats=_allowed_formats())
+                img = Image.open(stream, formats=allowed_formats())
                 if img.width * img.height > max_pixels:
                     raise ImageError(f"{name}: {img.width}x{img.height} is more than {max_pixels:,} pixels")
                 img.load()
@@ -115,7 +115,7 @@ def _from_array(a: np.ndarray, name: str, max_pixels: int) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(a))  # L, RGB or RGBA from the shape
 
 
-def _allowed_formats() -> list[str]:
+def allowed_formats() -> list[str]:
     """FORMATS that this Pillow can open (AVIF and HEIF depend on how it was built and on plugins)."""
     Image.init()
     return [f for f in FORMATS if f in Image.OPEN]
