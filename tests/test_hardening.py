@@ -364,3 +364,70 @@ def test_many_huge_one_colour_uploads_keep_server_memory_bounded(trained):
         print(f"server peak memory: {before:.0f} MB after one upload, {peak:.0f} MB after 16 at once")
         assert set(statuses) <= {200, 503} and 200 in statuses
         assert peak - before < 1_000  # at most two decodes at a time (unbounded: 16 x ~250 MB)
+
+
+# -- one bad file never stops a job ---------------------------------------------------------------
+
+
+def test_file_names_that_are_not_utf8_or_hold_tabs_never_stop_a_job(photos, trained, tmp_path, capsys):
+    import os
+    import sqlite3
+
+    first = sorted(photos.iterdir())[0]
+    latin1 = os.path.join(os.fsencode(photos), b"caf\xe9.png")  # a Latin-1 name, as old cameras and shares give
+    with open(latin1, "wb") as f:
+        f.write(first.read_bytes())
+    shutil.copy(first, photos / "tab\there.png")
+    model = ["--model", str(trained / "best"), "--quiet"]
+    assert main(["caption", str(photos), *model]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5 and all(line.count("\t") == 1 for line in lines)
+    assert any("caf\\xe9.png\t" in line for line in lines) and any("tab\\there.png\t" in line for line in lines)
+    for out in ("c.csv", "c.jsonl"):
+        assert main(["caption", str(photos), *model, "--out", str(tmp_path / out)]) == 0
+        assert main(["caption", str(photos), *model, "--out", str(tmp_path / out)]) == 0  # a re-run finishes too
+        assert "0 captioned, 5 already" in capsys.readouterr().err
+    db = tmp_path / "lib.db"
+    assert main(["index", str(photos), "--db", str(db), *model]) == 0
+    assert "5 captioned" in capsys.readouterr().err
+    assert main(["index", str(photos), "--db", str(db), *model]) == 0
+    assert "0 captioned, 5 unchanged" in capsys.readouterr().err
+    paths = [p for (p,) in sqlite3.connect(db).execute("SELECT path FROM photos")]
+    assert any(p.endswith("caf\\xe9.png") for p in paths)
+
+
+def test_a_file_that_cannot_be_read_is_one_files_error(photos, trained, tmp_path, monkeypatch, capsys):
+    import builtins
+
+    locked = sorted(photos.iterdir())[1]
+    real_open = builtins.open
+
+    def no_access(file, *a, **k):  # as for a file of another user (the tests run as root: chmod cannot show it)
+        if str(file) == str(locked):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", no_access)
+    model = ["--model", str(trained / "best"), "--quiet"]
+    for args in (["caption", str(photos)], ["caption", str(photos), "--out", str(tmp_path / "c.jsonl")],
+                 ["index", str(photos), "--db", str(tmp_path / "lib.db")]):
+        assert main([*args, *model]) == 0, args
+        err = capsys.readouterr().err
+        assert f"{locked}: cannot be read" in err and "Traceback" not in err, args
+
+
+def test_attention_maps_of_same_named_photos_never_overwrite_each_other(tmp_path, shapes):
+    from captioner.viz import draw_attention_maps
+
+    class Fake:  # draws what it is given: only the file names matter here
+        def attention(self, path, decoding=None):
+            import torch
+
+            return "a b", ["a", "b", "<end>"], torch.rand(3, 2, 2)
+
+    one, two = tmp_path / "a" / "x.png", tmp_path / "b" / "x.png"
+    for p in (one, two):
+        p.parent.mkdir()
+        shutil.copy(sorted(shapes.parent.glob("*.png"))[0], p)
+    written = draw_attention_maps(Fake(), [one, two], tmp_path / "map.png")
+    assert sorted(out.name for _, out in written) == ["map-x-1.png", "map-x-2.png"]

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from captioner.decode import Decoding
 from captioner.errors import ConfigError
-from captioner.files import atomic_write, file_digest
+from captioner.files import atomic_write, path_text, readable_digest
 from captioner.runtime import Dist
 
 FIELDS = ("image", "sha1", "caption")
@@ -168,11 +168,11 @@ def caption_to_file(captioner, paths: Sequence[Path], out: Path, *, batch_size: 
     if dist.main:
         _fold_parts(out)  # what an interrupted run of several processes had finished
         existing = _read_existing(out)
-        digests = {str(p): file_digest(p) for p in paths if Path(p).is_file()}
-        done = {e["image"] for e in existing if digests.get(e["image"]) == e["sha1"]}
+        digests = {path_text(p): readable_digest(p) for p in paths}
+        done = {e["image"] for e in existing if e["sha1"] and digests.get(e["image"]) == e["sha1"]}
         keep = [e for e in existing if e["image"] in done or e["image"] not in digests]
         _rewrite(out, keep)  # drops stale lines of changed files and any half-written line
-        todo = [Path(p) for p in paths if str(p) not in done]
+        todo = [Path(p) for p in paths if path_text(p) not in done]
     todo = dist.broadcast(todo)
     report.skipped = len(paths) - len(todo)
     target = out
@@ -189,8 +189,8 @@ def caption_to_file(captioner, paths: Sequence[Path], out: Path, *, batch_size: 
             if error:
                 report.failed.append(error)
                 continue
-            sha1 = digests.get(str(path)) or file_digest(path)  # other processes hash their own share
-            entry = {"image": str(path), "sha1": sha1, "caption": result["caption"]}
+            sha1 = digests.get(path_text(path)) or readable_digest(path) or "unreadable"  # others hash their share
+            entry = {"image": path_text(path), "sha1": sha1, "caption": result["caption"]}
             if len(result["alternatives"]) > 1:
                 entry["alternatives"] = result["alternatives"]
             if writer:
@@ -205,7 +205,7 @@ def caption_to_file(captioner, paths: Sequence[Path], out: Path, *, batch_size: 
         report.captioned = int(dist.sum([report.captioned])[0])  # `skipped` is the same on every process
         report.failed = [e for errors in dist.gather_objects(report.failed) for e in errors]
         if dist.main:
-            _fold_parts(out, {str(p): i for i, p in enumerate(paths)})
+            _fold_parts(out, {path_text(p): i for i, p in enumerate(paths)})
         dist.barrier()
     report.seconds = time.perf_counter() - t0
     return report

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from captioner import __version__
 from captioner.data.records import LAYOUTS
 from captioner.errors import CaptionerError, CaptionerWarning, DataError
+from captioner.files import path_text
 from captioner.names import DECODERS, ENCODERS, HEADS, PRECISIONS, shipped_model_dir
 from captioner.train.config import TrainConfig
 
@@ -274,6 +275,9 @@ def _images(paths: list[Path], recursive: bool) -> list[Path]:
     return found
 
 
+_CONTROL = {9: "\\t", 10: "\\n", 13: "\\r"}  # tab, newline, carriage return in a file name, shown escaped
+
+
 def _report_failures(failed: list[str]) -> None:
     for e in failed:
         print(f"captioner: skipped {e}", file=sys.stderr)
@@ -320,12 +324,12 @@ def cmd_caption(a: argparse.Namespace) -> int:
             failed.append(error)
             continue
         if a.json:
-            obj = {"image": str(path), "caption": result["caption"]}
+            obj = {"image": path_text(path), "caption": result["caption"]}
             if len(result["alternatives"]) > 1:
                 obj["alternatives"] = result["alternatives"]
             print(json.dumps(obj), flush=True)
-        else:
-            print(f"{path}\t{result['caption']}", flush=True)
+        else:  # one line per photo, whatever its name holds
+            print(f"{path_text(path).translate(_CONTROL)}\t{result['caption']}", flush=True)
     _report_failures(failed)
     _attention_maps(a, cap, paths, decoding)
     return 1 if failed and len(failed) == len(paths) else 0
@@ -363,7 +367,7 @@ def cmd_search(a: argparse.Namespace) -> int:
         if a.json:
             print(json.dumps({"path": h["path"], "caption": h["caption"], "score": h["score"]}))
         else:
-            print(f"{h['score']:.2f}\t{h['path']}\t{h['caption']}")
+            print(f"{h['score']:.2f}\t{h['path'].translate(_CONTROL)}\t{h['caption']}")
     if not hits and not a.json:
         print(f"no photo in {a.db} matches {a.query!r}", file=sys.stderr)
     elif len(hits) == a.limit and not a.json:

@@ -29,6 +29,23 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def readable_digest(path: str | Path) -> str | None:
+    """file_digest, or None when the file cannot be read (gone, permission denied, a folder): such
+    a file is then reported by whoever opens it, never a crash here."""
+    try:
+        return file_digest(path)
+    except OSError:
+        return None
+
+
+def path_text(path: str | Path) -> str:
+    """A path as text that any UTF-8 file or database can hold. A file name that is not valid UTF-8
+    (Latin-1 'caf\\xe9.jpg' from an old camera or a Windows share) would make writing fail; its
+    undecodable bytes are shown as \\xNN instead. The same path always gives the same text, so it
+    serves as the key by which output files and the library recognise a photo."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "w", **open_kw) -> Iterator[IO]:
     """Open a temporary file beside `path` for writing; when the block ends without an error, sync

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from captioner.data.images import list_images
 from captioner.data.vocab import tokenize
 from captioner.errors import LibraryError
-from captioner.files import file_digest
+from captioner.files import path_text, readable_digest
 
 if TYPE_CHECKING:
     from captioner.decode import Decoding
@@ -131,31 +131,36 @@ class IndexReport:
     seconds: float = 0.0
 
 
-def _plan(con: sqlite3.Connection, files: list[Path], report: IndexReport) -> list[tuple[Path, os.stat_result, str]]:
-    """Which files need captions: new or changed ones. Unchanged files are counted and skipped."""
+def _plan(con: sqlite3.Connection, files: list[Path], report: IndexReport
+          ) -> tuple[list[tuple[Path, os.stat_result, str]], list[tuple[str, os.stat_result, str]]]:
+    """Which files need captions: new or changed ones. Unchanged files are counted and skipped;
+    files that cannot be read are returned as failures [(path, stat, error)]."""
     known = {p: (s, m, h) for p, s, m, h in con.execute("SELECT path, size, mtime, sha1 FROM photos")}
     bad = {p: (s, m) for p, s, m in con.execute("SELECT path, size, mtime FROM failures")}
-    todo = []
+    todo, unreadable = [], []
     for f in files:
         try:
             st = f.stat()
         except OSError:
             continue  # vanished while we looked
-        key = str(f)
+        key = path_text(f)
         if key in known and known[key][:2] == (st.st_size, st.st_mtime):
             report.unchanged += 1
             continue
         if key in bad and bad[key] == (st.st_size, st.st_mtime):
             report.unchanged += 1
             continue
-        sha1 = file_digest(f)
+        sha1 = readable_digest(f)
+        if sha1 is None:
+            unreadable.append((key, st, f"{key}: cannot be read (permission denied?)"))
+            continue
         if key in known and known[key][2] == sha1:  # touched, not changed
             with con:
                 con.execute("UPDATE photos SET size = ?, mtime = ? WHERE path = ?", (st.st_size, st.st_mtime, key))
             report.touched += 1
             continue
         todo.append((f, st, sha1))
-    return todo
+    return todo, unreadable
 
 
 def _remove_missing(con: sqlite3.Connection, roots: Sequence[Path], present: set[str]) -> int:
@@ -207,20 +212,21 @@ def index_folders(captioner, roots: Sequence[Path], db: Path, *, batch_size: int
     con = connect(db)
     report = IndexReport()
     files = [f.resolve() for f in list_images(roots, recursive=True)]
-    report.removed = _remove_missing(con, roots, {str(f) for f in files})
-    todo = _plan(con, files, report)
+    report.removed = _remove_missing(con, roots, {path_text(f) for f in files})
+    todo, failures = _plan(con, files, report)
+    report.failed += [error for _, _, error in failures]
     model = captioner.source
     by_path = {f: (st, sha1) for f, st, sha1 in todo}
-    rows, failures = [], []
+    rows = []
     bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress)
     for path, result, error in captioner.caption_files([f for f, _, _ in todo], batch_size=batch_size,
                                                         decoding=decoding):
         st, sha1 = by_path[path]
         if error:
-            failures.append((str(path), st, error))
+            failures.append((path_text(path), st, error))
             report.failed.append(error)
         else:
-            rows.append((str(path), st, sha1, result))
+            rows.append((path_text(path), st, sha1, result))
             report.captioned += 1
         bar.update(1)
         if len(rows) + len(failures) >= batch_size:

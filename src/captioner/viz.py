@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -72,12 +73,15 @@ def draw_attention(image: Image.Image, words: list[str], alpha: torch.Tensor, pa
 
 def draw_attention_maps(captioner, paths: Sequence[Path], target: Path, decoding=None) -> list[tuple[Path, Path]]:
     """An attention map PNG for each image that can be read: `target` itself for one image, else
-    TARGET-<image name>.png beside it. `decoding` as for the printed captions, so the caption drawn
-    is the caption printed. Returns [(image, PNG written)]; unreadable images are left out (the
-    caller has reported them already)."""
-    written = []
+    TARGET-<image name>.png beside it (numbered when two images share a name). `decoding` as for
+    the printed captions, so the caption drawn is the caption printed. Returns [(image, PNG
+    written)]; unreadable images are left out (the caller has reported them already)."""
+    written, stems = [], Counter(Path(p).stem for p in paths)
+    seen: Counter = Counter()
     for path in paths:
-        out = target if len(paths) == 1 else target.with_name(f"{target.stem}-{path.stem}.png")
+        seen[path.stem] += 1  # a/x.jpg and b/x.jpg: TARGET-x-1.png and TARGET-x-2.png, never one over the other
+        name = path.stem if stems[path.stem] == 1 else f"{path.stem}-{seen[path.stem]}"
+        out = target if len(paths) == 1 else target.with_name(f"{target.stem}-{name}.png")
         try:
             _, words, alpha = captioner.attention(path, decoding)
         except ImageError:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from captioner.data.images import ImageDataset, collate_images, eval_transform
 from captioner.errors import DataError
-from captioner.files import atomic_write, file_digest
+from captioner.files import atomic_write, readable_digest
 from captioner.runtime import Dist, autocast, encoder_chunk
 
 CACHE_VERSION = 1
@@ -87,7 +87,7 @@ def cached_features(model, paths: Sequence[Path], cache_dir: Path | None = None,
     }, sort_keys=True).encode())
     for p in tqdm(paths, desc="hashing images", unit="img", leave=False,
                   disable=not (kw.get("progress", True) and dist.main)):
-        h.update(file_digest(p).encode() if Path(p).is_file() else b"missing")
+        h.update((readable_digest(p) or "unreadable").encode())
     key = h.hexdigest()[:32]
     entry = cache_dir / key
     if dist.broadcast(_has_entry(entry)):  # process 0's view decides for everyone

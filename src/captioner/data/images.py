@@ -66,6 +66,8 @@ def open_rgb(source: str | Path | bytes | Image.Image | np.ndarray, max_pixels: 
                 img.load()
         except ImageError:
             raise
+        except (PermissionError, IsADirectoryError) as e:
+            raise ImageError(f"{name}: cannot be read ({e.strerror.lower()})") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageError(f"{name}: declares more pixels than {max_pixels:,} (a decompression bomb?)") from None
         except UnidentifiedImageError as e:
