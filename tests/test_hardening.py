@@ -431,3 +431,81 @@ def test_attention_maps_of_same_named_photos_never_overwrite_each_other(tmp_path
         shutil.copy(sorted(shapes.parent.glob("*.png"))[0], p)
     written = draw_attention_maps(Fake(), [one, two], tmp_path / "map.png")
     assert sorted(out.name for _, out in written) == ["map-x-1.png", "map-x-2.png"]
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_files(photos, trained, shapes, tmp_path, monkeypatch,
+                                                                capsys):
+    import errno
+
+    import captioner.files as files
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(files.os, "fsync", full)
+    model = ["--model", str(trained / "best")]
+    for args in (["caption", str(photos), "--out", str(out / "c.jsonl"), "--quiet", *model],
+                 ["evaluate", "--data", str(shapes), "--max-images", "4", "--no-meteor", "--out", str(out), *model]):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1] == "captioner: error: writing: No space left on device", err
+    assert not [p.name for p in out.iterdir()]  # no temporary file left behind
+
+
+def test_a_cache_folder_that_cannot_be_written_falls_back(tmp_path, shapes, monkeypatch):
+    from captioner.errors import CaptionerWarning
+    from captioner.train import TrainConfig, fit
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    not_a_folder = tmp_path / "cache-is-a-file"
+    not_a_folder.write_text("")
+    with pytest.warns(CaptionerWarning, match="the feature cache cannot be written there"):
+        fit(TrainConfig(data=shapes, out=tmp_path / "run", epochs=1, image_size=64, embed_dim=16, hidden_dim=32,
+                        min_count=1, workers=0, quiet=True, max_images=20, val_images=4, cache_dir=not_a_folder))
+    assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
+
+
+def test_a_damaged_feature_cache_is_extracted_again_and_a_nan_loss_stops_training(tmp_path, shapes, monkeypatch):
+    import numpy as np
+
+    import captioner.train.epoch as epoch_module
+    from captioner.errors import CaptionerWarning, TrainingError
+    from captioner.train import TrainConfig, fit
+
+    cfg = dict(data=shapes, epochs=1, image_size=64, embed_dim=16, hidden_dim=32, min_count=1, workers=0,
+               quiet=True, max_images=20, val_images=4, cache_dir=tmp_path / "cache")
+    first = fit(TrainConfig(out=tmp_path / "one", **cfg))
+    for npy in (tmp_path / "cache" / "features").glob("*.npy"):  # a bit flipped on disk: NaN in the features
+        feats = np.load(npy, mmap_mode="r+")
+        feats[0, 0] = np.nan
+        feats.flush()
+    with pytest.warns(CaptionerWarning, match="damaged feature cache entry"):
+        again = fit(TrainConfig(out=tmp_path / "two", **cfg))
+    assert again["history"][0]["train_loss"] == pytest.approx(first["history"][0]["train_loss"], rel=1e-4)
+
+    monkeypatch.setattr(epoch_module, "caption_loss", lambda logits, targets, pad: logits.sum() * float("nan"))
+    with pytest.raises(TrainingError, match="the loss became nan at epoch 1, batch 1"):
+        fit(TrainConfig(out=tmp_path / "three", **cfg))
+    assert not (tmp_path / "three" / "best").exists()
+
+
+def test_evaluate_never_mixes_up_two_photos_of_the_same_name(trained, shapes, tmp_path):
+    from captioner.evaluate import evaluate
+
+    rows = [json.loads(line) for line in shapes.read_text().splitlines()]
+    val = [r for r in rows if r.get("split") == "val"][:3]
+    lines = []
+    for folder, r in zip(("a", "b", "c"), val):
+        (tmp_path / folder).mkdir()
+        shutil.copy(shapes.parent / r["image"], tmp_path / folder / "x.png")
+        lines.append(json.dumps({"image": f"{folder}/x.png", "caption": r["caption"] if "caption" in r
+                                 else r["captions"][0], "split": "val"}))
+    (tmp_path / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    r = evaluate(trained / "best", tmp_path / "captions.jsonl", "val", meteor=False, out=tmp_path / "eval",
+                 progress=False, cache_dir=tmp_path / "cache")
+    assert r["images"] == 3
+    ids = [c["image_id"] for c in json.loads((tmp_path / "eval" / "captions.json").read_text())]
+    assert ids == ["a/x.png", "b/x.png", "c/x.png"]

@@ -10,6 +10,7 @@ status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
 
 # Mistakes a user can make and fix: one line, exit status 2. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (CaptionerError, FileNotFoundError, NotADirectoryError, PermissionError)
+# ... and what a disk can say: full, read-only, over quota. (What was written is complete or cleaned up:
+# see files.atomic_write.)
+DISK_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM)
 
 
 def _one_line_warnings() -> None:
@@ -499,6 +503,11 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except USER_ERRORS as e:
         print(f"captioner: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        print(f"captioner: error: {e.filename or 'writing'}: {e.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("captioner: interrupted", file=sys.stderr)

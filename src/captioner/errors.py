@@ -40,6 +40,10 @@ class ExportError(CaptionerError):
     """An export that cannot be done, in one line."""
 
 
+class TrainingError(CaptionerError):
+    """A training run that cannot go on (the loss became NaN or infinite); what is saved is kept."""
+
+
 class CaptionerWarning(UserWarning):
     """Something left out or read differently, so that the work could go on (malformed lines,
     unreadable images, a non-UTF-8 file). The command line prints these as

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,11 +23,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner.data.images import ImageDataset, collate_images, eval_transform
-from captioner.errors import DataError
+from captioner.errors import CaptionerWarning, DataError
 from captioner.files import atomic_write, readable_digest
 from captioner.runtime import Dist, autocast, encoder_chunk
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: entries carry a checksum of their features
 
 
 def default_cache_dir() -> Path:
@@ -77,8 +79,7 @@ def cached_features(model, paths: Sequence[Path], cache_dir: Path | None = None,
     cache folder must be one they all share).
     """
     dist = dist or Dist()
-    cache_dir = Path(cache_dir or default_cache_dir()) / "features"
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = _writable(Path(cache_dir or default_cache_dir()) / "features")
     cfg = model.cfg
     h = hashlib.sha256(json.dumps({
         "version": CACHE_VERSION, "encoder": model.encoder.identity, "size": cfg.image_size,
@@ -90,7 +91,7 @@ def cached_features(model, paths: Sequence[Path], cache_dir: Path | None = None,
         h.update((readable_digest(p) or "unreadable").encode())
     key = h.hexdigest()[:32]
     entry = cache_dir / key
-    if dist.broadcast(_has_entry(entry)):  # process 0's view decides for everyone
+    if dist.broadcast(_has_entry(entry) and _sound(entry, len(paths))):  # process 0's view decides for everyone
         return _read_entry(entry)
 
     if dist.world == 1:
@@ -110,6 +111,43 @@ def _has_entry(entry: Path) -> bool:
     return entry.with_suffix(".npy").is_file() and entry.with_suffix(".json").is_file()
 
 
+def _checksum(feats: np.ndarray) -> str:
+    return hashlib.sha1(memoryview(np.ascontiguousarray(feats)).cast("B")).hexdigest()
+
+
+def _sound(entry: Path, count: int) -> bool:
+    """Whether an entry reads back as written: a damaged one (a disk error, a partial copy, bytes
+    changed by hand) would train a model on garbage, so it is reported and extracted again."""
+    try:
+        info = json.loads(entry.with_suffix(".json").read_text())
+        feats = np.load(entry.with_suffix(".npy"), mmap_mode="r")
+        if info.get("count") == count == len(feats) == len(info.get("ok", ())) and \
+                info.get("sha1") == _checksum(feats):
+            return True
+        problem = "its features do not match their checksum"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        problem = f"it cannot be read ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
+    warnings.warn(f"{entry}.npy: damaged feature cache entry ({problem}); extracting the features again",
+                  CaptionerWarning, stacklevel=3)
+    return False
+
+
+def _writable(folder: Path) -> Path:
+    """`folder`, made if need be; or, where it cannot be written (read-only, full, not ours), a cache
+    in the temporary folder for this run, with a warning."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test."):
+            pass
+        return folder
+    except OSError as e:
+        fallback = Path(tempfile.gettempdir()) / f"captioner-cache-{os.getuid() if hasattr(os, 'getuid') else 0}"
+        warnings.warn(f"{folder}: the feature cache cannot be written there ({e.strerror}); using {fallback} "
+                      "(set --cache-dir or CAPTIONER_CACHE to a writable folder)", CaptionerWarning, stacklevel=3)
+        fallback.mkdir(parents=True, exist_ok=True)
+        return fallback
+
+
 def _write_entry(entry: Path, feats: np.ndarray, ok: np.ndarray, errors: list[str], **info) -> None:
     """ENTRY.npy (features) and ENTRY.json (ok mask, errors, `info`), each written atomically: an
     interrupted write never leaves an entry to be read. The .json comes last, and an entry counts
@@ -117,7 +155,7 @@ def _write_entry(entry: Path, feats: np.ndarray, ok: np.ndarray, errors: list[st
     with atomic_write(entry.with_suffix(".npy"), "wb") as f:
         np.save(f, feats)
     with atomic_write(entry.with_suffix(".json")) as f:
-        f.write(json.dumps({"ok": ok.tolist(), "errors": errors, "count": len(ok), **info}))
+        f.write(json.dumps({"ok": ok.tolist(), "errors": errors, "count": len(ok), "sha1": _checksum(feats), **info}))
 
 
 def _read_entry(entry: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -8,6 +8,7 @@ val image, scored with BLEU-4 and CIDEr-D against all of its references; never t
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from captioner import metrics
 from captioner.data.batching import LengthBucketSampler
 from captioner.data.vocab import Vocabulary
 from captioner.decode import Decoding, caption_features
+from captioner.errors import TrainingError
 from captioner.model.folder import load_model, save_model
 from captioner.model.network import CaptionModel
 from captioner.runtime import Dist, autocast
@@ -69,7 +71,12 @@ def train_one_epoch(model, batches, optimizer, device, precision: str, clip: flo
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
         n = tok[:, 1:].ne(pad).sum().item()
-        loss_sum += loss.item() * n
+        value = loss.item()
+        if not math.isfinite(value):  # a model trained on from here is garbage, and would be saved as such
+            hint = " (fp16 can overflow: try --precision bf16 or fp32)" if precision == "fp16" else ""
+            raise TrainingError(f"the loss became {value} at epoch {epoch}, batch {i + 1}: stopped, and what was "
+                                f"saved before is kept. Broken features or too high a learning rate?{hint}")
+        loss_sum += value * n
         tokens_seen += n
         captions += tok.shape[0] * dist.world
         bar.set_postfix(loss=f"{loss_sum / tokens_seen:.3f}", cap_s=f"{captions / (time.perf_counter() - t0):.0f}")
