@@ -509,3 +509,40 @@ def test_evaluate_never_mixes_up_two_photos_of_the_same_name(trained, shapes, tm
     assert r["images"] == 3
     ids = [c["image_id"] for c in json.loads((tmp_path / "eval" / "captions.json").read_text())]
     assert ids == ["a/x.png", "b/x.png", "c/x.png"]
+
+
+# -- silent wrong results ---------------------------------------------------------------------------
+
+
+def test_captions_in_any_script_are_words_and_english_is_tokenized_as_before():
+    import re
+
+    from captioner.data.vocab import tokenize
+    from captioner.library import fts_query
+
+    assert tokenize("Un élève à Zürich, près du café.") == ["un", "élève", "à", "zürich", "près", "du", "café"]
+    assert tokenize("一只狗在草地上奔跑") == list("一只狗在草地上奔跑")  # no spaces: one token a character
+    assert tokenize("Ｆｕｌｌ－width and the dog’s ball") == ["full", "width", "and", "the", "dog's", "ball"]
+    assert fts_query("café") == '"café"'
+    old = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")  # the tokenizer of earlier versions
+    english = ["A black dog's running on the beach , with 2 balls .", "rock'n'roll in the 90's", "it'3 x-ray"]
+    assert all(tokenize(t) == old.findall(t.lower()) for t in english)
+
+
+@pytest.mark.parametrize("captions,option,message", [
+    (["!!!", "...", "?"], [], "no word occurs 1 or more times"),  # punctuation only
+    (["a red circle"], ["--min-count", "1000"], "no word occurs 1000 or more times"),
+    (["a red circle"], ["--max-words", "0"], "--max-words and --min-count must be 1 or more"),
+    (["a red circle on a blue background"], ["--max-words", "2"], "has 1 to 2 words"),
+    (["a red circle"], ["--max-images", "-3"], "--max-images and --val-images must be 0"),
+])
+def test_a_training_set_with_nothing_to_train_on_is_refused(shapes, tmp_path, capsys, captions, option, message):
+    images = sorted(shapes.parent.glob("*.png"))[:6]
+    rows = [{"image": str(p), "caption": captions[i % len(captions)], "split": "train" if i < 4 else "val"}
+            for i, p in enumerate(images)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["train", "--data", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "run"), "--min-count", "1",
+            "--workers", "0", "--quiet", "--image-size", "64", *option]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "best").exists()

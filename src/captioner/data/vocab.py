@@ -1,25 +1,31 @@
 """Tokenizer and vocabulary, saved as JSON.
 
-Tokenization is deliberately plain: lowercase, keep runs of letters/digits (with inner
-apostrophes), drop punctuation. Ids 0-3 are the special tokens.
+Tokenization is deliberately plain: Unicode-normalised (NFKC) and lowercased, keep runs of letters
+and digits of any script (with inner apostrophes: "dog's", "l'été"), drop punctuation. Chinese and
+Japanese, written without spaces, become one token per character. On ASCII text (Flickr8k, COCO)
+this is exactly the tokenizer of earlier versions: the same vocabulary. Ids 0-3 are the special
+tokens.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # kana and Han characters
+_WORD = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+(?:'[^\W\d_{_CJK}]+)?")
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u02bc": "'", "\u2018": "'"})
 
 
 def tokenize(text: str) -> list[str]:
-    """'A dog, running!' -> ['a', 'dog', 'running']"""
-    return _WORD.findall(text.lower())
+    """'A dog, running!' -> ['a', 'dog', 'running']; 'Un élève à Zürich' -> ['un', 'élève', 'à', 'zürich']"""
+    return _WORD.findall(unicodedata.normalize("NFKC", text).translate(_APOSTROPHES).lower())
 
 
 class Vocabulary:

@@ -88,6 +88,10 @@ class TrainConfig:
                               "--fine-tune-encoder")
         if self.scst and self.accum > 1:
             raise ConfigError("--accum applies to cross-entropy training; with --scst, raise --batch-size instead")
+        if self.max_words < 1 or self.min_count < 1:
+            raise ConfigError("--max-words and --min-count must be 1 or more")
+        if self.max_images < 0 or self.val_images < 0:
+            raise ConfigError("--max-images and --val-images must be 0 (all) or more")
         if self.epochs < 0 or self.batch_size < 1 or self.accum < 1 or self.val_beam_size < 1:
             raise ConfigError("--epochs must be 0 or more, and --batch-size, --accum and --val-beam-size 1 or more")
 

@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader
 
 from captioner.data.batching import LengthBucketSampler
 from captioner.data.records import Record
-from captioner.data.vocab import Vocabulary
+from captioner.data.vocab import SPECIALS, Vocabulary
+from captioner.errors import DataError
 from captioner.model.encoder import weights_digest
 from captioner.model.folder import load_model, save_model
 from captioner.model.network import CaptionModel, ModelConfig
@@ -125,6 +126,10 @@ def build_model(cfg: TrainConfig, train: list[Record], ckpt: dict | None) -> tup
         model.cfg.extra = {}
     else:
         vocab = Vocabulary.build((c for r in train for c in r.captions), cfg.min_count)
+        if len(vocab) == len(SPECIALS):
+            raise DataError(f"{cfg.data}: no word occurs {cfg.min_count} or more times in the "
+                            f"{sum(len(r.captions) for r in train)} training captions: lower --min-count, or check "
+                            "that the captions hold words (not only punctuation or numbers in another encoding)")
         mcfg = ModelConfig.for_encoder(
             cfg.encoder, len(vocab), cfg.image_size, decoder=cfg.decoder, head=cfg.head, rnn=cfg.rnn,
             embed_dim=cfg.embed_dim, hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers, dropout=cfg.dropout,
@@ -134,6 +139,10 @@ def build_model(cfg: TrainConfig, train: list[Record], ckpt: dict | None) -> tup
     if cfg.fine_tune_encoder:
         model.cfg.encoder_weights = "folder"
     model.encoder.requires_grad_(bool(cfg.fine_tune_encoder))
+    usable = sum(1 <= len(vocab.encode(c)) - 2 <= model.cfg.max_len for r in train for c in r.captions)
+    if not usable:
+        raise DataError(f"{cfg.data}: none of the {sum(len(r.captions) for r in train)} training captions has 1 to "
+                        f"{model.cfg.max_len} words (see --max-words): nothing to train on")
     return model, vocab
 
 
