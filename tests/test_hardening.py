@@ -546,3 +546,28 @@ def test_a_training_set_with_nothing_to_train_on_is_refused(shapes, tmp_path, ca
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run" / "best").exists()
+
+
+def test_resume_refuses_other_options_or_other_data(shapes, tmp_path, capsys):
+    data = tmp_path / "captions.jsonl"
+    data.write_text(shapes.read_text())
+    for p in shapes.parent.glob("*.png"):
+        (tmp_path / p.name).symlink_to(p)
+    args = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1", "--max-images", "20",
+            "--val-images", "4", "--image-size", "64", "--embed-dim", "16", "--hidden-dim", "32", "--min-count", "1",
+            "--workers", "0", "--quiet"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "--resume", "--lr", "1e-3", "--decoder", "attention"]) == 2
+    err = capsys.readouterr().err
+    assert "started with other options: --decoder attention (the run has show_tell); --lr 0.001 (the run has the " \
+        "default)" in err
+    lines = data.read_text().splitlines()
+    first = json.loads(lines[0])
+    first["captions"][0] = "something else entirely"
+    data.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    assert main([*args, "--resume", "--epochs", "2"]) == 2
+    assert "is not what" in capsys.readouterr().err
+    data.write_text("\n".join(lines) + "\n")
+    assert main([*args, "--resume", "--epochs", "2", "--workers", "1"]) == 0  # longer, other machine settings: fine
+    assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 3

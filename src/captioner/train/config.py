@@ -95,6 +95,19 @@ class TrainConfig:
         if self.epochs < 0 or self.batch_size < 1 or self.accum < 1 or self.val_beam_size < 1:
             raise ConfigError("--epochs must be 0 or more, and --batch-size, --accum and --val-beam-size 1 or more")
 
+    # what may differ when a run is resumed: how long, where and how fast it runs, and where the data
+    # is (what the data holds is checked by its fingerprint)
+    RESUMABLE_CHANGES = ("data", "out", "layout", "images", "skip_missing", "epochs", "patience", "resume",
+                         "overwrite", "half", "device", "precision", "cache_dir", "feature_batch_size", "workers",
+                         "quiet")
+
+    def changes_from(self, started: dict) -> list[str]:
+        """The options that differ from those a run was started with (`started`: its to_json()),
+        as '--lr 0.001 (the run has 0.0004)', leaving out what may change on --resume."""
+        now = self.to_json()
+        return [f"--{k.replace('_', '-')} {now[k]} (the run has {'the default' if v is None else v})"
+                for k, v in started.items() if k in now and k not in self.RESUMABLE_CHANGES and now[k] != v]
+
     def to_json(self) -> dict:
         """Plain values (paths as strings), for the checkpoint."""
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}

@@ -7,6 +7,8 @@ through the (augmented) encoder at every step instead.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +96,15 @@ class Splits:
     train: list[Record]
     val: list[Record]
 
+    def fingerprint(self) -> str:
+        """Names what is trained and validated on: every image's file name, split and captions (not
+        where the folder is, so a moved dataset resumes, but a changed one does not)."""
+        h = hashlib.sha1()
+        for split, records in (("train", self.train), ("val", self.val)):
+            for r in records:
+                h.update(json.dumps([split, r.image.name, r.captions]).encode())
+        return h.hexdigest()
+
 
 def read_splits(cfg: TrainConfig) -> Splits:
     """The records of the train and val splits (the first `max_images` / `val_images` of each)."""
@@ -119,6 +130,7 @@ class TrainData:
     dropped: int  # training captions left out as too long (or empty)
     scorer: metrics.Scorer | None  # val references, on the process that validates
     critic: SelfCritical | None  # the self-critical reward, with --scst
+    fingerprint: str  # Splits.fingerprint() of the data as read: a resumed run must be given the same
 
     def summary(self, vocab: Vocabulary, max_words: int) -> str:
         return (f"{len(self.train)} train images ({len(self.train_caps.tokens)} captions, {self.dropped} longer "
@@ -154,7 +166,8 @@ def prepare_data(cfg: TrainConfig, model: CaptionModel, vocab: Vocabulary, split
             references[i].append(tok.tolist())
         critic = SelfCritical(CiderD([r.captions for r in train]), references, cfg.samples, cfg.baseline,
                               max_words, cfg.scst_xe)
-    return TrainData(train, val, train_feats, val_feats, train_caps, val_caps, dropped, scorer, critic)
+    return TrainData(train, val, train_feats, val_feats, train_caps, val_caps, dropped, scorer, critic,
+                     splits.fingerprint())
 
 
 def readable(records: list[Record], errors: list[str], ok: np.ndarray) -> list[int]:

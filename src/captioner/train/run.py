@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from captioner.data.batching import LengthBucketSampler
 from captioner.data.records import Record
 from captioner.data.vocab import SPECIALS, Vocabulary
-from captioner.errors import DataError
+from captioner.errors import ConfigError, DataError
 from captioner.model.encoder import weights_digest
 from captioner.model.folder import load_model, save_model
 from captioner.model.network import CaptionModel, ModelConfig
@@ -43,7 +43,7 @@ from captioner.train.checkpoint import (
     write_metrics,
 )
 from captioner.train.config import TrainConfig
-from captioner.train.data import AugmentedImages, TrainData, collate_augmented, prepare_data, read_splits
+from captioner.train.data import AugmentedImages, Splits, TrainData, collate_augmented, prepare_data, read_splits
 from captioner.train.epoch import choose_decoding, train_one_epoch, val_decoding, validate
 from captioner.viz import plot_curves
 
@@ -72,6 +72,8 @@ def _fit(cfg: TrainConfig, out: Path, dist: Dist, device: torch.device) -> dict:
     ckpt = _resume_point(cfg, out, log)
 
     splits = read_splits(cfg)
+    if ckpt:
+        _check_same_run(cfg, ckpt, splits, out)
     model, vocab = build_model(cfg, splits.train, ckpt)
     model.to(device)
     data = prepare_data(cfg, model, vocab, splits, device, precision, dist)
@@ -108,6 +110,18 @@ def _resume_point(cfg: TrainConfig, out: Path, log) -> dict | None:
         log(f"no {out / CHECKPOINT} yet: starting from scratch")
         return None
     return load_checkpoint(out / CHECKPOINT)
+
+
+def _check_same_run(cfg: TrainConfig, ckpt: dict, splits: Splits, out: Path) -> None:
+    """--resume continues the run in `out`, or nothing: other options or other data would make a run
+    that is neither the old one nor a new one."""
+    changes = cfg.changes_from(ckpt.get("args", {}))
+    if changes:
+        raise ConfigError(f"--resume: {out} was started with other options: {'; '.join(changes)}. Resume with the "
+                          "run's own options, or start a new run (another --out, or --overwrite)")
+    if ckpt.get("data") not in (None, splits.fingerprint()):
+        raise DataError(f"--resume: the data in {cfg.data} is not what {out} was started on (other images, "
+                        "captions or splits); resume with that data, or start a new run")
 
 
 def build_model(cfg: TrainConfig, train: list[Record], ckpt: dict | None) -> tuple[CaptionModel, Vocabulary]:
@@ -226,17 +240,17 @@ def train_epoch(cfg: TrainConfig, model: CaptionModel, vocab: Vocabulary, data: 
         out = Path(cfg.out)
         if improved:
             save_model(model, vocab, out / "best", half=cfg.half)
-        save_run(out, cfg, model, vocab, opt, run)
+        save_run(out, cfg, model, vocab, data, opt, run)
 
 
-def save_run(out: Path, cfg: TrainConfig, model: CaptionModel, vocab: Vocabulary, opt: Optimisation,
-             run: RunState) -> None:
+def save_run(out: Path, cfg: TrainConfig, model: CaptionModel, vocab: Vocabulary, data: TrainData,
+             opt: Optimisation, run: RunState) -> None:
     """After each epoch: the last model folder, metrics.csv, curves.png and the checkpoint."""
     save_model(model, vocab, out / "last", half=cfg.half)
     write_metrics(out, run.history)
     plot_curves(out / "curves.png", run.history)
     state = {"decoder": model.decoder.state_dict(), **opt.state_dict(), "args": cfg.to_json(),
-             "vocab": vocab.itos, "config": model.cfg.to_json(), **run.to_checkpoint()}
+             "data": data.fingerprint, "vocab": vocab.itos, "config": model.cfg.to_json(), **run.to_checkpoint()}
     if model.cfg.encoder_weights == "folder":
         state["encoder"] = model.encoder.state_dict()
     save_checkpoint(out / CHECKPOINT, state)
