@@ -571,3 +571,51 @@ def test_resume_refuses_other_options_or_other_data(shapes, tmp_path, capsys):
     data.write_text("\n".join(lines) + "\n")
     assert main([*args, "--resume", "--epochs", "2", "--workers", "1"]) == 0  # longer, other machine settings: fine
     assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("hidden_dim", -5, "hidden_dim must be a whole number"),
+    ("hidden_dim", "512", "hidden_dim must be a whole number"),
+    ("embed_dim", 1e9, "embed_dim must be a whole number"),
+    ("vocab_size", True, "vocab_size must be a whole number"),
+    ("dropout", float("nan"), "dropout must be a number"),
+    ("dropout", 1.5, "dropout must be a number"),
+    ("length_norm", "x", "length_norm must be a number"),
+    ("beam_size", 100_000, "beam_size must be a whole number from 1 to 100"),
+    ("max_len", 0, "max_len must be a whole number"),
+    ("mean", [0.5, 0.5], "mean must be three finite numbers"),
+    ("std", [0, 0, 0], "std must be three finite numbers"),
+    ("decoder", "transformer", "decoder must be one of show_tell, attention"),
+    ("rnn", {"nested": [[[]]]}, "rnn must be one of lstm, gru"),
+    ("extra", [1, 2], "extra must be an object"),
+    ("hidden_dim", 12_000, "hidden_dim must be a whole number from 1 to 8192"),
+    ("hidden_dim", 8_000, "does not fit config.json (decoder."),  # a possible size, not the weights' size
+])
+def test_a_hostile_config_json_is_one_line_before_any_memory_is_spent(trained, shapes, tmp_path, capsys, key, value,
+                                                                      message):
+    import resource
+
+    folder = tmp_path / "model"
+    shutil.copytree(trained / "best", folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg[key] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert main(["caption", str(sorted(shapes.parent.glob("*.png"))[0]), "--model", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1, err
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: no gigabytes allocated
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"itos": "abc"}', "'itos' must be a list of words"),
+    ('{"itos": ["<pad>", "<start>", "<end>", "<unk>", "dog", "dog"]}', "a word is listed twice"),
+    ('[' * 100_000 + ']' * 100_000, "bad vocab.json"),
+])
+def test_a_hostile_vocab_json_is_one_line(trained, shapes, tmp_path, capsys, text, message):
+    folder = tmp_path / "model"
+    shutil.copytree(trained / "best", folder)
+    (folder / "vocab.json").write_text(text)
+    assert main(["caption", str(sorted(shapes.parent.glob("*.png"))[0]), "--model", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err

@@ -72,7 +72,11 @@ class Vocabulary:
     @classmethod
     def load(cls, path: Path) -> Vocabulary:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-        itos = data["itos"]
-        if list(itos[:4]) != list(SPECIALS):
+        itos = data.get("itos") if isinstance(data, dict) else None
+        if not isinstance(itos, list) or not all(isinstance(w, str) for w in itos):
+            raise ValueError(f"{path}: 'itos' must be a list of words")
+        if itos[:4] != list(SPECIALS):
             raise ValueError(f"{path}: the first four words must be {SPECIALS}")
+        if len(set(itos)) != len(itos):
+            raise ValueError(f"{path}: a word is listed twice")
         return cls(itos[4:])

@@ -10,14 +10,14 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from captioner.data.vocab import Vocabulary
 from captioner.errors import ModelError
 from captioner.files import atomic_folder, complete_folder
 from captioner.model.encoder import EncoderError, build_backbone, weights_digest
-from captioner.model.network import CaptionModel, ModelConfig
+from captioner.model.network import CaptionModel, ModelConfig, build_decoder
 from captioner.names import SHIPPED, shipped_model_dir
 
 CONFIG, VOCAB, WEIGHTS = "config.json", "vocab.json", "model.safetensors"
@@ -61,10 +61,11 @@ def load_model(folder: str | Path | None, device: torch.device | str = "cpu") ->
     cfg = read_config(folder)
     try:
         vocab = Vocabulary.load(folder / VOCAB)
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, RecursionError) as e:
         raise ModelError(f"{folder}: bad vocab.json ({e})") from None
     if len(vocab) != cfg.vocab_size:
         raise ModelError(f"{folder}: vocab.json has {len(vocab)} words but config.json says {cfg.vocab_size}")
+    _check_shapes(folder, cfg)  # before anything of the config's sizes is allocated
     try:
         state = load_file(str(folder / WEIGHTS))
     except (SafetensorError, OSError) as e:
@@ -93,6 +94,25 @@ def load_model(folder: str | Path | None, device: torch.device | str = "cpu") ->
     return model.to(device).eval(), vocab
 
 
+def _check_shapes(folder: Path, cfg: ModelConfig) -> None:
+    """Compare the decoder that config.json describes (built on the meta device: no memory) with the
+    tensors the weights file declares in its header: a config asking for sizes its weights do not
+    have is refused before the model is built (hidden_dim 12000 would allocate gigabytes first)."""
+    try:
+        with safe_open(str(folder / WEIGHTS), framework="pt") as f:
+            shapes = {k.replace("decoder.lstm.", "decoder.rnn.", 1): tuple(f.get_slice(k).get_shape())
+                      for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"{folder}: {WEIGHTS} is not a readable safetensors file ({e})") from None
+    with torch.device("meta"):
+        expected = {f"decoder.{k}": tuple(v.shape) for k, v in build_decoder(cfg).state_dict().items()}
+    for key, shape in expected.items():
+        if shapes.get(key) != shape:
+            have = "is missing" if key not in shapes else f"is {list(shapes[key])}"
+            raise ModelError(f"{folder}: {WEIGHTS} does not fit config.json ({key} should be {list(shape)} but "
+                             f"{have})")
+
+
 def read_config(folder: str | Path | None) -> ModelConfig:
     """A model folder's config.json alone (its decoding settings, sizes), without loading weights."""
     folder = complete_folder(model_dir(folder))
@@ -100,6 +120,9 @@ def read_config(folder: str | Path | None) -> ModelConfig:
     if not path.is_file():
         raise ModelError(f"{folder}: not a model folder (no {CONFIG})")
     try:
-        return ModelConfig.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except (ValueError, TypeError, KeyError) as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return ModelConfig.from_json(data)
+    except (ValueError, TypeError, KeyError, RecursionError) as e:
         raise ModelError(f"{folder}: bad config.json ({e})") from None

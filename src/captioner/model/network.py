@@ -10,7 +10,7 @@ from torch import nn
 from captioner.errors import ConfigError
 from captioner.model.attention import AttentionDecoder
 from captioner.model.base import Decoder
-from captioner.model.encoder import BACKBONES, Backbone, build_backbone
+from captioner.model.encoder import BACKBONES, HEADS, Backbone, build_backbone
 from captioner.model.show_tell import ShowTellDecoder
 
 # Every decoder, by the name config.json and --decoder give it (see model/base.py for the contract).
@@ -63,9 +63,39 @@ class ModelConfig:
             raise ValueError(f"unknown config keys {sorted(unknown)}")
         data = dict(data)
         for k in ("mean", "std"):
-            if k in data:
+            if isinstance(data.get(k), list):
                 data[k] = tuple(data[k])
-        return cls(**data)
+        cfg = cls(**data)
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        """Refuse values no model can have (a config.json edited by hand, damaged, or hostile), with
+        the key and the value, before anything is built from them."""
+        def bad(key: str, want: str) -> ValueError:
+            return ValueError(f"{key} must be {want}, not {getattr(self, key)!r}")
+
+        for key, low, high in (("vocab_size", 5, 1_000_000), ("image_size", 16, 2048), ("feat_dim", 1, 8192),
+                               ("embed_dim", 1, 8192), ("hidden_dim", 1, 8192), ("attention_dim", 1, 8192),
+                               ("num_layers", 1, 16), ("max_len", 1, 1000), ("beam_size", 1, 100)):
+            v = getattr(self, key)
+            if type(v) is not int or not low <= v <= high:
+                raise bad(key, f"a whole number from {low} to {high}")
+        for key, low, high in (("dropout", 0.0, 0.99), ("alpha_c", 0.0, 1e6), ("length_norm", 0.0, 10.0)):
+            v = getattr(self, key)
+            if type(v) not in (int, float) or not low <= v <= high:  # also refuses NaN
+                raise bad(key, f"a number from {low:g} to {high:g}")
+        for key in ("mean", "std"):
+            v = getattr(self, key)
+            if not (isinstance(v, tuple) and len(v) == 3 and all(type(x) in (int, float) and 0 < abs(x) < 1e3
+                                                                    or (key == "mean" and x == 0) for x in v)):
+                raise bad(key, "three finite numbers (std above 0)")
+        for key, allowed in (("encoder", BACKBONES), ("decoder", DECODERS), ("head", HEADS), ("rnn", ("lstm", "gru")),
+                             ("encoder_weights", ("default", "folder"))):
+            if getattr(self, key) not in allowed:
+                raise bad(key, f"one of {', '.join(allowed)}")
+        if not isinstance(self.extra, dict):
+            raise bad("extra", "an object")
 
 
 def build_decoder(cfg: ModelConfig) -> Decoder:
