@@ -619,3 +619,124 @@ def test_a_hostile_vocab_json_is_one_line(trained, shapes, tmp_path, capsys, tex
     assert main(["caption", str(sorted(shapes.parent.glob("*.png"))[0]), "--model", str(folder)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["search", "dog", "--db", "x.db", "--limit", "99999999999999999999"], "the limit must be 1 to 100,000"),
+    (["search", "dog", "--db", "x.db", "--limit", "-5"], "must be 1 or more, not -5"),
+    (["embeddings", "--words", "0"], "must be 1 or more, not 0"),
+    (["caption", "x.jpg", "--beam-size", "100000"], "beam size must be 1 (greedy) to 100, not 100000"),
+    (["caption", "x.jpg", "--batch-size", "0"], "must be 1 or more, not 0"),
+    (["evaluate", "--data", "d", "--max-images", "-1"], "must be 0 or more, not -1"),
+    (["serve", "--port", "99999"], "--port must be 1 to 65535"),
+])
+def test_odd_numbers_are_one_line_errors(tmp_path, monkeypatch, capsys, photos, args, message):
+    from captioner.library import connect
+
+    monkeypatch.chdir(tmp_path)
+    connect(tmp_path / "x.db").close()
+    (tmp_path / "x.jpg").write_bytes((sorted(photos.iterdir())[0]).read_bytes())
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse's own one-line errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_damaged_libraries_and_huge_ids_are_answered_not_crashed(photos, trained, tmp_path, app_for, capsys):
+    from fastapi.testclient import TestClient
+
+    db = tmp_path / "lib.db"
+    assert main(["index", str(photos), "--db", str(db), "--model", str(trained / "best"), "--quiet"]) == 0
+    client = TestClient(app_for(db), base_url="http://localhost")
+    assert client.get(f"/api/thumb/{2**70}").status_code in (404, 422)
+    data = bytearray(db.read_bytes())
+    for i in range(4096 * 2, len(data) - 1, 97):  # scribble over every page but the first
+        data[i] ^= 0x5A
+    db.write_bytes(bytes(data))
+    for name in ("lib.db-wal", "lib.db-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    r = client.get("/api/search", params={"q": "circle"})
+    assert r.status_code == 404 and "damaged database" in r.json()["detail"], r.text
+    assert main(["search", "circle", "--db", str(db)]) == 2
+    err = capsys.readouterr().err
+    assert "damaged database" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content,message", [
+    ({"images": None, "annotations": []}, "needs lists 'images' and 'annotations'"),
+    ({"images": [{"id": [1], "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
+      "annotations": [{"image_id": [1], "caption": "x"}, {"image_id": 2, "caption": None},
+                      {"image_id": 2, "caption": "a dog"}, {"image_id": {"a": 1}, "caption": 5}]}, None),
+])
+def test_coco_files_with_odd_fields_are_read_or_refused_in_one_line(tmp_path, content, message):
+    from captioner.data.records import load_records
+    from captioner.errors import DataError
+
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "captions_val2014.json").write_text(json.dumps(content))
+    if message:
+        with pytest.raises(DataError, match=message):
+            load_records(tmp_path, "coco")
+    else:
+        with pytest.warns(Warning):
+            records = load_records(tmp_path, "coco")
+        assert [(r.image.name, r.captions) for r in records] == [("b.jpg", ["a dog"])]
+
+
+def test_deeply_nested_json_datasets_are_one_line(tmp_path):
+    from captioner.data.records import load_records
+    from captioner.errors import DataError
+
+    (tmp_path / "dataset_flickr8k.json").write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(DataError, match="nested too deeply"):
+        load_records(tmp_path / "dataset_flickr8k.json", "karpathy")
+
+
+def test_an_image_in_two_splits_is_reported_and_unknown_splits_are_named(tmp_path, shapes, capsys):
+    from captioner.data.records import load_records
+
+    img = sorted(shapes.parent.glob("*.png"))[0]
+    (tmp_path / "c.csv").write_text(f"image,caption,split\n{img},a red circle,train\n{img},a red circle,val\n")
+    with pytest.warns(Warning, match="1 images are listed in two splits .*train and val"):
+        records = load_records(tmp_path / "c.csv")
+    assert [r.split for r in records] == ["train"]
+    (tmp_path / "d.csv").write_text(f"image,caption,split\n{img},a red circle,holdout\n")
+    assert main(["train", "--data", str(tmp_path / "d.csv"), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "its splits: holdout (1)" in capsys.readouterr().err
+
+
+def test_float_images_in_0_to_1_are_not_black(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from captioner.data.images import open_rgb
+
+    ramp = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    Image.fromarray(ramp, mode="F").save(tmp_path / "scan.tif")
+    rgb = np.asarray(open_rgb(tmp_path / "scan.tif"))
+    assert rgb.max() == 255 and rgb.mean() > 100
+
+
+def test_a_removed_symlink_takes_its_photo_out_of_the_library(photos, trained, tmp_path, capsys):
+    import sqlite3
+
+    elsewhere = tmp_path / "elsewhere.png"
+    shutil.copy(sorted(photos.iterdir())[0], elsewhere)
+    link = photos / "link.png"
+    link.symlink_to(elsewhere)
+    db = tmp_path / "lib.db"
+    model = ["--model", str(trained / "best"), "--quiet"]
+    assert main(["index", str(photos), "--db", str(db), *model]) == 0
+    paths = lambda: sorted(p for (p,) in sqlite3.connect(db).execute("SELECT path FROM photos"))  # noqa: E731
+    assert str(link) in paths()
+    link.unlink()
+    assert main(["index", str(photos), "--db", str(db), *model]) == 0
+    assert str(link) not in paths() and "1 removed" in capsys.readouterr().err
+
+
+def test_zero_epochs_claims_no_model_folders(shapes, tmp_path, capsys):
+    assert main(["train", "--data", str(shapes), "--out", str(tmp_path / "run"), "--epochs", "0", "--max-images",
+                 "10", "--val-images", "2", "--image-size", "64", "--workers", "0", "--quiet"]) == 0
+    assert "no epoch was trained (--epochs 0); nothing new was saved" in capsys.readouterr().out

@@ -48,6 +48,22 @@ def _one_line_warnings() -> None:
     warnings.formatwarning = format_warning
 
 
+def _count(low: int):
+    """An argparse type: a whole number of at least `low` (a clear one-line error otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {low} or more, not {value}")
+        return value
+    return parse
+
+
+POSITIVE, NATURAL = _count(1), _count(0)
+
+
 # -- option groups shared by several commands -----------------------------------------------------
 
 
@@ -62,7 +78,7 @@ def _machine_options(p: argparse.ArgumentParser) -> None:
 
 
 def _decoding_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--beam-size", type=int, help="1 = greedy (default: the model's own setting)")
+    p.add_argument("--beam-size", type=POSITIVE, help="1 = greedy, at most 100 (default: the model's own setting)")
     p.add_argument("--length-norm", type=float,
                    help="rank beams by logprob / length**ALPHA, 0 = off (default: the model's own setting)")
     p.add_argument("--block-trigrams", action="store_true", help="never repeat a word trigram")
@@ -75,7 +91,7 @@ def _data_options(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--format", dest="layout", choices=LAYOUTS, help=argparse.SUPPRESS)  # its old name
     p.add_argument("--images", type=Path, help="image folder, when not where the layout expects it")
     p.add_argument("--skip-missing", action="store_true", help="leave out listed images that are missing")
-    p.add_argument("--max-images", type=int, default=0,
+    p.add_argument("--max-images", type=NATURAL, default=0,
                    help="use only the first N images (train: of the train split only; val is limited by --val-images)")
 
 
@@ -104,9 +120,9 @@ def _caption_parser(sub) -> None:
                         "there with the same content")
     p.add_argument("--force", action="store_true",
                    help="with --out: replace FILE even when captioner did not write it (else such a file is refused)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=POSITIVE, default=32)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--nproc", type=int, default=1,
+    p.add_argument("--nproc", type=POSITIVE, default=1,
                    help="with --out: caption in N processes on this machine, each its share of the images "
                         "(same as: torchrun --nproc-per-node N -m captioner caption ...)")
     p.add_argument("--attention-map", type=Path, metavar="PNG",
@@ -120,7 +136,7 @@ def _embeddings_parser(sub) -> None:
     p = sub.add_parser("embeddings", help="draw a 2-D map of the model's word embeddings (PNG)")
     _model_option(p)
     p.add_argument("--out", type=Path, default=Path("words.png"), help="the PNG to write (default: words.png)")
-    p.add_argument("--words", type=int, default=150, help="how many of the most frequent words (default 150)")
+    p.add_argument("--words", type=POSITIVE, default=150, help="how many of the most frequent words (default 150)")
     p.add_argument("--method", choices=("pca", "tsne"), default="pca", help="tsne needs scikit-learn")
     p.add_argument("--layer", choices=("output", "input"), default="output",
                    help="output: each word's row of the last layer (default; clusters by meaning); "
@@ -141,7 +157,7 @@ def _index_parser(sub) -> None:
     p.add_argument("folders", nargs="+", type=Path)
     p.add_argument("--db", type=Path, required=True, help="the database file (created when missing)")
     _model_option(p)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=POSITIVE, default=32)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _decoding_options(p)
     _machine_options(p)
@@ -151,7 +167,7 @@ def _search_parser(sub) -> None:
     p = sub.add_parser("search", help="find photos in a database by the words of their captions")
     p.add_argument("query", help='words to look for, e.g. "dog running on the beach"')
     p.add_argument("--db", type=Path, required=True)
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=_count(1), default=20, help="how many photos at most (default 20)")
     p.add_argument("--json", action="store_true", help='one JSON object per line, best first: {"path", "caption", '
                                                         '"score"}')
 
@@ -226,12 +242,12 @@ def _train_parser(sub) -> None:
                    help="also train on one reference caption per image with this cross-entropy weight; keeps "
                         "captions from growing short and generic (--scst; default 0)")
     p.add_argument("--half", action="store_true", help="store model folders in fp16")
-    p.add_argument("--val-images", type=int, help="validate on the first N val images")
+    p.add_argument("--val-images", type=NATURAL, help="validate on the first N val images")
     p.add_argument("--cache-dir", type=Path, help="feature cache (default ~/.cache/captioner)")
     p.add_argument("--feature-batch-size", type=int)
     p.add_argument("--workers", type=int, help="image loading processes")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--nproc", type=int, default=1,
+    p.add_argument("--nproc", type=POSITIVE, default=1,
                    help="train in N processes with torch.distributed (DDP; gloo on CPU, NCCL on GPUs); "
                         "same as: torchrun --nproc-per-node N -m captioner train ...")
     _machine_options(p)
@@ -408,6 +424,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 def _closing_line(result: dict, a: argparse.Namespace) -> str:
     """What was trained, scored as the model will caption: with the decoding chosen on val."""
     folders = f"model folders in {a.out}/best and {a.out}/last"
+    if not result.get("history"):
+        return f"no epoch was trained (--epochs {a.epochs}); nothing new was saved in {a.out}"
     d = result.get("decoding")
     if not d:
         return f"best val CIDEr-D {result['best_CIDEr']:.3f}; {folders}"

@@ -26,6 +26,7 @@ from captioner.errors import ConfigError
 from captioner.runtime import autocast, decoder_precision
 
 NEG_INF = float("-inf")
+MAX_BEAM = 100  # wider beams score no better and need memory in proportion (100,000 asked for 10 GB)
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,8 @@ class Decoding:
     max_len: int = 20  # longest caption, in words
 
     def __post_init__(self):
-        if not isinstance(self.beam_size, int) or self.beam_size < 1:
-            raise ConfigError(f"beam size must be 1 (greedy) or more, not {self.beam_size}")
+        if not isinstance(self.beam_size, int) or not 1 <= self.beam_size <= MAX_BEAM:
+            raise ConfigError(f"beam size must be 1 (greedy) to {MAX_BEAM}, not {self.beam_size}")
         if self.max_len < 1:
             raise ConfigError(f"the longest caption must be 1 word or more, not {self.max_len}")
 

@@ -17,11 +17,12 @@ so an interrupted run leaves a consistent database and the next run finishes the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -58,6 +59,7 @@ CREATE TABLE IF NOT EXISTS failures (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+MAX_LIMIT = 100_000  # photos one search returns at most
 # Words too common in captions to say anything about a photo; dropped from queries.
 STOPWORDS = frozenset("a an the of on in at to and or with is are be by for from its it this that there".split())
 
@@ -205,13 +207,14 @@ def index_folders(captioner, roots: Sequence[Path], db: Path, *, batch_size: int
     """Caption every image under `roots` into the database at `db` with `decoding` (else the
     model's own; see the module docstring)."""
     t0 = time.perf_counter()
-    roots = [Path(r).resolve() for r in roots]
+    roots = [Path(os.path.abspath(r)) for r in roots]  # not resolved: a photo is known by the path it is found at
     for r in roots:
         if not r.exists():
             raise FileNotFoundError(f"{r}: no such folder")
     con = connect(db)
     report = IndexReport()
-    files = [f.resolve() for f in list_images(roots, recursive=True)]
+    # the paths as found (symlinks kept): a link that is removed takes its photo out of the library
+    files = [Path(os.path.abspath(f)) for f in list_images(roots, recursive=True)]
     report.removed = _remove_missing(con, roots, {path_text(f) for f in files})
     todo, failures = _plan(con, files, report)
     report.failed += [error for _, _, error in failures]
@@ -247,19 +250,31 @@ def fts_query(text: str) -> str:
     return " OR ".join(f'"{w}"' for w in dict.fromkeys(kept))
 
 
+@contextlib.contextmanager
+def _reading(db: Path) -> Iterator[sqlite3.Connection]:
+    """A read-only connection; a database damaged inside (bad pages, a broken index) is a one-line
+    LibraryError, never a traceback or a server's 500."""
+    con = connect(db, create=False)
+    try:
+        yield con
+    except sqlite3.DatabaseError as e:
+        raise LibraryError(f"{db}: damaged database ({e}); index into a new --db") from None
+    finally:
+        con.close()
+
+
 def search(db: Path, text: str, limit: int = 20) -> list[dict]:
     """Photos whose captions match `text`, best first: [{"id", "path", "caption", "score"}]."""
+    if not 1 <= limit <= MAX_LIMIT:
+        raise LibraryError(f"the limit must be 1 to {MAX_LIMIT:,}, not {limit}")
     query = fts_query(text)
     if not query:
         return []
-    con = connect(db, create=False)
-    try:
+    with _reading(db) as con:
         rows = con.execute(
             "SELECT p.id, p.path, p.caption, -bm25(photos_fts, 1.0, 0.3) AS score"
             " FROM photos_fts JOIN photos p ON p.id = photos_fts.rowid"
             " WHERE photos_fts MATCH ? ORDER BY bm25(photos_fts, 1.0, 0.3) LIMIT ?", (query, limit)).fetchall()
-    finally:
-        con.close()
     return [{"id": i, "path": p, "caption": c, "score": round(s, 4)} for i, p, c, s in rows]
 
 
@@ -268,18 +283,14 @@ def count_matches(db: Path, text: str) -> int:
     query = fts_query(text)
     if not query:
         return 0
-    con = connect(db, create=False)
-    try:
+    with _reading(db) as con:
         return con.execute("SELECT count(*) FROM photos_fts WHERE photos_fts MATCH ?", (query,)).fetchone()[0]
-    finally:
-        con.close()
 
 
 def photo_path(db: Path, photo_id: int) -> Path | None:
     """The file of photo `photo_id`, or None when the database has no such photo."""
-    con = connect(db, create=False)
-    try:
+    if not 0 < photo_id < 2**63:
+        return None
+    with _reading(db) as con:
         row = con.execute("SELECT path FROM photos WHERE id = ?", (photo_id,)).fetchone()
-    finally:
-        con.close()
     return Path(row[0]) if row else None

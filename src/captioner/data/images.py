@@ -161,11 +161,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         canvas = Image.new("RGB", rgba.size, (255, 255, 255))
         canvas.paste(rgba, mask=rgba.getchannel("A"))
         return canvas
-    if img.mode.startswith("I;16") or img.mode == "I":
-        # 16-bit grey: scale to 8 bits rather than let convert() clip.
-        arr = np.asarray(img, dtype=np.float32)
-        hi = float(arr.max()) or 1.0
-        img = Image.fromarray(np.clip(arr / hi * 255, 0, 255).astype(np.uint8))
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        # 16/32-bit grey: scale to 8 bits rather than let convert() clip (floats in 0..1, as scientific
+        # and HDR tools write them, would all come out black)
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        hi = float(arr.max())
+        scale = 255.0 if img.mode == "F" and float(arr.min()) >= 0 and hi <= 1 else 255.0 / (hi or 1.0)
+        img = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8))
     return img.convert("RGB")
 
 

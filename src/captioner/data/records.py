@@ -21,7 +21,7 @@ import io
 import json
 import re
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +66,22 @@ def read_text(path: Path) -> str:
         return data.decode("cp1252", errors="replace")
 
 
+class SplitMap(dict):
+    """image name -> split, keeping the first split an image is listed in: an image listed in two
+    splits (train and val) must not be trained on and validated on, nor move silently. Conflicts
+    are counted for the warning `_group` gives."""
+
+    def __init__(self):
+        super().__init__()
+        self.conflicts: list[str] = []
+
+    def __setitem__(self, name: str, split: str) -> None:
+        if name in self and self[name] != split:
+            self.conflicts.append(f"{name}: {self[name]} and {split}")
+            return
+        super().__setitem__(name, split)
+
+
 def _group(pairs: list[tuple[str, str]], root: Path, splits: dict[str, str], source: Path | None = None
            ) -> list[Record]:
     """(image name, caption) pairs -> records, in first-seen order. Empty captions are left out
@@ -84,12 +100,16 @@ def _group(pairs: list[tuple[str, str]], root: Path, splits: dict[str, str], sou
             empty += 1
     if empty:
         warnings.warn(f"{source or root}: {empty} empty captions left out", CaptionerWarning, stacklevel=3)
+    conflicts = getattr(splits, "conflicts", [])
+    if conflicts:
+        warnings.warn(f"{source or root}: {len(conflicts)} images are listed in two splits (first: {conflicts[0]}); "
+                      "each stays in the split it is first listed in", CaptionerWarning, stacklevel=3)
     return [r for r in by_image.values() if r.captions]
 
 
 def _read_split_lists(folder: Path) -> dict[str, str]:
     """Official Flickr split lists (``Flickr_8k.trainImages.txt`` ...) found in `folder`."""
-    splits: dict[str, str] = {}
+    splits: dict[str, str] = SplitMap()
     for path in sorted(folder.glob("*Images.txt")):
         lower = path.name.lower()
         split = "train" if "train" in lower else "val" if "dev" in lower or "val" in lower else (
@@ -166,7 +186,7 @@ def read_csv(path: Path, images: Path | None = None) -> list[Record]:
             raise DataError(f"{path}: the header must name an 'image' and a 'caption' column, "
                             f"found {header}") from None
         i_split = header.index("split") if "split" in header else None
-        pairs, row_splits, bad = [], {}, 0
+        pairs, row_splits, bad = [], SplitMap(), 0
         for row in _checked_rows(reader, path):
             if len(row) <= max(i_img, i_cap):
                 bad += bool(row)
@@ -210,7 +230,7 @@ def read_jsonl(path: Path, images: Path | None = None) -> list[Record]:
     """One JSON object per line: ``image`` plus ``caption`` or ``captions``; optional ``split``."""
     path = Path(path)
     root = Path(images) if images else path.parent
-    pairs, splits, bad = [], {}, 0
+    pairs, splits, bad = [], SplitMap(), 0
     for lineno, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
@@ -221,7 +241,7 @@ def read_jsonl(path: Path, images: Path | None = None) -> list[Record]:
             caps = [caps] if isinstance(caps, str) else caps
             if not isinstance(name, str) or not name.strip() or not isinstance(caps, list):
                 raise TypeError
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
             bad += 1
             if bad <= 3:
                 warnings.warn(f"{path}:{lineno}: not a JSON object with 'image' and 'caption', skipped",
@@ -242,7 +262,7 @@ def read_karpathy(path: Path, images: Path | None = None) -> list[Record]:
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"{path}: not a Karpathy split file (no 'images' list)")
     root = Path(images) if images else _image_root(path.parent)
-    pairs, splits, bad = [], {}, 0
+    pairs, splits, bad = [], SplitMap(), 0
     for img in data["images"]:
         name = img.get("filename") if isinstance(img, dict) else None
         sentences = img.get("sentences", []) if isinstance(img, dict) else None
@@ -273,24 +293,29 @@ def read_coco(path: Path, images: Path | None = None) -> list[Record]:
     records: list[Record] = []
     for f in files:
         data = _load_json(f)
-        if not isinstance(data, dict) or "annotations" not in data or "images" not in data:
-            raise DataError(f"{f}: not a COCO caption file (needs 'images' and 'annotations')")
+        if not isinstance(data, dict) or not isinstance(data.get("annotations"), list) or \
+                not isinstance(data.get("images"), list):
+            raise DataError(f"{f}: not a COCO caption file (needs lists 'images' and 'annotations')")
         stem = f.stem.replace("captions_", "")  # e.g. train2014
         split = "train" if "train" in stem else "val" if "val" in stem else "test" if "test" in stem else ""
         base = f.parent.parent if f.parent.name == "annotations" else f.parent
         root = Path(images) if images else next(
             (p for p in (base / stem, base / "images" / stem, base / "images") if p.is_dir()), base)
         names = {im["id"]: im["file_name"] for im in data["images"]
-                 if isinstance(im, dict) and isinstance(im.get("file_name"), str) and "id" in im}
-        notes = [a for a in data["annotations"] if isinstance(a, dict)]
+                 if isinstance(im, dict) and isinstance(im.get("file_name"), str) and _is_id(im.get("id"))}
+        notes = [a for a in data["annotations"] if isinstance(a, dict) and _is_id(a.get("image_id"))]
         pairs = [(names[a["image_id"]], a["caption"] if isinstance(a.get("caption"), str) else "")
-                 for a in notes if a.get("image_id") in names]
+                 for a in notes if a["image_id"] in names]
         if len(pairs) < len(data["annotations"]) or len(names) < len(data["images"]):
             warnings.warn(f"{f}: {len(data['annotations']) - len(pairs)} annotations and "
                           f"{len(data['images']) - len(names)} images malformed or unmatched, skipped",
                           CaptionerWarning, stacklevel=2)
         records += _group(pairs, root, {n: split for n in names.values()}, f)
     return records
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
 
 
 READERS = {"flickr": read_flickr, "csv": read_csv, "jsonl": read_jsonl, "karpathy": read_karpathy,
@@ -307,6 +332,8 @@ def _load_json(path: Path):
         return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to be a caption file") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,7 +398,12 @@ def assign_splits(records: list[Record], val_fraction: float = 0.05) -> None:
     """When the layout names no split at all (a user's own CSV), give every record a stable one:
     `val_fraction` of them (by a hash of the file name, so the choice never changes between runs)
     become val, the rest train. Layouts with split lists keep unlisted images out of every split."""
-    if any(r.split in SPLITS for r in records):
+    unknown = Counter(r.split for r in records if r.split and r.split not in SPLITS)
+    if unknown:
+        shown = ", ".join(f"{k} ({n})" for k, n in unknown.most_common(5))
+        warnings.warn(f"{sum(unknown.values())} images are in splits that are not train, val or test ({shown}); "
+                      "they are left out", CaptionerWarning, stacklevel=2)
+    if any(r.split for r in records):
         return
     unsplit = records
     for r in unsplit:

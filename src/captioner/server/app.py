@@ -155,7 +155,10 @@ def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0
         200: {"content": {"image/jpeg": {}}, "description": "the photo as a JPEG, at most `size` pixels a side"},
         **errors(404, 422)})
     def thumbnail(photo_id: int, size: Annotated[int, Query(ge=32, le=2048)] = 256) -> Response:
-        path = photo_path(db, photo_id) if db else None
+        try:
+            path = photo_path(db, photo_id) if db else None
+        except LibraryError as e:
+            raise HTTPException(404, str(e)) from None
         if path is None:
             raise HTTPException(404, f"no photo {photo_id} in the library")
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,7 +114,10 @@ def read_splits(cfg: TrainConfig) -> Splits:
     train = check_images(split_records(records, "train"), cfg.skip_missing)[: cfg.max_images or None]
     val = check_images(split_records(records, "val"), cfg.skip_missing)[: cfg.val_images or None]
     if not train or not val:
-        raise DataError(f"{cfg.data}: need train and val images, found {len(train)} and {len(val)}")
+        found = Counter(r.split or "(none)" for r in records)
+        raise DataError(f"{cfg.data}: need train and val images, found {len(train)} and {len(val)}; its splits: "
+                        + ", ".join(f"{k} ({n})" for k, n in found.most_common())
+                        + " (train, val and test are understood, also restval, dev, valid, validation)")
     return Splits(train, val)
 
 
