@@ -524,6 +524,11 @@ def test_captions_in_any_script_are_words_and_english_is_tokenized_as_before():
     assert tokenize("一只狗在草地上奔跑") == list("一只狗在草地上奔跑")  # no spaces: one token a character
     assert tokenize("Ｆｕｌｌ－width and the dog’s ball") == ["full", "width", "and", "the", "dog's", "ball"]
     assert fts_query("café") == '"café"'
+    from captioner.metrics import score
+
+    for java in (False, True):  # Chinese references are scored a character a word, like the captions
+        s = score({1: ["一只狗在草地上奔跑"]}, {1: "一 只 狗 在 草 地 上 奔 跑"}, meteor=False, use_java=java)
+        assert s["BLEU-4"] > 0.99, s
     old = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")  # the tokenizer of earlier versions
     english = ["A black dog's running on the beach , with 2 balls .", "rock'n'roll in the 90's", "it'3 x-ray"]
     assert all(tokenize(t) == old.findall(t.lower()) for t in english)

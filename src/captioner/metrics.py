@@ -19,12 +19,14 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
+from captioner.data.vocab import CJK
 from captioner.errors import DataError
 
 KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 # pycocoevalcap drops these tokens after PTB tokenization (brackets come out as -lrb- and stay).
 _PUNCT = {"''", "'", '"', "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+_CJK_CHAR = re.compile(f"([{CJK}])")
 _PY_TOKEN = re.compile(r"n't|'s|'re|'ve|'ll|'d|'m|[a-z0-9]+(?:\.[a-z0-9]+)+\.?|[a-z0-9]+(?:[-/][a-z0-9]+)*|\S")
 
 
@@ -63,8 +65,16 @@ def ptb_tokenize(sentences: Sequence[str]) -> list[str]:
     return [" ".join(w for w in line.rstrip().split(" ") if w and w not in _PUNCT) for line in lines]
 
 
+def _space_cjk(text: str) -> str:
+    """Chinese and Japanese are written without spaces: one token a character, as the vocabulary
+    splits them (see data/vocab.py), so references and captions are scored alike. A no-op on
+    other scripts."""
+    return _CJK_CHAR.sub(r" \1 ", text)
+
+
 def tokenize_all(captions: Mapping[Hashable, Sequence[str]], use_java: bool) -> dict:
     """{id: [caption, ...]} -> {id: [tokenized caption, ...]} with PTB (Java) or the Python stand-in."""
+    captions = {k: [_space_cjk(c) for c in v] for k, v in captions.items()}
     if not use_java:
         return {k: [python_tokenize(c) for c in v] for k, v in captions.items()}
     flat = ptb_tokenize([c for v in captions.values() for c in v])
