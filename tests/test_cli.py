@@ -42,6 +42,7 @@ def test_caption_beam_json_has_alternatives(trained, shapes, capsys):
     assert len(obj["alternatives"]) == 3 and obj["caption"] == obj["alternatives"][0]["caption"]
 
 
+@pytest.mark.slow  # starts a Python process per case
 @pytest.mark.parametrize("args,message", [
     (["caption", "no/such/photo.jpg"], "no/such/photo.jpg: no such file"),
     (["caption", EXAMPLES, "--model", "no/such/model"], "no/such/model: not a model folder"),

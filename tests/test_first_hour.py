@@ -170,6 +170,7 @@ def test_server_answers_json_for_a_broken_upload(broken_avif, trained, shapes):
     assert r.status_code == 415 and "holiday.avif: broken image" in r.json()["detail"]
 
 
+@pytest.mark.slow  # starts a Python process per case
 @pytest.mark.parametrize("device,message", [("cuda", "no CUDA GPU is usable here"), ("gpu", "unknown device 'gpu'"),
                                             ("cuda:7", "device 'cuda:7'")])
 def test_a_missing_device_is_one_line(device, message, tmp_path):
