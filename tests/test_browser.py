@@ -84,20 +84,24 @@ def test_keyboard_only_user_captions_photos_and_opens_a_result(server, shapes, t
         page.on("request", lambda r: uploads.append(r) if r.url.endswith("/api/caption") else None)
         page.goto(server)
         page.wait_for_selector("#status:has-text('model:')")
+        page.bring_to_front()  # keyboard events and the file chooser go to the focused page
 
-        # search comes first, then the upload button; every stop shows where the focus is
+        # search comes first, then the upload control; every stop shows where the focus is (for the
+        # file input, on the label that stands for it)
         stops = []
         for _ in range(3):
             page.keyboard.press("Tab")
-            stops.append(page.evaluate("""() => { const e = document.activeElement, s = getComputedStyle(e);
+            stops.append(page.evaluate("""() => { const e = document.activeElement;
+                const shown = e.id === "file-input" ? document.querySelector("label[for=file-input]") : e;
+                const s = getComputedStyle(shown);
                 return [e.id || e.textContent.trim(), s.outlineStyle, parseFloat(s.outlineWidth)]; }"""))
-        assert [s[0] for s in stops] == ["query", "Search", "choose"], stops
+        assert [s[0] for s in stops] == ["query", "Search", "file-input"], stops
         assert all(style != "none" and width >= 2 for _, style, width in stops), stops
 
-        # Enter on the upload button opens the file chooser; the chosen order is kept; a non-image
+        # Space on the upload control opens the file chooser; the chosen order is kept; a non-image
         # is refused on the page, never uploaded
         with page.expect_file_chooser() as chooser:
-            page.keyboard.press("Enter")
+            page.keyboard.press("Space")
         chooser.value.set_files([str(photos[0]), str(notes), str(photos[1])])
         page.wait_for_function("document.querySelectorAll('.card .caption:not(.pending)').length === 3",
                                timeout=60_000)

@@ -111,7 +111,6 @@ drop.addEventListener("drop", (e) => {
   drop.classList.remove("over");
   captionFiles(e.dataTransfer.files);
 });
-$("choose").addEventListener("click", () => $("file-input").click());
 $("file-input").addEventListener("change", (e) => { captionFiles(e.target.files); e.target.value = ""; });
 $("search-form").addEventListener("submit", runSearch);
 health();
