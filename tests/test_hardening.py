@@ -454,6 +454,20 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_files(photos, trained, 
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1] == "captioner: error: writing: No space left on device", err
     assert not [p.name for p in out.iterdir()]  # no temporary file left behind
+    assert main(["export", "--out", str(out / "onnx"), *model]) == 2  # written whole or not at all
+    assert "No space left on device" in capsys.readouterr().err and not list(out.iterdir())
+
+    import sqlite3
+
+    import captioner.library as library
+
+    def disk_full(*a, **k):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(library, "_write_batch", disk_full)
+    assert main(["index", str(photos), "--db", str(tmp_path / "lib.db"), "--quiet", *model]) == 2
+    err = capsys.readouterr().err
+    assert "database or disk is full; the photos indexed so far are kept: run again" in err and "Traceback" not in err
 
 
 @pytest.mark.slow

@@ -56,10 +56,9 @@ def _modules(model):
 
 def export_model(folder: Path, out: Path, fmt: str = "onnx", image_size: int | None = None) -> Path:
     """Export the model folder `folder` into the folder `out` (see the module docstring)."""
-    import torch
 
-    from captioner.decode import never_said
-    from captioner.model.folder import load_model
+    from captioner.files import atomic_folder
+    from captioner.model.folder import load_model, model_dir
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
@@ -72,7 +71,18 @@ def export_model(folder: Path, out: Path, fmt: str = "onnx", image_size: int | N
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "export.json").is_file())):
         raise ExportError(f"{out}: already holds something that is not a captioner export; it is left as it is: "
                           "choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(out) as tmp:  # written whole, or not at all (a full disk leaves no half export)
+        _write(tmp, model, vocab, fmt, size, start, step, names, source=model_dir(folder))
+    return out
+
+
+def _write(out: Path, model, vocab, fmt: str, size: int, start, step, names: list[str], source: Path) -> None:
+    """The graphs, vocab.json and export.json, into the folder `out`."""
+    import torch
+
+    from captioner.decode import never_said
+
+    cfg = model.cfg
     images = torch.zeros(2, 3, size, size)
     with torch.no_grad():
         state = start(images)
@@ -102,13 +112,12 @@ def export_model(folder: Path, out: Path, fmt: str = "onnx", image_size: int | N
         else:
             torch.jit.trace(start, (images,), check_trace=False).save(str(out / "start.pt"))
             torch.jit.trace(step, (tokens, *state), check_trace=False).save(str(out / "step.pt"))
-    shutil.copy(Path(folder) / "vocab.json", out / "vocab.json")
+    shutil.copy(source / "vocab.json", out / "vocab.json")
     (out / "export.json").write_text(json.dumps({
         "format": fmt, "image_size": size, "mean": list(cfg.mean), "std": list(cfg.std),
         "state": names, "start": vocab.start, "end": vocab.end, "banned": never_said(vocab), "max_len": cfg.max_len,
-        "decoder": cfg.decoder, "rnn": cfg.rnn, "source": str(folder),
+        "decoder": cfg.decoder, "rnn": cfg.rnn, "source": str(source),
     }, indent=2) + "\n")
-    return out
 
 
 class OnnxCaptioner:

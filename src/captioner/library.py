@@ -212,6 +212,16 @@ def index_folders(captioner, roots: Sequence[Path], db: Path, *, batch_size: int
         if not r.exists():
             raise FileNotFoundError(f"{r}: no such folder")
     con = connect(db)
+    try:
+        return _index(captioner, roots, con, batch_size, progress, decoding, t0)
+    except sqlite3.DatabaseError as e:  # disk full, read-only: each batch was one transaction, so all done is kept
+        raise LibraryError(f"{db}: {e}; the photos indexed so far are kept: run again to finish") from None
+    finally:
+        con.close()
+
+
+def _index(captioner, roots: list[Path], con: sqlite3.Connection, batch_size: int, progress: bool,
+           decoding: Decoding | None, t0: float) -> IndexReport:
     report = IndexReport()
     # the paths as found (symlinks kept): a link that is removed takes its photo out of the library
     files = [Path(os.path.abspath(f)) for f in list_images(roots, recursive=True)]
@@ -237,7 +247,6 @@ def index_folders(captioner, roots: Sequence[Path], db: Path, *, batch_size: int
             rows, failures = [], []
     _write_batch(con, rows, failures, model)
     bar.close()
-    con.close()
     report.seconds = time.perf_counter() - t0
     return report
 
