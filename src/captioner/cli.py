@@ -105,10 +105,11 @@ def _decoding(a: argparse.Namespace, model_cfg) -> Decoding:
 
 def _caption_parser(sub) -> None:
     p = sub.add_parser(
-        "caption", help="caption images or folders of images",
-        epilog="Without --model: the shipped model, trained on Flickr8k (research use) for everyday photos of "
-               "people, dogs and outdoor scenes; outside that world it errs (a cat or a cup of coffee comes out "
-               f"as a dog). What it can and cannot do: {shipped_model_dir() / 'MODEL_CARD.md'}")
+        "caption", help="caption images or folders of images", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Without --model: the shipped model, trained on Flickr8k (research use) for everyday photos\n"
+               "of people, dogs and outdoor scenes; outside that world it errs (a cat or a cup of coffee\n"
+               "comes out as a dog). What it can and cannot do, its model card:\n"
+               f"  {shipped_model_dir() / 'MODEL_CARD.md'}")  # on a line of its own: never wrapped
     p.add_argument("paths", nargs="+", type=Path, help="image files and/or folders")
     _model_option(p)
     p.add_argument("--json", action="store_true", help='one JSON object per line: {"image", "caption"}')
