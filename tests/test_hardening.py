@@ -250,7 +250,7 @@ def test_decoded_pixels_are_budgeted_per_request_and_decoders_are_bounded(app_fo
     assert r.status_code == 200 and results[0]["caption"]
     assert all("budget of 1,500,000 decoded pixels" in x["error"] for x in results[1:])
 
-    # one decoder: a second request waits for it, then gets 503 with Retry-After
+    # room for one image at a time: a second request waits for it, then gets 503 with Retry-After
     gate, entered = threading.Event(), threading.Event()
     real = app_module.open_rgb
 
@@ -259,7 +259,7 @@ def test_decoded_pixels_are_budgeted_per_request_and_decoders_are_bounded(app_fo
         gate.wait(5)
         return real(*a, **k)
 
-    app = app_for(decoders=1, queue_timeout=0.2)
+    app = app_for(max_pixels=3_000, queue_timeout=0.2)  # one 50x50 upload fills it
     app_module.open_rgb = slow_open
     try:
         first = threading.Thread(target=lambda: TestClient(app, base_url="http://localhost").post(

@@ -82,23 +82,20 @@ def written_by_us(out: Path) -> bool:
     if not head.strip():
         return True  # empty: nothing to lose
     try:
-        text = head.decode("utf-8")
+        lines = head.decode("utf-8").splitlines(keepends=True)
     except UnicodeDecodeError:
-        text = None
-    ours = text is not None
-    if ours and out.suffix.lower() == ".csv":
-        ours = text.splitlines()[0].strip() == ",".join(FIELDS)
-    elif ours:
-        complete = text.splitlines()[: -1 if not text.endswith("\n") else None]
-        for line in complete:
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                obj = None
-            if not (isinstance(obj, dict) and {"image", "sha1", "caption"} <= set(obj)):
-                ours = False
-                break
-    return ours
+        return False
+    if out.suffix.lower() == ".csv":
+        return lines[0].strip() == ",".join(FIELDS)
+    return all(_is_entry(line) for line in lines if line.endswith("\n"))  # a cut-off last line is not judged
+
+
+def _is_entry(line: str) -> bool:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and {"image", "sha1", "caption"} <= set(obj)
 
 
 def _to_cell(value):

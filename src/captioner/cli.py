@@ -31,9 +31,9 @@ if TYPE_CHECKING:
 
 # Mistakes a user can make and fix: one line, exit status 2. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (CaptionerError, FileNotFoundError, NotADirectoryError, PermissionError)
-# ... and what a disk can say: full, read-only, over quota. (What was written is complete or cleaned up:
-# see files.atomic_write.)
-DISK_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM)
+# ... and what a disk can say: full, read-only, over quota (permission denied is a PermissionError, above).
+# What was written is complete or cleaned up: see files.atomic_write.
+DISK_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
 
 
 def _one_line_warnings() -> None:

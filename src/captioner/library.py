@@ -78,9 +78,18 @@ def connect(db: Path, create: bool = True) -> sqlite3.Connection:
         raise LibraryError(f"{db}: not a file")
     try:
         if exists:
-            _check_ours(db)
-        if not create:
-            return _open_read_only(db)
+            with db.open("rb") as f:  # before SQLite reads it, which would only say "file is not a database"
+                if f.read(16) != b"SQLite format 3\x00":
+                    raise LibraryError(f"{db}: not an SQLite database; choose another --db")
+            ro = _open_read_only(db)
+            try:
+                _check_ours(db, ro)
+            except BaseException:
+                ro.close()
+                raise
+            if not create:
+                return ro  # searching: the connection the check was made on
+            ro.close()
         con = sqlite3.connect(db, timeout=30)
         con.execute("PRAGMA journal_mode=WAL")  # readers (the web page) never block the indexer
         con.execute("PRAGMA synchronous=NORMAL")
@@ -92,18 +101,12 @@ def connect(db: Path, create: bool = True) -> sqlite3.Connection:
         raise LibraryError(f"{db}: not a usable SQLite database ({e})") from None
 
 
-def _check_ours(db: Path) -> None:
-    """Refuse (without writing to it) a file that is not a photo database of this schema."""
-    with db.open("rb") as f:
-        if f.read(16) != b"SQLite format 3\x00":
-            raise LibraryError(f"{db}: not an SQLite database; choose another --db")
-    con = _open_read_only(db)
-    try:
-        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
-        version = (con.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-                   if {"meta", "photos"} <= tables else None)
-    finally:
-        con.close()
+def _check_ours(db: Path, con: sqlite3.Connection) -> None:
+    """Refuse (without writing to it) a database that is not a photo library of this schema; `con`
+    is a read-only connection to it."""
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
+    version = (con.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+               if {"meta", "photos"} <= tables else None)
     if version is None:
         shown = ", ".join(sorted(tables)[:5]) or "no tables"
         raise LibraryError(f"{db}: not a captioner photo database (it holds {shown}); it is left as it is: "

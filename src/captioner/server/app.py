@@ -49,15 +49,15 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0, max_pixels: int = 40_000_000,
                max_files: int = 16, queue_timeout: float = 30.0, allowed_hosts: Sequence[str] = LOCAL_HOSTS,
-               decoders: int = 2, max_request_pixels: int = 200_000_000) -> FastAPI:
+               max_request_pixels: int = 200_000_000) -> FastAPI:
     """The app, around a loaded `Captioner` (loaded once, shared by every request). A caption
     request that waits more than `queue_timeout` seconds for the model gets a 503 with
     Retry-After rather than an ever longer queue.
 
     `allowed_hosts`: the names the Host header may give ("*": any). An upload may decode to at most
-    `max_pixels`, all the files of one request together to `max_request_pixels`, and at most
-    `decoders` requests decode images at once (the others wait, then get 503), so memory stays
-    bounded however many requests arrive."""
+    `max_pixels`, all the files of one request together to `max_request_pixels`, and all requests
+    together hold at most `max_pixels` decoded pixels at once (the others wait, then get 503), so
+    memory stays bounded however many requests arrive."""
     app = FastAPI(title="captioner", version=__version__, docs_url=None, redoc_url=None,  # theirs need a CDN
                   description="Caption photos with a CNN + LSTM model, and search a captioned photo library. "
                               "Every error is JSON {\"detail\": \"...\"}.")
@@ -65,7 +65,6 @@ def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0
     max_bytes = int(max_upload_mb * 1024 * 1024)
     db = Path(db) if db else None
 
-    decoding = threading.BoundedSemaphore(decoders)  # requests decoding at once
     pixels = _PixelPool(max_pixels)  # decoded pixels held at once, over all requests: bounded memory
 
     # outermost (added last): checks the Host header and counts body bytes before anything reads them
@@ -85,13 +84,7 @@ def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0
         if len(file) > max_files:
             raise HTTPException(413, f"{len(file)} files: at most {max_files} per request")
         t0 = time.perf_counter()
-        if not decoding.acquire(timeout=queue_timeout):
-            raise HTTPException(503, f"busy: no turn at the image decoders within {queue_timeout:g} s; try again",
-                                headers={"Retry-After": "5"})
-        try:
-            images, results = _read_uploads(file)
-        finally:
-            decoding.release()
+        images, results = _read_uploads(file)
         if not images:  # nothing usable: the request as a whole fails, with the first reason
             first = results[0]
             raise HTTPException(first["status"], first["error"])
@@ -208,8 +201,8 @@ class _PixelPool:
     def hold(self, n: int, timeout: float):
         with self.cond:
             if not self.cond.wait_for(lambda: self.used == 0 or self.used + n <= self.capacity, timeout):
-                raise HTTPException(503, f"busy: too many images being decoded; no room within {timeout:g} s; "
-                                         "try again", headers={"Retry-After": "5"})
+                raise HTTPException(503, f"busy: no room at the image decoders within {timeout:g} s; try again",
+                                    headers={"Retry-After": "5"})
             self.used += n
         try:
             yield
