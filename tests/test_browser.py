@@ -63,10 +63,21 @@ def test_upload_caption_and_search_in_chromium(server, shapes, tmp_path):
         page.click("#search-form button")
         page.wait_for_selector(".hit img", timeout=30_000)
         page.wait_for_function("[...document.querySelectorAll('.hit img')].every(i => i.complete && i.naturalWidth)")
-        hits = page.query_selector_all(".hit figcaption")
-        assert hits and all("circle" in h.inner_text() for h in hits)
+        hits = page.query_selector_all(".hit figcaption")  # hybrid (the default): every photo, ranked
+        assert hits and "circle" in hits[0].inner_text()
         if shots:
             page.screenshot(path=str(Path(shots) / "search.png"), full_page=True)
+        page.select_option("#mode", "keyword")
+        page.click("#search-form button")
+        page.wait_for_selector("#search-info:has-text('match')")
+        page.wait_for_selector(".hit img", timeout=30_000)
+        hits = page.query_selector_all(".hit figcaption")  # keywords: only photos whose captions say it
+        assert hits and all("circle" in h.inner_text() for h in hits)
+        first = page.get_attribute(".hit a", "href")
+        page.click(".hit .more")  # more like this: the photo itself first
+        page.wait_for_selector("#search-info:has-text('compared')")
+        page.wait_for_selector(".hit img", timeout=30_000)
+        assert page.get_attribute(".hit a", "href") == first
         browser.close()
 
 
@@ -86,16 +97,16 @@ def test_keyboard_only_user_captions_photos_and_opens_a_result(server, shapes, t
         page.wait_for_selector("#status:has-text('model:')")
         page.bring_to_front()  # keyboard events and the file chooser go to the focused page
 
-        # search comes first, then the upload control; every stop shows where the focus is (for the
-        # file input, on the label that stands for it)
+        # search comes first (words, ranking, button, search by example photo), then the upload
+        # control; every stop shows where the focus is (for a file input, on the label that stands for it)
         stops = []
-        for _ in range(3):
+        for _ in range(5):
             page.keyboard.press("Tab")
             stops.append(page.evaluate("""() => { const e = document.activeElement;
-                const shown = e.id === "file-input" ? document.querySelector("label[for=file-input]") : e;
+                const shown = e.type === "file" ? document.querySelector(`label[for=${e.id}]`) : e;
                 const s = getComputedStyle(shown);
                 return [e.id || e.textContent.trim(), s.outlineStyle, parseFloat(s.outlineWidth)]; }"""))
-        assert [s[0] for s in stops] == ["query", "Search", "file-input"], stops
+        assert [s[0] for s in stops] == ["query", "mode", "Search", "like-input", "file-input"], stops
         assert all(style != "none" and width >= 2 for _, style, width in stops), stops
 
         # Space on the upload control opens the file chooser; the chosen order is kept; a non-image
@@ -113,14 +124,14 @@ def test_keyboard_only_user_captions_photos_and_opens_a_result(server, shapes, t
         assert len(uploads) == 2
         assert page.evaluate("[...document.images].every(i => i.alt)")
 
-        # search from the keyboard; the count is the true number of matches; a result opens its photo
+        # search from the keyboard; the count is the true number of photos ranked; a result opens its photo
         page.focus("#query")
         page.keyboard.type("circle")
         page.keyboard.press("Enter")
         page.wait_for_selector(".hit a img", timeout=30_000)
         info = page.inner_text("#search-info")
         hits = page.query_selector_all(".hit")
-        assert info == f"{len(hits)} photo{'s' if len(hits) > 1 else ''} match", info
+        assert info == f"{len(hits)} photo{'s' if len(hits) > 1 else ''} ranked by the model", info
         href = hits[0].query_selector("a").get_attribute("href")
         photo = page.request.get(server.rstrip("/") + href)
         assert photo.ok and photo.headers["content-type"] == "image/jpeg"

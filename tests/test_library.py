@@ -54,12 +54,12 @@ def test_index_then_search(cap, photos, tmp_path):
     r = index_folders(cap, [photos], db, batch_size=4, progress=False)
     assert r.captioned == 12 and len(r.failed) == 1 and "broken.jpg" in r.failed[0]
     assert consistent(db) == 12
-    hits = search(db, "red circles", limit=5)  # plural: Porter stemming matches "circle"
+    hits = search(db, "red circles", limit=5).hits  # plural: Porter stemming matches "circle"
     assert hits and all("circle" in h["caption"] or "red" in h["caption"] for h in hits)
     assert hits[0]["score"] >= hits[-1]["score"]
-    top = search(db, hits[0]["caption"], limit=1)[0]
+    top = search(db, hits[0]["caption"], limit=1).hits[0]
     assert top["caption"] == hits[0]["caption"]
-    assert search(db, "zebra") == [] and search(db, "") == []
+    assert search(db, "zebra").hits == [] and search(db, "").hits == []
 
 
 def test_incremental_reindex(cap, photos, tmp_path):
@@ -166,7 +166,7 @@ def test_search_works_while_an_index_run_is_writing(cap, photos, tmp_path):
     writer.execute("BEGIN IMMEDIATE")  # an indexer in the middle of a batch holds the write lock
     writer.execute("DELETE FROM photos")  # its uncommitted work is invisible to readers
     try:
-        hits = search(db, "circle", limit=50)
+        hits = search(db, "circle", limit=50).hits
         assert hits and len(hits) == len({h["path"] for h in hits})
     finally:
         writer.execute("ROLLBACK")

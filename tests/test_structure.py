@@ -31,7 +31,7 @@ FLOORS = [
     ("base", ["errors", "files", "names", "runtime"]),
     ("data", ["data", "metrics"]),
     ("model", ["model"]),
-    ("decode", ["decode"]),
+    ("decode", ["decode", "retrieval"]),
     ("work", ["scst", "train", "evaluate", "api", "batch", "library", "export", "viz"]),
     ("front", ["cli", "server", "__init__", "__main__"]),
 ]

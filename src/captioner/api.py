@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -104,11 +107,29 @@ class Captioner:
             return self.model.features(x, chunk=encoder_chunk(self.device))
 
     @torch.no_grad()
-    def caption_tensor(self, x: torch.Tensor, decoding: Decoding | None = None) -> list[dict]:
+    def caption_tensor(self, x: torch.Tensor, decoding: Decoding | None = None, features: bool = False
+                       ) -> list[dict]:
         """Preprocessed images (B, 3, S, S) -> [{"caption", "logprob", "score", "alternatives": [...]}]
-        (see decode.caption_features)."""
-        return caption_features(self.model.decoder, self.vocab, self.features(x), decoding or self.decoding,
-                                self.device, self.precision, batch_size=x.shape[0])
+        (see decode.caption_features), with `features`: also "features", the encoder's output for
+        that image (a float tensor on the CPU; what the photo library stores)."""
+        feats = self.features(x)
+        results = caption_features(self.model.decoder, self.vocab, feats, decoding or self.decoding,
+                                   self.device, self.precision, batch_size=x.shape[0])
+        if features:
+            for r, f in zip(results, feats.float().cpu()):
+                r["features"] = f
+        return results
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Names this exact model (weights, vocabulary, config): a photo library keeps it beside what
+        the model computed, so that two models' numbers are never mixed."""
+        h = hashlib.sha1(json.dumps(self.model.cfg.to_json(), sort_keys=True).encode())
+        h.update("\n".join(self.vocab.itos).encode())
+        for name, t in sorted(self.model.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:20]
 
     def require_attention(self) -> None:
         """Raise a one-line ModelError unless the model has attention maps to show."""
@@ -134,16 +155,16 @@ class Captioner:
         return caption, caption.split() + ["<end>"], alpha[0].float().cpu().view(-1, side, side)
 
     def caption_files(self, paths: Sequence[Path], batch_size: int = 32, decoding: Decoding | None = None,
-                      workers: int = 0) -> Iterator[tuple[Path, dict | None, str | None]]:
+                      workers: int = 0, features: bool = False) -> Iterator[tuple[Path, dict | None, str | None]]:
         """Caption many files in batches. Yields (path, result, None) or (path, None, error line):
-        an unreadable file is reported and skipped, never fatal."""
+        an unreadable file is reported and skipped, never fatal. `features`: see caption_tensor."""
         ds = ImageDataset(paths, self.transform)
         loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate_with_errors)
         for idx, x, err_idx, errors in loader:
             for i, e in zip(err_idx, errors):
                 yield ds.paths[i], None, e
             if x is not None:
-                for i, r in zip(idx, self.caption_tensor(x, decoding)):
+                for i, r in zip(idx, self.caption_tensor(x, decoding, features)):
                     yield ds.paths[i], r, None
 
 

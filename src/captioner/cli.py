@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 
 from captioner import __version__
 from captioner.data.records import LAYOUTS
-from captioner.errors import CaptionerError, CaptionerWarning, DataError
+from captioner.errors import CaptionerError, CaptionerWarning, ConfigError, DataError
 from captioner.files import path_text
-from captioner.names import DECODERS, ENCODERS, HEADS, PRECISIONS, shipped_model_dir
+from captioner.names import DECODERS, DEFAULT_SEARCH_MODE, ENCODERS, HEADS, PRECISIONS, SEARCH_MODES, shipped_model_dir
 from captioner.train.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -165,12 +165,19 @@ def _index_parser(sub) -> None:
 
 
 def _search_parser(sub) -> None:
-    p = sub.add_parser("search", help="find photos in a database by the words of their captions")
-    p.add_argument("query", help='words to look for, e.g. "dog running on the beach"')
+    p = sub.add_parser("search", help="find photos in a database by what they show (or by an example photo)")
+    p.add_argument("query", nargs="?", help='words to look for, e.g. "dog running on the beach"')
     p.add_argument("--db", type=Path, required=True)
+    p.add_argument("--mode", choices=SEARCH_MODES, default=DEFAULT_SEARCH_MODE,
+                   help=f"how photos are ranked (default {DEFAULT_SEARCH_MODE}, the best on Flickr8k val): "
+                        "'keyword' matches the words of their captions (instant; no model loaded); 'model' asks "
+                        "the captioning model how well the words describe each photo; 'hybrid' adds the two")
+    p.add_argument("--like", type=Path, metavar="PHOTO", help="instead of words: photos that look like this one")
+    p.add_argument("--model", help="the model that indexed the library (default: the one named in it)")
     p.add_argument("--limit", type=_count(1), default=20, help="how many photos at most (default 20)")
     p.add_argument("--json", action="store_true", help='one JSON object per line, best first: {"path", "caption", '
                                                         '"score"}')
+    _machine_options(p)
 
 
 def _serve_parser(sub) -> None:
@@ -256,10 +263,17 @@ def _train_parser(sub) -> None:
 
 
 def _evaluate_parser(sub) -> None:
-    p = sub.add_parser("evaluate", help="score a model on a split with BLEU/METEOR/ROUGE-L/CIDEr-D")
+    p = sub.add_parser("evaluate", help="score a model on a split: captions (BLEU/METEOR/ROUGE-L/CIDEr-D) or "
+                                         "search (recall at 1, 5, 10)")
     _model_option(p)
     _data_options(p, required=True)
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--task", choices=("captions", "retrieval"), default="captions",
+                   help="'captions' (default): caption every image and score the captions against the references; "
+                        "'retrieval': index the split's photos and search for each reference caption, reporting "
+                        "how often its own photo comes first, in the first 5 and 10, and its median rank, for "
+                        "each search mode")
+    p.add_argument("--db", type=Path, help="retrieval: keep the photo library here (default: a temporary one)")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs Java and takes a while)")
     p.add_argument("--out", type=Path, help="write captions.json (COCO results) and metrics.json here")
     p.add_argument("--cache-dir", type=Path)
@@ -381,9 +395,22 @@ def cmd_index(a: argparse.Namespace) -> int:
 
 
 def cmd_search(a: argparse.Namespace) -> int:
-    from captioner.library import search
+    from captioner.library import indexed_by, search, similar
 
-    hits = search(a.db, a.query, a.limit)
+    if (a.query is None) == (a.like is None):
+        raise ConfigError("give words to look for, or --like PHOTO (not both)")
+    if a.like is not None and not a.like.is_file():
+        raise DataError(f"{a.like}: no such file")
+    cap = None
+    if a.like is not None or a.mode != "keyword":
+        from captioner.api import Captioner
+
+        cap = Captioner.load(a.model or indexed_by(a.db), a.device, a.precision)
+    found = (similar(a.db, a.like, a.limit, captioner=cap) if a.like is not None
+             else search(a.db, a.query, a.limit, mode=a.mode, captioner=cap))
+    if found.note:
+        print(f"captioner: note: {found.note}", file=sys.stderr)
+    hits = found.hits
     for h in hits:
         if a.json:
             print(json.dumps({"path": h["path"], "caption": h["caption"], "score": h["score"]}))
@@ -391,11 +418,9 @@ def cmd_search(a: argparse.Namespace) -> int:
             print(f"{h['score']:.2f}\t{h['path'].translate(_CONTROL)}\t{h['caption']}")
     if not hits and not a.json:
         print(f"no photo in {a.db} matches {a.query!r}", file=sys.stderr)
-    elif len(hits) == a.limit and not a.json:
-        from captioner.library import count_matches
-
-        print(f"the best {a.limit} of {count_matches(a.db, a.query)} matching photos (--limit N for more)",
-              file=sys.stderr)
+    elif len(hits) < found.total and not a.json:
+        what = "matching photos" if found.mode == "keyword" else "photos"
+        print(f"the best {len(hits)} of {found.total} {what} ({found.mode}; --limit N for more)", file=sys.stderr)
     return 0
 
 
@@ -459,6 +484,20 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from captioner.model.folder import model_dir, read_config
 
     model = model_dir(a.model)
+    if a.task == "retrieval":
+        from captioner.evaluate import retrieval
+
+        r = retrieval(model, a.data, a.split, layout=a.layout, images=a.images, db=a.db, device=a.device,
+                      precision=a.precision, skip_missing=a.skip_missing, max_images=a.max_images)
+        print(f"{r['images']} {a.split} photos, {r['queries']} queries (each reference caption; its own photo is "
+              f"the answer):")
+        for mode, m in r["modes"].items():
+            star = " (default)" if mode == r["default_mode"] else ""
+            print(f"  {mode + star:18s} R@1 {m['R@1']:5.1f}%  R@5 {m['R@5']:5.1f}%  R@10 {m['R@10']:5.1f}%  "
+                  f"median rank {m['median_rank']:g}")
+        if a.json:
+            print(json.dumps(r))
+        return 0
     r = evaluate(model, a.data, a.split, layout=a.layout, images=a.images, decoding=_decoding(a, read_config(model)),
                  device=a.device, precision=a.precision, cache_dir=a.cache_dir, out=a.out,
                  skip_missing=a.skip_missing, max_images=a.max_images, meteor=not a.no_meteor)

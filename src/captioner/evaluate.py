@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from captioner import metrics
+from captioner import library, metrics
 from captioner.data.features import cached_features
 from captioner.data.records import check_images, load_records, split_records
 from captioner.decode import Decoding, caption_features
 from captioner.errors import DataError
 from captioner.files import atomic_write, path_text
+from captioner.library import DEFAULT_MODE, MODES, index_folders
 from captioner.model.folder import load_model
+from captioner.retrieval import RERANK
 from captioner.runtime import pick_device, resolve_precision
 
 
@@ -76,3 +80,73 @@ def image_ids(paths: list[Path]) -> list[str]:
         return names
     root = Path(os.path.commonpath([str(p.parent) for p in paths]))
     return [path_text(p.relative_to(root)) for p in paths]
+
+
+def retrieval(model_dir: Path | None, data: Path, split: str = "val", *, layout: str | None = None,
+              images: Path | None = None, db: Path | None = None, modes: tuple[str, ...] = MODES,
+              batch_size: int = 32, device: str = "auto", precision: str = "auto", skip_missing: bool = False,
+              max_images: int = 0, progress: bool = True) -> dict:
+    """Text-to-image search, measured: index the split's photos (into `db`, else a temporary
+    database) and run each of their reference captions as a query, whose one right answer is its
+    own photo. Returns R@1, R@5, R@10 (percent of queries whose photo is in the first 1, 5, 10) and
+    the median rank for each of `modes`, and those of the default mode at the top level.
+
+    Photos a mode cannot tell apart (those no keyword matches, say) share their ranks: each gets the
+    mean of the places they fill, so no mode gains from the order of the files."""
+    from captioner.api import Captioner
+
+    t0 = time.perf_counter()
+    records = load_records(data, layout, images)
+    chosen = split_records(records, split) or (records if all(r.split == "" for r in records) else [])
+    if not chosen:
+        raise DataError(f"{data}: no images in the {split!r} split")
+    chosen = check_images(chosen, skip_missing)[: max_images or None]
+    cap = Captioner.load(model_dir, device, precision)
+    with tempfile.TemporaryDirectory(prefix="captioner-retrieval-") as tmp:
+        db = Path(db) if db else Path(tmp) / "library.db"
+        report = index_folders(cap, [], db, batch_size=batch_size, progress=progress,
+                               files=[r.image for r in chosen])
+        if report.failed:
+            print(f"{len(report.failed)} unreadable images left out (first: {report.failed[0]})")
+        with library.reading(db) as con:
+            photo = {path: pid for pid, path in con.execute("SELECT id, path FROM photos")}
+            view = library.ModelView(con, db, cap) if set(modes) - {"keyword"} else None
+            queries = [(photo[path_text(Path(os.path.abspath(r.image)))], c) for r in chosen for c in r.captions
+                       if path_text(Path(os.path.abspath(r.image))) in photo]
+            ranks: dict[str, list[float]] = {m: [] for m in modes}
+            model_modes = tuple(m for m in modes if m != "keyword")
+            for pid, text in tqdm(queries, desc="queries", unit="query", disable=not progress):
+                if "keyword" in modes:
+                    scores = library.keyword_scores(con, text)
+                    ranked = sorted(scores.items(), key=lambda x: -x[1])
+                    ranks["keyword"].append(rank_of(ranked, pid, len(photo), len(ranked)))
+                if model_modes:
+                    for mode, ranked in library.rank(con, view, text, model_modes).items():
+                        ranks[mode].append(rank_of(ranked, pid, len(photo), min(RERANK, len(ranked))))
+    result = {"images": len(photo), "queries": len(queries), "split": split, "model": str(model_dir or "shipped"),
+              "default_mode": DEFAULT_MODE, "modes": {m: recall(r) for m, r in ranks.items()}}
+    if DEFAULT_MODE in result["modes"]:
+        result |= result["modes"][DEFAULT_MODE]
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def rank_of(ranked: list[tuple[int, float]], target: int, total: int, scored: int) -> float:
+    """The rank (1 = first) of photo `target` in `ranked`, (id, score) best first, of which the first
+    `scored` were ordered by score and the rest by a coarser score; photos of `total` not in
+    `ranked` come after all of them. Ties share the mean of their places."""
+    pos = next((i for i, (pid, _) in enumerate(ranked) if pid == target), None)
+    if pos is None:  # not ranked at all: after the ranked ones, tied with the other unranked
+        return len(ranked) + (total - len(ranked) + 1) / 2
+    lo, hi = (0, scored) if pos < scored else (scored, len(ranked))
+    own = ranked[pos][1]
+    better = sum(1 for _, s in ranked[lo:hi] if s > own)
+    tied = sum(1 for _, s in ranked[lo:hi] if s == own) - 1
+    return lo + better + 1 + tied / 2
+
+
+def recall(ranks: list[float]) -> dict:
+    """Ranks (1 = first) -> {"R@1", "R@5", "R@10" (percent), "median_rank"}."""
+    r = np.asarray(ranks, dtype=np.float64)
+    out = {f"R@{k}": round(float((r <= k).mean() * 100), 2) if len(r) else None for k in (1, 5, 10)}
+    return out | {"median_rank": float(np.median(r)) if len(r) else None}

@@ -1,4 +1,5 @@
-"""A photo library: the caption of every photo under some folders, in SQLite, searchable by words.
+"""A photo library: the caption of every photo under some folders, in SQLite, searchable by words
+and by meaning.
 
 One file, readable with the ``sqlite3`` shell:
 
@@ -6,13 +7,23 @@ One file, readable with the ``sqlite3`` shell:
         one row per captioned photo; `alternatives` is JSON [{"caption", "logprob", "score"}, ...]
     photos_fts(caption, alternatives)       FTS5 full-text index, rowid = photos.id,
         Porter stemming so "dogs" finds "dog" and "running" finds "runs"
+    vectors(id, model, features, pooled, words)
+        per photo (id = photos.id), what model search reads (see retrieval.py): the encoder's
+        features, their pooled unit vector, the model's expected word counts; `model` is the
+        fingerprint of the model that made them, so two models' numbers are never mixed
     failures(path, size, mtime, error)      files that could not be read, and why
     meta(key, value)                        schema version
 
-Indexing is incremental: a file whose size and modification time are unchanged is skipped, one
-whose bytes are unchanged (same SHA-1) only has its time updated, a changed one is captioned
-again, and photos whose files are gone are dropped. Every batch is written in one transaction,
-so an interrupted run leaves a consistent database and the next run finishes the job.
+Indexing is incremental: a file whose size and modification time are unchanged (and that was
+indexed by the same model) is skipped, one whose bytes are unchanged (same SHA-1) only has its time
+updated, a changed one, or one indexed by another model, is captioned again, and photos whose files
+are gone are dropped. Every batch is written in one transaction, so an interrupted run leaves a
+consistent database and the next run finishes the job.
+
+Search has three modes (`MODES`): "keyword" matches the words of the captions (BM25, instant,
+exact for names and rare words); "model" ranks by the captioning model itself (retrieval.py);
+"hybrid" adds the keyword score to the model's. Measured on Flickr8k val (README), hybrid ranks
+best and is the default of the command line, the API and the page.
 """
 
 from __future__ import annotations
@@ -27,17 +38,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from tqdm import tqdm
 
-from captioner.data.images import list_images
+from captioner.data.images import list_images, open_rgb
 from captioner.data.vocab import tokenize
 from captioner.errors import LibraryError
 from captioner.files import path_text, readable_digest
+from captioner.names import DEFAULT_SEARCH_MODE, SEARCH_MODES
 
 if TYPE_CHECKING:
     from captioner.decode import Decoding
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+READABLE_SCHEMAS = ("1", "2")  # 1: before model search (no vectors); opened for indexing, it becomes 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS photos (
     id INTEGER PRIMARY KEY,
@@ -51,6 +65,13 @@ CREATE TABLE IF NOT EXISTS photos (
     indexed_at REAL NOT NULL
 );
 CREATE VIRTUAL TABLE IF NOT EXISTS photos_fts USING fts5(caption, alternatives, tokenize = 'porter unicode61');
+CREATE TABLE IF NOT EXISTS vectors (
+    id INTEGER PRIMARY KEY,
+    model TEXT NOT NULL,
+    features BLOB NOT NULL,
+    pooled BLOB NOT NULL,
+    words BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS failures (
     path TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
@@ -94,7 +115,7 @@ def connect(db: Path, create: bool = True) -> sqlite3.Connection:
         con.execute("PRAGMA journal_mode=WAL")  # readers (the web page) never block the indexer
         con.execute("PRAGMA synchronous=NORMAL")
         con.executescript(SCHEMA)
-        con.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        con.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))  # 1 -> 2: vectors added
         con.commit()
         return con
     except sqlite3.DatabaseError as e:
@@ -111,9 +132,9 @@ def _check_ours(db: Path, con: sqlite3.Connection) -> None:
         shown = ", ".join(sorted(tables)[:5]) or "no tables"
         raise LibraryError(f"{db}: not a captioner photo database (it holds {shown}); it is left as it is: "
                            "choose another --db")
-    if version[0] != SCHEMA_VERSION:
+    if version[0] not in READABLE_SCHEMAS:
         raise LibraryError(f"{db}: made by another version of captioner (schema {version[0]}, this one reads "
-                           f"{SCHEMA_VERSION}); index into a new --db")
+                           f"{', '.join(READABLE_SCHEMAS)}); index into a new --db")
 
 
 def _open_read_only(db: Path) -> sqlite3.Connection:
@@ -136,11 +157,14 @@ class IndexReport:
     seconds: float = 0.0
 
 
-def _plan(con: sqlite3.Connection, files: list[Path], report: IndexReport
+def _plan(con: sqlite3.Connection, files: list[Path], report: IndexReport, model: str
           ) -> tuple[list[tuple[Path, os.stat_result, str]], list[tuple[str, os.stat_result, str]]]:
-    """Which files need captions: new or changed ones. Unchanged files are counted and skipped;
-    files that cannot be read are returned as failures [(path, stat, error)]."""
-    known = {p: (s, m, h) for p, s, m, h in con.execute("SELECT path, size, mtime, sha1 FROM photos")}
+    """Which files need captions: new or changed ones, and those indexed by another model than
+    `model` (a fingerprint). Unchanged files are counted and skipped; files that cannot be read are
+    returned as failures [(path, stat, error)]."""
+    known = {p: (s, m, h) for p, s, m, h, by in con.execute(
+        "SELECT p.path, p.size, p.mtime, p.sha1, v.model FROM photos p LEFT JOIN vectors v ON v.id = p.id")
+        if by == model}  # a photo of another model (or of schema 1, without vectors) is captioned again
     bad = {p: (s, m) for p, s, m in con.execute("SELECT path, size, mtime FROM failures")}
     todo, unreadable = [], []
     for f in files:
@@ -178,37 +202,61 @@ def _remove_missing(con: sqlite3.Connection, roots: Sequence[Path], present: set
     bad = [path for (path,) in con.execute("SELECT path FROM failures") if gone(path)]
     with con:
         for pid in photos:
-            con.execute("DELETE FROM photos_fts WHERE rowid = ?", (pid,))
-            con.execute("DELETE FROM photos WHERE id = ?", (pid,))
+            _delete_photo(con, pid)
         con.executemany("DELETE FROM failures WHERE path = ?", [(p,) for p in bad])
     return len(photos)
 
 
-def _write_batch(con: sqlite3.Connection, rows: list[tuple], failures: list[tuple], model: str) -> None:
-    """One transaction: upsert captioned photos (and their full-text rows) and failures."""
+def _delete_photo(con: sqlite3.Connection, pid: int) -> None:
+    con.execute("DELETE FROM photos_fts WHERE rowid = ?", (pid,))
+    con.execute("DELETE FROM vectors WHERE id = ?", (pid,))
+    con.execute("DELETE FROM photos WHERE id = ?", (pid,))
+
+
+def _vectors(captioner, rows: list[tuple]) -> list[tuple[bytes, bytes, bytes]]:
+    """(features, pooled, words) blobs for each captioned photo of a batch (see retrieval.py)."""
+    if not rows:
+        return []
+    import torch
+
+    from captioner import retrieval
+
+    feats = torch.stack([result["features"] for *_, result in rows])
+    ids, counts = retrieval.expected_words(captioner.model.decoder, feats.to(captioner.device), captioner.vocab,
+                                           max_len=captioner.model.cfg.max_len)
+    return list(zip(retrieval.pack_features(feats), [p.tobytes() for p in retrieval.pooled_vectors(feats)],
+                    retrieval.pack_words(ids, counts)))
+
+
+def _write_batch(con: sqlite3.Connection, rows: list[tuple], failures: list[tuple], source: str,
+                 vectors: list[tuple[bytes, bytes, bytes]], model: str) -> None:
+    """One transaction: upsert captioned photos (their full-text rows and vectors, made by the model
+    with fingerprint `model`, loaded from `source`) and failures."""
     now = time.time()
     with con:
-        for path, st, sha1, result in rows:
+        for (path, st, sha1, result), (features, pooled, words) in zip(rows, vectors, strict=True):
             alts = result.get("alternatives", [])[1:]
             prev = con.execute("SELECT id FROM photos WHERE path = ?", (path,)).fetchone()
             if prev:
-                con.execute("DELETE FROM photos_fts WHERE rowid = ?", prev)
-                con.execute("DELETE FROM photos WHERE id = ?", prev)
+                _delete_photo(con, prev[0])
             cur = con.execute(
                 "INSERT INTO photos (path, sha1, size, mtime, caption, alternatives, model, indexed_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (path, sha1, st.st_size, st.st_mtime, result["caption"], json.dumps(alts), model, now))
+                (path, sha1, st.st_size, st.st_mtime, result["caption"], json.dumps(alts), source, now))
             con.execute("INSERT INTO photos_fts (rowid, caption, alternatives) VALUES (?, ?, ?)",
                         (cur.lastrowid, result["caption"], "\n".join(a["caption"] for a in alts)))
+            con.execute("INSERT INTO vectors (id, model, features, pooled, words) VALUES (?, ?, ?, ?, ?)",
+                        (cur.lastrowid, model, features, pooled, words))
             con.execute("DELETE FROM failures WHERE path = ?", (path,))
         for path, st, error in failures:
             con.execute("INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?)", (path, st.st_size, st.st_mtime, error))
 
 
 def index_folders(captioner, roots: Sequence[Path], db: Path, *, batch_size: int = 32, progress: bool = True,
-                  decoding: Decoding | None = None) -> IndexReport:
+                  decoding: Decoding | None = None, files: Sequence[Path] | None = None) -> IndexReport:
     """Caption every image under `roots` into the database at `db` with `decoding` (else the
-    model's own; see the module docstring)."""
+    model's own; see the module docstring). With `files`, those images instead (and no `roots`:
+    nothing is removed)."""
     t0 = time.perf_counter()
     roots = [Path(os.path.abspath(r)) for r in roots]  # not resolved: a photo is known by the path it is found at
     for r in roots:
@@ -216,7 +264,7 @@ def index_folders(captioner, roots: Sequence[Path], db: Path, *, batch_size: int
             raise FileNotFoundError(f"{r}: no such folder")
     con = connect(db)
     try:
-        return _index(captioner, roots, con, batch_size, progress, decoding, t0)
+        return _index(captioner, roots, con, batch_size, progress, decoding, t0, files)
     except sqlite3.DatabaseError as e:  # disk full, read-only: each batch was one transaction, so all done is kept
         raise LibraryError(f"{db}: {e}; the photos indexed so far are kept: run again to finish") from None
     finally:
@@ -224,19 +272,18 @@ def index_folders(captioner, roots: Sequence[Path], db: Path, *, batch_size: int
 
 
 def _index(captioner, roots: list[Path], con: sqlite3.Connection, batch_size: int, progress: bool,
-           decoding: Decoding | None, t0: float) -> IndexReport:
+           decoding: Decoding | None, t0: float, files: Sequence[Path] | None = None) -> IndexReport:
     report = IndexReport()
     # the paths as found (symlinks kept): a link that is removed takes its photo out of the library
-    files = [Path(os.path.abspath(f)) for f in list_images(roots, recursive=True)]
+    files = [Path(os.path.abspath(f)) for f in (list_images(roots, recursive=True) if files is None else files)]
     report.removed = _remove_missing(con, roots, {path_text(f) for f in files})
-    todo, failures = _plan(con, files, report)
+    todo, failures = _plan(con, files, report, captioner.fingerprint)
     report.failed += [error for _, _, error in failures]
-    model = captioner.source
     by_path = {f: (st, sha1) for f, st, sha1 in todo}
     rows = []
     bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress)
     for path, result, error in captioner.caption_files([f for f, _, _ in todo], batch_size=batch_size,
-                                                        decoding=decoding):
+                                                        decoding=decoding, features=True):
         st, sha1 = by_path[path]
         if error:
             failures.append((path_text(path), st, error))
@@ -246,9 +293,9 @@ def _index(captioner, roots: list[Path], con: sqlite3.Connection, batch_size: in
             report.captioned += 1
         bar.update(1)
         if len(rows) + len(failures) >= batch_size:
-            _write_batch(con, rows, failures, model)
+            _write_batch(con, rows, failures, captioner.source, _vectors(captioner, rows), captioner.fingerprint)
             rows, failures = [], []
-    _write_batch(con, rows, failures, model)
+    _write_batch(con, rows, failures, captioner.source, _vectors(captioner, rows), captioner.fingerprint)
     bar.close()
     report.seconds = time.perf_counter() - t0
     return report
@@ -263,7 +310,7 @@ def fts_query(text: str) -> str:
 
 
 @contextlib.contextmanager
-def _reading(db: Path) -> Iterator[sqlite3.Connection]:
+def reading(db: Path) -> Iterator[sqlite3.Connection]:
     """A read-only connection; a database damaged inside (bad pages, a broken index) is a one-line
     LibraryError, never a traceback or a server's 500."""
     con = connect(db, create=False)
@@ -275,34 +322,223 @@ def _reading(db: Path) -> Iterator[sqlite3.Connection]:
         con.close()
 
 
-def search(db: Path, text: str, limit: int = 20) -> list[dict]:
-    """Photos whose captions match `text`, best first: [{"id", "path", "caption", "score"}]."""
+MODES, DEFAULT_MODE = SEARCH_MODES, DEFAULT_SEARCH_MODE  # hybrid ranked best on Flickr8k val (README)
+# How the scores are added up (see `rank`), chosen on Flickr8k val (docs/EXPERIMENTS.md): the weight
+# of the stage-1 word score beside log p(query | photo), and, in hybrid, of the BM25 score in stage 1
+# (beside the word score) and in stage 2.
+WORDS_WEIGHT = 0.4
+KEYWORD_WEIGHT_FIRST = 1.0
+KEYWORD_WEIGHT = 0.2
+
+
+@dataclass
+class Found:
+    """What a search found: `hits` best first, [{"id", "path", "caption", "score"}]; the `mode` that
+    ranked them (keyword where a model search had nothing to go on); `total`, how many photos
+    match the keywords or were ranked by the model; a `note` for the user, or None."""
+
+    hits: list[dict]
+    mode: str
+    total: int
+    note: str | None = None
+
+
+def search(db: Path, text: str, limit: int = 20, *, mode: str = "keyword", captioner=None) -> Found:
+    """Photos for the words `text`, best first, ranked by `mode` (see MODES and the module
+    docstring). "model" and "hybrid" need the `captioner` that indexed the library."""
+    _check(limit, mode)
+    with reading(db) as con:
+        if mode != "keyword":
+            if captioner is None:
+                raise LibraryError(f"{mode} search needs the model that indexed the library")
+            view = ModelView(con, db, captioner)
+            tokens, unknown = view.query(text)
+            if any(t != captioner.vocab.unk for t in tokens[1:-1]):
+                ranked = rank(con, view, text, (mode,), limit)[mode]
+                note = view.note(unknown)
+                return Found(_hits(con, ranked[:limit]), mode, len(view.ids), note)
+            if tokens[1:-1]:  # only words the model does not know: its score would say nothing
+                found = _keyword(con, text, limit)
+                found.note = (f"the model knows none of the words {', '.join(map(repr, unknown))}: "
+                              "searched the captions' words instead")
+                return found
+        return _keyword(con, text, limit)
+
+
+def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None = None) -> Found:
+    """Photos that look like `image` (a path, bytes, PIL image or array), or like the library's
+    photo `photo_id`: the cosine similarity of their stored pooled features to its own, best first
+    (the photo itself, if it is in the library, comes first)."""
+    from captioner import retrieval
+
+    _check(limit, "model")
+    with reading(db) as con:
+        view = ModelView(con, db, captioner)
+        rows = _rows(con, "SELECT id, pooled FROM vectors WHERE model = ? ORDER BY id", (captioner.fingerprint,))
+        if photo_id is not None:
+            own = [r[1] for r in rows if r[0] == photo_id]
+            if not own:
+                raise LibraryError(f"no photo {photo_id} in the library indexed by this model")
+            query = np.frombuffer(own[0], np.float16).astype(np.float32)
+        else:
+            x = captioner.transform(open_rgb(image))[None]
+            query = retrieval.pooled_vectors(captioner.features(x)).astype(np.float32)[0]  # (C,)
+        ids = np.array([r[0] for r in rows], np.int64)
+        sims = (np.frombuffer(b"".join(r[1] for r in rows), np.float16).reshape(len(rows), -1).astype(np.float32)
+                @ query) if rows else np.zeros(0, np.float32)
+        best = np.argsort(-sims, kind="stable")[:limit]
+        return Found(_hits(con, [(int(ids[i]), float(sims[i])) for i in best]), "like", len(ids), view.note([]))
+
+
+def _check(limit: int, mode: str) -> None:
     if not 1 <= limit <= MAX_LIMIT:
         raise LibraryError(f"the limit must be 1 to {MAX_LIMIT:,}, not {limit}")
+    if mode not in MODES:
+        raise LibraryError(f"unknown search mode {mode!r}; choose from {', '.join(MODES)}")
+
+
+def _rows(con: sqlite3.Connection, sql: str, args: tuple = ()) -> list:
+    try:
+        return con.execute(sql, args).fetchall()
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):  # schema 1: made before model search
+            return []
+        raise
+
+
+def _keyword(con: sqlite3.Connection, text: str, limit: int) -> Found:
     query = fts_query(text)
     if not query:
+        return Found([], "keyword", 0)
+    rows = con.execute(
+        "SELECT p.id, p.path, p.caption, -bm25(photos_fts, 1.0, 0.3) AS score"
+        " FROM photos_fts JOIN photos p ON p.id = photos_fts.rowid"
+        " WHERE photos_fts MATCH ? ORDER BY bm25(photos_fts, 1.0, 0.3) LIMIT ?", (query, limit)).fetchall()
+    total = con.execute("SELECT count(*) FROM photos_fts WHERE photos_fts MATCH ?", (query,)).fetchone()[0]
+    return Found([{"id": i, "path": p, "caption": c, "score": round(s, 4)} for i, p, c, s in rows], "keyword", total)
+
+
+def keyword_scores(con: sqlite3.Connection, text: str) -> dict[int, float]:
+    """BM25 score of every photo the words of `text` match (higher is better), by photo id."""
+    query = fts_query(text)
+    if not query:
+        return {}
+    return dict(con.execute("SELECT rowid, -bm25(photos_fts, 1.0, 0.3) FROM photos_fts WHERE photos_fts MATCH ?",
+                            (query,)))
+
+
+def _hits(con: sqlite3.Connection, ranked: list[tuple[int, float]]) -> list[dict]:
+    if not ranked:
         return []
-    with _reading(db) as con:
-        rows = con.execute(
-            "SELECT p.id, p.path, p.caption, -bm25(photos_fts, 1.0, 0.3) AS score"
-            " FROM photos_fts JOIN photos p ON p.id = photos_fts.rowid"
-            " WHERE photos_fts MATCH ? ORDER BY bm25(photos_fts, 1.0, 0.3) LIMIT ?", (query, limit)).fetchall()
-    return [{"id": i, "path": p, "caption": c, "score": round(s, 4)} for i, p, c, s in rows]
+    ids = [i for i, _ in ranked]
+    info = {}
+    for start in range(0, len(ids), 500):  # SQLite takes a bounded number of parameters
+        part = ids[start:start + 500]
+        info.update({i: (p, c) for i, p, c in con.execute(
+            f"SELECT id, path, caption FROM photos WHERE id IN ({','.join('?' * len(part))})", part)})
+    return [{"id": i, "path": info[i][0], "caption": info[i][1], "score": round(s, 4)} for i, s in ranked if i in info]
 
 
-def count_matches(db: Path, text: str) -> int:
-    """How many photos `search` would find for `text` without a limit."""
-    query = fts_query(text)
-    if not query:
-        return 0
-    with _reading(db) as con:
-        return con.execute("SELECT count(*) FROM photos_fts WHERE photos_fts MATCH ?", (query,)).fetchone()[0]
+class ModelView:
+    """The photos of a library as one model indexed them, for model search: their expected word
+    counts held in memory (stage 1: 384 bytes a photo), their features read on demand (stage 2)."""
+
+    def __init__(self, con: sqlite3.Connection, db: Path, captioner):
+        from captioner import retrieval
+
+        self.con, self.captioner = con, captioner
+        rows = _rows(con, "SELECT id, words FROM vectors WHERE model = ? ORDER BY id", (captioner.fingerprint,))
+        photos = con.execute("SELECT count(*) FROM photos").fetchone()[0]
+        if photos and not rows:
+            raise LibraryError(f"{db}: no photo in it was indexed by this model ({captioner.source}): run "
+                               f"captioner index again with it, or search with --mode keyword")
+        self.ids = np.array([r[0] for r in rows], np.int64)  # sorted
+        self.word_ids, self.counts = retrieval.unpack_words([r[1] for r in rows])
+        self.left_out = photos - len(rows)  # indexed by another model (or before model search)
+
+    def query(self, text: str) -> tuple[list[int], list[str]]:
+        """`text` -> tokens [<start>, w1 .. wn, <end>] (unknown words as <unk>) and the unknown words."""
+        vocab = self.captioner.vocab
+        words = tokenize(text)[: self.captioner.model.cfg.max_len]
+        return vocab.encode(" ".join(words)), [w for w in dict.fromkeys(words) if w not in vocab.stoi]
+
+    def note(self, unknown: list[str]) -> str | None:
+        notes = []
+        if unknown:
+            notes.append(f"words the model does not know, read as <unk>: {', '.join(map(repr, unknown))}")
+        if self.left_out:
+            notes.append(f"{self.left_out} photos indexed by another model are left out: run captioner index again")
+        return "; ".join(notes) or None
+
+    def features(self, ids: np.ndarray):
+        """The stored features of photos `ids` (in that order) -> a float tensor (M, ...)."""
+        from captioner import retrieval
+
+        blobs = {}
+        for start in range(0, len(ids), 500):
+            part = [int(i) for i in ids[start:start + 500]]
+            blobs.update(self.con.execute(
+                f"SELECT id, features FROM vectors WHERE id IN ({','.join('?' * len(part))})", part).fetchall())
+        cfg = self.captioner.model.cfg
+        cells = (len(next(iter(blobs.values()))) - 8) // cfg.feat_dim if blobs else 1
+        shape = (cfg.feat_dim,) if self.captioner.model.decoder.feature_kind == "pooled" else (cells, cfg.feat_dim)
+        return retrieval.unpack_features([blobs[int(i)] for i in ids], shape)
+
+
+def rank(con: sqlite3.Connection, view: ModelView, text: str, modes: Sequence[str] = ("hybrid",),
+         limit: int = 1) -> dict[str, list[tuple[int, float]]]:
+    """Every photo of `view` for the query `text`, best first, as (id, score), for each of `modes`
+    ("model", "hybrid"). Stage 1 (retrieval.word_scores, plus KEYWORD_WEIGHT_FIRST * BM25 in hybrid)
+    picks the best max(RERANK, limit); those are ordered by
+
+        log p(query | photo) + WORDS_WEIGHT * stage-1 word score  [+ KEYWORD_WEIGHT * BM25 in hybrid]
+
+    divided by the query's length (a score per word, for people to read), and the other photos follow
+    in stage-1 order with their stage-1 score. The decoder scores each photo once for all the modes."""
+    from captioner import retrieval
+
+    cap = view.captioner
+    tokens, _ = view.query(text)
+    content = [w for w in tokenize(text) if w not in STOPWORDS and w in cap.vocab.stoi]
+    words = retrieval.word_scores(view.word_ids, view.counts, list(dict.fromkeys(cap.vocab.stoi[w] for w in content)))
+    bm = np.zeros(len(view.ids), np.float32)
+    if "hybrid" in modes:
+        for pid, score in keyword_scores(con, text).items():
+            at = np.searchsorted(view.ids, pid)
+            if at < len(view.ids) and view.ids[at] == pid:
+                bm[at] = score
+    stage1, chosen = {}, {}
+    for mode in modes:
+        stage1[mode] = words + KEYWORD_WEIGHT_FIRST * bm if mode == "hybrid" else words
+        chosen[mode] = np.argsort(-stage1[mode], kind="stable")
+    take = max(retrieval.RERANK, limit)
+    scored = np.unique(np.concatenate([chosen[m][:take] for m in modes]))  # positions in view.ids
+    logp = retrieval.query_logprob(cap.model.decoder, view.features(view.ids[scored]).to(cap.device), tokens)
+    logp = dict(zip(scored.tolist(), logp.cpu().numpy().tolist()))
+    length = len(tokens) - 1  # the words and <end>
+    out = {}
+    for mode in modes:
+        top = chosen[mode][:take]
+        final = np.array([logp[i] for i in top]) + WORDS_WEIGHT * words[top]
+        if mode == "hybrid":
+            final += KEYWORD_WEIGHT * bm[top]
+        best = np.argsort(-final, kind="stable")
+        out[mode] = ([(int(view.ids[top[i]]), float(final[i] / length)) for i in best]
+                     + [(int(view.ids[i]), float(stage1[mode][i])) for i in chosen[mode][take:]])
+    return out
+
+
+def indexed_by(db: Path) -> str | None:
+    """The model (a folder, or "shipped") that captioned most of the photos in `db`."""
+    with reading(db) as con:
+        row = con.execute("SELECT model FROM photos GROUP BY model ORDER BY count(*) DESC LIMIT 1").fetchone()
+    return row[0] if row else None
 
 
 def photo_path(db: Path, photo_id: int) -> Path | None:
     """The file of photo `photo_id`, or None when the database has no such photo."""
     if not 0 < photo_id < 2**63:
         return None
-    with _reading(db) as con:
+    with reading(db) as con:
         row = con.execute("SELECT path FROM photos WHERE id = ?", (photo_id,)).fetchone()
     return Path(row[0]) if row else None

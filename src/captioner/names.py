@@ -22,6 +22,10 @@ HEADS = ("linear_bn", "mlp")
 # runtime.resolve_precision: the autocast precision
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
+# library.search: how photos are ranked; hybrid ranked best on Flickr8k val (README)
+SEARCH_MODES = ("keyword", "model", "hybrid")
+DEFAULT_SEARCH_MODE = "hybrid"
+
 # --model shipped, --init shipped: the model folder that comes inside the package
 SHIPPED = "shipped"
 

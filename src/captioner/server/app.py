@@ -2,7 +2,9 @@
 
     GET  /                  the page: drop photos to caption them; search the library
     POST /api/caption       multipart field `file`, repeatable -> captions, alternatives, seconds
-    GET  /api/search?q=     photos of the library whose captions match, best first, and how many match
+    GET  /api/search?q=     photos of the library for some words, best first (&mode=keyword|model|hybrid)
+    POST /api/search/like   multipart field `file`: photos of the library that look like it
+    GET  /api/search/like/{id}  photos of the library that look like its photo `id`
     GET  /api/thumb/{id}    a JPEG of a photo *in the library* (by id: no paths from clients), re-encoded
     GET  /health            model and library status
     GET  /openapi.json      the API schema (answers and errors typed: see server/schema.py)
@@ -28,7 +30,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
@@ -38,7 +40,8 @@ from fastapi.staticfiles import StaticFiles
 from captioner import __version__
 from captioner.data.images import ImageError, open_rgb
 from captioner.errors import ConfigError
-from captioner.library import LibraryError, count_matches, photo_path, search
+from captioner.library import LibraryError, photo_path, search, similar
+from captioner.names import DEFAULT_SEARCH_MODE, SEARCH_MODES
 from captioner.server.schema import CaptionResponse, Health, SearchResponse, errors
 
 STATIC = Path(__file__).parent / "static"
@@ -131,18 +134,70 @@ def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0
                 del data
         return images, results
 
-    @app.get("/api/search", response_model=SearchResponse, responses=errors(404, 422))
-    def search_photos(q: Annotated[str, Query(min_length=1, max_length=200)],
-                      limit: Annotated[int, Query(ge=1, le=200)] = 20) -> dict:
-        """Photos of the library whose captions match the words of `q`, best first."""
+    @contextlib.contextmanager
+    def model_turn():
+        if not lock.acquire(timeout=queue_timeout):
+            raise HTTPException(503, f"busy: no turn at the model within {queue_timeout:g} s; try again",
+                                headers={"Retry-After": "5"})
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            lock.release()
+
+    def answer(query: str, found) -> dict:
+        return {"query": query, "mode": found.mode, "total": found.total, "note": found.note,
+                "results": [h | {"thumb": f"/api/thumb/{h['id']}"} for h in found.hits]}
+
+    def library_db() -> Path:
         if db is None:
             raise HTTPException(404, "no photo library is loaded (start the server with --db FILE)")
+        return db
+
+    @app.get("/api/search", response_model=SearchResponse, responses=errors(404, 422, 503))
+    def search_photos(q: Annotated[str, Query(min_length=1, max_length=200)],
+                      limit: Annotated[int, Query(ge=1, le=200)] = 20,
+                      mode: Annotated[Literal[SEARCH_MODES], Query(
+                          description="keyword: the words of the captions; model: how well the captioning "
+                                      "model says the words describe each photo; hybrid: both")] = DEFAULT_SEARCH_MODE
+                      ) -> dict:
+        """Photos of the library for the words of `q`, best first."""
+        where = library_db()
         try:
-            hits = search(db, q, limit)
-            total = count_matches(db, q)
+            if mode == "keyword":
+                return answer(q, search(where, q, limit))
+            with model_turn():
+                return answer(q, search(where, q, limit, mode=mode, captioner=captioner))
         except LibraryError as e:
             raise HTTPException(404, str(e)) from None
-        return {"query": q, "total": total, "results": [h | {"thumb": f"/api/thumb/{h['id']}"} for h in hits]}
+
+    @app.get("/api/search/like/{photo_id}", response_model=SearchResponse, responses=errors(404, 422, 503))
+    def search_like_photo(photo_id: int, limit: Annotated[int, Query(ge=1, le=200)] = 20) -> dict:
+        """Photos of the library that look like its photo `photo_id`, best first (itself first)."""
+        where = library_db()
+        try:
+            return answer(str(photo_id), similar(where, None, limit, captioner=captioner, photo_id=photo_id))
+        except LibraryError as e:
+            raise HTTPException(404, str(e)) from None
+
+    @app.post("/api/search/like", response_model=SearchResponse, responses=errors(404, 413, 415, 422, 503))
+    def search_like(file: Annotated[UploadFile, File(description="an example photo")],
+                    limit: Annotated[int, Query(ge=1, le=200)] = 20) -> dict:
+        """Photos of the library that look like the uploaded one, best first."""
+        where = library_db()
+        name = file.filename or "upload"
+        data = file.file.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise HTTPException(413, f"{name}: larger than {max_upload_mb:g} MB")
+        try:
+            with pixels.hold(min(_declared_pixels(data), max_pixels), queue_timeout):
+                img = open_rgb(data, max_pixels, name=name)
+                with model_turn():
+                    return answer(name, similar(where, img, limit, captioner=captioner))
+        except ImageError as e:
+            raise HTTPException(413 if "pixels" in str(e) else 415, str(e)) from None
+        except LibraryError as e:
+            raise HTTPException(404, str(e)) from None
 
     @app.get("/api/thumb/{photo_id}", response_class=Response, responses={
         200: {"content": {"image/jpeg": {}}, "description": "the photo as a JPEG, at most `size` pixels a side"},

@@ -38,13 +38,19 @@ class Hit(BaseModel):
     id: int
     path: str
     caption: str
-    score: float = Field(description="BM25 relevance of the caption to the query (higher is better)")
+    score: float = Field(description="higher is better: BM25 relevance of the caption (keyword mode), the model's "
+                                     "log-probability of the query per word (model; hybrid adds the BM25 score), "
+                                     "or the cosine similarity of the features (like)")
     thumb: str = Field(description="URL of a JPEG thumbnail; add ?size=N (32-2048) for a larger one")
 
 
 class SearchResponse(BaseModel):
-    query: str
-    total: int = Field(description="how many photos match in all (results holds at most `limit` of them)")
+    query: str = Field(description="the words searched for, or the example photo's name")
+    mode: str = Field(description="how the photos were ranked: keyword, model, hybrid or like")
+    total: int = Field(description="how many photos match the keywords, or were ranked by the model, in all (results "
+                                   "holds at most `limit` of them)")
+    note: str | None = Field(None, description="what the user should know: words the model does not know, photos "
+                                               "left out, a fall back to keywords")
     results: list[Hit] = Field(description="best first")
 
 

@@ -1,5 +1,5 @@
 // captioner's page: caption chosen or dropped photos through POST /api/caption, search the library
-// through GET /api/search. Every control works from the keyboard.
+// through GET /api/search (by words) and /api/search/like (by an example photo). Every control works from the keyboard.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -78,29 +78,50 @@ async function captionFiles(fileList) {
   }
 }
 
-async function runSearch(event) {
-  event.preventDefault();
-  const q = $("query").value.trim();
-  if (!q) return;
+function showHits(data) {
+  const shown = data.results.length;
+  const what = data.mode === "keyword" ? "match" : data.mode === "like" ? "compared" : "ranked by the model";
+  let info = !data.total ? "no photo matches"
+    : shown < data.total ? `${data.total} photos ${what}; the best ${shown} are shown`
+    : `${data.total} photo${data.total === 1 ? "" : "s"} ${what}`;
+  if (data.note) info += ` (${data.note})`;
+  $("search-info").textContent = info;
+  for (const hit of data.results) {
+    const open = el("a", { href: `${hit.thumb}?size=2048`, target: "_blank", rel: "noopener",
+      title: `open ${hit.path}` }, el("img", { src: hit.thumb, alt: hit.caption, loading: "lazy" }));
+    const like = el("button", { type: "button", className: "more", textContent: "more like this",
+      title: `photos that look like ${hit.path}` });
+    like.addEventListener("click", () => search(`/api/search/like/${hit.id}?limit=40`));
+    $("hits").append(el("figure", { className: "hit" }, open,
+      el("figcaption", {}, hit.caption, el("span", { className: "path", textContent: hit.path }), like)));
+  }
+}
+
+async function search(url, options) {
   $("search-info").textContent = "searching…";
   $("hits").replaceChildren();
   try {
-    const response = await fetch(`/api/search?q=${encodeURIComponent(q)}&limit=40`);
+    const response = await fetch(url, options);
     const data = await response.json();
     if (!response.ok) throw new Error(data.detail || response.statusText);
-    const shown = data.results.length;
-    $("search-info").textContent = !data.total ? "no photo matches"
-      : shown < data.total ? `${data.total} photos match; the best ${shown} are shown`
-      : `${data.total} photo${data.total === 1 ? "" : "s"} match`;
-    for (const hit of data.results) {
-      const open = el("a", { href: `${hit.thumb}?size=2048`, target: "_blank", rel: "noopener",
-        title: `open ${hit.path}` }, el("img", { src: hit.thumb, alt: hit.caption, loading: "lazy" }));
-      $("hits").append(el("figure", { className: "hit" }, open,
-        el("figcaption", {}, hit.caption, el("span", { className: "path", textContent: hit.path }))));
-    }
+    showHits(data);
   } catch (err) {
     $("search-info").textContent = String(err.message || err);
   }
+}
+
+function runSearch(event) {
+  event.preventDefault();
+  const q = $("query").value.trim();
+  if (!q) return;
+  search(`/api/search?q=${encodeURIComponent(q)}&mode=${$("mode").value}&limit=40`);
+}
+
+function searchLike(file) {
+  if (!isImage(file)) { $("search-info").textContent = `${file.name}: not an image`; return; }
+  const form = new FormData();
+  form.append("file", file);
+  search("/api/search/like?limit=40", { method: "POST", body: form });
 }
 
 const drop = $("drop");
@@ -113,4 +134,5 @@ drop.addEventListener("drop", (e) => {
 });
 $("file-input").addEventListener("change", (e) => { captionFiles(e.target.files); e.target.value = ""; });
 $("search-form").addEventListener("submit", runSearch);
+$("like-input").addEventListener("change", (e) => { if (e.target.files[0]) searchLike(e.target.files[0]); e.target.value = ""; });
 health();
