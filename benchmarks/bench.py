@@ -13,6 +13,8 @@ Sections:
   beam     the batched beam search against a loop over images: the same captions, and the ratio.
   memory   feature extraction images/s; peak memory (RSS) of a training run and of captioning
            folders of 1,000 and 10,000 images (it must not grow with the folder).
+  search   query time of each search mode and of --like against library size (1k, 10k, 100k
+           synthetic rows of the real sizes), the database's size and the memory stage 1 holds.
 
 Every section prints its table and appends it to benchmarks/RESULTS.md with the machine described.
 """
@@ -37,15 +39,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from captioner import Captioner
+from captioner import Captioner, retrieval
 from captioner.data.batching import LengthBucketSampler
 from captioner.data.features import cached_features, extract_features
 from captioner.data.images import eval_transform, open_rgb
 from captioner.data.records import load_records, split_records
 from captioner.data.vocab import Vocabulary
 from captioner.decode import Decoding, beam_search
+from captioner.library import MODES, connect, search, similar
 from captioner.model.network import CaptionModel, ModelConfig
-from captioner.runtime import autocast, pick_device, resolve_precision
+from captioner.runtime import autocast, cpu_has_fast_bf16, pick_device, resolve_precision
 from captioner.train.data import Captions, FeatureRows
 from captioner.train.epoch import train_one_epoch
 
@@ -65,7 +68,8 @@ def machine(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    text = (f"{cpu} (native bf16: {'yes' if cpu_has_fast_bf16() else 'no'}), {os.cpu_count()} cores, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if device.type == "cuda":
         text += f", GPU {torch.cuda.get_device_name(device)}"
     return text
@@ -323,9 +327,81 @@ def bench_memory(args, device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# 5. search: query time against library size
 
 
-SECTIONS = {"train": bench_train, "caption": bench_caption, "beam": bench_beam, "memory": bench_memory}
+QUERIES = ("a dog runs through the grass", "puppy playing outside", "two children on a beach",
+           "a man riding a bike down a dirt road", "a girl in a pink dress", "people walking in the city snow",
+           "a black dog and a white dog", "someone climbing a rock wall")
+
+
+def synthetic_library(db: Path, cap: Captioner, rows: int, seed: int = 0) -> None:
+    """A library of `rows` photos as `captioner index` would write it for `cap`, with synthetic
+    numbers: captions of vocabulary words, features of random codes (the real size: P*C bytes),
+    pooled unit vectors, expected word counts of random words. Only the timing is meaningful."""
+    rng = np.random.default_rng(seed)
+    words = cap.vocab.itos[4:1004]
+    con = connect(db)
+    feat_shape = (49, cap.model.cfg.feat_dim) if cap.model.decoder.feature_kind == "spatial" else (
+        cap.model.cfg.feat_dim,)
+    pool = [rng.integers(0, 256, int(np.prod(feat_shape)), dtype=np.uint8).tobytes() for _ in range(256)]
+    head = np.array([0.0, 6 / 255], np.float32).tobytes()
+    zipf = 1 / np.arange(1, len(words) + 1)
+    zipf /= zipf.sum()
+    with con:
+        for start in range(0, rows, 2000):
+            n = min(2000, rows - start)
+            ids = rng.choice(len(words), size=(n, retrieval.WORDS_KEPT), p=zipf) + 4
+            counts = rng.exponential(0.2, size=(n, retrieval.WORDS_KEPT))
+            pooled = rng.normal(size=(n, cap.model.cfg.feat_dim)).astype(np.float32)
+            pooled = (pooled / np.linalg.norm(pooled, axis=1, keepdims=True)).astype(np.float16)
+            for i in range(n):
+                pid = start + i + 1
+                caption = " ".join(words[j - 4] for j in ids[i, :10])
+                con.execute("INSERT INTO photos VALUES (?, ?, 'x', 0, 0, ?, '[]', 'bench', 0)",
+                            (pid, f"/photos/{pid:06d}.jpg", caption))
+                con.execute("INSERT INTO photos_fts (rowid, caption, alternatives) VALUES (?, ?, '')", (pid, caption))
+                con.execute("INSERT INTO vectors VALUES (?, ?, ?, ?, ?)",
+                            (pid, cap.fingerprint, head + pool[pid % len(pool)], pooled[i].tobytes(),
+                             retrieval.pack_words(ids[i:i + 1], counts[i:i + 1])[0]))
+    con.close()
+
+
+def bench_search(args, device: torch.device) -> None:
+    cap = Captioner.load(args.model, device=str(device))
+    example = sorted((args.data / "Images").glob("*.jpg"))[:1] or [Path(__file__).parent.parent / "examples"
+                                                                     / "camera.jpg"]
+    lines = ["| photos in the library | database | stage-1 numbers in memory | keyword | model | hybrid | "
+             "--like | peak RSS |", "|---|---|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for rows in args.search_rows:
+            db = Path(tmp) / f"lib{rows}.db"
+            t0 = time.perf_counter()
+            synthetic_library(db, cap, rows)
+            print(f"{rows:,} synthetic rows written in {time.perf_counter() - t0:.0f} s", flush=True)
+            times = {}
+            for mode in MODES:
+                per = []
+                for q in QUERIES:
+                    t0 = time.perf_counter()
+                    search(db, q, 20, mode=mode, captioner=cap)
+                    per.append(time.perf_counter() - t0)
+                times[mode] = statistics.median(per)
+            like = [timed(lambda db=db: similar(db, example[0], 20, captioner=cap)) for _ in range(3)]
+            stage1 = rows * retrieval.WORDS_KEPT * 8 / 1e6  # ids int32 + counts float32
+            lines.append(f"| {rows:,} | {db.stat().st_size / 1e9:.2f} GB | {stage1:,.0f} MB | "
+                         f"{times['keyword'] * 1000:,.0f} ms | {times['model'] * 1000:,.0f} ms | "
+                         f"{times['hybrid'] * 1000:,.0f} ms | {min(like) * 1000:,.0f} ms | {peak_rss_mb():,.0f} MB |")
+            db.unlink()
+    lines += ["", f"Median over {len(QUERIES)} queries, limit 20, the model re-ranking the best "
+              f"{retrieval.RERANK} of stage 1; the database in the page cache (just written). Synthetic rows "
+              "(random features and word counts, the real sizes): the timing is real, the ranking is not. "
+              "Peak RSS is the process's high-water mark so far (model included)."]
+    report("Search: query time against library size", lines, device)
+
+
+SECTIONS = {"train": bench_train, "caption": bench_caption, "beam": bench_beam, "memory": bench_memory,
+            "search": bench_search}
 
 
 def main() -> None:
@@ -340,6 +416,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=10, help="batches timed for training paths (b) and (c)")
     ap.add_argument("--beam-images", type=int, default=200)
     ap.add_argument("--latency-runs", type=int, default=50)
+    ap.add_argument("--search-rows", type=int, nargs="+", default=[1000, 10000, 100000],
+                    help="library sizes the search section times")
     args = ap.parse_args()
     device = pick_device(args.device)
     for name in SECTIONS if "all" in args.sections else dict.fromkeys(args.sections):

@@ -401,13 +401,19 @@ def cmd_search(a: argparse.Namespace) -> int:
         raise ConfigError("give words to look for, or --like PHOTO (not both)")
     if a.like is not None and not a.like.is_file():
         raise DataError(f"{a.like}: no such file")
-    cap = None
-    if a.like is not None or a.mode != "keyword":
+    source, vectors = indexed_by(a.db)  # before torch loads: a database that is missing or not ours fails at once
+    cap, mode, note = None, a.mode, None
+    if a.like is None and mode != "keyword" and not vectors:  # empty, or made before model search
+        mode = "keyword"
+        if source:
+            note = "this library was indexed before search by meaning: run captioner index again to use the model"
+    if a.like is not None or mode != "keyword":
         from captioner.api import Captioner
 
-        cap = Captioner.load(a.model or indexed_by(a.db), a.device, a.precision)
+        cap = Captioner.load(a.model or source, a.device, a.precision)
     found = (similar(a.db, a.like, a.limit, captioner=cap) if a.like is not None
-             else search(a.db, a.query, a.limit, mode=a.mode, captioner=cap))
+             else search(a.db, a.query, a.limit, mode=mode, captioner=cap))
+    found.note = found.note or note
     if found.note:
         print(f"captioner: note: {found.note}", file=sys.stderr)
     hits = found.hits
@@ -487,7 +493,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     if a.task == "retrieval":
         from captioner.evaluate import retrieval
 
-        r = retrieval(model, a.data, a.split, layout=a.layout, images=a.images, db=a.db, device=a.device,
+        r = retrieval(a.model, a.data, a.split, layout=a.layout, images=a.images, db=a.db, device=a.device,
                       precision=a.precision, skip_missing=a.skip_missing, max_images=a.max_images)
         print(f"{r['images']} {a.split} photos, {r['queries']} queries (each reference caption; its own photo is "
               f"the answer):")

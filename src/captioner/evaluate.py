@@ -110,7 +110,7 @@ def retrieval(model_dir: Path | None, data: Path, split: str = "val", *, layout:
             print(f"{len(report.failed)} unreadable images left out (first: {report.failed[0]})")
         with library.reading(db) as con:
             photo = {path: pid for pid, path in con.execute("SELECT id, path FROM photos")}
-            view = library.ModelView(con, db, cap) if set(modes) - {"keyword"} else None
+            view = library.ModelView(con, cap) if set(modes) - {"keyword"} else None
             queries = [(photo[path_text(Path(os.path.abspath(r.image)))], c) for r in chosen for c in r.captions
                        if path_text(Path(os.path.abspath(r.image))) in photo]
             ranks: dict[str, list[float]] = {m: [] for m in modes}

@@ -45,7 +45,7 @@ from captioner.data.images import list_images, open_rgb
 from captioner.data.vocab import tokenize
 from captioner.errors import LibraryError
 from captioner.files import path_text, readable_digest
-from captioner.names import DEFAULT_SEARCH_MODE, SEARCH_MODES
+from captioner.names import DEFAULT_SEARCH_MODE, SEARCH_MODES, SHIPPED
 
 if TYPE_CHECKING:
     from captioner.decode import Decoding
@@ -280,6 +280,8 @@ def _index(captioner, roots: list[Path], con: sqlite3.Connection, batch_size: in
     todo, failures = _plan(con, files, report, captioner.fingerprint)
     report.failed += [error for _, _, error in failures]
     by_path = {f: (st, sha1) for f, st, sha1 in todo}
+    # the model as `captioner search` will load it again, from any folder
+    source = captioner.source if captioner.source == SHIPPED else os.path.abspath(captioner.source)
     rows = []
     bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress)
     for path, result, error in captioner.caption_files([f for f, _, _ in todo], batch_size=batch_size,
@@ -293,9 +295,9 @@ def _index(captioner, roots: list[Path], con: sqlite3.Connection, batch_size: in
             report.captioned += 1
         bar.update(1)
         if len(rows) + len(failures) >= batch_size:
-            _write_batch(con, rows, failures, captioner.source, _vectors(captioner, rows), captioner.fingerprint)
+            _write_batch(con, rows, failures, source, _vectors(captioner, rows), captioner.fingerprint)
             rows, failures = [], []
-    _write_batch(con, rows, failures, captioner.source, _vectors(captioner, rows), captioner.fingerprint)
+    _write_batch(con, rows, failures, source, _vectors(captioner, rows), captioner.fingerprint)
     bar.close()
     report.seconds = time.perf_counter() - t0
     return report
@@ -351,8 +353,12 @@ def search(db: Path, text: str, limit: int = 20, *, mode: str = "keyword", capti
         if mode != "keyword":
             if captioner is None:
                 raise LibraryError(f"{mode} search needs the model that indexed the library")
-            view = ModelView(con, db, captioner)
+            view = ModelView(con, captioner)
             tokens, unknown = view.query(text)
+            if not len(view.ids):  # nothing this model can rank: the keywords still can
+                found = _keyword(con, text, limit)
+                found.note = view.note([])
+                return found
             if any(t != captioner.vocab.unk for t in tokens[1:-1]):
                 ranked = rank(con, view, text, (mode,), limit)[mode]
                 note = view.note(unknown)
@@ -373,8 +379,11 @@ def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None
 
     _check(limit, "model")
     with reading(db) as con:
-        view = ModelView(con, db, captioner)
+        view = ModelView(con, captioner)
         rows = _rows(con, "SELECT id, pooled FROM vectors WHERE model = ? ORDER BY id", (captioner.fingerprint,))
+        if view.left_out and not rows:
+            raise LibraryError(f"{db}: no photo in it was indexed by this model ({captioner.source}): run captioner "
+                               "index again with it to search by example photo")
         if photo_id is not None:
             own = [r[1] for r in rows if r[0] == photo_id]
             if not own:
@@ -443,15 +452,13 @@ class ModelView:
     """The photos of a library as one model indexed them, for model search: their expected word
     counts held in memory (stage 1: 384 bytes a photo), their features read on demand (stage 2)."""
 
-    def __init__(self, con: sqlite3.Connection, db: Path, captioner):
+    def __init__(self, con: sqlite3.Connection, captioner):
         from captioner import retrieval
 
         self.con, self.captioner = con, captioner
         rows = _rows(con, "SELECT id, words FROM vectors WHERE model = ? ORDER BY id", (captioner.fingerprint,))
         photos = con.execute("SELECT count(*) FROM photos").fetchone()[0]
-        if photos and not rows:
-            raise LibraryError(f"{db}: no photo in it was indexed by this model ({captioner.source}): run "
-                               f"captioner index again with it, or search with --mode keyword")
+        self.source = captioner.source
         self.ids = np.array([r[0] for r in rows], np.int64)  # sorted
         self.word_ids, self.counts = retrieval.unpack_words([r[1] for r in rows])
         self.left_out = photos - len(rows)  # indexed by another model (or before model search)
@@ -466,8 +473,12 @@ class ModelView:
         notes = []
         if unknown:
             notes.append(f"words the model does not know, read as <unk>: {', '.join(map(repr, unknown))}")
-        if self.left_out:
-            notes.append(f"{self.left_out} photos indexed by another model are left out: run captioner index again")
+        if self.left_out and not len(self.ids):
+            notes.append(f"no photo was indexed by this model ({self.source}), so only the words of the captions "
+                         "were searched: run captioner index again with it to search by meaning")
+        elif self.left_out:
+            notes.append(f"{self.left_out} photos indexed by another model (or by an older captioner) are left out: "
+                         "run captioner index again")
         return "; ".join(notes) or None
 
     def features(self, ids: np.ndarray):
@@ -528,11 +539,13 @@ def rank(con: sqlite3.Connection, view: ModelView, text: str, modes: Sequence[st
     return out
 
 
-def indexed_by(db: Path) -> str | None:
-    """The model (a folder, or "shipped") that captioned most of the photos in `db`."""
+def indexed_by(db: Path) -> tuple[str | None, bool]:
+    """The model (a folder, or "shipped") that captioned most of the photos in `db`, and whether any
+    photo has what model search needs (none has in a library made before it, or an empty one)."""
     with reading(db) as con:
         row = con.execute("SELECT model FROM photos GROUP BY model ORDER BY count(*) DESC LIMIT 1").fetchone()
-    return row[0] if row else None
+        vectors = bool(_rows(con, "SELECT 1 FROM vectors LIMIT 1"))
+    return (row[0] if row else None), vectors
 
 
 def photo_path(db: Path, photo_id: int) -> Path | None:
