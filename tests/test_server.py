@@ -165,3 +165,27 @@ def test_a_busy_model_answers_503_with_retry_after(library):
     assert codes == [200, 503]
     busy = next(x for x in statuses if x[0] == 503)
     assert busy[1] == "5" and "busy" in busy[2]["detail"]
+
+
+def test_search_modes_and_search_by_photo(client, shapes):
+    keyword = client.get("/api/search", params={"q": "red circle", "mode": "keyword", "limit": 50}).json()
+    assert keyword["mode"] == "keyword" and all("red" in h["caption"] or "circle" in h["caption"]
+                                                 for h in keyword["results"])
+    for mode in ("model", "hybrid"):
+        r = client.get("/api/search", params={"q": "red circle", "mode": mode, "limit": 50}).json()
+        assert r["mode"] == mode and r["total"] == len(r["results"]) == 9  # every photo, ranked
+        scores = [h["score"] for h in r["results"]]
+        assert scores == sorted(scores, reverse=True)
+    assert client.get("/api/search", params={"q": "dog", "mode": "vector"}).status_code == 422
+    unknown = client.get("/api/search", params={"q": "zebra", "mode": "model"}).json()
+    assert unknown["mode"] == "keyword" and "zebra" in unknown["note"]
+
+    photo = sorted(shapes.parent.glob("*_4.png"))[2]
+    like = client.post("/api/search/like", files={"file": (photo.name, photo.read_bytes(), "image/png")},
+                       params={"limit": 3}).json()
+    assert like["mode"] == "like" and like["results"][0]["path"].endswith(photo.name)
+    same = client.get(f"/api/search/like/{like['results'][0]['id']}", params={"limit": 3}).json()
+    assert [h["id"] for h in same["results"]] == [h["id"] for h in like["results"]]
+    assert client.get("/api/search/like/999999").status_code == 404
+    bad = client.post("/api/search/like", files={"file": ("notes.txt", b"not an image", "text/plain")})
+    assert bad.status_code == 415 and "notes.txt" in bad.json()["detail"]
