@@ -73,3 +73,24 @@ def test_densenet_random_and_unknown_name():
 def test_heads(kind):
     h = build_head(kind, 32, 8).train()
     assert h(torch.randn(4, 32)).shape == (4, 8)
+
+
+def test_feature_extraction_leaves_the_encoder_as_it_was(shapes):
+    """A fine-tuned encoder must not come back channels-last (its steps ran 20-40x slower on a GPU
+    with contiguous inputs) nor in eval mode after val features are extracted from it."""
+    from captioner.data.features import extract_features
+    from captioner.model.network import CaptionModel, ModelConfig
+
+    cfg = ModelConfig.for_encoder("tf_efficientnet_lite0", vocab_size=10, image_size=64)
+    model = CaptionModel.create(cfg, encoder_weights="none").train()
+    convs = [p for p in model.encoder.parameters() if p.dim() == 4]
+    assert all(p.is_contiguous() for p in convs) and any(p.shape[-1] > 1 for p in convs)
+    paths = sorted(shapes.parent.glob("*.png"))[:3]
+    feats, ok, errors = extract_features(model, paths, device=torch.device("cpu"), workers=0, progress=False)
+    assert ok.all() and not errors and feats.shape[0] == 3
+    assert all(p.is_contiguous() and p.dtype == torch.float32 for p in convs) and model.training
+
+    model.encoder.to(memory_format=torch.channels_last)  # a model that was channels-last stays so
+    before = [p.stride() for p in convs]
+    extract_features(model, paths, device=torch.device("cpu"), workers=0, progress=False)
+    assert [p.stride() for p in convs] == before
