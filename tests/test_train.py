@@ -115,3 +115,20 @@ def test_gru_decoders_train_save_and_load(tmp_path, shapes, decoder):
     cap = Captioner.load(out / "last", device="cpu")
     img = sorted(shapes.parent.glob("*.png"))[0]
     assert cap.caption(img, beam_size=3) and cap.caption(img, beam_size=1)  # beams reorder a GRU state too
+
+
+def test_fine_tuned_validation_reads_features_of_the_current_encoder(shapes):
+    from captioner.model.network import CaptionModel, ModelConfig
+    from captioner.train import TrainConfig
+    from captioner.train.data import val_features
+
+    val = [r for r in load_records(shapes) if r.split == "val"][:3]
+    cfg = TrainConfig(data=str(shapes), out="unused", workers=0)
+    model = CaptionModel.create(ModelConfig.for_encoder("tf_efficientnet_lite0", vocab_size=10, image_size=64),
+                                encoder_weights="none")
+    before = val_features(model, val, cfg, torch.device("cpu"), "fp32")[:]
+    with torch.no_grad():  # a training step, as far as the features can tell
+        for p in model.encoder.parameters():
+            p.mul_(1.1)
+    after = val_features(model, val, cfg, torch.device("cpu"), "fp32")[:]
+    assert before.shape == after.shape == (3, 1280) and not torch.allclose(before, after, atol=1e-3)

@@ -174,6 +174,16 @@ def prepare_data(cfg: TrainConfig, model: CaptionModel, vocab: Vocabulary, split
                      splits.fingerprint())
 
 
+def val_features(model: CaptionModel, val: list[Record], cfg: TrainConfig, device: torch.device,
+                 precision: str) -> FeatureRows:
+    """The val images' features from `model`'s encoder as it is now. A fine-tuned encoder changes
+    every step, so its validation (each epoch, and the choice of decoding for the best model) must
+    read these, never the features extracted before training."""
+    f, _, _ = extract_features(model, [r.image for r in val], batch_size=cfg.feature_batch_size, device=device,
+                               precision=precision, workers=cfg.workers, progress=False)
+    return FeatureRows(f, list(range(len(val))))  # `val` holds only images that were read before
+
+
 def readable(records: list[Record], errors: list[str], ok: np.ndarray) -> list[int]:
     """Indices of the records whose images could be read; a warning names the others."""
     if errors:

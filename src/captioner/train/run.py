@@ -43,7 +43,15 @@ from captioner.train.checkpoint import (
     write_metrics,
 )
 from captioner.train.config import TrainConfig
-from captioner.train.data import AugmentedImages, Splits, TrainData, collate_augmented, prepare_data, read_splits
+from captioner.train.data import (
+    AugmentedImages,
+    Splits,
+    TrainData,
+    collate_augmented,
+    prepare_data,
+    read_splits,
+    val_features,
+)
 from captioner.train.epoch import choose_decoding, train_one_epoch, val_decoding, validate
 from captioner.viz import plot_curves
 
@@ -95,7 +103,10 @@ def _fit(cfg: TrainConfig, out: Path, dist: Dist, device: torch.device) -> dict:
 
     chosen = None
     if run.best_epoch and dist.main:
-        rows = choose_decoding(out / "best", data.val_feats, data.scorer, device, precision, cfg.half)
+        feats = data.val_feats
+        if cfg.fine_tune_encoder:  # the best epoch's encoder, not the last one's
+            feats = val_features(load_model(out / "best", device)[0], data.val, cfg, device, precision)
+        rows = choose_decoding(out / "best", feats, data.scorer, device, precision, cfg.half)
         log("decoding of the best model on val: " + "; ".join(
             f"beam {r['beam_size']} length-norm {r['length_norm']}: CIDEr-D {r['CIDEr']:.3f}" for r in rows))
         chosen = max(rows, key=lambda r: r["CIDEr"])
@@ -221,6 +232,8 @@ def train_epoch(cfg: TrainConfig, model: CaptionModel, vocab: Vocabulary, data: 
     seconds = time.perf_counter() - t0
 
     decoding = val_decoding(cfg.val_beam_size, model.cfg.max_len)
+    if cfg.fine_tune_encoder and dist.main:  # the encoder just changed: so do the val features
+        data.val_feats = val_features(model, data.val, cfg, device, precision)
     val = validate(model, vocab, data.val_feats, data.val_caps, data.scorer, device, precision, decoding) \
         if dist.main else None
     val = dist.broadcast(val)
