@@ -348,8 +348,8 @@ def synthetic_library(db: Path, cap: Captioner, rows: int, seed: int = 0) -> Non
     head = np.array([0.0, 6 / 255], np.float32).tobytes()
     zipf = 1 / np.arange(1, len(words) + 1)
     zipf /= zipf.sum()
-    with con:
-        for start in range(0, rows, 2000):
+    for start in range(0, rows, 2000):  # a transaction per 2,000 rows, as index writes a batch
+        with con:
             n = min(2000, rows - start)
             ids = rng.choice(len(words), size=(n, retrieval.WORDS_KEPT), p=zipf) + 4
             counts = rng.exponential(0.2, size=(n, retrieval.WORDS_KEPT))

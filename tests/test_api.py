@@ -83,3 +83,20 @@ def test_details_give_the_alternatives_and_scores(cap, photo):
     buf = io.BytesIO()
     Image.open(photo).save(buf, "JPEG")
     assert cap.caption([buf.getvalue()], details=True)[0]["caption"]
+
+
+def test_parallel_loading_gives_the_same_captions_in_order_and_skips_bad_files(cap, shapes, tmp_path):
+    good = sorted(shapes.parent.glob("*.png"))[:9]
+    bad = [tmp_path / "corrupt.jpg", tmp_path / "empty.png", tmp_path / "notes.jpg"]
+    bad[0].write_bytes(b"\xff\xd8\xff\xe0 not a jpeg at all")
+    bad[1].write_bytes(b"")
+    bad[2].write_text("not an image")
+    paths = good[:3] + [bad[0]] + good[3:6] + [bad[1], bad[2]] + good[6:]
+    runs = {w: list(cap.caption_files(paths, batch_size=4, workers=w)) for w in (0, 2)}
+    for w in (0, 2):
+        assert sorted(map(str, (p for p, _, _ in runs[w]))) == sorted(map(str, paths))
+        errors = {p for p, r, e in runs[w] if e}
+        assert errors == set(bad)
+    same = [(p, r["caption"]) for p, r, _ in runs[0] if r]
+    assert same == [(p, r["caption"]) for p, r, _ in runs[2] if r]
+    assert [p for p, _ in same] == good  # the good ones in their order

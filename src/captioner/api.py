@@ -19,7 +19,7 @@ from captioner.decode import Decoding, caption_features
 from captioner.errors import CaptionerWarning, ConfigError, ImageError, ModelError
 from captioner.model.folder import load_model, model_dir
 from captioner.names import SHIPPED, shipped_model_dir
-from captioner.runtime import autocast, decoder_precision, encoder_chunk, pick_device, resolve_precision
+from captioner.runtime import autocast, decoder_precision, encoder_chunk, loader_workers, pick_device, resolve_precision
 
 ImageLike = str | Path | bytes | Image.Image | np.ndarray
 
@@ -102,7 +102,7 @@ class Captioner:
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Preprocessed images (B, 3, S, S) -> what the decoder takes (see CaptionModel.features)."""
-        x = x.to(self.device, memory_format=torch.channels_last)
+        x = x.to(self.device, memory_format=torch.channels_last, non_blocking=True)  # pinned: overlaps
         with autocast(self.device, self.precision):
             return self.model.features(x, chunk=encoder_chunk(self.device))
 
@@ -155,11 +155,17 @@ class Captioner:
         return caption, caption.split() + ["<end>"], alpha[0].float().cpu().view(-1, side, side)
 
     def caption_files(self, paths: Sequence[Path], batch_size: int = 32, decoding: Decoding | None = None,
-                      workers: int = 0, features: bool = False) -> Iterator[tuple[Path, dict | None, str | None]]:
-        """Caption many files in batches. Yields (path, result, None) or (path, None, error line):
-        an unreadable file is reported and skipped, never fatal. `features`: see caption_tensor."""
+                      workers: int | None = None, features: bool = False
+                      ) -> Iterator[tuple[Path, dict | None, str | None]]:
+        """Caption many files in batches, in their order. Yields (path, result, None) or (path, None,
+        error line): an unreadable file is reported and skipped, never fatal. `features`: see
+        caption_tensor. `workers`: processes decoding images while the model runs (default:
+        runtime.loader_workers)."""
         ds = ImageDataset(paths, self.transform)
-        loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate_with_errors)
+        if workers is None:
+            workers = loader_workers(len(ds), batch_size)
+        loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate_with_errors,
+                            pin_memory=self.device.type == "cuda", prefetch_factor=2 if workers else None)
         for idx, x, err_idx, errors in loader:
             for i, e in zip(err_idx, errors):
                 yield ds.paths[i], None, e

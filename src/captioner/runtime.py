@@ -66,6 +66,15 @@ def encoder_chunk(device: torch.device) -> int:
     return 8 if device.type == "cpu" else 0
 
 
+def loader_workers(items: int, batch_size: int) -> int:
+    """Processes decoding images while the model captions `items` files: none for two batches or
+    fewer (starting one costs more than it saves), else one per core beside the main process's,
+    at most 8. Measured in benchmarks/RESULTS.md ("Files to captions")."""
+    if items <= 2 * batch_size:
+        return 0
+    return max(1, min(8, (os.cpu_count() or 1) - 1))
+
+
 def decoder_precision(precision: str, device: torch.device, images: int) -> str:
     """The decoder's precision for `images` images. bf16 autocast costs a cast per small op on the
     CPU; for fewer than 4 images that outweighs the gain (one image, beam 3: 27 ms bf16 against 20
