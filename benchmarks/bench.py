@@ -13,6 +13,8 @@ Sections:
   beam     the batched beam search against a loop over images: the same captions, and the ratio.
   memory   feature extraction images/s; peak memory (RSS) of a training run and of captioning
            folders of 1,000 and 10,000 images (it must not grow with the folder).
+  files    files on disk to a JSONL of captions (caption --out), images/s with 0, the default and 2
+           image-decoding processes, batch 32 and 64, and whether the captions are identical.
   search   query time of each search mode and of --like against library size (1k, 10k, 100k
            synthetic rows of the real sizes), the database's size and the memory stage 1 holds.
 
@@ -22,6 +24,7 @@ Every section prints its table and appends it to benchmarks/RESULTS.md with the 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import random
@@ -40,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioner import Captioner, retrieval
+from captioner.batch import caption_to_file
 from captioner.data.batching import LengthBucketSampler
 from captioner.data.features import cached_features, extract_features
 from captioner.data.images import eval_transform, open_rgb
@@ -48,7 +52,7 @@ from captioner.data.vocab import Vocabulary
 from captioner.decode import Decoding, beam_search
 from captioner.library import MODES, connect, search, similar
 from captioner.model.network import CaptionModel, ModelConfig
-from captioner.runtime import autocast, cpu_has_fast_bf16, pick_device, resolve_precision
+from captioner.runtime import autocast, cpu_has_fast_bf16, loader_workers, pick_device, resolve_precision
 from captioner.train.data import Captions, FeatureRows
 from captioner.train.epoch import train_one_epoch
 
@@ -327,7 +331,36 @@ def bench_memory(args, device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. search: query time against library size
+# 5. files to captions
+
+
+def bench_files(args, device: torch.device) -> None:
+    records = split_records(load_records(args.data), "val") + split_records(load_records(args.data), "train")
+    paths = [r.image for r in records[: args.files]]
+    cap = Captioner.load(args.model, device=str(device))
+    default = loader_workers(len(paths), 32)
+    lines = ["| batch | loader processes | images/s | captions as with none |", "|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        base = {}
+        for batch in (32, 64):
+            for workers in dict.fromkeys((0, default, 2)):
+                out = Path(tmp) / f"b{batch}w{workers}.jsonl"
+                t0 = time.perf_counter()
+                caption_to_file(cap, paths, out, batch_size=batch, progress=False, workers=workers)
+                rate = len(paths) / (time.perf_counter() - t0)
+                got = {json.loads(x)["path"]: json.loads(x)["caption"] for x in out.read_text().splitlines()}
+                base.setdefault(batch, got)
+                same = sum(got[p] == base[batch][p] for p in base[batch])
+                lines.append(f"| {batch} | {workers}{' (default)' if workers == default else ''} | {rate:,.1f} | "
+                             f"{same} of {len(base[batch])} |")
+    lines += ["", f"`captioner caption DIR --out x.jsonl` as the API runs it: {len(paths):,} Flickr8k photos (224x224 "
+              f"JPEGs) from disk to the JSONL file, the model's own decoding (beam {cap.decoding.beam_size}), "
+              f"precision {cap.precision}. The default is runtime.loader_workers."]
+    report("Files to captions", lines, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. search: query time against library size
 
 
 QUERIES = ("a dog runs through the grass", "puppy playing outside", "two children on a beach",
@@ -401,7 +434,7 @@ def bench_search(args, device: torch.device) -> None:
 
 
 SECTIONS = {"train": bench_train, "caption": bench_caption, "beam": bench_beam, "memory": bench_memory,
-            "search": bench_search}
+            "files": bench_files, "search": bench_search}
 
 
 def main() -> None:
@@ -416,6 +449,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=10, help="batches timed for training paths (b) and (c)")
     ap.add_argument("--beam-images", type=int, default=200)
     ap.add_argument("--latency-runs", type=int, default=50)
+    ap.add_argument("--files", type=int, default=1000, help="photos the files section captions")
     ap.add_argument("--search-rows", type=int, nargs="+", default=[1000, 10000, 100000],
                     help="library sizes the search section times")
     args = ap.parse_args()

@@ -144,11 +144,12 @@ def _fold_parts(out: Path, order: dict[str, int] | None = None) -> None:
 
 
 def caption_to_file(captioner, paths: Sequence[Path], out: Path, *, batch_size: int = 32, progress: bool = True,
-                    dist: Dist | None = None, decoding: Decoding | None = None, force: bool = False) -> BatchReport:
+                    dist: Dist | None = None, decoding: Decoding | None = None, force: bool = False,
+                    workers: int | None = None) -> BatchReport:
     """Caption `paths` into `out` (.jsonl or .csv) with `decoding` (else the model's own), skipping
     those already there unchanged. With `dist` (several processes), each captions its share and
     process 0 merges them. An existing `out` that captioner did not write is refused unless
-    `force` (then it is replaced)."""
+    `force` (then it is replaced). `workers`: image-decoding processes (see Captioner.caption_files)."""
     out = Path(out)
     if out.suffix.lower() not in (".jsonl", ".csv"):
         raise ConfigError(f"{out}: the output must end in .jsonl or .csv")
@@ -181,7 +182,8 @@ def caption_to_file(captioner, paths: Sequence[Path], out: Path, *, batch_size: 
     with target.open("a", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore") if is_csv else None
         bar = tqdm(total=len(todo), desc="captioning", unit="img", disable=not (progress and dist.main))
-        for path, result, error in captioner.caption_files(todo, batch_size=batch_size, decoding=decoding):
+        for path, result, error in captioner.caption_files(todo, batch_size=batch_size, decoding=decoding,
+                                                            workers=workers):
             bar.update(1)
             if error:
                 report.failed.append(error)
