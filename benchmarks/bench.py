@@ -348,7 +348,7 @@ def bench_files(args, device: torch.device) -> None:
                 t0 = time.perf_counter()
                 caption_to_file(cap, paths, out, batch_size=batch, progress=False, workers=workers)
                 rate = len(paths) / (time.perf_counter() - t0)
-                got = {json.loads(x)["path"]: json.loads(x)["caption"] for x in out.read_text().splitlines()}
+                got = {json.loads(x)["image"]: json.loads(x)["caption"] for x in out.read_text().splitlines()}
                 base.setdefault(batch, got)
                 same = sum(got[p] == base[batch][p] for p in base[batch])
                 lines.append(f"| {batch} | {workers}{' (default)' if workers == default else ''} | {rate:,.1f} | "
