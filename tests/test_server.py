@@ -1,6 +1,7 @@
 """The REST API through an in-process client: caption uploads, bad uploads, search, thumbnails."""
 
 import io
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -189,3 +190,68 @@ def test_search_modes_and_search_by_photo(client, shapes):
     assert client.get("/api/search/like/999999").status_code == 404
     bad = client.post("/api/search/like", files={"file": ("notes.txt", b"not an image", "text/plain")})
     assert bad.status_code == 415 and "notes.txt" in bad.json()["detail"]
+
+
+def test_batcher_gathers_concurrent_requests_and_answers_each_its_own():
+    import threading
+
+    import torch
+
+    from captioner.server.batcher import Batcher
+
+    sizes = []
+
+    def caption(x):  # each image's "caption" is its own value: a mix-up would show
+        sizes.append(len(x))
+        return [{"caption": str(int(v))} for v in x.flatten(1)[:, 0]]
+
+    b = Batcher(caption, max_images=6, wait_s=0.2)
+    answers = {}
+    gate = threading.Barrier(8)
+
+    def client(k):
+        with b.arriving():
+            gate.wait()
+        images = [torch.full((3, 2, 2), float(10 * k + i)) for i in range(1 + k % 2)]  # 1 or 2 images
+        answers[k] = [r["caption"] for r in b.submit(images, timeout=10)]
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(answers[k] == [str(10 * k + i) for i in range(1 + k % 2)] for k in range(8))
+    assert sum(sizes) == 12 and max(sizes) <= 6 and len(sizes) < 8  # gathered, never over the cap
+
+    alone = Batcher(caption, wait_s=5.0)  # nobody else arriving: no wait at all
+    t0 = time.perf_counter()
+    assert alone.submit([torch.full((3, 2, 2), 7.0)], timeout=10)[0]["caption"] == "7"
+    assert time.perf_counter() - t0 < 1.0
+
+    def broken(x):
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        Batcher(broken).submit([torch.zeros(3, 2, 2)], timeout=10)
+
+
+def test_batching_server_answers_concurrent_uploads_each_with_its_own_caption(library, shapes):
+    from concurrent.futures import ThreadPoolExecutor
+
+    cap, db = library
+    app = create_app(cap, db, batch_wait_ms=50)
+    c = TestClient(app, base_url="http://localhost")
+    photos = sorted(shapes.parent.glob("*_4.png"))[:6]
+    alone = {p.name: cap.caption(p) for p in photos}
+    uploads = [(p.name, p.read_bytes(), "image/png") for p in photos] + [("notes.png", b"not an image", "image/png"),
+                                                                          ("empty.png", b"", "image/png")]
+
+    def send(up):
+        return up[0], c.post("/api/caption", files={"file": up})
+
+    with ThreadPoolExecutor(8) as pool:
+        got = dict(pool.map(send, uploads))
+    for name, want in alone.items():
+        assert got[name].status_code == 200 and got[name].json()["results"][0]["caption"] == want, name
+    assert got["notes.png"].status_code == 415 and "notes.png" in got["notes.png"].json()["detail"]
+    assert got["empty.png"].status_code == 415

@@ -194,6 +194,9 @@ def _serve_parser(sub) -> None:
                    help="largest upload accepted, per file (default 20; a request holds at most 16 files)")
     p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="close connections that take longer to send a request's headers (default 10)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, metavar="MS",
+                   help="caption requests that arrive together in one model call, waiting at most this long "
+                        "for one still uploading (default 5; 0: each request on its own)")
     _machine_options(p)
 
 
@@ -435,7 +438,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from captioner.server.app import serve
 
     serve(Captioner.load(a.model, a.device, a.precision), a.db, a.host, a.port, allowed_hosts=a.allowed_host,
-          header_timeout=a.header_timeout, max_upload_mb=a.max_upload_mb)
+          header_timeout=a.header_timeout, max_upload_mb=a.max_upload_mb, batch_wait_ms=a.batch_wait_ms)
     return 0
 
 

@@ -42,6 +42,7 @@ from captioner.data.images import ImageError, open_rgb
 from captioner.errors import ConfigError
 from captioner.library import LibraryError, photo_path, search, similar
 from captioner.names import DEFAULT_SEARCH_MODE, SEARCH_MODES
+from captioner.server.batcher import Batcher
 from captioner.server.schema import CaptionResponse, Health, SearchResponse, errors
 
 STATIC = Path(__file__).parent / "static"
@@ -52,7 +53,7 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0, max_pixels: int = 40_000_000,
                max_files: int = 16, queue_timeout: float = 30.0, allowed_hosts: Sequence[str] = LOCAL_HOSTS,
-               max_request_pixels: int = 200_000_000) -> FastAPI:
+               max_request_pixels: int = 200_000_000, batch_wait_ms: float = 5.0, max_batch: int = 16) -> FastAPI:
     """The app, around a loaded `Captioner` (loaded once, shared by every request). A caption
     request that waits more than `queue_timeout` seconds for the model gets a 503 with
     Retry-After rather than an ever longer queue.
@@ -60,7 +61,11 @@ def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0
     `allowed_hosts`: the names the Host header may give ("*": any). An upload may decode to at most
     `max_pixels`, all the files of one request together to `max_request_pixels`, and all requests
     together hold at most `max_pixels` decoded pixels at once (the others wait, then get 503), so
-    memory stays bounded however many requests arrive."""
+    memory stays bounded however many requests arrive.
+
+    Caption requests that are ready together are captioned in one model call of at most `max_batch`
+    images, waiting at most `batch_wait_ms` for requests still reading their uploads
+    (server/batcher.py); 0 captions each request on its own."""
     app = FastAPI(title="captioner", version=__version__, docs_url=None, redoc_url=None,  # theirs need a CDN
                   description="Caption photos with a CNN + LSTM model, and search a captioned photo library. "
                               "Every error is JSON {\"detail\": \"...\"}.")
@@ -69,6 +74,23 @@ def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0
     db = Path(db) if db else None
 
     pixels = _PixelPool(max_pixels)  # decoded pixels held at once, over all requests: bounded memory
+
+    def caption_batch(x: torch.Tensor) -> list[dict]:
+        with lock, torch.inference_mode():  # the model is shared with search
+            return captioner.caption_tensor(x)
+
+    batcher = Batcher(caption_batch, max_images=max_batch, wait_s=batch_wait_ms / 1000) if batch_wait_ms > 0 else None
+
+    @contextlib.contextmanager
+    def model_turn():
+        if not lock.acquire(timeout=queue_timeout):
+            raise HTTPException(503, f"busy: no turn at the model within {queue_timeout:g} s; try again",
+                                headers={"Retry-After": "5"})
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            lock.release()
 
     # outermost (added last): checks the Host header and counts body bytes before anything reads them
     app.add_middleware(_Guard, hosts={h.lower().strip("[]") for h in allowed_hosts if h},
@@ -87,18 +109,20 @@ def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0
         if len(file) > max_files:
             raise HTTPException(413, f"{len(file)} files: at most {max_files} per request")
         t0 = time.perf_counter()
-        images, results = _read_uploads(file)
+        with batcher.arriving() if batcher else contextlib.nullcontext():
+            images, results = _read_uploads(file)
         if not images:  # nothing usable: the request as a whole fails, with the first reason
             first = results[0]
             raise HTTPException(first["status"], first["error"])
-        if not lock.acquire(timeout=queue_timeout):
-            raise HTTPException(503, f"busy: no turn at the model within {queue_timeout:g} s; try again",
-                                headers={"Retry-After": "5"})
-        try:
-            with torch.inference_mode():
+        if batcher:  # captioned together with the other requests ready now (server/batcher.py)
+            try:
+                out = batcher.submit([x for _, x in images], queue_timeout)
+            except TimeoutError:
+                raise HTTPException(503, f"busy: no turn at the model within {queue_timeout:g} s; try again",
+                                    headers={"Retry-After": "5"}) from None
+        else:
+            with model_turn():
                 out = captioner.caption_tensor(torch.stack([x for _, x in images]))
-        finally:
-            lock.release()
         for (i, _), r in zip(images, out):
             results[i].update(caption=r["caption"], logprob=r["logprob"], score=r["score"],
                               alternatives=r["alternatives"])
@@ -133,17 +157,6 @@ def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0
             finally:
                 del data
         return images, results
-
-    @contextlib.contextmanager
-    def model_turn():
-        if not lock.acquire(timeout=queue_timeout):
-            raise HTTPException(503, f"busy: no turn at the model within {queue_timeout:g} s; try again",
-                                headers={"Retry-After": "5"})
-        try:
-            with torch.inference_mode():
-                yield
-        finally:
-            lock.release()
 
     def answer(query: str, found) -> dict:
         return {"query": query, "mode": found.mode, "total": found.total, "note": found.note,
@@ -358,7 +371,8 @@ def _json_error(status: int, detail: str) -> JSONResponse:
 
 
 def serve(captioner, db: Path | None, host: str = "127.0.0.1", port: int = 8000, *,
-          allowed_hosts: Sequence[str] = (), header_timeout: float = 10.0, max_upload_mb: float = 20.0) -> None:
+          allowed_hosts: Sequence[str] = (), header_timeout: float = 10.0, max_upload_mb: float = 20.0,
+          batch_wait_ms: float = 5.0) -> None:
     """Run the app with uvicorn until interrupted. It answers to this machine's names, the address
     it listens on, IP addresses, and `allowed_hosts`."""
     import socket
@@ -372,7 +386,7 @@ def serve(captioner, db: Path | None, host: str = "127.0.0.1", port: int = 8000,
     hosts = [*LOCAL_HOSTS, *allowed_hosts, host, socket.gethostname(), socket.getfqdn()]
     # bounded: at most 64 connections at once (more get 503), idle keep-alive connections closed after
     # 5 s, and a connection that has not sent a request's headers within `header_timeout` s is closed
-    app = create_app(captioner, db, allowed_hosts=hosts, max_upload_mb=max_upload_mb)
+    app = create_app(captioner, db, allowed_hosts=hosts, max_upload_mb=max_upload_mb, batch_wait_ms=batch_wait_ms)
     uvicorn.run(app, host=host, port=port, log_level="info", limit_concurrency=64, timeout_keep_alive=5,
                 http=_protocol(header_timeout))
 
