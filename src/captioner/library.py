@@ -379,9 +379,9 @@ def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None
 
     _check(limit, "model")
     with reading(db) as con:
-        view = ModelView(con, captioner)
         rows = _rows(con, "SELECT id, pooled FROM vectors WHERE model = ? ORDER BY id", (captioner.fingerprint,))
-        if view.left_out and not rows:
+        left_out = con.execute("SELECT count(*) FROM photos").fetchone()[0] - len(rows)
+        if left_out and not rows:
             raise LibraryError(f"{db}: no photo in it was indexed by this model ({captioner.source}): run captioner "
                                "index again with it to search by example photo")
         if photo_id is not None:
@@ -396,7 +396,8 @@ def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None
         sims = (np.frombuffer(b"".join(r[1] for r in rows), np.float16).reshape(len(rows), -1).astype(np.float32)
                 @ query) if rows else np.zeros(0, np.float32)
         best = np.argsort(-sims, kind="stable")[:limit]
-        return Found(_hits(con, [(int(ids[i]), float(sims[i])) for i in best]), "like", len(ids), view.note([]))
+        return Found(_hits(con, [(int(ids[i]), float(sims[i])) for i in best]), "like", len(ids),
+                     _note([], left_out, len(ids), captioner.source))
 
 
 def _check(limit: int, mode: str) -> None:
@@ -470,16 +471,7 @@ class ModelView:
         return vocab.encode(" ".join(words)), [w for w in dict.fromkeys(words) if w not in vocab.stoi]
 
     def note(self, unknown: list[str]) -> str | None:
-        notes = []
-        if unknown:
-            notes.append(f"words the model does not know, read as <unk>: {', '.join(map(repr, unknown))}")
-        if self.left_out and not len(self.ids):
-            notes.append(f"no photo was indexed by this model ({self.source}), so only the words of the captions "
-                         "were searched: run captioner index again with it to search by meaning")
-        elif self.left_out:
-            notes.append(f"{self.left_out} photos indexed by another model (or by an older captioner) are left out: "
-                         "run captioner index again")
-        return "; ".join(notes) or None
+        return _note(unknown, self.left_out, len(self.ids), self.source)
 
     def features(self, ids: np.ndarray):
         """The stored features of photos `ids` (in that order) -> a float tensor (M, ...)."""
@@ -494,6 +486,20 @@ class ModelView:
         cells = (len(next(iter(blobs.values()))) - 8) // cfg.feat_dim if blobs else 1
         shape = (cfg.feat_dim,) if self.captioner.model.decoder.feature_kind == "pooled" else (cells, cfg.feat_dim)
         return retrieval.unpack_features([blobs[int(i)] for i in ids], shape)
+
+
+def _note(unknown: list[str], left_out: int, ranked: int, source: str) -> str | None:
+    """What the user should know about a model search: unknown words, photos it could not rank."""
+    notes = []
+    if unknown:
+        notes.append(f"words the model does not know, read as <unk>: {', '.join(map(repr, unknown))}")
+    if left_out and not ranked:
+        notes.append(f"no photo was indexed by this model ({source}), so only the words of the captions were "
+                     "searched: run captioner index again with it to search by meaning")
+    elif left_out:
+        notes.append(f"{left_out} photos indexed by another model (or by an older captioner) are left out: run "
+                     "captioner index again")
+    return "; ".join(notes) or None
 
 
 def rank(con: sqlite3.Connection, view: ModelView, text: str, modes: Sequence[str] = ("hybrid",),
