@@ -2,6 +2,7 @@
 
     python benchmarks/load.py                          # 8 clients, 500 requests, the shipped model
     python benchmarks/load.py --clients 8 --requests 500 --model runs/NAME/best --json
+    python benchmarks/load.py --batch-wait-ms 0 5 10         # request batching off, then on (wait 5, 10 ms)
 
 Starts the server in a child process, warms it up, then has CLIENTS threads send REQUESTS
 requests in all: most upload a real photo to POST /api/caption (expecting 200 and a caption),
@@ -73,11 +74,11 @@ def one_request(url: str, k: int, photo: bytes) -> tuple[bool, float, str]:
     return True, seconds, ""
 
 
-def run(model: str | None, clients: int, requests: int, photo: Path) -> dict:
+def run(model: str | None, clients: int, requests: int, photo: Path, batch_wait_ms: float = 5.0) -> dict:
     from captioner.server.background import serve_in_background
 
     data = photo.read_bytes()
-    args = ["--model", model] if model else []
+    args = (["--model", model] if model else []) + ["--batch-wait-ms", str(batch_wait_ms)]
     with serve_in_background(*args) as server:
         for _ in range(5):  # warm-up: the first requests load lazily initialised parts
             one_request(server.url, 0, data)
@@ -99,7 +100,8 @@ def run(model: str | None, clients: int, requests: int, photo: Path) -> dict:
         rss.append(rss_mb(server.pid))
     lat = sorted(s for _, s, _ in results)
     failures = [why for ok, _, why in results if not ok]
-    return {"clients": clients, "requests": requests, "failed": len(failures), "first_failures": failures[:5],
+    return {"batch_wait_ms": batch_wait_ms, "clients": clients, "requests": requests, "failed": len(failures),
+            "first_failures": failures[:5],
             "seconds": round(wall, 2), "requests_per_s": round(requests / wall, 1),
             "p50_ms": round(statistics.median(lat) * 1000, 1),
             "p95_ms": round(lat[int(0.95 * (len(lat) - 1))] * 1000, 1),
@@ -114,15 +116,27 @@ def main() -> None:
     ap.add_argument("--photo", type=Path, default=ROOT / "examples" / "coffee.jpg")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    ap.add_argument("--batch-wait-ms", type=float, nargs="+", default=[0.0, 5.0],
+                    help="server settings to compare in this run (0: each request its own model call; default 0 5)")
     a = ap.parse_args()
-    r = run(a.model, a.clients, a.requests, a.photo)
-    lines = [f"Model: {a.model or 'shipped'}; {r['clients']} concurrent clients, {r['requests']} requests (8 in 10 "
-             "upload a photo, 1 in 10 a non-image expecting 415, 1 in 10 GET /health), loopback.", "",
-             "| failed | requests/s | p50 | p95 | server RSS after warm-up -> peak -> end |", "|---|---|---|---|---|",
-             f"| **{r['failed']}** | {r['requests_per_s']} | {r['p50_ms']} ms | {r['p95_ms']} ms | "
-             f"{r['rss_first_mb']:,.0f} -> {r['rss_max_mb']:,.0f} -> {r['rss_last_mb']:,.0f} MB |"]
-    if r["first_failures"]:
-        lines += ["", "First failures: " + "; ".join(r["first_failures"])]
+    runs = [run(a.model, a.clients, a.requests, a.photo, w) for w in a.batch_wait_ms]
+    lines = [f"Model: {a.model or 'shipped'}; {a.clients} concurrent clients, {a.requests} requests (8 in 10 "
+             "upload a photo, 1 in 10 a non-image expecting 415, 1 in 10 GET /health), loopback; one server per "
+             "row, started fresh, rows measured one after the other in this run.", "",
+             "| request batching | failed | requests/s | p50 | p95 | server RSS after warm-up -> peak -> end |",
+             "|---|---|---|---|---|---|"]
+    for r in runs:
+        batching = f"on, wait <= {r['batch_wait_ms']:g} ms" if r["batch_wait_ms"] else "off"
+        lines.append(f"| {batching} | **{r['failed']}** | {r['requests_per_s']} | {r['p50_ms']} ms | "
+                     f"{r['p95_ms']} ms | {r['rss_first_mb']:,.0f} -> {r['rss_max_mb']:,.0f} -> "
+                     f"{r['rss_last_mb']:,.0f} MB |")
+    if len(runs) > 1:
+        ratio = runs[-1]["requests_per_s"] / runs[0]["requests_per_s"]
+        lines += ["", f"Requests/s, last row against the first: **{ratio:.2f}x**; p95 {runs[0]['p95_ms']} -> "
+                  f"{runs[-1]['p95_ms']} ms."]
+    for r in runs:
+        if r["first_failures"]:
+            lines += ["", "First failures: " + "; ".join(r["first_failures"])]
     if not a.no_record:
         import torch
         from bench import report
@@ -131,8 +145,8 @@ def main() -> None:
     else:
         print("\n".join(lines))
     if a.json:
-        print(json.dumps(r))
-    sys.exit(1 if r["failed"] else 0)
+        print(json.dumps(runs if len(runs) > 1 else runs[0]))
+    sys.exit(1 if any(r["failed"] for r in runs) else 0)
 
 
 if __name__ == "__main__":
