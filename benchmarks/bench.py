@@ -394,9 +394,10 @@ def synthetic_library(db: Path, cap: Captioner, rows: int, seed: int = 0) -> Non
                 con.execute("INSERT INTO photos VALUES (?, ?, 'x', 0, 0, ?, '[]', 'bench', 0)",
                             (pid, f"/photos/{pid:06d}.jpg", caption))
                 con.execute("INSERT INTO photos_fts (rowid, caption, alternatives) VALUES (?, ?, '')", (pid, caption))
-                con.execute("INSERT INTO vectors VALUES (?, ?, ?, ?, ?)",
-                            (pid, cap.fingerprint, head + pool[pid % len(pool)], pooled[i].tobytes(),
-                             retrieval.pack_words(ids[i:i + 1], counts[i:i + 1])[0]))
+                con.execute("INSERT INTO vectors VALUES (?, ?, ?)",
+                            (pid, cap.fingerprint, retrieval.pack_words(ids[i:i + 1], counts[i:i + 1])[0]))
+                con.execute("INSERT INTO pooled VALUES (?, ?)", (pid, pooled[i].tobytes()))
+                con.execute("INSERT INTO features VALUES (?, ?)", (pid, head + pool[pid % len(pool)]))
     con.close()
 
 

@@ -111,7 +111,8 @@ def test_deleted_photos_leave_every_mode(cap, library, photos):
     gone.unlink()
     assert index_folders(cap, [photos], library, progress=False).removed == 1
     con = sqlite3.connect(library)
-    assert con.execute("SELECT count(*) FROM vectors").fetchone()[0] == 11
+    counts = [con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("vectors", "pooled", "features")]
+    assert counts == [11] * 3
     con.close()
     for mode in ("keyword", "model", "hybrid"):
         hits = search(library, truth(gone.stem), 50, mode=mode, captioner=cap).hits
@@ -123,7 +124,8 @@ def test_deleted_photos_leave_every_mode(cap, library, photos):
 def test_schema_1_library_is_searchable_by_keyword_and_upgraded_by_indexing(cap, library, photos):
     con = sqlite3.connect(library)
     with con:  # what a library made before model search looked like
-        con.execute("DROP TABLE vectors")
+        for table in ("vectors", "pooled", "features"):
+            con.execute(f"DROP TABLE {table}")
         con.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
     con.close()
     assert search(library, "red", 3).hits

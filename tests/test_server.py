@@ -150,22 +150,25 @@ def test_a_busy_model_answers_503_with_retry_after(library):
             time.sleep(1.0)
             return cap.caption_tensor(x, **kw)
 
-    c = TestClient(create_app(Slow(), db, queue_timeout=0.1), base_url="http://localhost")
-    statuses = []
+    for batch_wait_ms in (0, 5):  # each request on its own, and batched: one arriving while the model runs waits
+        c = TestClient(create_app(Slow(), db, queue_timeout=0.1, batch_wait_ms=batch_wait_ms),
+                       base_url="http://localhost")
+        statuses = []
 
-    def post():
-        r = c.post("/api/caption", files={"file": ("red.png", png_bytes(), "image/png")})
-        statuses.append((r.status_code, r.headers.get("retry-after"), r.json()))
+        def post(c=c, statuses=statuses):
+            r = c.post("/api/caption", files={"file": ("red.png", png_bytes(), "image/png")})
+            statuses.append((r.status_code, r.headers.get("retry-after"), r.json()))
 
-    threads = [threading.Thread(target=post) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    codes = sorted(s for s, _, _ in statuses)
-    assert codes == [200, 503]
-    busy = next(x for x in statuses if x[0] == 503)
-    assert busy[1] == "5" and "busy" in busy[2]["detail"]
+        threads = [threading.Thread(target=post) for _ in range(2)]
+        for t in threads:
+            t.start()
+            time.sleep(0.3)  # the second arrives while the first is being captioned
+        for t in threads:
+            t.join()
+        codes = sorted(s for s, _, _ in statuses)
+        assert codes == [200, 503], batch_wait_ms
+        busy = next(x for x in statuses if x[0] == 503)
+        assert busy[1] == "5" and "busy" in busy[2]["detail"]
 
 
 def test_search_modes_and_search_by_photo(client, shapes):

@@ -7,10 +7,12 @@ One file, readable with the ``sqlite3`` shell:
         one row per captioned photo; `alternatives` is JSON [{"caption", "logprob", "score"}, ...]
     photos_fts(caption, alternatives)       FTS5 full-text index, rowid = photos.id,
         Porter stemming so "dogs" finds "dog" and "running" finds "runs"
-    vectors(id, model, features, pooled, words)
-        per photo (id = photos.id), what model search reads (see retrieval.py): the encoder's
-        features, their pooled unit vector, the model's expected word counts; `model` is the
+    vectors(id, model, words)               per photo (id = photos.id), the model's expected word
+        counts (see retrieval.py), read for every photo at every model search; `model` is the
         fingerprint of the model that made them, so two models' numbers are never mixed
+    pooled(id, data)                        its pooled feature, unit length (search by example photo)
+    features(id, data)                      the encoder's output, 8-bit (read for the photos re-ranked)
+        (three tables, so that a scan of the small rows never walks the large ones' pages)
     failures(path, size, mtime, error)      files that could not be read, and why
     meta(key, value)                        schema version
 
@@ -65,13 +67,9 @@ CREATE TABLE IF NOT EXISTS photos (
     indexed_at REAL NOT NULL
 );
 CREATE VIRTUAL TABLE IF NOT EXISTS photos_fts USING fts5(caption, alternatives, tokenize = 'porter unicode61');
-CREATE TABLE IF NOT EXISTS vectors (
-    id INTEGER PRIMARY KEY,
-    model TEXT NOT NULL,
-    features BLOB NOT NULL,
-    pooled BLOB NOT NULL,
-    words BLOB NOT NULL
-);
+CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY, model TEXT NOT NULL, words BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS pooled (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS features (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS failures (
     path TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
@@ -209,7 +207,8 @@ def _remove_missing(con: sqlite3.Connection, roots: Sequence[Path], present: set
 
 def _delete_photo(con: sqlite3.Connection, pid: int) -> None:
     con.execute("DELETE FROM photos_fts WHERE rowid = ?", (pid,))
-    con.execute("DELETE FROM vectors WHERE id = ?", (pid,))
+    for table in ("vectors", "pooled", "features"):
+        con.execute(f"DELETE FROM {table} WHERE id = ?", (pid,))
     con.execute("DELETE FROM photos WHERE id = ?", (pid,))
 
 
@@ -245,8 +244,9 @@ def _write_batch(con: sqlite3.Connection, rows: list[tuple], failures: list[tupl
                 (path, sha1, st.st_size, st.st_mtime, result["caption"], json.dumps(alts), source, now))
             con.execute("INSERT INTO photos_fts (rowid, caption, alternatives) VALUES (?, ?, ?)",
                         (cur.lastrowid, result["caption"], "\n".join(a["caption"] for a in alts)))
-            con.execute("INSERT INTO vectors (id, model, features, pooled, words) VALUES (?, ?, ?, ?, ?)",
-                        (cur.lastrowid, model, features, pooled, words))
+            con.execute("INSERT INTO vectors (id, model, words) VALUES (?, ?, ?)", (cur.lastrowid, model, words))
+            con.execute("INSERT INTO pooled (id, data) VALUES (?, ?)", (cur.lastrowid, pooled))
+            con.execute("INSERT INTO features (id, data) VALUES (?, ?)", (cur.lastrowid, features))
             con.execute("DELETE FROM failures WHERE path = ?", (path,))
         for path, st, error in failures:
             con.execute("INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?)", (path, st.st_size, st.st_mtime, error))
@@ -379,22 +379,30 @@ def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None
 
     _check(limit, "model")
     with reading(db) as con:
-        rows = _rows(con, "SELECT id, pooled FROM vectors WHERE model = ? ORDER BY id", (captioner.fingerprint,))
-        left_out = con.execute("SELECT count(*) FROM photos").fetchone()[0] - len(rows)
-        if left_out and not rows:
+        ranked = _rows(con, "SELECT count(*) FROM vectors WHERE model = ?", (captioner.fingerprint,))
+        ranked = ranked[0][0] if ranked else 0
+        left_out = con.execute("SELECT count(*) FROM photos").fetchone()[0] - ranked
+        if left_out and not ranked:
             raise LibraryError(f"{db}: no photo in it was indexed by this model ({captioner.source}): run captioner "
                                "index again with it to search by example photo")
         if photo_id is not None:
-            own = [r[1] for r in rows if r[0] == photo_id]
+            own = con.execute("SELECT p.data FROM pooled p JOIN vectors v ON v.id = p.id WHERE p.id = ? AND "
+                              "v.model = ?", (photo_id, captioner.fingerprint)).fetchone()
             if not own:
                 raise LibraryError(f"no photo {photo_id} in the library indexed by this model")
             query = np.frombuffer(own[0], np.float16).astype(np.float32)
         else:
             x = captioner.transform(open_rgb(image))[None]
             query = retrieval.pooled_vectors(captioner.features(x)).astype(np.float32)[0]  # (C,)
-        ids = np.array([r[0] for r in rows], np.int64)
-        sims = (np.frombuffer(b"".join(r[1] for r in rows), np.float16).reshape(len(rows), -1).astype(np.float32)
-                @ query) if rows else np.zeros(0, np.float32)
+        ids, sims = [], []
+        cur = con.execute("SELECT p.id, p.data FROM pooled p JOIN vectors v ON v.id = p.id WHERE v.model = ?",
+                          (captioner.fingerprint,))
+        while rows := cur.fetchmany(10_000):  # a block at a time: memory stays flat however large the library
+            ids.append(np.fromiter((r[0] for r in rows), np.int64, len(rows)))
+            block = np.frombuffer(b"".join(r[1] for r in rows), np.float16).reshape(len(rows), -1)
+            sims.append(block.astype(np.float32) @ query)
+        ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        sims = np.concatenate(sims) if sims else np.zeros(0, np.float32)
         best = np.argsort(-sims, kind="stable")[:limit]
         return Found(_hits(con, [(int(ids[i]), float(sims[i])) for i in best]), "like", len(ids),
                      _note([], left_out, len(ids), captioner.source))
@@ -481,7 +489,7 @@ class ModelView:
         for start in range(0, len(ids), 500):
             part = [int(i) for i in ids[start:start + 500]]
             blobs.update(self.con.execute(
-                f"SELECT id, features FROM vectors WHERE id IN ({','.join('?' * len(part))})", part).fetchall())
+                f"SELECT id, data FROM features WHERE id IN ({','.join('?' * len(part))})", part).fetchall())
         cfg = self.captioner.model.cfg
         cells = (len(next(iter(blobs.values()))) - 8) // cfg.feat_dim if blobs else 1
         shape = (cfg.feat_dim,) if self.captioner.model.decoder.feature_kind == "pooled" else (cells, cfg.feat_dim)

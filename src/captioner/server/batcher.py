@@ -4,11 +4,11 @@ that is ready within a few milliseconds of another, each request still getting i
     request thread                              the batcher's thread
     ------------------------------------        ------------------------------------------------
     arriving()  (while its uploads decode)
-    submit(images) -> waits for its answer  ->  takes the first request waiting; while others are
+    submit(images) -> waits for its turn    ->  takes the first request waiting; while others are
                                                 still arriving, waits up to `wait_s` for them (never
                                                 past `max_images` images); one model call for all;
                                                 hands each request its own rows
-    gets its captions, or TimeoutError (503)
+    gets its captions, or TimeoutError (503)    (when no batch took it within the queue timeout)
 
 A request alone (nobody else arriving) is captioned at once: the wait only happens while another
 request is on its way, so batching costs a lone user nothing. A request that gave up waiting (its
@@ -30,6 +30,7 @@ import torch
 class _Job:
     def __init__(self, images: list[torch.Tensor]):
         self.images = images
+        self.started = threading.Event()  # taken into a batch: the model is on it
         self.done = threading.Event()
         self.results: list[dict] = []
         self.error: BaseException | None = None
@@ -63,16 +64,18 @@ class Batcher:
 
     def submit(self, images: list[torch.Tensor], timeout: float) -> list[dict]:
         """Caption `images` (preprocessed, one request's) with whatever else is waiting; raises
-        TimeoutError when no answer came within `timeout` seconds, or the model call's error."""
+        TimeoutError when the model has not started on them within `timeout` seconds (the request
+        is then dropped), or the model call's error."""
         job = _Job(images)
         with self._cond:
             self._waiting.append(job)
             self._cond.notify_all()
-        if not job.done.wait(timeout):
+        if not job.started.wait(timeout):
             with self._cond:
-                if not job.done.is_set():
+                if not job.started.is_set():
                     job.abandoned = True
                     raise TimeoutError(f"no turn at the model within {timeout:g} s")
+        job.done.wait()
         if job.error is not None:
             raise job.error
         return job.results
@@ -97,7 +100,10 @@ class Batcher:
                 if self._arriving == 0 or left <= 0:
                     break
                 self._cond.wait(left)
-            return [j for j in jobs if not j.abandoned]
+            jobs = [j for j in jobs if not j.abandoned]
+            for j in jobs:
+                j.started.set()
+            return jobs
 
     def _loop(self) -> None:
         while True:
