@@ -132,3 +132,31 @@ def test_fine_tuned_validation_reads_features_of_the_current_encoder(shapes):
             p.mul_(1.1)
     after = val_features(model, val, cfg, torch.device("cpu"), "fp32")[:]
     assert before.shape == after.shape == (3, 1280) and not torch.allclose(before, after, atol=1e-3)
+
+
+@pytest.mark.parametrize("freeze_bn", [False, True])
+def test_freeze_bn_keeps_the_encoders_statistics_while_it_learns(freeze_bn):
+    from captioner.model.network import CaptionModel, ModelConfig
+    from captioner.train.epoch import train_one_epoch
+
+    torch.manual_seed(0)
+    model = CaptionModel.create(ModelConfig.for_encoder("tf_efficientnet_lite0", vocab_size=12, image_size=64,
+                                                        embed_dim=16, hidden_dim=16), encoder_weights="none")
+    bns = [m for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    stats = [m.running_mean.clone() for m in bns]
+    weights = [m.weight.detach().clone() for m in bns]
+    batches = [(torch.randn(4, 3, 64, 64), torch.randint(4, 12, (4, 5))) for _ in range(2)]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    train_one_epoch(model, batches, opt, torch.device("cpu"), "fp32", 5.0, 1, 0, images=True, progress=False,
+                    freeze_bn=freeze_bn)
+    same_stats = all(torch.equal(a, m.running_mean) for a, m in zip(stats, bns))
+    assert same_stats == freeze_bn
+    assert not all(torch.equal(a, m.weight) for a, m in zip(weights, bns))  # scale and shift learn either way
+
+
+def test_freeze_bn_needs_fine_tuning():
+    from captioner.errors import ConfigError
+    from captioner.train import TrainConfig
+
+    with pytest.raises(ConfigError, match="--freeze-bn applies to --fine-tune-encoder"):
+        TrainConfig(data="d", out="o", freeze_bn=True).check()

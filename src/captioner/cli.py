@@ -211,6 +211,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--image-size", type=int, help="input side in pixels (default: the backbone's)")
     p.add_argument("--fine-tune-encoder", action="store_true", help="train the CNN too (images each step)")
     p.add_argument("--encoder-lr", type=float)
+    p.add_argument("--freeze-bn", action="store_true",
+                   help="with --fine-tune-encoder: keep the encoder's BatchNorm statistics as pretrained")
     p.add_argument("--decoder", choices=DECODERS,
                    help="show_tell: image as the LSTM's first input; attention: Show, Attend and Tell")
     p.add_argument("--head", choices=HEADS, help="image projection (show_tell)")

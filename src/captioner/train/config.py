@@ -56,6 +56,8 @@ class TrainConfig:
     seed: int = 0
     fine_tune_encoder: bool = False  # train the CNN too (images every step)
     encoder_lr: float = 1e-4
+    # fine-tuning: keep the encoder's BatchNorm statistics as pretrained (small batches estimate them badly)
+    freeze_bn: bool = False
 
     # self-critical stage (see scst.py)
     scst: bool = False
@@ -86,6 +88,8 @@ class TrainConfig:
         if self.scst and self.fine_tune_encoder:
             raise ConfigError("--scst trains the decoder on cached features; it cannot be combined with "
                               "--fine-tune-encoder")
+        if self.freeze_bn and not self.fine_tune_encoder:
+            raise ConfigError("--freeze-bn applies to --fine-tune-encoder (a frozen encoder's statistics never change)")
         if self.scst and self.accum > 1:
             raise ConfigError("--accum applies to cross-entropy training; with --scst, raise --batch-size instead")
         if self.max_words < 1 or self.min_count < 1:

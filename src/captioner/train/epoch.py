@@ -34,18 +34,23 @@ def caption_loss(logits: torch.Tensor, targets: torch.Tensor, pad: int) -> torch
 
 def train_one_epoch(model, batches, optimizer, device, precision: str, clip: float, epoch: int, pad: int,
                     images: bool = False, progress: bool = True, dist: Dist | None = None, accum: int = 1,
-                    total: int | None = None) -> float:
+                    total: int | None = None, freeze_bn: bool = False) -> float:
     """`batches` yields (features, tokens), or (images, tokens) when `images` (the encoder is
     trained too). `model` is a CaptionModel, or its DistributedDataParallel wrapper. Every `accum`
     batches make one optimiser step on the mean of their losses (gradient accumulation; the
     sampler makes the number of batches a multiple of it). `pad`: the vocabulary's padding id,
     which the loss ignores. `total`: how many batches there are, for the progress bar. Returns
-    the mean cross-entropy per word (over all ranks)."""
+    the mean cross-entropy per word (over all ranks). `freeze_bn` (with `images`): the encoder's
+    BatchNorm layers keep their running statistics (their scale and shift still learn)."""
     dist = dist or Dist()
     core = getattr(model, "module", model)
     model.train()
     if not images:
         core.encoder.eval()  # frozen: keep its BatchNorm statistics fixed
+    elif freeze_bn:
+        for m in core.encoder.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
     # fp16 needs its gradients scaled up so that small ones do not underflow (bf16 does not)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     params = [p for g in optimizer.param_groups for p in g["params"]]

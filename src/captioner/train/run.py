@@ -228,7 +228,7 @@ def train_epoch(cfg: TrainConfig, model: CaptionModel, vocab: Vocabulary, data: 
             batches = ((data.train_feats[rows], tok) for rows, tok in map(data.train_caps.batch, opt.sampler))
         train_loss = train_one_epoch(opt.net, batches, opt.optimizer, device, precision, cfg.clip, epoch, vocab.pad,
                                      images=cfg.fine_tune_encoder, progress=progress, dist=dist, accum=cfg.accum,
-                                     total=len(opt.sampler))
+                                     total=len(opt.sampler), freeze_bn=cfg.freeze_bn)
     seconds = time.perf_counter() - t0
 
     decoding = val_decoding(cfg.val_beam_size, model.cfg.max_len)
