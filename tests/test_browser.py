@@ -91,8 +91,11 @@ def test_keyboard_only_user_captions_photos_and_opens_a_result(server, shapes, t
         except Exception as e:
             pytest.skip(f"Chromium could not start: {str(e).splitlines()[0]}")
         page = browser.new_page(viewport={"width": 1100, "height": 900})
-        uploads = []
+        uploads, choosers = [], []
         page.on("request", lambda r: uploads.append(r) if r.url.endswith("/api/caption") else None)
+        # file choosers are intercepted from the start: expect_file_chooser() turns interception on
+        # only as the key is pressed, and a chooser opened before that is lost (a flaky test)
+        page.on("filechooser", lambda fc: choosers.append(fc))
         page.goto(server)
         page.wait_for_selector("#status:has-text('model:')")
         page.bring_to_front()  # keyboard events and the file chooser go to the focused page
@@ -111,9 +114,13 @@ def test_keyboard_only_user_captions_photos_and_opens_a_result(server, shapes, t
 
         # Space on the upload control opens the file chooser; the chosen order is kept; a non-image
         # is refused on the page, never uploaded
-        with page.expect_file_chooser() as chooser:
-            page.keyboard.press("Space")
-        chooser.value.set_files([str(photos[0]), str(notes), str(photos[1])])
+        page.keyboard.press("Space")
+        for _ in range(300):
+            if choosers:
+                break
+            page.wait_for_timeout(100)
+        assert choosers, "Space on the focused upload control opened no file chooser"
+        choosers[0].set_files([str(photos[0]), str(notes), str(photos[1])])
         page.wait_for_function("document.querySelectorAll('.card .caption:not(.pending)').length === 3",
                                timeout=60_000)
         metas = [m.inner_text() for m in page.query_selector_all(".card .meta")]
