@@ -44,8 +44,10 @@ PAIRS_PER_CALL = 256  # (query, photo) pairs per decoder call: bounds memory
 
 def pack_features(feats: torch.Tensor) -> list[bytes]:
     """Encoder features (B, ...) -> one blob per photo: offset and scale (2 float32) + uint8 codes.
-    The codes' error is at most scale/2 = (max - min)/510 per value; stage-2 rankings with codes
-    and with the float features were the same on Flickr8k val."""
+    The codes' error is at most scale/2 = (max - min)/510 per value (0.012 for EfficientNet-Lite0's
+    0..6 features). Measured on 100 Flickr8k val queries against float features, re-ranking 100
+    photos each: log p moved by at most 0.012, the first 10 came in the same order for 91 queries,
+    the right photo's rank was unchanged for 80 of 83, R@10 was the same."""
     x = feats.detach().float().cpu().flatten(1).numpy()  # (B, D)
     lo = x.min(axis=1, keepdims=True)
     scale = np.maximum(x.max(axis=1, keepdims=True) - lo, 1e-12) / 255.0
