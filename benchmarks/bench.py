@@ -36,6 +36,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ from captioner.data.images import eval_transform, open_rgb
 from captioner.data.records import load_records, split_records
 from captioner.data.vocab import Vocabulary
 from captioner.decode import Decoding, beam_search
-from captioner.library import MODES, connect, search, similar
+from captioner.library import MODES, _write_batch, connect, search, similar
 from captioner.model.network import CaptionModel, ModelConfig
 from captioner.runtime import autocast, cpu_has_fast_bf16, loader_workers, pick_device, resolve_precision
 from captioner.train.data import Captions, FeatureRows
@@ -381,23 +382,18 @@ def synthetic_library(db: Path, cap: Captioner, rows: int, seed: int = 0) -> Non
     head = np.array([0.0, 6 / 255], np.float32).tobytes()
     zipf = 1 / np.arange(1, len(words) + 1)
     zipf /= zipf.sum()
-    for start in range(0, rows, 2000):  # a transaction per 2,000 rows, as index writes a batch
-        with con:
-            n = min(2000, rows - start)
-            ids = rng.choice(len(words), size=(n, retrieval.WORDS_KEPT), p=zipf) + 4
-            counts = rng.exponential(0.2, size=(n, retrieval.WORDS_KEPT))
-            pooled = rng.normal(size=(n, cap.model.cfg.feat_dim)).astype(np.float32)
-            pooled = (pooled / np.linalg.norm(pooled, axis=1, keepdims=True)).astype(np.float16)
-            for i in range(n):
-                pid = start + i + 1
-                caption = " ".join(words[j - 4] for j in ids[i, :10])
-                con.execute("INSERT INTO photos VALUES (?, ?, 'x', 0, 0, ?, '[]', 'bench', 0)",
-                            (pid, f"/photos/{pid:06d}.jpg", caption))
-                con.execute("INSERT INTO photos_fts (rowid, caption, alternatives) VALUES (?, ?, '')", (pid, caption))
-                con.execute("INSERT INTO vectors VALUES (?, ?, ?)",
-                            (pid, cap.fingerprint, retrieval.pack_words(ids[i:i + 1], counts[i:i + 1])[0]))
-                con.execute("INSERT INTO pooled VALUES (?, ?)", (pid, pooled[i].tobytes()))
-                con.execute("INSERT INTO features VALUES (?, ?)", (pid, head + pool[pid % len(pool)]))
+    stat = SimpleNamespace(st_size=0, st_mtime=0.0)
+    for start in range(0, rows, 2000):  # written as index writes a batch: one transaction each
+        n = min(2000, rows - start)
+        ids = rng.choice(len(words), size=(n, retrieval.WORDS_KEPT), p=zipf) + 4
+        counts = rng.exponential(0.2, size=(n, retrieval.WORDS_KEPT))
+        pooled = rng.normal(size=(n, cap.model.cfg.feat_dim)).astype(np.float32)
+        pooled = (pooled / np.linalg.norm(pooled, axis=1, keepdims=True)).astype(np.float16)
+        photos = [(f"/photos/{start + i:06d}.jpg", stat, "x", {"caption": " ".join(words[j - 4] for j in ids[i, :10])})
+                  for i in range(n)]
+        vectors = [(head + pool[(start + i) % len(pool)], pooled[i].tobytes(), w)
+                   for i, w in enumerate(retrieval.pack_words(ids, counts))]
+        _write_batch(con, photos, [], "bench", vectors, cap.fingerprint)
     con.close()
 
 

@@ -111,8 +111,8 @@ def retrieval(model_dir: Path | None, data: Path, split: str = "val", *, layout:
         with library.reading(db) as con:
             photo = {path: pid for pid, path in con.execute("SELECT id, path FROM photos")}
             view = library.ModelView(con, cap) if set(modes) - {"keyword"} else None
-            queries = [(photo[path_text(Path(os.path.abspath(r.image)))], c) for r in chosen for c in r.captions
-                       if path_text(Path(os.path.abspath(r.image))) in photo]
+            found = [(photo.get(path_text(Path(os.path.abspath(r.image)))), r) for r in chosen]  # as index stored it
+            queries = [(pid, c) for pid, r in found if pid is not None for c in r.captions]
             ranks: dict[str, list[float]] = {m: [] for m in modes}
             model_modes = tuple(m for m in modes if m != "keyword")
             for pid, text in tqdm(queries, desc="queries", unit="query", disable=not progress):

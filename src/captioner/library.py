@@ -31,6 +31,7 @@ best and is the default of the command line, the API and the page.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import json
 import os
 import sqlite3
@@ -350,25 +351,22 @@ def search(db: Path, text: str, limit: int = 20, *, mode: str = "keyword", capti
     docstring). "model" and "hybrid" need the `captioner` that indexed the library."""
     _check(limit, mode)
     with reading(db) as con:
-        if mode != "keyword":
-            if captioner is None:
-                raise LibraryError(f"{mode} search needs the model that indexed the library")
-            view = ModelView(con, captioner)
-            tokens, unknown = view.query(text)
-            if not len(view.ids):  # nothing this model can rank: the keywords still can
-                found = _keyword(con, text, limit)
-                found.note = view.note([])
-                return found
-            if any(t != captioner.vocab.unk for t in tokens[1:-1]):
-                ranked = rank(con, view, text, (mode,), limit)[mode]
-                note = view.note(unknown)
-                return Found(_hits(con, ranked[:limit]), mode, len(view.ids), note)
-            if tokens[1:-1]:  # only words the model does not know: its score would say nothing
-                found = _keyword(con, text, limit)
-                found.note = (f"the model knows none of the words {', '.join(map(repr, unknown))}: "
-                              "searched the captions' words instead")
-                return found
-        return _keyword(con, text, limit)
+        if mode == "keyword":
+            return _keyword(con, text, limit)
+        if captioner is None:
+            raise LibraryError(f"{mode} search needs the model that indexed the library")
+        view = ModelView(con, captioner)
+        tokens, unknown = view.query(text)
+        if len(view.ids) and any(t != captioner.vocab.unk for t in tokens[1:-1]):
+            ranked = rank(con, view, text, (mode,), limit)[mode]
+            return Found(_hits(con, ranked[:limit]), mode, len(view.ids), view.note(unknown))
+        found = _keyword(con, text, limit)  # nothing this model can rank, or no word it knows: the keywords can
+        if not len(view.ids):
+            found.note = view.note([])
+        elif unknown:
+            found.note = (f"the model knows none of the words {', '.join(map(repr, unknown))}: "
+                          "searched the captions' words instead")
+        return found
 
 
 def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None = None) -> Found:
@@ -425,15 +423,9 @@ def _rows(con: sqlite3.Connection, sql: str, args: tuple = ()) -> list:
 
 
 def _keyword(con: sqlite3.Connection, text: str, limit: int) -> Found:
-    query = fts_query(text)
-    if not query:
-        return Found([], "keyword", 0)
-    rows = con.execute(
-        "SELECT p.id, p.path, p.caption, -bm25(photos_fts, 1.0, 0.3) AS score"
-        " FROM photos_fts JOIN photos p ON p.id = photos_fts.rowid"
-        " WHERE photos_fts MATCH ? ORDER BY bm25(photos_fts, 1.0, 0.3) LIMIT ?", (query, limit)).fetchall()
-    total = con.execute("SELECT count(*) FROM photos_fts WHERE photos_fts MATCH ?", (query,)).fetchone()[0]
-    return Found([{"id": i, "path": p, "caption": c, "score": round(s, 4)} for i, p, c, s in rows], "keyword", total)
+    scores = keyword_scores(con, text)
+    best = heapq.nlargest(limit, scores.items(), key=lambda item: item[1])
+    return Found(_hits(con, best), "keyword", len(scores))
 
 
 def keyword_scores(con: sqlite3.Connection, text: str) -> dict[int, float]:
@@ -445,15 +437,19 @@ def keyword_scores(con: sqlite3.Connection, text: str) -> dict[int, float]:
                             (query,)))
 
 
-def _hits(con: sqlite3.Connection, ranked: list[tuple[int, float]]) -> list[dict]:
-    if not ranked:
-        return []
-    ids = [i for i, _ in ranked]
-    info = {}
-    for start in range(0, len(ids), 500):  # SQLite takes a bounded number of parameters
+def _by_id(con: sqlite3.Connection, sql: str, ids) -> dict[int, tuple]:
+    """Rows of `sql` (which selects id first and ends in "WHERE id IN ({})") for `ids`, by id, a
+    bounded number of parameters at a time."""
+    out = {}
+    ids = [int(i) for i in ids]
+    for start in range(0, len(ids), 500):
         part = ids[start:start + 500]
-        info.update({i: (p, c) for i, p, c in con.execute(
-            f"SELECT id, path, caption FROM photos WHERE id IN ({','.join('?' * len(part))})", part)})
+        out.update({r[0]: r[1:] for r in con.execute(sql.format(",".join("?" * len(part))), part)})
+    return out
+
+
+def _hits(con: sqlite3.Connection, ranked: list[tuple[int, float]]) -> list[dict]:
+    info = _by_id(con, "SELECT id, path, caption FROM photos WHERE id IN ({})", [i for i, _ in ranked])
     return [{"id": i, "path": info[i][0], "caption": info[i][1], "score": round(s, 4)} for i, s in ranked if i in info]
 
 
@@ -485,11 +481,8 @@ class ModelView:
         """The stored features of photos `ids` (in that order) -> a float tensor (M, ...)."""
         from captioner import retrieval
 
-        blobs = {}
-        for start in range(0, len(ids), 500):
-            part = [int(i) for i in ids[start:start + 500]]
-            blobs.update(self.con.execute(
-                f"SELECT id, data FROM features WHERE id IN ({','.join('?' * len(part))})", part).fetchall())
+        rows = _by_id(self.con, "SELECT id, data FROM features WHERE id IN ({})", ids)
+        blobs = {i: row[0] for i, row in rows.items()}
         cfg = self.captioner.model.cfg
         cells = (len(next(iter(blobs.values()))) - 8) // cfg.feat_dim if blobs else 1
         shape = (cfg.feat_dim,) if self.captioner.model.decoder.feature_kind == "pooled" else (cells, cfg.feat_dim)

@@ -52,7 +52,19 @@ def extract_features(model, paths: Sequence[Path], *, batch_size: int = 32, devi
     with _encoder_as_it_was(model):
         model.eval()
         model.encoder.to(device, memory_format=torch.channels_last)  # faster on the CPU; undone after
-        out = _extract(model, loader, len(ds), device, precision, out, ok, errors, progress)
+        bar = tqdm(total=len(ds), desc="features", unit="img", disable=not progress, leave=False)
+        for idx, x, errs in loader:
+            errors += errs
+            if x is not None:
+                x = x.to(device, memory_format=torch.channels_last)
+                with autocast(device, precision):
+                    f = model.features(x, chunk=encoder_chunk(device)).float().cpu().numpy().astype(np.float16)
+                if out is None:
+                    out = np.zeros((len(ds), *f.shape[1:]), dtype=np.float16)
+                out[idx] = f
+                ok[idx] = True
+            bar.update(len(idx) + len(errs))
+        bar.close()
     if out is None:  # nothing could be read
         out = np.zeros((len(ds), 1), dtype=np.float16)
     return out, ok, errors
@@ -72,24 +84,6 @@ def _encoder_as_it_was(model):
             if contiguous and not p.is_contiguous():
                 p.data = p.data.contiguous()
         model.train(training)
-
-
-def _extract(model, loader, n: int, device: torch.device, precision: str, out: np.ndarray | None, ok: np.ndarray,
-             errors: list[str], progress: bool) -> np.ndarray | None:
-    bar = tqdm(total=n, desc="features", unit="img", disable=not progress, leave=False)
-    for idx, x, errs in loader:
-        errors += errs
-        if x is not None:
-            x = x.to(device, memory_format=torch.channels_last)
-            with autocast(device, precision):
-                f = model.features(x, chunk=encoder_chunk(device)).float().cpu().numpy().astype(np.float16)
-            if out is None:
-                out = np.zeros((n, *f.shape[1:]), dtype=np.float16)
-            out[idx] = f
-            ok[idx] = True
-        bar.update(len(idx) + len(errs))
-    bar.close()
-    return out
 
 
 def cached_features(model, paths: Sequence[Path], cache_dir: Path | None = None, dist: Dist | None = None, **kw
