@@ -111,7 +111,7 @@ class BagDecoder(Decoder):
     def from_config(cls, cfg) -> BagDecoder:
         return cls(cfg.vocab_size, cfg.feat_dim, cfg.hidden_dim)
 
-    def forward(self, feats, tokens):
+    def forward(self, feats, tokens, lengths=None):
         h = torch.tanh(self.img(feats)[:, None] + self.embed(tokens))  # (B, T, H)
         return self.out(h), h.new_zeros(())
 

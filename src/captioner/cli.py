@@ -211,8 +211,15 @@ def _train_parser(sub) -> None:
     p.add_argument("--image-size", type=int, help="input side in pixels (default: the backbone's)")
     p.add_argument("--fine-tune-encoder", action="store_true", help="train the CNN too (images each step)")
     p.add_argument("--encoder-lr", type=float)
-    p.add_argument("--freeze-bn", action="store_true",
-                   help="with --fine-tune-encoder: keep the encoder's BatchNorm statistics as pretrained")
+    p.add_argument("--freeze-stages", type=int, metavar="N",
+                   help="with --fine-tune-encoder: leave the encoder's first N stages as they are (default 3: "
+                        "Lite0's stem and first two block stages, 0.5%% of its weights, 40%% of a step's time)")
+    p.add_argument("--encoder-warmup", type=int, metavar="STEPS",
+                   help="with --fine-tune-encoder: raise the encoder's rate from 0 over its first STEPS steps "
+                        "(default 100)")
+    p.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction,
+                   help="with --fine-tune-encoder: keep the encoder's BatchNorm statistics as they are (default; "
+                        "--no-freeze-bn re-estimates them from the training batches)")
     p.add_argument("--decoder", choices=DECODERS,
                    help="show_tell: image as the LSTM's first input; attention: Show, Attend and Tell")
     p.add_argument("--head", choices=HEADS, help="image projection (show_tell)")
@@ -258,7 +265,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--val-images", type=NATURAL, help="validate on the first N val images")
     p.add_argument("--cache-dir", type=Path, help="feature cache (default ~/.cache/captioner)")
     p.add_argument("--feature-batch-size", type=int)
-    p.add_argument("--workers", type=int, help="image loading processes")
+    p.add_argument("--workers", type=int,
+                   help="image loading processes (default: one per core beside the main one, at most 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--nproc", type=POSITIVE, default=1,
                    help="train in N processes with torch.distributed (DDP; gloo on CPU, NCCL on GPUs); "

@@ -1,4 +1,8 @@
-"""Length-bucketed batches: every batch holds captions of one length, so no step pads."""
+"""Which captions (or images) go together in a training batch.
+
+LengthBucketSampler: captions of one length per batch, so no step pads (cached features).
+ImageBatchSampler: whole images with all their captions (fine-tuning: each image is loaded,
+augmented and encoded once per epoch, not once per caption)."""
 
 from __future__ import annotations
 
@@ -70,13 +74,60 @@ class LengthBucketSampler(Sampler[list[int]]):
         return -(-n // group) * self.accum  # batches per rank: a whole number of optimiser steps
 
 
+class ImageBatchSampler(Sampler[list[int]]):
+    """Yields lists of image indices whose captions add up to at most `batch_size` (at least one
+    image per batch). Each epoch (call `set_epoch`) shuffles the images; every image appears
+    exactly once per epoch, so every caption is seen once. `captions[i]`: how many captions image
+    i has (an image with none is never drawn). `rank`, `world` and `accum` as LengthBucketSampler."""
+
+    def __init__(self, captions: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0,
+                 rank: int = 0, world: int = 1, accum: int = 1):
+        if not 0 <= rank < world:
+            raise ConfigError(f"rank {rank} is not in a world of {world}")
+        if accum < 1:
+            raise ConfigError(f"accum must be at least 1, not {accum}")
+        self.captions = list(captions)
+        self.images = torch.tensor([i for i, n in enumerate(self.captions) if n > 0], dtype=torch.long)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world, self.accum = rank, world, accum
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        order = self.images
+        if self.shuffle:
+            order = order[torch.randperm(len(order), generator=torch.Generator().manual_seed(self.seed + self.epoch))]
+        out: list[list[int]] = []
+        batch: list[int] = []
+        filled = 0
+        for i in order.tolist():
+            if batch and filled + self.captions[i] > self.batch_size:
+                out.append(batch)
+                batch, filled = [], 0
+            batch.append(i)
+            filled += self.captions[i]
+        if batch:
+            out.append(batch)
+        if self.world * self.accum > 1:
+            out = _divisible(out, self.world * self.accum)[self.rank:: self.world]
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+
 def _divisible(batches: list[list[int]], world: int) -> list[list[int]]:
     """Split the largest batches in two until their number divides by `world` (order kept)."""
     batches = list(batches)
     while len(batches) % world:
         i = max(range(len(batches)), key=lambda j: len(batches[j]))
         if len(batches[i]) < 2:
-            raise ConfigError(f"{sum(map(len, batches))} captions cannot make equal steps on {world} processes")
+            raise ConfigError(f"{sum(map(len, batches))} items cannot make equal steps on {world} processes")
         b = batches[i]
         batches[i: i + 1] = [b[: len(b) // 2], b[len(b) // 2:]]
     return batches

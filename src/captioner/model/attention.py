@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from captioner.errors import ConfigError
@@ -102,22 +103,47 @@ class AttentionDecoder(Decoder):
 
     # -- training -------------------------------------------------------------------------------
 
-    def forward(self, feats: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, feats: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """feats (B, P, C), tokens (B, T) = [<start>, w1..w_{T-1}] -> logits (B, T, V) for
-        [w1..w_{T-1}, <end>], and the doubly stochastic penalty (a scalar)."""
-        logits, alpha = self.teacher_forced(feats, tokens)
+        [w1..w_{T-1}, <end>], and the doubly stochastic penalty (a scalar). `lengths` (B,): words
+        per row when rows are padded (see teacher_forced); padding adds nothing to the penalty."""
+        logits, alpha = self.teacher_forced(feats, tokens, lengths)
         penalty = self.alpha_c * ((1.0 - alpha.sum(dim=1)) ** 2).mean()
         return logits, penalty
 
-    def teacher_forced(self, feats: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> logits (B, T, V) and attention weights (B, T, P) with `tokens` as the words so far."""
+    def teacher_forced(self, feats: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> logits (B, T, V) and attention weights (B, T, P) with `tokens` as the words so far.
+
+        With `lengths`, each step runs only the captions still going: the rows are sorted longest
+        first, so those are the first n_t rows, and the state shrinks to them (sgrvinod's tutorial
+        does the same). A finished caption's later logits and weights are zeros."""
+        B, T = tokens.shape
+        order = None
+        active = [B] * T  # rows still going at each step
+        if lengths is not None:
+            order = lengths.argsort(descending=True)
+            feats, tokens = feats[order], tokens[order]
+            longest_first = lengths[order].tolist()
+            active = [sum(n > t for n in longest_first) for t in range(T)]
         s = self.start(feats)
         logits, alphas = [], []
-        for t in range(tokens.shape[1]):  # every caption in a batch has the same length: no masks
-            step_logits, s = self._advance(tokens[:, t], s)
-            logits.append(step_logits)
-            alphas.append(s.alpha)
-        return torch.stack(logits, dim=1), torch.stack(alphas, dim=1)
+        for t in range(T):
+            n = active[t]
+            if n == 0:
+                break
+            if n < s.h.shape[0]:
+                s = AttentionState(s.h[:n], None if s.c is None else s.c[:n], s.cells[:n], s.keys[:n])
+            step_logits, s = self._advance(tokens[:n, t], s)  # (n, V)
+            logits.append(F.pad(step_logits, (0, 0, 0, B - n)))
+            alphas.append(F.pad(s.alpha, (0, 0, 0, B - n)))
+        logits = F.pad(torch.stack(logits, dim=1), (0, 0, 0, T - len(logits)))  # (B, T, V)
+        alphas = F.pad(torch.stack(alphas, dim=1), (0, 0, 0, T - len(alphas)))  # (B, T, P)
+        if order is not None:
+            inverse = order.argsort()
+            logits, alphas = logits[inverse], alphas[inverse]
+        return logits, alphas
 
     # -- decoding (see decode.py) ---------------------------------------------------------------
 

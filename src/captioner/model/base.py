@@ -9,7 +9,7 @@ of `Decoder` and one line in `model/network.py`'s `DECODERS`.
     state_batch_axis  the batch axis of every tensor of a flattened state (see `flatten_state`)
 
     from_config(cfg)                -> a new decoder for a ModelConfig
-    forward(feats, tokens)          -> logits (B, T, V), extra loss term (a scalar)   training
+    forward(feats, tokens, lengths) -> logits (B, T, V), extra loss term (a scalar)   training
     start(feats)                    -> state before the first word                  decoding
     step(tokens (N,), state)        -> logits (N, V) for the next word, new state
     select(state, index (N',))      -> the state's rows `index` (keep / repeat / reorder beams)
@@ -17,6 +17,11 @@ of `Decoder` and one line in `model/network.py`'s `DECODERS`.
     unflatten_state(tensors)        -> state
     attention_maps(feats, tokens)   -> weights (B, T, P) of each word over the cells
     word_vectors(layer)             -> (V, E): "output" rows of the last layer, or "input" embeddings
+
+`lengths` (B,), or None when every row of `tokens` is all words: how many of each row's tokens are
+words; the rest are padding, whose logits the loss ignores (a decoder may leave them zero, and must
+keep them out of its extra term). Padded rows come from image-major batches (an image's captions
+differ in length); length-bucketed batches need none.
 
 A state is whatever the decoder likes (a tuple, a dataclass); only the decoder looks inside it.
 `select` is only ever asked to repeat each image's row K times (once, at the start of a beam
@@ -45,7 +50,8 @@ class Decoder(nn.Module):
     def from_config(cls, cfg) -> Decoder:
         raise NotImplementedError
 
-    def forward(self, feats: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, feats: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def start(self, feats: torch.Tensor) -> State:

@@ -61,6 +61,25 @@ class Backbone(nn.Module):
         self.identity = identity  # names the exact weights; part of the feature-cache key
         self.spec = BACKBONES[name]
 
+    def stages(self) -> list[nn.Module]:
+        """The trunk's stages, input side first: its stem, each stage of blocks, its head (what
+        --freeze-stages counts). Lite0: stem, 7 block stages, head."""
+        t = self.trunk
+        if hasattr(t, "blocks"):  # timm's EfficientNet
+            return [nn.ModuleList([t.conv_stem, t.bn1]), *t.blocks, nn.ModuleList([t.conv_head, t.bn2])]
+        parts = list(t.children()) if self.name.startswith("resnet") else list(t[0].children())  # densenet: features
+        return [nn.ModuleList(parts[:4]), *parts[4:]]  # conv, norm, relu, pool; then the stages
+
+    def freeze_stages(self, n: int) -> None:
+        """Leave the first `n` stages out of training (their BatchNorm statistics too: see
+        train_one_epoch); the rest keep whatever requires_grad they had."""
+        stages = self.stages()
+        if not 0 <= n < len(stages):
+            raise ConfigError(f"--freeze-stages {n}: {self.name} has {len(stages)} stages, so from 0 to "
+                              f"{len(stages) - 1} of them can be frozen")
+        for stage in stages[:n]:
+            stage.requires_grad_(False)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if hasattr(self.trunk, "forward_features"):
             return self.trunk.forward_features(images)

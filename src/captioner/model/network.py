@@ -126,13 +126,23 @@ class CaptionModel(nn.Module):
         fmap = self.encoder(images)  # (B, C, H, W)
         return pool_features(fmap, self.decoder.feature_kind)
 
-    def forward(self, inputs: torch.Tensor, tokens: torch.Tensor, images: bool = False
+    def forward(self, inputs: torch.Tensor, tokens: torch.Tensor, images: bool = False,
+                rows: torch.Tensor | None = None, lengths: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Features (or images, when `images`) and tokens (B, T) -> logits (B, T, V) and the
         decoder's extra loss term (a scalar). Training goes through here, so that a
-        DistributedDataParallel wrapper sees every trainable parameter used in its forward."""
+        DistributedDataParallel wrapper sees every trainable parameter used in its forward.
+
+        Image-major batches (fine-tuning): `inputs` holds each image once, `rows` (B,) names the
+        image of each caption, and `lengths` (B,) the words of each padded row of `tokens`. Every
+        image then goes through the encoder once however many captions it has; the gradients of
+        its captions meet in its features."""
         feats = self.features(inputs) if images else inputs.float()
-        return self.decoder(feats, tokens)
+        if rows is not None:
+            # (B, ...): one row per caption. index_select, not feats[rows]: the backward of indexing sums
+            # the captions' gradients in a thread-dependent order on the CPU, and a resumed run would drift
+            feats = feats.index_select(0, rows)
+        return self.decoder(feats, tokens, lengths)
 
 
 def pool_features(fmap: torch.Tensor, kind: str) -> torch.Tensor:

@@ -45,9 +45,11 @@ class ShowTellDecoder(Decoder):
 
     # -- training -------------------------------------------------------------------------------
 
-    def forward(self, feats: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, feats: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """feats (B, C), tokens (B, T) = [<start>, w1..w_{T-1}] -> logits (B, T, V) for
-        [w1..w_{T-1}, <end>], and an extra loss term (none here: zero; see attention.py)."""
+        [w1..w_{T-1}, <end>], and an extra loss term (none here: zero; see attention.py). The LSTM
+        reads left to right, so padding after a caption (`lengths`) cannot change its words' logits."""
         img = self.head(feats).unsqueeze(1)  # (B, 1, E)
         x = torch.cat([img, self.embed(tokens)], dim=1)  # (B, T+1, E)
         h, _ = self.rnn(x)  # (B, T+1, H)

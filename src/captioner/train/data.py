@@ -23,7 +23,7 @@ from captioner.data.features import cached_features, extract_features
 from captioner.data.images import open_rgb, train_transform
 from captioner.data.records import Record, assign_splits, check_images, load_records, split_records
 from captioner.data.vocab import Vocabulary
-from captioner.errors import CaptionerWarning, DataError
+from captioner.errors import CaptionerWarning, DataError, ImageError
 from captioner.model.network import CaptionModel, ModelConfig
 from captioner.runtime import Dist
 from captioner.scst import CiderD, SelfCritical
@@ -57,22 +57,56 @@ class Captions:
         return self.image[idx], torch.stack([self.tokens[i] for i in idx])
 
 
-class AugmentedImages(Dataset):
-    """For fine-tuning: index of a caption -> (augmented image, caption ids)."""
+class ImageCaptions(Dataset):
+    """For fine-tuning: index of an image -> (one augmented view of it, its captions' indices), or
+    (an error message, its captions' indices) when the image cannot be read: a bad file costs its
+    own captions, never the epoch. One view per image per epoch, shared by all its captions."""
 
     def __init__(self, records: list[Record], caps: Captions, cfg: ModelConfig):
-        self.records, self.caps = records, caps
+        self.records = records
         self.transform = train_transform(cfg.image_size, cfg.mean, cfg.std)
+        self.of_image: list[list[int]] = [[] for _ in records]  # image -> its caption indices
+        for c, i in enumerate(caps.image.tolist()):
+            self.of_image[i].append(c)
 
     def __len__(self) -> int:
-        return len(self.caps.tokens)
+        return len(self.records)
 
-    def __getitem__(self, i: int):
-        return self.transform(open_rgb(self.records[int(self.caps.image[i])].image)), self.caps.tokens[i]
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | str, list[int]]:
+        try:
+            return self.transform(open_rgb(self.records[i].image)), self.of_image[i]
+        except ImageError as e:
+            return str(e), self.of_image[i]
 
 
-def collate_augmented(batch):
-    return torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
+@dataclass
+class ImageBatch:
+    """An image-major batch: each image once, each of its captions a row, longest first."""
+
+    images: torch.Tensor  # (I, 3, S, S)
+    rows: torch.Tensor  # (B,) which image each caption describes
+    tokens: torch.Tensor  # (B, T) [<start>, words, <end>], padded after <end>
+    lengths: torch.Tensor  # (B,) inputs of each row that are words: its token count minus one
+    errors: list[str]  # images that could not be read (their captions are left out)
+
+
+def image_batch_collate(caps: Captions, pad: int):
+    """-> collate_fn(items of ImageCaptions) -> ImageBatch (of no rows when no image could be read)."""
+
+    def collate(items: list[tuple[torch.Tensor | str, list[int]]]) -> ImageBatch | None:
+        good = [(x, c) for x, c in items if isinstance(x, torch.Tensor)]
+        errors = [x for x, _ in items if isinstance(x, str)]
+        if not good:
+            return ImageBatch(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, 0, dtype=torch.long),
+                              torch.empty(0, dtype=torch.long), errors)
+        pairs = sorted(((caps.lengths[c], row, c) for row, (_, cs) in enumerate(good) for c in cs), reverse=True)
+        tokens = torch.full((len(pairs), pairs[0][0]), pad, dtype=torch.long)
+        for j, (n, _, c) in enumerate(pairs):
+            tokens[j, :n] = caps.tokens[c]
+        return ImageBatch(torch.stack([x for x, _ in good]), torch.tensor([row for _, row, _ in pairs]), tokens,
+                          torch.tensor([n - 1 for n, _, _ in pairs]), errors)
+
+    return collate
 
 
 class FeatureRows:
@@ -146,7 +180,8 @@ def prepare_data(cfg: TrainConfig, model: CaptionModel, vocab: Vocabulary, split
     """Features of frozen encoders come from the cache (a missing entry is extracted in shares by
     every process, then merged); then unreadable images are dropped, and captions become ids."""
     extract_kw = dict(batch_size=cfg.feature_batch_size, device=device, precision=precision,
-                      workers=cfg.workers, progress=not cfg.quiet and dist.main)
+                      workers=cfg.loader_workers(len(splits.train), cfg.feature_batch_size),
+                      progress=not cfg.quiet and dist.main)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
     train, train_feats = splits.train, None
     if not cfg.fine_tune_encoder:
@@ -180,7 +215,8 @@ def val_features(model: CaptionModel, val: list[Record], cfg: TrainConfig, devic
     every step, so its validation (each epoch, and the choice of decoding for the best model) must
     read these, never the features extracted before training."""
     f, _, _ = extract_features(model, [r.image for r in val], batch_size=cfg.feature_batch_size, device=device,
-                               precision=precision, workers=cfg.workers, progress=False)
+                               precision=precision, workers=cfg.loader_workers(len(val), cfg.feature_batch_size),
+                               progress=False)
     return FeatureRows(f, list(range(len(val))))  # `val` holds only images that were read before
 
 

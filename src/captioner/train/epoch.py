@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,10 +21,10 @@ from captioner import metrics
 from captioner.data.batching import LengthBucketSampler
 from captioner.data.vocab import Vocabulary
 from captioner.decode import Decoding, caption_features
-from captioner.errors import TrainingError
+from captioner.errors import CaptionerWarning, TrainingError
 from captioner.model.folder import load_model, save_model
 from captioner.model.network import CaptionModel
-from captioner.runtime import Dist, autocast
+from captioner.runtime import Dist, autocast, encoder_memory_format
 from captioner.train.data import Captions, FeatureRows
 
 
@@ -32,25 +33,45 @@ def caption_loss(logits: torch.Tensor, targets: torch.Tensor, pad: int) -> torch
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=pad)
 
 
+class Warmup:
+    """Raises one parameter group's learning rate linearly to what it was over its first `steps`
+    optimiser steps. Fine-tuning starts the encoder with it: Adam's first updates are full-sized
+    whatever the gradients, and a pretrained CNN would be knocked off its weights by a decoder's
+    first, noisy gradients before they mean anything."""
+
+    def __init__(self, group: dict, steps: int):
+        self.group, self.steps, self.peak, self.done = group, max(1, steps), group["lr"], 0
+
+    def before_step(self) -> None:
+        if self.done < self.steps:
+            self.done += 1
+            self.group["lr"] = self.peak * self.done / self.steps
+
+
 def train_one_epoch(model, batches, optimizer, device, precision: str, clip: float, epoch: int, pad: int,
                     images: bool = False, progress: bool = True, dist: Dist | None = None, accum: int = 1,
-                    total: int | None = None, freeze_bn: bool = False) -> float:
-    """`batches` yields (features, tokens), or (images, tokens) when `images` (the encoder is
-    trained too). `model` is a CaptionModel, or its DistributedDataParallel wrapper. Every `accum`
-    batches make one optimiser step on the mean of their losses (gradient accumulation; the
-    sampler makes the number of batches a multiple of it). `pad`: the vocabulary's padding id,
-    which the loss ignores. `total`: how many batches there are, for the progress bar. Returns
-    the mean cross-entropy per word (over all ranks). `freeze_bn` (with `images`): the encoder's
-    BatchNorm layers keep their running statistics (their scale and shift still learn)."""
+                    total: int | None = None, freeze_bn: bool = False, warmup: Warmup | None = None) -> float:
+    """`batches` yields (features, tokens) of one length each, or ImageBatch when `images` (the
+    encoder is trained too). `model` is a CaptionModel, or its DistributedDataParallel wrapper.
+    Every `accum` batches make one optimiser step on the mean of their losses (gradient
+    accumulation; the sampler makes the number of batches a multiple of it). `pad`: the
+    vocabulary's padding id, which the loss ignores. `total`: how many batches there are, for the
+    progress bar. Returns the mean cross-entropy per word (over all ranks).
+
+    With `images`, BatchNorm layers of frozen encoder stages keep their running statistics, and
+    with `freeze_bn` so do all of the encoder's (their scale and shift still learn). `warmup`
+    ramps a learning rate up over the first steps (see Warmup)."""
     dist = dist or Dist()
     core = getattr(model, "module", model)
     model.train()
     if not images:
         core.encoder.eval()  # frozen: keep its BatchNorm statistics fixed
-    elif freeze_bn:
+    else:
         for m in core.encoder.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (
+                    freeze_bn or not any(p.requires_grad for p in m.parameters())):
                 m.eval()
+    memory_format = encoder_memory_format(device)
     # fp16 needs its gradients scaled up so that small ones do not underflow (bf16 does not)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -58,20 +79,33 @@ def train_one_epoch(model, batches, optimizer, device, precision: str, clip: flo
     bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", total=total, leave=False,
                disable=not (progress and dist.main))
     optimizer.zero_grad(set_to_none=True)
-    for i, (x, tok) in enumerate(bar):
-        x, tok = x.to(device, non_blocking=True), tok.to(device, non_blocking=True)
+    for i, batch in enumerate(bar):
+        rows = lengths = None
+        if images:  # an ImageBatch: each image once, its captions padded, longest first
+            for error in batch.errors:
+                warnings.warn(f"left out of this epoch: {error}", CaptionerWarning, stacklevel=2)
+            if not len(batch.rows):  # no image of the batch could be read
+                continue
+            x, tok = batch.images.to(device, non_blocking=True, memory_format=memory_format), batch.tokens
+            rows, lengths = batch.rows.to(device, non_blocking=True), batch.lengths.to(device, non_blocking=True)
+        else:
+            x, tok = batch
+            x = x.to(device, non_blocking=True)
+        tok = tok.to(device, non_blocking=True)
         step = (i + 1) % accum == 0
         # DDP averages gradients over ranks on the backward pass of a step's last batch only
         sync = contextlib.nullcontext() if step or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with autocast(device, precision):
-                logits, penalty = model(x, tok[:, :-1], images=images)  # (B, T-1, V)
+                logits, penalty = model(x, tok[:, :-1], images=images, rows=rows, lengths=lengths)  # (B, T-1, V)
             loss = caption_loss(logits, tok[:, 1:], pad)
             scaler.scale((loss + penalty.float()) / accum).backward()
         if step:
             if clip:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, clip)
+            if warmup:
+                warmup.before_step()
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)

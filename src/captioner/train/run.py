@@ -25,14 +25,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from captioner.data.batching import LengthBucketSampler
+from captioner.data.batching import ImageBatchSampler, LengthBucketSampler
 from captioner.data.records import Record
 from captioner.data.vocab import SPECIALS, Vocabulary
 from captioner.errors import ConfigError, DataError
 from captioner.model.encoder import weights_digest
 from captioner.model.folder import load_model, save_model
 from captioner.model.network import CaptionModel, ModelConfig
-from captioner.runtime import Dist, resolve_precision
+from captioner.runtime import Dist, encoder_memory_format, resolve_precision
 from captioner.scst import scst_one_epoch
 from captioner.train.checkpoint import (
     CHECKPOINT,
@@ -44,15 +44,15 @@ from captioner.train.checkpoint import (
 )
 from captioner.train.config import TrainConfig
 from captioner.train.data import (
-    AugmentedImages,
+    ImageCaptions,
     Splits,
     TrainData,
-    collate_augmented,
+    image_batch_collate,
     prepare_data,
     read_splits,
     val_features,
 )
-from captioner.train.epoch import choose_decoding, train_one_epoch, val_decoding, validate
+from captioner.train.epoch import Warmup, choose_decoding, train_one_epoch, val_decoding, validate
 from captioner.viz import plot_curves
 
 
@@ -84,6 +84,8 @@ def _fit(cfg: TrainConfig, out: Path, dist: Dist, device: torch.device) -> dict:
         _check_same_run(cfg, ckpt, splits, out)
     model, vocab = build_model(cfg, splits.train, ckpt)
     model.to(device)
+    if cfg.fine_tune_encoder:  # its weights laid out as its images will be (see encoder_memory_format)
+        model.encoder.to(memory_format=encoder_memory_format(device))
     data = prepare_data(cfg, model, vocab, splits, device, precision, dist)
     log(f"{data.summary(vocab, model.cfg.max_len)}, {'self-critical, ' if cfg.scst else ''}device {device}, "
         f"precision {precision}{f', {dist.world} processes' if dist.world > 1 else ''}")
@@ -164,6 +166,8 @@ def build_model(cfg: TrainConfig, train: list[Record], ckpt: dict | None) -> tup
     if cfg.fine_tune_encoder:
         model.cfg.encoder_weights = "folder"
     model.encoder.requires_grad_(bool(cfg.fine_tune_encoder))
+    if cfg.fine_tune_encoder:
+        model.encoder.freeze_stages(cfg.freeze_stages)
     usable = sum(1 <= len(vocab.encode(c)) - 2 <= model.cfg.max_len for r in train for c in r.captions)
     if not usable:
         raise DataError(f"{cfg.data}: none of the {sum(len(r.captions) for r in train)} training captions has 1 to "
@@ -178,7 +182,7 @@ class Optimisation:
 
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
-    sampler: LengthBucketSampler
+    sampler: LengthBucketSampler | ImageBatchSampler
     net: torch.nn.Module
 
     @classmethod
@@ -186,12 +190,16 @@ class Optimisation:
               device: torch.device) -> Optimisation:
         groups = [{"params": list(model.decoder.parameters()), "lr": cfg.learning_rate}]
         if cfg.fine_tune_encoder:
-            groups.append({"params": list(model.encoder.parameters()), "lr": cfg.encoder_lr})
+            groups.append({"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": cfg.encoder_lr})
         optimizer = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.lr_factor,
                                                                patience=cfg.lr_patience)
-        sampler = LengthBucketSampler(data.train_caps.lengths, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                      rank=dist.rank, world=dist.world, accum=1 if cfg.scst else cfg.accum)
+        place = dict(shuffle=True, seed=cfg.seed, rank=dist.rank, world=dist.world, accum=1 if cfg.scst else cfg.accum)
+        if cfg.fine_tune_encoder:  # image-major: each image loaded, augmented and encoded once per epoch
+            per_image = torch.bincount(data.train_caps.image, minlength=len(data.train)).tolist()
+            sampler = ImageBatchSampler(per_image, cfg.batch_size, **place)
+        else:
+            sampler = LengthBucketSampler(data.train_caps.lengths, cfg.batch_size, **place)
         net = model
         if dist.world > 1 and not cfg.scst:  # SCST samples outside forward(): gradients are averaged by hand
             net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
@@ -221,14 +229,19 @@ def train_epoch(cfg: TrainConfig, model: CaptionModel, vocab: Vocabulary, data: 
                                      cfg.clip, epoch, cfg.batch_size, cfg.seed, progress=progress,
                                      dist=dist)["reward"]
     else:
+        warmup = None
         if cfg.fine_tune_encoder:
-            batches = DataLoader(AugmentedImages(data.train, data.train_caps, model.cfg), batch_sampler=opt.sampler,
-                                 num_workers=cfg.workers, collate_fn=collate_augmented)
+            batches = DataLoader(ImageCaptions(data.train, data.train_caps, model.cfg), batch_sampler=opt.sampler,
+                                 num_workers=cfg.loader_workers(len(opt.sampler), 1),  # batches of images
+                                 collate_fn=image_batch_collate(data.train_caps, vocab.pad),
+                                 pin_memory=device.type == "cuda")
+            if epoch == 1 and cfg.encoder_warmup:  # within the first epoch, before the plateau scheduler acts
+                warmup = Warmup(opt.optimizer.param_groups[1], min(cfg.encoder_warmup, len(opt.sampler) // cfg.accum))
         else:
             batches = ((data.train_feats[rows], tok) for rows, tok in map(data.train_caps.batch, opt.sampler))
         train_loss = train_one_epoch(opt.net, batches, opt.optimizer, device, precision, cfg.clip, epoch, vocab.pad,
                                      images=cfg.fine_tune_encoder, progress=progress, dist=dist, accum=cfg.accum,
-                                     total=len(opt.sampler), freeze_bn=cfg.freeze_bn)
+                                     total=len(opt.sampler), freeze_bn=cfg.freeze_bn, warmup=warmup)
     seconds = time.perf_counter() - t0
 
     decoding = val_decoding(cfg.val_beam_size, model.cfg.max_len)
