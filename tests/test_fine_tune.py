@@ -140,3 +140,17 @@ def test_fine_tuning_the_tiny_model_keeps_it_right_and_resumes_exactly(tmp_path,
         right += text.split()[:3] == ["a", colour, shape] and f"{background} background" in text
     assert right / len(val) >= 0.8
     assert json.loads((tmp_path / "a" / "best" / "config.json").read_text())["encoder_weights"] == "folder"
+
+
+def test_batches_loaded_in_the_training_process_augment_on_one_thread(shapes):
+    records = [r for r in load_records(shapes) if r.split == "train"][:3]
+    vocab = Vocabulary.build((c for r in records for c in r.captions), 1)
+    caps, _ = Captions.build(records, vocab, 20)
+    ds = ImageCaptions(records, caps, ModelConfig.for_encoder("tf_efficientnet_lite0", len(vocab), image_size=32))
+    threads = []
+    real = ds.transform
+    ds.transform = lambda img: (threads.append(torch.get_num_threads()), real(img))[1]
+    torch.set_num_threads(2)
+    items = ds.__getitems__([0, 2])
+    assert threads == [1, 1] and torch.get_num_threads() == 2  # restored for the model
+    assert [len(c) for _, c in items] == [len(records[0].captions), len(records[2].captions)]

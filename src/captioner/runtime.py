@@ -84,6 +84,19 @@ def encoder_memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Run torch on one intra-op thread inside, as many as before after. Image transforms are
+    small ops: on 2 threads they ran 1.8x slower than on 1 on the 2-core AMD (13x on another
+    machine). Switching costs milliseconds, so use it around a batch, not an image."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def decoder_precision(precision: str, device: torch.device, images: int) -> str:
     """The decoder's precision for `images` images. bf16 autocast costs a cast per small op on the
     CPU; for fewer than 4 images that outweighs the gain (one image, beam 3: 27 ms bf16 against 20

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from captioner import metrics
 from captioner.data.features import cached_features, extract_features
@@ -25,7 +25,7 @@ from captioner.data.records import Record, assign_splits, check_images, load_rec
 from captioner.data.vocab import Vocabulary
 from captioner.errors import CaptionerWarning, DataError, ImageError
 from captioner.model.network import CaptionModel, ModelConfig
-from captioner.runtime import Dist
+from captioner.runtime import Dist, one_thread
 from captioner.scst import CiderD, SelfCritical
 from captioner.train.config import TrainConfig
 
@@ -77,6 +77,14 @@ class ImageCaptions(Dataset):
             return self.transform(open_rgb(self.records[i].image)), self.of_image[i]
         except ImageError as e:
             return str(e), self.of_image[i]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor | str, list[int]]]:
+        """A whole batch (DataLoader asks for one this way). In the training process itself (no
+        loader processes), on one thread: its threads are for the model, and they slow small ops."""
+        if get_worker_info() is not None:
+            return [self[i] for i in indices]
+        with one_thread():
+            return [self[i] for i in indices]
 
 
 @dataclass
