@@ -3,7 +3,8 @@
     prepare data        records -> splits; features from the cache; captions as ids
     build the model     resumed from the checkpoint, started from a model folder, or new
     build the optimiser Adam (the encoder with its own rate when fine-tuned), plateau scheduler,
-                        length-bucketed sampler, DDP wrapper with several processes
+                        length-bucketed sampler (image-major when fine-tuned), DDP wrapper with
+                        several processes
     resume              optimiser, scheduler and RunState from checkpoint.pt
     loop over epochs    train (cross-entropy or self-critical), validate, keep the best, checkpoint
     finish              choose the best model's decoding on val
@@ -163,10 +164,9 @@ def build_model(cfg: TrainConfig, train: list[Record], ckpt: dict | None) -> tup
             attention_dim=cfg.attention_dim, alpha_c=cfg.alpha_c, max_len=cfg.max_words)
         model = CaptionModel.create(mcfg, cfg.encoder_weights)
         mcfg.encoder_weights = "default" if cfg.encoder_weights == "default" else "folder"
-    if cfg.fine_tune_encoder:
-        model.cfg.encoder_weights = "folder"
     model.encoder.requires_grad_(bool(cfg.fine_tune_encoder))
     if cfg.fine_tune_encoder:
+        model.cfg.encoder_weights = "folder"
         model.encoder.freeze_stages(cfg.freeze_stages)
     usable = sum(1 <= len(vocab.encode(c)) - 2 <= model.cfg.max_len for r in train for c in r.captions)
     if not usable:
