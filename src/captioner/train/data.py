@@ -97,6 +97,12 @@ class ImageBatch:
     lengths: torch.Tensor  # (B,) inputs of each row that are words: its token count minus one
     errors: list[str]  # images that could not be read (their captions are left out)
 
+    def pin_memory(self) -> ImageBatch:
+        """Page-locked copies, so that the copies to the GPU overlap the step (DataLoader calls this
+        with pin_memory=True)."""
+        return ImageBatch(self.images.pin_memory(), self.rows.pin_memory(), self.tokens.pin_memory(),
+                          self.lengths.pin_memory(), self.errors)
+
 
 def image_batch_collate(caps: Captions, pad: int):
     """-> collate_fn(items of ImageCaptions) -> ImageBatch (of no rows when no image could be read)."""
