@@ -154,3 +154,23 @@ def test_batches_loaded_in_the_training_process_augment_on_one_thread(shapes):
     items = ds.__getitems__([0, 2])
     assert threads == [1, 1] and torch.get_num_threads() == 2  # restored for the model
     assert [len(c) for _, c in items] == [len(records[0].captions), len(records[2].captions)]
+
+
+def test_an_unreadable_image_costs_only_its_own_captions(shapes, tmp_path):
+    records = [r for r in load_records(shapes) if r.split == "train"][:3]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    records[1] = type(records[1])(broken, list(records[1].captions), "train")
+    vocab = Vocabulary.build((c for r in records for c in r.captions), 1)
+    caps, _ = Captions.build(records, vocab, 20)
+    cfg = ModelConfig.for_encoder("tf_efficientnet_lite0", len(vocab), image_size=32, embed_dim=8, hidden_dim=8)
+    ds = ImageCaptions(records, caps, cfg)
+    batch = image_batch_collate(caps, vocab.pad)(ds.__getitems__([0, 1, 2]))
+    assert len(batch.errors) == 1 and "broken.png" in batch.errors[0]
+    assert batch.images.shape[0] == 2 and len(batch.rows) == len(records[0].captions) + len(records[2].captions)
+    nothing = image_batch_collate(caps, vocab.pad)(ds.__getitems__([1]))
+    model = CaptionModel.create(cfg, encoder_weights="none")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with pytest.warns(UserWarning, match="broken.png"):
+        train_one_epoch(model, [batch, nothing], opt, torch.device("cpu"), "fp32", 5.0, 1, vocab.pad, images=True,
+                        progress=False)

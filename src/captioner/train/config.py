@@ -12,7 +12,6 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from captioner import runtime
 from captioner.errors import ConfigError
 
 
@@ -92,7 +91,9 @@ class TrainConfig:
 
     def loader_workers(self, images: int, batch_size: int) -> int:
         """`workers`, or when unset the measured default for loading `images` in batches of `batch_size`."""
-        return runtime.loader_workers(images, batch_size) if self.workers is None else self.workers
+        from captioner.runtime import loader_workers  # imports torch, which `captioner --help` must not wait for
+
+        return loader_workers(images, batch_size) if self.workers is None else self.workers
 
     def check(self) -> None:
         """Refuse settings that cannot work together, naming the options."""
