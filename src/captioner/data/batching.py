@@ -14,7 +14,37 @@ from torch.utils.data import Sampler
 from captioner.errors import ConfigError
 
 
-class LengthBucketSampler(Sampler[list[int]]):
+class _EpochBatches(Sampler[list[int]]):
+    """What both samplers share: the epoch's seed, and each rank's share of the batches (see
+    LengthBucketSampler). Subclasses say which batches an epoch has (`all_batches`)."""
+
+    def __init__(self, batch_size: int, shuffle: bool, seed: int, rank: int, world: int, accum: int):
+        if not 0 <= rank < world:
+            raise ConfigError(f"rank {rank} is not in a world of {world}")
+        if accum < 1:
+            raise ConfigError(f"accum must be at least 1, not {accum}")
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world, self.accum = rank, world, accum
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def all_batches(self, g: torch.Generator) -> list[list[int]]:
+        raise NotImplementedError
+
+    def batches(self) -> list[list[int]]:
+        """This epoch's batches for this rank."""
+        out = self.all_batches(torch.Generator().manual_seed(self.seed + self.epoch))
+        if self.world * self.accum > 1:
+            out = _divisible(out, self.world * self.accum)[self.rank:: self.world]
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches())
+
+
+class LengthBucketSampler(_EpochBatches):
     """Yields lists of indices whose `lengths` are equal.
 
     Built once from precomputed lengths. Each epoch (call `set_epoch`) shuffles the indices in
@@ -33,26 +63,13 @@ class LengthBucketSampler(Sampler[list[int]]):
 
     def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0,
                  rank: int = 0, world: int = 1, accum: int = 1):
-        if not 0 <= rank < world:
-            raise ConfigError(f"rank {rank} is not in a world of {world}")
-        if accum < 1:
-            raise ConfigError(f"accum must be at least 1, not {accum}")
-        self.accum = accum
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.rank, self.world = rank, world
-        self.epoch = 0
+        super().__init__(batch_size, shuffle, seed, rank, world, accum)
         self.buckets: dict[int, torch.Tensor] = {}
         lengths_t = torch.as_tensor(list(lengths))
         for length in torch.unique(lengths_t).tolist():
             self.buckets[length] = torch.nonzero(lengths_t == length).flatten()
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def batches(self) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
+    def all_batches(self, g: torch.Generator) -> list[list[int]]:
         out: list[list[int]] = []
         for length in sorted(self.buckets):
             idx = self.buckets[length]
@@ -61,12 +78,7 @@ class LengthBucketSampler(Sampler[list[int]]):
             out += [chunk.tolist() for chunk in idx.split(self.batch_size)]
         if self.shuffle:
             out = [out[i] for i in torch.randperm(len(out), generator=g).tolist()]
-        if self.world * self.accum > 1:
-            out = _divisible(out, self.world * self.accum)[self.rank:: self.world]
         return out
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches())
 
     def __len__(self) -> int:
         n = sum((len(v) + self.batch_size - 1) // self.batch_size for v in self.buckets.values())
@@ -74,7 +86,7 @@ class LengthBucketSampler(Sampler[list[int]]):
         return -(-n // group) * self.accum  # batches per rank: a whole number of optimiser steps
 
 
-class ImageBatchSampler(Sampler[list[int]]):
+class ImageBatchSampler(_EpochBatches):
     """Yields lists of image indices whose captions add up to at most `batch_size` (at least one
     image per batch). Each epoch (call `set_epoch`) shuffles the images; every image appears
     exactly once per epoch, so every caption is seen once. `captions[i]`: how many captions image
@@ -82,23 +94,12 @@ class ImageBatchSampler(Sampler[list[int]]):
 
     def __init__(self, captions: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0,
                  rank: int = 0, world: int = 1, accum: int = 1):
-        if not 0 <= rank < world:
-            raise ConfigError(f"rank {rank} is not in a world of {world}")
-        if accum < 1:
-            raise ConfigError(f"accum must be at least 1, not {accum}")
+        super().__init__(batch_size, shuffle, seed, rank, world, accum)
         self.captions = list(captions)
         self.images = torch.tensor([i for i, n in enumerate(self.captions) if n > 0], dtype=torch.long)
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self.rank, self.world, self.accum = rank, world, accum
-        self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def batches(self) -> list[list[int]]:
-        order = self.images
-        if self.shuffle:
-            order = order[torch.randperm(len(order), generator=torch.Generator().manual_seed(self.seed + self.epoch))]
+    def all_batches(self, g: torch.Generator) -> list[list[int]]:
+        order = self.images[torch.randperm(len(self.images), generator=g)] if self.shuffle else self.images
         out: list[list[int]] = []
         batch: list[int] = []
         filled = 0
@@ -110,12 +111,7 @@ class ImageBatchSampler(Sampler[list[int]]):
             filled += self.captions[i]
         if batch:
             out.append(batch)
-        if self.world * self.accum > 1:
-            out = _divisible(out, self.world * self.accum)[self.rank:: self.world]
         return out
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches())
 
     def __len__(self) -> int:
         return len(self.batches())
