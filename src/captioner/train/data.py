@@ -107,7 +107,7 @@ class ImageBatch:
 def image_batch_collate(caps: Captions, pad: int):
     """-> collate_fn(items of ImageCaptions) -> ImageBatch (of no rows when no image could be read)."""
 
-    def collate(items: list[tuple[torch.Tensor | str, list[int]]]) -> ImageBatch | None:
+    def collate(items: list[tuple[torch.Tensor | str, list[int]]]) -> ImageBatch:
         good = [(x, c) for x, c in items if isinstance(x, torch.Tensor)]
         errors = [x for x, _ in items if isinstance(x, str)]
         if not good:
