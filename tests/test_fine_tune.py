@@ -174,3 +174,13 @@ def test_an_unreadable_image_costs_only_its_own_captions(shapes, tmp_path):
     with pytest.warns(UserWarning, match="broken.png"):
         train_one_epoch(model, [batch, nothing], opt, torch.device("cpu"), "fp32", 5.0, 1, vocab.pad, images=True,
                         progress=False)
+
+
+def test_a_frozen_encoder_run_resumes_whatever_the_fine_tuning_options_say():
+    from captioner.train import TrainConfig
+
+    started = {**TrainConfig(data="d", out="o").to_json(), "freeze_bn": False}  # a run from before the default
+    assert TrainConfig(data="d", out="o").changes_from(started) == []
+    tuned = {**TrainConfig(data="d", out="o", fine_tune_encoder=True).to_json(), "freeze_bn": False}
+    assert TrainConfig(data="d", out="o", fine_tune_encoder=True).changes_from(tuned) == [
+        "--freeze-bn True (the run has False)"]

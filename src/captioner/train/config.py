@@ -117,12 +117,19 @@ class TrainConfig:
                          "overwrite", "half", "device", "precision", "cache_dir", "feature_batch_size", "workers",
                          "quiet")
 
+    # what only a fine-tuning run reads: a run with a frozen encoder resumes whatever they say (a run
+    # started before --freeze-bn became the default must still resume)
+    FINE_TUNING_ONLY = ("encoder_lr", "freeze_stages", "encoder_warmup", "freeze_bn")
+
     def changes_from(self, started: dict) -> list[str]:
         """The options that differ from those a run was started with (`started`: its to_json()),
         as '--lr 0.001 (the run has 0.0004)', leaving out what may change on --resume."""
         now = self.to_json()
+        ignored = self.RESUMABLE_CHANGES
+        if not self.fine_tune_encoder and not started.get("fine_tune_encoder"):
+            ignored += self.FINE_TUNING_ONLY
         return [f"--{k.replace('_', '-')} {now[k]} (the run has {'the default' if v is None else v})"
-                for k, v in started.items() if k in now and k not in self.RESUMABLE_CHANGES and now[k] != v]
+                for k, v in started.items() if k in now and k not in ignored and now[k] != v]
 
     def to_json(self) -> dict:
         """Plain values (paths as strings), for the checkpoint."""
