@@ -10,6 +10,8 @@ Sections:
            Python loop over time steps); ratios a/c and b/c; seconds per epoch.
   caption  images/s at batch 1, 8, 64, greedy and beam 3, fp32 against bf16 (CPU) or fp16 (GPU);
            latency p50/p95 of one image, file on disk to caption string, model warm.
+  latency  one image, warm, at 1 thread and the default: read + preprocess, encoder (as trained
+           and with BatchNorm folded), decoder (greedy and the model's own), end to end before/after.
   beam     the batched beam search against a loop over images: the same captions, and the ratio.
   memory   feature extraction images/s; peak memory (RSS) of a training run and of captioning
            folders of 1,000 and 10,000 images (it must not grow with the folder).
@@ -27,6 +29,7 @@ Every section prints its table and appends it to benchmarks/RESULTS.md with the 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -55,7 +58,7 @@ from captioner.data.features import cached_features, extract_features
 from captioner.data.images import eval_transform, open_rgb
 from captioner.data.records import Record, load_records, split_records
 from captioner.data.vocab import Vocabulary
-from captioner.decode import Decoding, beam_search
+from captioner.decode import Decoding, beam_search, caption_features
 from captioner.library import MODES, _write_batch, connect, search, similar
 from captioner.model.folder import load_model
 from captioner.model.network import CaptionModel, ModelConfig
@@ -260,6 +263,59 @@ def bench_caption(args, device: torch.device) -> None:
     lines += ["", f"One image end to end (JPEG on disk -> caption string), beam 3, warm, {cap.precision}, "
               f"{len(lat)} runs: p50 **{statistics.median(lat):.1f} ms**, p95 {p95:.1f} ms."]
     report("Captioning", lines, device)
+
+
+def bench_latency(args, device: torch.device) -> None:
+    """One image, file to caption, warm: where the time goes, at each thread count, with the
+    encoder as trained (what captioning ran before) and folded (encoder.fold_batchnorm, now)."""
+    cap = Captioner.load(args.model, device=str(device))
+    folded = cap.encoder
+    as_trained = copy.deepcopy(cap.model.encoder).to(memory_format=torch.channels_last)
+    path = split_records(load_records(args.data), "val")[0].image
+    x = cap.transform(open_rgb(path))[None]
+    feats = cap.features(x)
+    greedy = cap.decoding.replace(beam_size=1)
+
+    def encoder(enc):
+        cap.encoder = enc
+        cap.features(x)
+
+    def end_to_end(enc):
+        cap.encoder = enc
+        cap.caption(path)
+
+    parts = {"read + preprocess": lambda: cap.transform(open_rgb(path)),
+             "encoder as trained": lambda: encoder(as_trained), "encoder folded": lambda: encoder(folded),
+             "decoder greedy": lambda: caption_features(cap.model.decoder, cap.vocab, feats, greedy, device,
+                                                        cap.precision),
+             "decoder " + cap.decoding.describe(): lambda: caption_features(cap.model.decoder, cap.vocab, feats,
+                                                                            cap.decoding, device, cap.precision),
+             "end to end, before": lambda: end_to_end(as_trained), "end to end, now": lambda: end_to_end(folded)}
+    threads_before = torch.get_num_threads()
+    counts = sorted({1, threads_before})
+    lines = [f"Model: {args.model or 'shipped'}, its own decoding ({cap.decoding.describe()}), {cap.precision}; one "
+             f"Flickr8k val photo ({path.name}); p50 of {args.latency_runs} runs in ms, the variants taken in turn "
+             "in each round. Before = the encoder as trained (channels-last); now = BatchNorm folded.", "",
+             "| torch threads | " + " | ".join(parts) + " | end to end now/before |",
+             "|---" * (len(parts) + 2) + "|"]
+    for n in counts:
+        torch.set_num_threads(n)
+        times: dict[str, list[float]] = {k: [] for k in parts}
+        for fn in parts.values():
+            fn()  # warm
+        for _ in range(args.latency_runs):
+            for k, fn in parts.items():
+                t0 = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[k].append((time.perf_counter() - t0) * 1000)
+        p50 = {k: statistics.median(v) for k, v in times.items()}
+        lines.append(f"| {n} | " + " | ".join(f"{v:.1f}" for v in p50.values())
+                     + f" | {p50['end to end, before'] / p50['end to end, now']:.2f}x faster |")
+    torch.set_num_threads(threads_before)
+    cap.encoder = folded
+    report("One-image latency", lines, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,8 +578,8 @@ def bench_finetune(args, device: torch.device) -> None:
     report("Fine-tuning the encoder", lines, device)
 
 
-SECTIONS = {"train": bench_train, "caption": bench_caption, "beam": bench_beam, "memory": bench_memory,
-            "files": bench_files, "search": bench_search, "finetune": bench_finetune}
+SECTIONS = {"train": bench_train, "caption": bench_caption, "latency": bench_latency, "beam": bench_beam,
+            "memory": bench_memory, "files": bench_files, "search": bench_search, "finetune": bench_finetune}
 
 
 def main() -> None:

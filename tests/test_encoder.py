@@ -94,3 +94,29 @@ def test_feature_extraction_leaves_the_encoder_as_it_was(shapes):
     before = [p.stride() for p in convs]
     extract_features(model, paths, device=torch.device("cpu"), workers=0, progress=False)
     assert [p.stride() for p in convs] == before
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "resnet50", "densenet121"])
+def test_folded_encoder_gives_the_same_features_and_leaves_the_encoder_alone(name):
+    """Captioning and feature extraction run a copy with BatchNorm folded into the convolutions:
+    the same features up to float rounding, with BatchNorm statistics that are not 0 / 1."""
+    from captioner.model.encoder import fold_batchnorm
+
+    b = build_backbone(name, "default" if name.startswith("tf_") else "none").eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in b.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.uniform_(-0.5, 0.5, generator=g)
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    folded = fold_batchnorm(b)
+    x = torch.randn(2, 3, 96, 96, generator=g)
+    with torch.no_grad():
+        want, got = b(x), folded(x)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    assert b.state_dict().keys() == before.keys() and all(torch.equal(v, before[k]) for k, v in b.state_dict().items())
+    left = sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert left == 0 if name != "densenet121" else left == sum(isinstance(m, torch.nn.BatchNorm2d) for m in b.modules())

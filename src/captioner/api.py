@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from captioner.data.images import ImageDataset, collate_images, eval_transform, image_name, one_or_many, open_rgb
 from captioner.decode import Decoding, caption_features
 from captioner.errors import CaptionerWarning, ConfigError, ImageError, ModelError
+from captioner.model.encoder import Backbone
 from captioner.model.folder import load_model, model_dir
 from captioner.names import SHIPPED, shipped_model_dir
 from captioner.runtime import autocast, decoder_precision, encoder_chunk, loader_workers, pick_device, resolve_precision
@@ -37,8 +38,10 @@ class Captioner:
     settings from its config.json apply (`self.decoding`).
     """
 
-    def __init__(self, model, vocab, device: torch.device, precision: str, source: str = ""):
+    def __init__(self, model, vocab, device: torch.device, precision: str, source: str = "",
+                 encoder: Backbone | None = None):
         self.model, self.vocab, self.device, self.precision = model, vocab, device, precision
+        self.encoder = model.encoder if encoder is None else encoder  # what features() runs (load: a faster copy)
         self.source = source  # where the model came from: its folder, or "shipped"
         cfg = model.cfg
         self.transform = eval_transform(cfg.image_size, cfg.mean, cfg.std)
@@ -49,8 +52,8 @@ class Captioner:
         """Load the model folder at `path`, or the shipped model when `path` is None or "shipped"."""
         dev = pick_device(device)
         model, vocab = load_model(model_dir(path), dev)
-        model.encoder.to(memory_format=torch.channels_last)  # faster in fp32 and bf16 on the CPU
-        return cls(model, vocab, dev, resolve_precision(precision, dev), str(path) if path else SHIPPED)
+        return cls(model, vocab, dev, resolve_precision(precision, dev), str(path) if path else SHIPPED,
+                   model.inference_encoder())
 
     # -- captioning ------------------------------------------------------------------------------
 
@@ -104,7 +107,7 @@ class Captioner:
         """Preprocessed images (B, 3, S, S) -> what the decoder takes (see CaptionModel.features)."""
         x = x.to(self.device, memory_format=torch.channels_last, non_blocking=True)  # pinned: overlaps
         with autocast(self.device, self.precision):
-            return self.model.features(x, chunk=encoder_chunk(self.device))
+            return self.model.features(x, chunk=encoder_chunk(self.device), encoder=self.encoder)
 
     @torch.no_grad()
     def caption_tensor(self, x: torch.Tensor, decoding: Decoding | None = None, features: bool = False
