@@ -58,6 +58,24 @@ def test_long_lists_are_captioned_in_batches_in_order(cap, shapes, monkeypatch):
         cap.caption(paths, batch_size=0)
 
 
+def test_the_default_batch_size_is_the_devices(cap, shapes, monkeypatch):
+    """32 images a batch on a CPU, 256 on a GPU, unless the caller says: for lists, files,
+    caption --out and index alike."""
+    import torch
+
+    from captioner.runtime import caption_batch_size
+
+    assert cap.batch_size == 32 and caption_batch_size(torch.device("cuda")) == 256
+    paths = sorted(shapes.parent.glob("*.png"))[:5]
+    sizes = []
+    real = cap.caption_tensor
+    monkeypatch.setattr(cap, "caption_tensor", lambda x, d=None, f=False: sizes.append(len(x)) or real(x, d, f))
+    monkeypatch.setattr(cap, "batch_size", 2)
+    cap.caption(paths)
+    list(cap.caption_files(paths, workers=0))
+    assert sizes == [2, 2, 1] * 2
+
+
 def test_errors_skip_gives_none_in_place_with_a_warning(cap, photo, tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff not really a jpeg")

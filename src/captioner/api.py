@@ -20,7 +20,15 @@ from captioner.errors import CaptionerWarning, ConfigError, ImageError, ModelErr
 from captioner.model.encoder import Backbone
 from captioner.model.folder import load_model, model_dir
 from captioner.names import SHIPPED, shipped_model_dir
-from captioner.runtime import autocast, decoder_precision, encoder_chunk, loader_workers, pick_device, resolve_precision
+from captioner.runtime import (
+    autocast,
+    caption_batch_size,
+    decoder_precision,
+    encoder_chunk,
+    loader_workers,
+    pick_device,
+    resolve_precision,
+)
 
 ImageLike = str | Path | bytes | Image.Image | np.ndarray
 
@@ -46,6 +54,7 @@ class Captioner:
         cfg = model.cfg
         self.transform = eval_transform(cfg.image_size, cfg.mean, cfg.std)
         self.decoding = Decoding.for_model(cfg)  # the model's own
+        self.batch_size = caption_batch_size(device)  # images per batch unless a caller says
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "auto", precision: str = "auto") -> Captioner:
@@ -58,13 +67,14 @@ class Captioner:
     # -- captioning ------------------------------------------------------------------------------
 
     def caption(self, images: ImageLike | Sequence[ImageLike], beam_size: int | None = None,
-                decoding: Decoding | None = None, *, batch_size: int = 32, errors: str = "raise",
+                decoding: Decoding | None = None, *, batch_size: int | None = None, errors: str = "raise",
                 details: bool = False) -> str | dict | None | list[str | dict | None]:
         """Caption one image -> its caption, or a list of images -> a list in the same order.
 
         An image is a path, the bytes of a file, a PIL image, or a numpy array of uint8 pixels
         (HxWx3 RGB, HxWx4 RGBA, HxW grey; a 4-D array is a list of such images). A list is read
-        and captioned `batch_size` images at a time, so memory stays flat however long it is.
+        and captioned `batch_size` images at a time (default: `self.batch_size`, by device), so memory
+        stays flat however long it is.
 
         `beam_size` (1 = greedy) changes only that setting of `decoding` (default: the model's own).
         `errors="raise"` stops at the first image that cannot be read (an ImageError naming it);
@@ -75,6 +85,7 @@ class Captioner:
         """
         if errors not in ("raise", "skip"):
             raise ConfigError(f"errors must be 'raise' or 'skip', not {errors!r}")
+        batch_size = self.batch_size if batch_size is None else batch_size
         if batch_size < 1:
             raise ConfigError(f"batch_size must be 1 or more, not {batch_size}")
         single, batch = one_or_many(images)
@@ -157,7 +168,7 @@ class Captioner:
         side = round(alpha.shape[-1] ** 0.5)
         return caption, caption.split() + ["<end>"], alpha[0].float().cpu().view(-1, side, side)
 
-    def caption_files(self, paths: Sequence[Path], batch_size: int = 32, decoding: Decoding | None = None,
+    def caption_files(self, paths: Sequence[Path], batch_size: int | None = None, decoding: Decoding | None = None,
                       workers: int | None = None, features: bool = False
                       ) -> Iterator[tuple[Path, dict | None, str | None]]:
         """Caption many files in batches, in their order. Yields (path, result, None) or (path, None,
@@ -165,6 +176,7 @@ class Captioner:
         caption_tensor. `workers`: processes decoding images while the model runs (default:
         runtime.loader_workers)."""
         ds = ImageDataset(paths, self.transform)
+        batch_size = batch_size or self.batch_size
         if workers is None:
             workers = loader_workers(len(ds), batch_size)
         loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate_with_errors,

@@ -143,7 +143,8 @@ def _fold_parts(out: Path, order: dict[str, int] | None = None) -> None:
         part.unlink()
 
 
-def caption_to_file(captioner, paths: Sequence[Path], out: Path, *, batch_size: int = 32, progress: bool = True,
+def caption_to_file(captioner, paths: Sequence[Path], out: Path, *, batch_size: int | None = None,
+                    progress: bool = True,
                     dist: Dist | None = None, decoding: Decoding | None = None, force: bool = False,
                     workers: int | None = None) -> BatchReport:
     """Caption `paths` into `out` (.jsonl or .csv) with `decoding` (else the model's own), skipping
@@ -151,6 +152,7 @@ def caption_to_file(captioner, paths: Sequence[Path], out: Path, *, batch_size: 
     process 0 merges them. An existing `out` that captioner did not write is refused unless
     `force` (then it is replaced). `workers`: image-decoding processes (see Captioner.caption_files)."""
     out = Path(out)
+    batch_size = batch_size or captioner.batch_size
     if out.suffix.lower() not in (".jsonl", ".csv"):
         raise ConfigError(f"{out}: the output must end in .jsonl or .csv")
     dist = dist or Dist()

@@ -253,7 +253,7 @@ def _write_batch(con: sqlite3.Connection, rows: list[tuple], failures: list[tupl
             con.execute("INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?)", (path, st.st_size, st.st_mtime, error))
 
 
-def index_folders(captioner, roots: Sequence[Path], db: Path, *, batch_size: int = 32, progress: bool = True,
+def index_folders(captioner, roots: Sequence[Path], db: Path, *, batch_size: int | None = None, progress: bool = True,
                   decoding: Decoding | None = None, files: Sequence[Path] | None = None) -> IndexReport:
     """Caption every image under `roots` into the database at `db` with `decoding` (else the
     model's own; see the module docstring). With `files`, those images instead (and no `roots`:
@@ -265,7 +265,7 @@ def index_folders(captioner, roots: Sequence[Path], db: Path, *, batch_size: int
             raise FileNotFoundError(f"{r}: no such folder")
     con = connect(db)
     try:
-        return _index(captioner, roots, con, batch_size, progress, decoding, t0, files)
+        return _index(captioner, roots, con, batch_size or captioner.batch_size, progress, decoding, t0, files)
     except sqlite3.DatabaseError as e:  # disk full, read-only: each batch was one transaction, so all done is kept
         raise LibraryError(f"{db}: {e}; the photos indexed so far are kept: run again to finish") from None
     finally:

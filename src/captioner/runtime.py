@@ -66,6 +66,13 @@ def encoder_chunk(device: torch.device) -> int:
     return 8 if device.type == "cpu" else 0
 
 
+def caption_batch_size(device: torch.device) -> int:
+    """Images per batch when captioning files (caption, index, the API), unless the caller says.
+    A CPU gains nothing from more than 32 (1,000 photos, 2-core AMD: 24.6 images/s at 32, 24.3 at
+    64); a GPU wants large batches (H100, from files: 277 images/s at 32, 337 at 256)."""
+    return 256 if device.type == "cuda" else 32
+
+
 def loader_workers(items: int, batch_size: int) -> int:
     """Processes decoding images while the model captions `items` files: none for two batches or
     fewer (starting one costs more than it saves), else one per core beside the main process's,
