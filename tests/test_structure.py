@@ -255,6 +255,12 @@ def test_decoding_value():
     cfg = ModelConfig(vocab_size=10, beam_size=3, length_norm=1.5, max_len=16)
     assert Decoding.for_model(cfg) == Decoding(3, 1.5, False, 16)
     assert Decoding.for_model(cfg, beam_size=1, block_trigrams=True) == Decoding(1, 1.5, True, 16)
+    blocking = ModelConfig(vocab_size=10, beam_size=5, length_norm=1.5, block_trigrams=True)  # the shipped kind
+    assert Decoding.for_model(blocking).block_trigrams
+    assert not Decoding.for_model(blocking, block_trigrams=False).block_trigrams
+    with pytest.raises(ValueError, match="block_trigrams must be true or false"):
+        ModelConfig.from_json({"vocab_size": 10, "block_trigrams": "yes"})
+    assert not ModelConfig.from_json({"vocab_size": 10}).block_trigrams  # a config.json from before the key
     with pytest.raises(dataclasses.FrozenInstanceError):
         Decoding().beam_size = 2
     for bad in (0, -1):

@@ -81,7 +81,8 @@ def _decoding_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam-size", type=POSITIVE, help="1 = greedy, at most 100 (default: the model's own setting)")
     p.add_argument("--length-norm", type=float,
                    help="rank beams by logprob / length**ALPHA, 0 = off (default: the model's own setting)")
-    p.add_argument("--block-trigrams", action="store_true", help="never repeat a word trigram")
+    p.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction,
+                   help="never repeat a word trigram within a caption (default: the model's own setting)")
 
 
 def _data_options(p: argparse.ArgumentParser, required: bool) -> None:
@@ -100,7 +101,7 @@ def _decoding(a: argparse.Namespace, model_cfg) -> Decoding:
     from captioner.decode import Decoding
 
     return Decoding.for_model(model_cfg, beam_size=a.beam_size, length_norm=a.length_norm,
-                              block_trigrams=a.block_trigrams or None)
+                              block_trigrams=a.block_trigrams)
 
 
 def _caption_parser(sub) -> None:
@@ -474,7 +475,9 @@ def _closing_line(result: dict, a: argparse.Namespace) -> str:
     d = result.get("decoding")
     if not d:
         return f"best val CIDEr-D {result['best_CIDEr']:.3f}; {folders}"
-    how = "greedy" if d["beam_size"] == 1 else f"beam {d['beam_size']}, length norm {d['length_norm']}"
+    from captioner.decode import Decoding
+
+    how = Decoding(d["beam_size"], d["length_norm"], d.get("block_trigrams", False)).describe()
     picked = "greedy" if a.val_beam_size == 1 else f"beam {a.val_beam_size}"
     return (f"best epoch {result['best_epoch']}: val CIDEr-D {d['CIDEr']:.3f} with its decoding ({how}; "
             f"{result['best_CIDEr']:.3f} {picked}, which picked the epoch); {folders}")

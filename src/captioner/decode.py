@@ -52,7 +52,7 @@ class Decoding:
         setting that is not None replaced."""
         return cls(beam_size=cfg.beam_size if beam_size is None else beam_size,
                    length_norm=cfg.length_norm if length_norm is None else length_norm,
-                   block_trigrams=bool(block_trigrams),
+                   block_trigrams=cfg.block_trigrams if block_trigrams is None else block_trigrams,
                    max_len=cfg.max_len if max_len is None else max_len)
 
     def replace(self, **changes) -> Decoding:

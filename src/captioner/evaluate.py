@@ -60,6 +60,7 @@ def evaluate(model_dir: Path, data: Path, split: str = "val", *, layout: str | N
     scores = metrics.score({k: r.captions for k, r in zip(ids, chosen)}, dict(zip(ids, hyps)), meteor=meteor)
     result = {k: (round(scores[k], 4) if scores[k] is not None else None) for k in metrics.KEYS}
     result |= {"images": len(chosen), "beam_size": decoding.beam_size, "length_norm": decoding.length_norm,
+               "block_trigrams": decoding.block_trigrams,
                "split": split, "tokenizer": scores["tokenizer"], "seconds": round(time.perf_counter() - t0, 1)}
     if scores.get("meteor_skipped"):
         result["meteor_skipped"] = scores["meteor_skipped"]

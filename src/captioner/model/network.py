@@ -44,6 +44,7 @@ class ModelConfig:
     # the decoding this model does by default, chosen on val at the end of training
     beam_size: int = 1
     length_norm: float = 0.0
+    block_trigrams: bool = False  # never repeat a word trigram within a caption
     extra: dict = field(default_factory=dict)  # free-form notes (training command, scores)
 
     @classmethod
@@ -94,6 +95,8 @@ class ModelConfig:
                              ("encoder_weights", ("default", "folder"))):
             if getattr(self, key) not in allowed:
                 raise bad(key, f"one of {', '.join(allowed)}")
+        if type(self.block_trigrams) is not bool:
+            raise bad("block_trigrams", "true or false")
         if not isinstance(self.extra, dict):
             raise bad("extra", "an object")
 

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from captioner.data.batching import ImageBatchSampler, LengthBucketSampler
 from captioner.data.records import Record
 from captioner.data.vocab import SPECIALS, Vocabulary
+from captioner.decode import Decoding
 from captioner.errors import ConfigError, DataError
 from captioner.model.encoder import weights_digest
 from captioner.model.folder import load_model, save_model
@@ -111,9 +112,14 @@ def _fit(cfg: TrainConfig, out: Path, dist: Dist, device: torch.device) -> dict:
             feats = val_features(load_model(out / "best", device)[0], data.val, cfg, device, precision)
         rows = choose_decoding(out / "best", feats, data.scorer, device, precision, cfg.half)
         log("decoding of the best model on val: " + "; ".join(
-            f"beam {r['beam_size']} length-norm {r['length_norm']}: CIDEr-D {r['CIDEr']:.3f}" for r in rows))
+            f"{_describe(r)}: CIDEr-D {r['CIDEr']:.3f}" for r in rows))
         chosen = max(rows, key=lambda r: r["CIDEr"])
     return {"best_CIDEr": run.best, "best_epoch": run.best_epoch, "history": run.history, "decoding": chosen}
+
+
+def _describe(row: dict) -> str:
+    """'greedy' or 'beam 5, length norm 1.5, no repeated trigrams', for a row of choose_decoding."""
+    return Decoding(row["beam_size"], row["length_norm"], row.get("block_trigrams", False)).describe()
 
 
 def _resume_point(cfg: TrainConfig, out: Path, log) -> dict | None:
