@@ -23,6 +23,7 @@ from captioner.model.base import Decoder
 from captioner.model.network import DECODERS, ModelConfig
 from captioner.model.show_tell import ShowTellDecoder
 from captioner.train import TrainConfig, fit
+from captioner.train.epoch import DECODING_CANDIDATES
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "captioner"
 
@@ -176,7 +177,7 @@ def test_a_third_decoder_is_one_class_and_one_registry_line(tmp_path, shapes, mo
                              image_size=96, hidden_dim=64, min_count=1, batch_size=32, lr=3e-3, workers=0,
                              quiet=True))
     assert result["best_CIDEr"] > 0 and len(result["history"]) == 2
-    assert len(roads) == 2 + 6  # validation after each epoch, then the six candidate decodings
+    assert len(roads) == 2 + len(DECODING_CANDIDATES)  # validation after each epoch, then each candidate decoding
     cap = Captioner.load(out / "best", device="cpu")
     assert type(cap.model.decoder) is BagDecoder
     img = sorted(shapes.parent.glob("*.png"))[0]

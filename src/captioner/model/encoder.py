@@ -94,7 +94,7 @@ def fold_batchnorm(backbone: Backbone) -> Backbone:
     In eval mode a BatchNorm is a fixed per-channel scale s = gamma / sqrt(var + eps) and shift
     beta - mean * s, so conv-then-BN is one convolution with weights W * s and bias beta - mean * s.
     The copy gives the same features up to float rounding and skips a pass over every activation
-    map: EfficientNet-Lite0 ran 1.2x faster on the 2-core AMD (benchmarks/RESULTS.md). The
+    map: EfficientNet-Lite0 ran 1.1-1.3x faster on the 2-core AMD (`bench.py latency`). The
     backbone itself is left as it is (its weights name the model; see Captioner.fingerprint).
     Lite and ResNet trunks are folded; DenseNet normalises before its convolutions, so it is only
     copied."""
