@@ -165,7 +165,7 @@ def greedy(decoder, feats: torch.Tensor, bos: int, eos: int, max_len: int,
             _only_end(logp, eos)
         step_lp, tokens = logp.max(dim=-1)
         live = ~finished
-        out[live, t] = tokens[live]
+        out[:, t] = torch.where(live, tokens, eos)  # masks, not indexing: no wait for the device
         logprob += torch.where(live, step_lp, torch.zeros_like(step_lp))
         finished |= tokens == eos
         if finished.all():
@@ -239,11 +239,12 @@ def beam_search(decoder, feats: torch.Tensor, bos: int, eos: int, max_len: int, 
 
 
 def _block_repeated_trigrams(logp: torch.Tensor, seqs: torch.Tensor) -> None:
-    """Forbid word w after (a, b) when the trigram (a, b, w) already occurs in the row."""
+    """Forbid word w after (a, b) when the trigram (a, b, w) already occurs in the row. (A scatter
+    of the matches rather than indexing by them: the device never has to say how many there are.)"""
     a, b = seqs[:, -2:-1], seqs[:, -1:]
     hit = (seqs[:, :-2] == a) & (seqs[:, 1:-1] == b)  # (N, t-2): trigram starting at j matches
-    n, j = hit.nonzero(as_tuple=True)
-    logp[n, seqs[n, j + 2]] = NEG_INF
+    banned = torch.zeros_like(logp).scatter_reduce_(1, seqs[:, 2:], hit.to(logp.dtype), "amax")  # (N, V)
+    logp.masked_fill_(banned > 0, NEG_INF)
 
 
 def sample(decoder, feats: torch.Tensor, bos: int, eos: int, max_len: int, n: int = 5,
