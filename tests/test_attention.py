@@ -38,6 +38,30 @@ def test_teacher_forcing_matches_step_by_step(decoder):
         assert torch.allclose(step, full[:, t], atol=1e-5)
 
 
+
+def test_captions_sharing_their_images_train_as_if_each_had_its_own(decoder):
+    """Image-major batches hand each image's cells to its captions inside the decoder (`rows`):
+    the same logits, penalty and gradients as repeating the features for every caption first."""
+    torch.manual_seed(1)
+    images = torch.randn(3, 9, 24)
+    rows = torch.tensor([2, 0, 0, 1, 2, 0, 1])  # 7 captions of 3 images, in no order
+    lengths = torch.tensor([4, 6, 2, 5, 3, 6, 1])  # words per padded row
+    tokens = torch.randint(3, 30, (7, 6))
+    assert AttentionDecoder.shares_images
+    results = []
+    for shared in (True, False):
+        feats = images.clone().requires_grad_(True)
+        decoder.zero_grad()
+        if shared:
+            logits, penalty = decoder(feats, tokens, lengths, rows)
+        else:
+            logits, penalty = decoder(feats.index_select(0, rows), tokens, lengths)
+        (logits.square().mean() + penalty).backward()
+        results.append((logits, penalty, feats.grad, decoder.proj[0].weight.grad.clone()))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert results[0][0][2, 2:].abs().sum() == 0  # padding past a caption's words stays zero
+
 def test_beam_on_attention(decoder):
     feats = torch.randn(5, 9, 24)
     g = greedy(decoder, feats, BOS, EOS, max_len=10)

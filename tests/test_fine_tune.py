@@ -3,6 +3,9 @@ a real run that keeps the tiny model right and resumes exactly."""
 
 import csv
 import json
+import platform
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -184,3 +187,34 @@ def test_a_frozen_encoder_run_resumes_whatever_the_fine_tuning_options_say():
     tuned = {**TrainConfig(data="d", out="o", fine_tune_encoder=True).to_json(), "freeze_bn": False}
     assert TrainConfig(data="d", out="o", fine_tune_encoder=True).changes_from(tuned) == [
         "--freeze-bn True (the run has False)"]
+
+
+FAULTS = """
+import resource, sys, torch
+from captioner.runtime import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+def step(k):  # like a training step: big activations (32-96 MB) alive together, then all freed
+    xs = [torch.ones(8_000_000 * (1 + (i + k) % 3)) for i in range(6)]
+    return sum(float(x[0]) for x in xs)
+for k in range(5):  # the heap settles
+    step(k)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for k in range(5):
+    step(k)
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
+def test_training_reuses_freed_memory_instead_of_faulting_it_in_again():
+    """What `captioner train` asks of glibc on the CPU (runtime.keep_freed_memory): once the heap
+    has settled, a step's big tensors reuse freed memory and cost no page faults, where glibc's
+    default maps each afresh (about 95,000 faults of 4 KB a step here)."""
+    runs = {}
+    for mode in ("default", "keep"):
+        out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True)
+        kept, faults = out.stdout.split()
+        runs[mode] = (kept, int(faults))
+    assert runs["keep"][0] == "True"
+    assert runs["default"][1] > 5 * 20_000, runs
+    assert runs["keep"][1] < 5 * 200, runs

@@ -7,6 +7,8 @@ of `Decoder` and one line in `model/network.py`'s `DECODERS`.
     feature_kind      "pooled": features (B, C); "spatial": a grid of cells (B, P, C)
     has_attention     whether `attention_maps` can say where the decoder looked for each word
     state_batch_axis  the batch axis of every tensor of a flattened state (see `flatten_state`)
+    shares_images     whether `forward` takes `rows` (below); if not, the model repeats each
+                      image's features for its captions before calling it
 
     from_config(cfg)                -> a new decoder for a ModelConfig
     forward(feats, tokens, lengths) -> logits (B, T, V), extra loss term (a scalar)   training
@@ -21,7 +23,9 @@ of `Decoder` and one line in `model/network.py`'s `DECODERS`.
 `lengths` (B,), or None when every row of `tokens` is all words: how many of each row's tokens are
 words; the rest are padding, whose logits the loss ignores (a decoder may leave them zero, and must
 keep them out of its extra term). Padded rows come from image-major batches (an image's captions
-differ in length); length-bucketed batches need none.
+differ in length); length-bucketed batches need none. `rows` (B,), only for a decoder that
+declares `shares_images`: feats then holds each image once (I, ...) and `rows` names each
+caption's image, so the decoder can do its per-image work once (see attention.py).
 
 A state is whatever the decoder likes (a tuple, a dataclass); only the decoder looks inside it.
 `select` is only ever asked to repeat each image's row K times (once, at the start of a beam
@@ -44,6 +48,7 @@ class Decoder(nn.Module):
 
     feature_kind: ClassVar[str]  # "pooled" or "spatial"
     has_attention: ClassVar[bool] = False
+    shares_images: ClassVar[bool] = False
     state_batch_axis: ClassVar[int] = 0
 
     @classmethod

@@ -148,6 +148,8 @@ class CaptionModel(nn.Module):
         image then goes through the encoder once however many captions it has; the gradients of
         its captions meet in its features."""
         feats = self.features(inputs) if images else inputs.float()
+        if rows is not None and self.decoder.shares_images:
+            return self.decoder(feats, tokens, lengths, rows)  # it hands each image to its captions itself
         if rows is not None:
             # (B, ...): one row per caption. index_select, not feats[rows]: the backward of indexing sums
             # the captions' gradients in a thread-dependent order on the CPU, and a resumed run would drift

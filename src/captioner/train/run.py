@@ -34,7 +34,7 @@ from captioner.errors import ConfigError, DataError
 from captioner.model.encoder import weights_digest
 from captioner.model.folder import load_model, save_model
 from captioner.model.network import CaptionModel, ModelConfig
-from captioner.runtime import Dist, encoder_memory_format, resolve_precision
+from captioner.runtime import Dist, encoder_memory_format, keep_freed_memory, resolve_precision
 from captioner.scst import scst_one_epoch
 from captioner.train.checkpoint import (
     CHECKPOINT,
@@ -78,6 +78,8 @@ def _fit(cfg: TrainConfig, out: Path, dist: Dist, device: torch.device) -> dict:
     """The run itself: prepare data, build the model and optimiser, resume, loop, finish."""
     log = print if dist.main else (lambda *a, **k: None)
     precision = resolve_precision(cfg.precision, device)
+    if device.type == "cpu":
+        keep_freed_memory()  # steps reuse their memory instead of faulting it in afresh (see runtime.py)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     ckpt = _resume_point(cfg, out, log)
 
