@@ -98,10 +98,11 @@ def keep_freed_memory() -> bool:
     handing it back to the system. A training step on the CPU allocates activations of tens of MB
     (26 images' 96x112x112 maps are 125 MB); glibc gives each its own fresh mapping and unmaps it
     when freed, so every step pays the kernel to zero the same memory again. Keeping it: fine-tuning
-    on the 2-core AMD ran 1.15-1.2x faster and its system time halved (benchmarks/RESULTS.md,
-    "Fine-tuning the encoder"); the process's memory stays at its peak instead of falling between
-    steps. For training, not for a long-lived server. Returns whether it took effect (False where
-    the C library is not glibc: macOS, Windows, musl)."""
+    on the 2-core AMD ran at 10.5 images/s against 8.8 (fresh processes in turns, benchmarks/
+    RESULTS.md, "Fine-tuning the encoder"), its system time down by a third; the process's memory
+    stays near its peak (about 10% above the default's) instead of falling between steps. For
+    training, not for a long-lived server. Returns whether it took effect (False where the C
+    library is not glibc: macOS, Windows, musl)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
