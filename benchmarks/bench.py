@@ -549,12 +549,12 @@ if sys.argv[3] == "keep":
     keep_freed_memory()
 args = bench.SimpleNamespace(model=None if sys.argv[4] == "-" else Path(sys.argv[4]))
 train = bench.split_records(bench.load_records(Path(sys.argv[2])), "train")[: int(sys.argv[5])]
-seconds, _ = bench.finetune_epoch(args, torch.device("cpu"), train, "fp32")
+seconds, _ = bench.finetune_epoch(args, torch.device("cpu"), train, sys.argv[6])
 print(len(train) / seconds)
 """
 
 
-def allocator_ab(args, n_images: int, rounds: int = 2) -> tuple[float, float]:
+def allocator_ab(args, n_images: int, precision: str, rounds: int = 2) -> tuple[float, float]:
     """Fine-tuning images/s with freed memory kept (runtime.keep_freed_memory) and with glibc's
     defaults, each in fresh child processes run in turns (the setting cannot be undone within a
     process, and a process's heap remembers what ran before). -> (kept, default), medians."""
@@ -562,7 +562,7 @@ def allocator_ab(args, n_images: int, rounds: int = 2) -> tuple[float, float]:
     for _ in range(rounds):
         for mode in rates:
             cmd = [sys.executable, "-c", FINETUNE_CHILD, str(Path(__file__).parent), str(args.data), mode,
-                   str(args.model or "-"), str(n_images)]
+                   str(args.model or "-"), str(n_images), precision]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
                 raise RuntimeError(out.stderr[-2000:])
@@ -614,7 +614,7 @@ def bench_finetune(args, device: torch.device) -> None:
         repeated = row("(f) image-major, each image's features repeated for its captions before the decoder "
                        "(before)", auto, images)
     if device.type == "cpu":
-        kept, default = allocator_ab(args, len(images))
+        kept, default = allocator_ab(args, len(images), auto)
         name = "(g) image-major, glibc's allocator at its defaults (before); child processes, in turns"
         table[name] = f"| {name} | {auto} | {default:,.1f} | | {6000 / default / 60:,.1f} |"
         name = "(g) the same, freed memory kept (as `captioner train` does); child processes, in turns"

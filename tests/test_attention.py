@@ -38,7 +38,6 @@ def test_teacher_forcing_matches_step_by_step(decoder):
         assert torch.allclose(step, full[:, t], atol=1e-5)
 
 
-
 def test_captions_sharing_their_images_train_as_if_each_had_its_own(decoder):
     """Image-major batches hand each image's cells to its captions inside the decoder (`rows`):
     the same logits, penalty and gradients as repeating the features for every caption first."""
@@ -61,6 +60,7 @@ def test_captions_sharing_their_images_train_as_if_each_had_its_own(decoder):
     for a, b in zip(*results):
         assert torch.allclose(a, b, atol=1e-5)
     assert results[0][0][2, 2:].abs().sum() == 0  # padding past a caption's words stays zero
+
 
 def test_beam_on_attention(decoder):
     feats = torch.randn(5, 9, 24)
