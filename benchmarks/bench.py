@@ -63,6 +63,7 @@ from captioner.decode import Decoding, beam_search, caption_features
 from captioner.library import MODES, _write_batch, connect, search, similar
 from captioner.model.attention import AttentionDecoder
 from captioner.model.folder import load_model
+from captioner.model.int8 import int8_available
 from captioner.model.network import CaptionModel, ModelConfig
 from captioner.runtime import (
     autocast,
@@ -104,6 +105,11 @@ def report(title: str, lines: list[str], device: torch.device) -> None:
     print("\n".join(block), flush=True)
     with RESULTS.open("a", encoding="utf-8") as f:
         f.write("\n".join(block) + "\n")
+
+
+def use_int8(device: torch.device) -> bool:
+    """Whether the captioning sections add --precision int8 rows (a CPU with the int8 kernels)."""
+    return device.type == "cpu" and int8_available() is None
 
 
 def timed(fn, repeat: int = 1) -> float:
@@ -270,8 +276,10 @@ def bench_caption(args, device: torch.device) -> None:
 
 def bench_latency(args, device: torch.device) -> None:
     """One image, file to caption, warm: where the time goes, at each thread count, with the
-    encoder as trained (what captioning ran before) and folded (encoder.fold_batchnorm, now)."""
-    cap = Captioner.load(args.model, device=str(device))
+    encoder as trained (what captioning ran before) and folded (encoder.fold_batchnorm, now), and
+    on a CPU with the decoder in int8 (--precision int8) beside its own precision."""
+    cap = Captioner.load(args.model, device=str(device), precision=args.precision)
+    cap8 = Captioner.load(args.model, device=str(device), precision="int8") if use_int8(device) else None
     folded = cap.encoder
     as_trained = copy.deepcopy(cap.model.encoder).to(memory_format=torch.channels_last)
     path = split_records(load_records(args.data), "val")[0].image
@@ -294,13 +302,20 @@ def bench_latency(args, device: torch.device) -> None:
              "decoder " + cap.decoding.describe(): lambda: caption_features(cap.model.decoder, cap.vocab, feats,
                                                                             cap.decoding, device, cap.precision),
              "end to end, before": lambda: end_to_end(as_trained), "end to end, now": lambda: end_to_end(folded)}
+    if cap8:
+        cap8.encoder = folded
+        parts |= {"decoder int8, " + cap.decoding.describe(): lambda: caption_features(
+                      cap8.model.decoder, cap.vocab, feats, cap.decoding, device, cap8.precision),
+                  "end to end, int8": lambda: cap8.caption(path)}
     threads_before = torch.get_num_threads()
     counts = sorted({1, threads_before})
     lines = [f"Model: {args.model or 'shipped'}, its own decoding ({cap.decoding.describe()}), {cap.precision}; one "
              f"Flickr8k val photo ({path.name}); p50 of {args.latency_runs} runs in ms, the variants taken in turn "
-             "in each round. Before = the encoder as trained (channels-last); now = BatchNorm folded.", "",
-             "| torch threads | " + " | ".join(parts) + " | end to end now/before |",
-             "|---" * (len(parts) + 2) + "|"]
+             "in each round. Before = the encoder as trained (channels-last); now = BatchNorm folded"
+             + ("; int8 = now with --precision int8 (the decoder's weights in 8 bits)." if cap8 else "."), "",
+             "| torch threads | " + " | ".join(parts) + " | end to end now/before |"
+             + (" end to end int8/now |" if cap8 else ""),
+             "|---" * (len(parts) + 2 + bool(cap8)) + "|"]
     for n in counts:
         torch.set_num_threads(n)
         times: dict[str, list[float]] = {k: [] for k in parts}
@@ -315,7 +330,8 @@ def bench_latency(args, device: torch.device) -> None:
                 times[k].append((time.perf_counter() - t0) * 1000)
         p50 = {k: statistics.median(v) for k, v in times.items()}
         lines.append(f"| {n} | " + " | ".join(f"{v:.1f}" for v in p50.values())
-                     + f" | {p50['end to end, before'] / p50['end to end, now']:.2f}x faster |")
+                     + f" | {p50['end to end, before'] / p50['end to end, now']:.2f}x faster |"
+                     + (f" {p50['end to end, now'] / p50['end to end, int8']:.2f}x faster |" if cap8 else ""))
     torch.set_num_threads(threads_before)
     cap.encoder = folded
     report("One-image latency", lines, device)
@@ -411,7 +427,7 @@ def bench_memory(args, device: torch.device) -> None:
 def bench_files(args, device: torch.device) -> None:
     records = split_records(load_records(args.data), "val") + split_records(load_records(args.data), "train")
     paths = [r.image for r in records[: args.files]]
-    cap = Captioner.load(args.model, device=str(device))
+    cap = Captioner.load(args.model, device=str(device), precision=args.precision)
     default = loader_workers(len(paths), 32)
     lines = ["| batch | loader processes | images/s | captions as with none |", "|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -426,6 +442,17 @@ def bench_files(args, device: torch.device) -> None:
                 base.setdefault(batch, got)
                 same = sum(got[p] == base[batch][p] for p in base[batch])
                 lines.append(f"| {batch} | {workers}{' (default)' if workers == default else ''} | {rate:,.1f} | "
+                             f"{same} of {len(base[batch])} |")
+        if use_int8(device):  # the same at the defaults, the decoder in int8: against the first row of its batch
+            cap8 = Captioner.load(args.model, device=str(device), precision="int8")
+            for batch in (32, 64):
+                out = Path(tmp) / f"b{batch}int8.jsonl"
+                t0 = time.perf_counter()
+                caption_to_file(cap8, paths, out, batch_size=batch, progress=False, workers=default)
+                rate = len(paths) / (time.perf_counter() - t0)
+                got = {json.loads(x)["image"]: json.loads(x)["caption"] for x in out.read_text().splitlines()}
+                same = sum(got[p] == base[batch][p] for p in base[batch])
+                lines.append(f"| {batch} | {default} (default), **int8 decoder** | {rate:,.1f} | "
                              f"{same} of {len(base[batch])} |")
     lines += ["", f"`captioner caption DIR --out x.jsonl` as the API runs it: {len(paths):,} Flickr8k photos (224x224 "
               f"JPEGs) from disk to the JSONL file, the model's own decoding (beam {cap.decoding.beam_size}), "

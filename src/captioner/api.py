@@ -19,6 +19,7 @@ from captioner.decode import Decoding, caption_features
 from captioner.errors import CaptionerWarning, ConfigError, ImageError, ModelError
 from captioner.model.encoder import Backbone
 from captioner.model.folder import load_model, model_dir
+from captioner.model.int8 import int8_decoder
 from captioner.names import SHIPPED, shipped_model_dir
 from captioner.runtime import (
     autocast,
@@ -60,9 +61,11 @@ class Captioner:
     def load(cls, path: str | Path | None = None, device: str = "auto", precision: str = "auto") -> Captioner:
         """Load the model folder at `path`, or the shipped model when `path` is None or "shipped"."""
         dev = pick_device(device)
+        prec = resolve_precision(precision, dev, inference=True)
         model, vocab = load_model(model_dir(path), dev)
-        return cls(model, vocab, dev, resolve_precision(precision, dev), str(path) if path else SHIPPED,
-                   model.inference_encoder())
+        if prec == "int8":
+            model.decoder = int8_decoder(model.decoder)
+        return cls(model, vocab, dev, prec, str(path) if path else SHIPPED, model.inference_encoder())
 
     # -- captioning ------------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from captioner.errors import DataError
 from captioner.files import atomic_write, path_text
 from captioner.library import DEFAULT_MODE, MODES, index_folders
 from captioner.model.folder import load_model
+from captioner.model.int8 import int8_decoder
 from captioner.retrieval import RERANK
 from captioner.runtime import pick_device, resolve_precision
 
@@ -34,7 +35,7 @@ def evaluate(model_dir: Path, data: Path, split: str = "val", *, layout: str | N
     model's own) and score the captions against all of each image's references. Returns the
     scores and what was run (images, beam size, length norm, split, tokenizer, seconds)."""
     dev = pick_device(device)
-    prec = resolve_precision(precision, dev)
+    prec = resolve_precision(precision, dev, inference=True)
     records = load_records(data, layout, images)
     chosen = split_records(records, split)
     if not chosen and all(r.split == "" for r in records):
@@ -43,11 +44,14 @@ def evaluate(model_dir: Path, data: Path, split: str = "val", *, layout: str | N
         raise DataError(f"{data}: no images in the {split!r} split")
     chosen = check_images(chosen, skip_missing)[: max_images or None]
     model, vocab = load_model(model_dir, dev)
+    if prec == "int8":
+        model.decoder = int8_decoder(model.decoder)
     if out:  # find out now, not after the work, that the results cannot be written there
         Path(out).mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    feats, ok, errors = cached_features(model, [r.image for r in chosen], cache_dir, device=dev, precision=prec,
+    feats, ok, errors = cached_features(model, [r.image for r in chosen], cache_dir, device=dev,
+                                        precision="fp32" if prec == "int8" else prec,  # the same encoder
                                         progress=progress)
     if errors:
         print(f"{len(errors)} unreadable images left out (first: {errors[0]})")

@@ -10,7 +10,7 @@ import platform
 import torch
 
 from captioner.errors import ConfigError
-from captioner.names import PRECISIONS
+from captioner.names import INFERENCE_PRECISIONS, PRECISIONS
 
 
 def available_devices() -> list[str]:
@@ -50,10 +50,14 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 on a CPU with native bf16, fp16 (or bf16) on CUDA, fp32 otherwise."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+def resolve_precision(precision: str, device: torch.device, inference: bool = False) -> str:
+    """'auto' -> bf16 on a CPU with native bf16, fp16 (or bf16) on CUDA, fp32 otherwise. With
+    `inference`, also 'int8' on a CPU (see model/int8.py; autocast treats it as fp32)."""
+    allowed = INFERENCE_PRECISIONS if inference else PRECISIONS
+    if precision not in allowed:
+        raise ConfigError(f"precision must be one of {allowed}, not {precision!r}")
+    if precision == "int8" and device.type != "cpu":
+        raise ConfigError(f"precision int8 is for the CPU; on {device} use auto, bf16 or fp16")
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -137,8 +141,9 @@ def decoder_precision(precision: str, device: torch.device, images: int) -> str:
 
 
 def autocast(device: torch.device, precision: str):
-    """Autocast context for a resolved precision ('fp32' gives a no-op context)."""
-    if precision == "fp32":
+    """Autocast context for a resolved precision ('fp32' and 'int8' give a no-op context: int8
+    decoding computes in fp32 around its int8 products, and its encoder runs in fp32)."""
+    if precision in ("fp32", "int8"):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
