@@ -22,6 +22,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ASSETS)
     ap.add_argument("--beam-size", type=int, default=None, help="default decoding (default: the folder's own)")
     ap.add_argument("--length-norm", type=float, default=None, help="default length normalisation")
+    ap.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction, default=None,
+                    help="never repeat a word trigram (default: the folder's own)")
     ap.add_argument("--note", default="", help="stored in config.json under extra.shipped")
     args = ap.parse_args()
 
@@ -38,9 +40,12 @@ def main() -> None:
         cfg["beam_size"] = args.beam_size
     if args.length_norm is not None:
         cfg["length_norm"] = args.length_norm
+    if args.block_trigrams is not None:
+        cfg["block_trigrams"] = args.block_trigrams
     cfg.setdefault("extra", {})["shipped"] = f"from {args.model}, weights in fp16. {args.note}".strip()
     path.write_text(json.dumps(cfg, indent=2) + "\n")
-    print(f"{args.out}: beam {cfg['beam_size']}, length norm {cfg['length_norm']}")
+    print(f"{args.out}: beam {cfg['beam_size']}, length norm {cfg['length_norm']}, "
+          f"trigrams {'blocked' if cfg.get('block_trigrams') else 'allowed'}")
 
 
 if __name__ == "__main__":
