@@ -67,7 +67,9 @@ from captioner.model.int8 import int8_available
 from captioner.model.network import CaptionModel, ModelConfig
 from captioner.runtime import (
     autocast,
+    cpu_has_amx,
     cpu_has_fast_bf16,
+    decoder_precision,
     encoder_memory_format,
     keep_freed_memory,
     loader_workers,
@@ -93,7 +95,8 @@ def machine(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    text = (f"{cpu} (native bf16: {'yes' if cpu_has_fast_bf16() else 'no'}), {os.cpu_count()} cores, "
+    bf16 = ("yes, AMX" if cpu_has_amx() else "yes, AVX512-BF16 without AMX") if cpu_has_fast_bf16() else "no"
+    text = (f"{cpu} (native bf16: {bf16}), {os.cpu_count()} cores, "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if device.type == "cuda":
         text += f", GPU {torch.cuda.get_device_name(device)}"
@@ -302,6 +305,9 @@ def bench_latency(args, device: torch.device) -> None:
              "decoder " + cap.decoding.describe(): lambda: caption_features(cap.model.decoder, cap.vocab, feats,
                                                                             cap.decoding, device, cap.precision),
              "end to end, before": lambda: end_to_end(as_trained), "end to end, now": lambda: end_to_end(folded)}
+    if decoder_precision(cap.precision, device, 1) != "fp32":  # a CPU where one image decodes in bf16
+        parts["decoder fp32, " + cap.decoding.describe()] = lambda: caption_features(
+            cap.model.decoder, cap.vocab, feats, cap.decoding, device, "fp32")
     if cap8:
         cap8.encoder = folded
         parts |= {"decoder int8, " + cap.decoding.describe(): lambda: caption_features(
@@ -312,7 +318,9 @@ def bench_latency(args, device: torch.device) -> None:
     lines = [f"Model: {args.model or 'shipped'}, its own decoding ({cap.decoding.describe()}), {cap.precision}; one "
              f"Flickr8k val photo ({path.name}); p50 of {args.latency_runs} runs in ms, the variants taken in turn "
              "in each round. Before = the encoder as trained (channels-last); now = BatchNorm folded"
-             + ("; int8 = now with --precision int8 (the decoder's weights in 8 bits)." if cap8 else "."), "",
+             + ("; int8 = now with --precision int8 (the decoder's weights in 8 bits)" if cap8 else "")
+             + ("; decoder fp32 = one image decoded in fp32, as every CPU did before 2026-11-23 (this CPU's own rule: "
+                "runtime.decoder_precision)" if any(k.startswith("decoder fp32") for k in parts) else "") + ".", "",
              "| torch threads | " + " | ".join(parts) + " | end to end now/before |"
              + (" end to end int8/now |" if cap8 else ""),
              "|---" * (len(parts) + 2 + bool(cap8)) + "|"]

@@ -303,7 +303,7 @@ def test_attention_map_uses_every_decoding_setting(attention_model, shapes, tmp_
 @pytest.mark.slow
 def test_attention_caption_is_the_printed_caption(attention_model, shapes, monkeypatch):
     """The caption drawn on an attention map comes from the same search, under the same precision
-    rule, as the caption printed: with bf16 on a CPU, a single image decodes in fp32 either way."""
+    rule (runtime.decoder_precision), as the caption printed."""
     seen = _record_searches(monkeypatch)
     cap = Captioner.load(attention_model, device="cpu", precision="bf16")
     val = [r.image for r in load_records(shapes) if r.split == "val"][:4]
