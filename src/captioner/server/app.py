@@ -76,7 +76,7 @@ def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0
     pixels = _PixelPool(max_pixels)  # decoded pixels held at once, over all requests: bounded memory
 
     def caption_batch(x: torch.Tensor) -> list[dict]:
-        with lock, torch.inference_mode():  # the model is shared with search
+        with lock, torch.no_grad():  # the model is shared with search; no_grad: see model_turn
             return captioner.caption_tensor(x)
 
     batcher = Batcher(caption_batch, max_images=max_batch, wait_s=batch_wait_ms / 1000) if batch_wait_ms > 0 else None
@@ -86,8 +86,8 @@ def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0
         if not lock.acquire(timeout=queue_timeout):
             raise HTTPException(503, f"busy: no turn at the model within {queue_timeout:g} s; try again",
                                 headers={"Retry-After": "5"})
-        try:
-            with torch.inference_mode():
+        try:  # no_grad rather than inference_mode: under inference_mode bf16 autocast re-cast the weights at
+            with torch.no_grad():  # every step (one photo, bf16, Zen 4: 34 ms against 27; batches and fp32 alike)
                 yield
         finally:
             lock.release()
