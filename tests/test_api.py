@@ -118,3 +118,78 @@ def test_parallel_loading_gives_the_same_captions_in_order_and_skips_bad_files(c
     same = [(p, r["caption"]) for p, r, _ in runs[0] if r]
     assert same == [(p, r["caption"]) for p, r, _ in runs[2] if r]
     assert [p for p, _ in same] == good  # the good ones in their order
+
+
+def _jpegs(shapes, folder) -> dict[str, object]:
+    """The first shapes photos as JPEGs of every kind the device decoder takes or leaves to Pillow."""
+    src = [Image.open(p).convert("RGB") for p in sorted(shapes.parent.glob("*.png"))[:8]]
+    files = {}
+    for k, img in enumerate(src[:4]):
+        files[f"plain{k}.jpg"] = img
+    files["grey.jpg"] = src[4].convert("L")
+    files["cmyk.jpg"] = src[5].convert("CMYK")
+    files["progressive.jpg"] = (src[6], {"progressive": True})
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: Pillow turns it upright, a device decoder would not
+    files["rotated.jpg"] = (src[7], {"exif": exif.tobytes()})
+    paths = {}
+    for name, spec in files.items():
+        img, kw = spec if isinstance(spec, tuple) else (spec, {})
+        img.save(folder / name, "JPEG", quality=95, **kw)
+        paths[name] = folder / name
+    return paths
+
+
+def test_which_jpegs_go_to_the_device_decoder(shapes, tmp_path):
+    from captioner.data.jpeg import read_for_device
+
+    paths = _jpegs(shapes, tmp_path)
+    taken = {name for name, p in paths.items() if read_for_device(p) is not None}
+    assert taken == {"plain0.jpg", "plain1.jpg", "plain2.jpg", "plain3.jpg", "grey.jpg"}
+    png = tmp_path / "photo.png"
+    Image.open(paths["plain0.jpg"]).save(png)
+    assert read_for_device(png) is None and read_for_device(tmp_path / "missing.jpg") is None
+    assert read_for_device(paths["plain0.jpg"], max_pixels=100) is None  # Pillow refuses it, as ever
+    import torch
+
+    from captioner.runtime import decode_jpegs_on_device
+
+    assert decode_jpegs_on_device(torch.device("cuda")) and not decode_jpegs_on_device(torch.device("cpu"))
+
+
+def test_jpegs_decoded_on_the_device_give_the_same_captions_and_bad_files_are_still_skipped(cap, shapes, tmp_path):
+    """The device path (checked here on the CPU, where torchvision's decoder and Pillow give the same
+    pixels) captions every photo as Pillow's path does, in order, and reports the same bad files."""
+    paths = _jpegs(shapes, tmp_path)
+    whole = paths["plain0.jpg"].read_bytes()
+    bad = {"truncated.jpg": whole[: len(whole) // 2], "header-only.jpg": b"\xff\xd8\xff\xe0 not a jpeg at all",
+           "empty.jpg": b"", "notes.jpg": b"not an image"}
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+    order = [paths["plain0.jpg"], tmp_path / "truncated.jpg", paths["cmyk.jpg"], paths["plain1.jpg"],
+             tmp_path / "header-only.jpg", paths["rotated.jpg"], paths["grey.jpg"], tmp_path / "empty.jpg",
+             paths["progressive.jpg"], paths["plain2.jpg"], tmp_path / "notes.jpg", paths["plain3.jpg"]]
+    runs = {(dev, w): list(cap.caption_files(order, batch_size=4, workers=w, jpegs_on_device=dev))
+            for dev in (False, True) for w in (0, 2)}
+    want = runs[False, 0]
+    assert {p.name for p, r, e in want if e} == set(bad)
+    for key, got in runs.items():
+        assert [(p, r and r["caption"], e) for p, r, e in got] == [(p, r and r["caption"], e) for p, r, e in want], key
+
+
+def test_a_device_decoder_that_fails_hands_its_jpegs_to_pillow(cap, shapes, tmp_path, monkeypatch):
+    import captioner.data.jpeg as jpeg
+
+    paths = list(_jpegs(shapes, tmp_path).values())
+    want = [r["caption"] for _, r, _ in cap.caption_files(paths, batch_size=4, workers=0, jpegs_on_device=False)]
+    calls = []
+
+    def broken(data, **kw):
+        calls.append(kw["device"])
+        raise RuntimeError("nvjpeg: not supported here")
+
+    monkeypatch.setattr(jpeg, "decode_jpeg", broken)
+    with pytest.warns(CaptionerWarning, match="Pillow decodes them from now on"):
+        got = list(cap.caption_files(paths, batch_size=4, workers=0, jpegs_on_device=True))
+    assert [r["caption"] for _, r, _ in got] == want and not any(e for _, _, e in got)
+    assert len(calls) == 1 + 4  # the first batch's 4 JPEGs (one call, then each), then never again

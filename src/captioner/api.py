@@ -14,7 +14,17 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from captioner.data.images import ImageDataset, collate_images, eval_transform, image_name, one_or_many, open_rgb
+from captioner.data.images import (
+    ImageDataset,
+    collate_images,
+    eval_transform,
+    image_name,
+    one_or_many,
+    open_rgb,
+    tensor_transform,
+)
+from captioner.data.jpeg import DeviceDecoder, JpegDataset, as_list
+from captioner.data.jpeg import available as jpeg_available
 from captioner.decode import Decoding, caption_features
 from captioner.errors import CaptionerWarning, ConfigError, ImageError, ModelError
 from captioner.model.encoder import Backbone
@@ -24,6 +34,7 @@ from captioner.names import SHIPPED, shipped_model_dir
 from captioner.runtime import (
     autocast,
     caption_batch_size,
+    decode_jpegs_on_device,
     decoder_precision,
     encoder_chunk,
     loader_workers,
@@ -172,18 +183,28 @@ class Captioner:
         return caption, caption.split() + ["<end>"], alpha[0].float().cpu().view(-1, side, side)
 
     def caption_files(self, paths: Sequence[Path], batch_size: int | None = None, decoding: Decoding | None = None,
-                      workers: int | None = None, features: bool = False
+                      workers: int | None = None, features: bool = False, jpegs_on_device: bool | None = None
                       ) -> Iterator[tuple[Path, dict | None, str | None]]:
         """Caption many files in batches, in their order. Yields (path, result, None) or (path, None,
         error line): an unreadable file is reported and skipped, never fatal. `features`: see
-        caption_tensor. `workers`: processes decoding images while the model runs (default:
-        runtime.loader_workers)."""
-        ds = ImageDataset(paths, self.transform)
+        caption_tensor. `workers`: processes reading images while the model runs (default:
+        runtime.loader_workers). `jpegs_on_device`: decode plain JPEGs on the model's device, a
+        batch in one call (default: runtime.decode_jpegs_on_device, i.e. on CUDA; see data/jpeg.py)."""
+        if jpegs_on_device is None:
+            jpegs_on_device = decode_jpegs_on_device(self.device)
+        on_device = jpegs_on_device and jpeg_available()
+        ds = (JpegDataset if on_device else ImageDataset)(paths, self.transform)
         batch_size = batch_size or self.batch_size
         if workers is None:
             workers = loader_workers(len(ds), batch_size)
-        loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate_with_errors,
+        loader = DataLoader(ds, batch_size=batch_size, num_workers=workers,
+                            collate_fn=as_list if on_device else _collate_with_errors,
                             pin_memory=self.device.type == "cuda", prefetch_factor=2 if workers else None)
+        if on_device:
+            cfg = self.model.cfg
+            finish = DeviceDecoder(ds.paths, self.transform, tensor_transform(cfg.image_size, cfg.mean, cfg.std),
+                                   self.device)
+            loader = map(finish, loader)
         for idx, x, err_idx, errors in loader:
             for i, e in zip(err_idx, errors):
                 yield ds.paths[i], None, e

@@ -94,6 +94,14 @@ def caption_batch_size(device: torch.device) -> int:
     return 256 if device.type == "cuda" else 32
 
 
+def decode_jpegs_on_device(device: torch.device) -> bool:
+    """Whether captioning files decodes JPEGs on the device (data/jpeg.py): on CUDA, where one CPU
+    thread of Pillow decoding (634 photos/s measured on an H100 machine) is what the model waits for.
+    Not on a CPU: there Pillow in loader processes is the same decoder, beside the model. (Where
+    torchvision has no JPEG decoder, data/jpeg.available() says so and Pillow decodes anyway.)"""
+    return device.type == "cuda"
+
+
 def loader_workers(items: int, batch_size: int) -> int:
     """Processes decoding images while the model captions `items` files: none for two batches or
     fewer (starting one costs more than it saves), else one per core beside the main process's,

@@ -173,11 +173,18 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def eval_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> T.Compose:
     """Resize to size x size (the aspect ratio is not kept, like the training data), normalise."""
+    from torchvision.transforms import v2 as T
+
+    return T.Compose([T.PILToTensor(), *tensor_transform(size, mean, std).transforms])
+
+
+def tensor_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> T.Compose:
+    """eval_transform's steps once the image is a uint8 tensor (3, H, W), on whatever device it is
+    (JPEGs decoded on the GPU take these: see data/jpeg.py)."""
     import torch
     from torchvision.transforms import v2 as T
 
     return T.Compose([
-        T.PILToTensor(),
         T.Resize((size, size), antialias=True),
         T.ToDtype(torch.float32, scale=True),
         T.Normalize(mean, std),
