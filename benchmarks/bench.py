@@ -67,6 +67,7 @@ from captioner.model.int8 import int8_available
 from captioner.model.network import CaptionModel, ModelConfig
 from captioner.runtime import (
     autocast,
+    caption_batch_size,
     cpu_has_amx,
     cpu_has_fast_bf16,
     decoder_precision,
@@ -433,38 +434,52 @@ def bench_memory(args, device: torch.device) -> None:
 
 
 def bench_files(args, device: torch.device) -> None:
+    """`caption --out` from files on disk: batch sizes and loader processes with Pillow decoding; on
+    CUDA also the GPU decoding the JPEGs (data/jpeg.py), and greedy and beam 3 at the defaults; on a
+    CPU with the int8 kernels also the decoder in int8. Captions are compared with the first row of
+    the same batch size."""
     records = split_records(load_records(args.data), "val") + split_records(load_records(args.data), "train")
     paths = [r.image for r in records[: args.files]]
     cap = Captioner.load(args.model, device=str(device), precision=args.precision)
-    default = loader_workers(len(paths), 32)
-    lines = ["| batch | loader processes | images/s | captions as with none |", "|---|---|---|---|"]
+    gpu = device.type == "cuda"
+    batches = (64, 256, 512) if gpu else (32, 64)
+    default = loader_workers(len(paths), caption_batch_size(device))
+    own = cap.decoding
+    lines = ["| batch | loader processes | JPEGs decoded by | decoding | images/s | captions as in the batch's "
+             "first row |", "|---|---|---|---|---|---|"]
+    first: dict[int, dict] = {}  # batch size -> the captions of its first row
+
+    def row(batch: int, workers: int, on_device: bool, decoding: Decoding, model=cap, note: str = "") -> None:
+        out = Path(tmp) / f"run{len(lines)}.jsonl"
+        t0 = time.perf_counter()
+        caption_to_file(model, paths, out, batch_size=batch, progress=False, workers=workers, decoding=decoding,
+                        jpegs_on_device=on_device)
+        rate = len(paths) / (time.perf_counter() - t0)  # the captions are on the host: the device is done
+        got = {json.loads(x)["image"]: json.loads(x)["caption"] for x in out.read_text().splitlines()}
+        same = ""
+        if decoding == own:
+            ref = first.setdefault(batch, got)
+            same = f"{sum(got[p] == ref[p] for p in ref)} of {len(ref)}"
+        lines.append(f"| {batch} | {workers}{' (default)' if workers == default else ''} | "
+                     f"{'the GPU (nvJPEG)' if on_device else 'Pillow'} | {decoding.describe()}{note} | {rate:,.1f} | "
+                     f"{same} |")
+
     with tempfile.TemporaryDirectory() as tmp:
-        base = {}
-        for batch in (32, 64):
+        for batch in batches:
             for workers in dict.fromkeys((0, default, 2)):
-                out = Path(tmp) / f"b{batch}w{workers}.jsonl"
-                t0 = time.perf_counter()
-                caption_to_file(cap, paths, out, batch_size=batch, progress=False, workers=workers)
-                rate = len(paths) / (time.perf_counter() - t0)
-                got = {json.loads(x)["image"]: json.loads(x)["caption"] for x in out.read_text().splitlines()}
-                base.setdefault(batch, got)
-                same = sum(got[p] == base[batch][p] for p in base[batch])
-                lines.append(f"| {batch} | {workers}{' (default)' if workers == default else ''} | {rate:,.1f} | "
-                             f"{same} of {len(base[batch])} |")
-        if use_int8(device):  # the same at the defaults, the decoder in int8: against the first row of its batch
+                row(batch, workers, False, own)
+            if gpu:
+                row(batch, default, True, own)
+        if gpu:  # the issue's two figures: greedy and beam 3, at the defaults
+            for beam in (1, 3):
+                row(caption_batch_size(device), default, True, own.replace(beam_size=beam, block_trigrams=False))
+        if use_int8(device):  # the same at the defaults, the decoder in int8
             cap8 = Captioner.load(args.model, device=str(device), precision="int8")
-            for batch in (32, 64):
-                out = Path(tmp) / f"b{batch}int8.jsonl"
-                t0 = time.perf_counter()
-                caption_to_file(cap8, paths, out, batch_size=batch, progress=False, workers=default)
-                rate = len(paths) / (time.perf_counter() - t0)
-                got = {json.loads(x)["image"]: json.loads(x)["caption"] for x in out.read_text().splitlines()}
-                same = sum(got[p] == base[batch][p] for p in base[batch])
-                lines.append(f"| {batch} | {default} (default), **int8 decoder** | {rate:,.1f} | "
-                             f"{same} of {len(base[batch])} |")
+            for batch in batches:
+                row(batch, default, False, own, model=cap8, note=", **int8 decoder**")
     lines += ["", f"`captioner caption DIR --out x.jsonl` as the API runs it: {len(paths):,} Flickr8k photos (224x224 "
-              f"JPEGs) from disk to the JSONL file, the model's own decoding (beam {cap.decoding.beam_size}), "
-              f"precision {cap.precision}. The default is runtime.loader_workers."]
+              f"JPEGs) from disk to the JSONL file, the model's own decoding ({own.describe()}) unless the row says, "
+              f"precision {cap.precision}. Loader processes by default: runtime.loader_workers."]
     report("Files to captions", lines, device)
 
 

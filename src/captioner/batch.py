@@ -146,11 +146,11 @@ def _fold_parts(out: Path, order: dict[str, int] | None = None) -> None:
 def caption_to_file(captioner, paths: Sequence[Path], out: Path, *, batch_size: int | None = None,
                     progress: bool = True,
                     dist: Dist | None = None, decoding: Decoding | None = None, force: bool = False,
-                    workers: int | None = None) -> BatchReport:
+                    workers: int | None = None, jpegs_on_device: bool | None = None) -> BatchReport:
     """Caption `paths` into `out` (.jsonl or .csv) with `decoding` (else the model's own), skipping
     those already there unchanged. With `dist` (several processes), each captions its share and
     process 0 merges them. An existing `out` that captioner did not write is refused unless
-    `force` (then it is replaced). `workers`: image-decoding processes (see Captioner.caption_files)."""
+    `force` (then it is replaced). `workers`, `jpegs_on_device`: see Captioner.caption_files."""
     out = Path(out)
     batch_size = batch_size or captioner.batch_size
     if out.suffix.lower() not in (".jsonl", ".csv"):
@@ -185,7 +185,7 @@ def caption_to_file(captioner, paths: Sequence[Path], out: Path, *, batch_size: 
         writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore") if is_csv else None
         bar = tqdm(total=len(todo), desc="captioning", unit="img", disable=not (progress and dist.main))
         for path, result, error in captioner.caption_files(todo, batch_size=batch_size, decoding=decoding,
-                                                            workers=workers):
+                                                            workers=workers, jpegs_on_device=jpegs_on_device):
             bar.update(1)
             if error:
                 report.failed.append(error)
