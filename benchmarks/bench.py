@@ -243,24 +243,32 @@ def bench_train(args, device: torch.device) -> None:
 
 def bench_caption(args, device: torch.device) -> None:
     records = split_records(load_records(args.data), "val")[:128]
-    low = "bf16" if device.type == "cpu" else "fp16"
+    lows = ("bf16",) if device.type == "cpu" else ("bf16", "fp16")  # on CUDA: which one auto should pick
     lines = [f"Model: {args.model or 'shipped'}; {len(records)} Flickr8k val images, preprocessed in memory "
-             "(throughput of encoder + decoder).", "",
-             "| batch | search | fp32 img/s | " + low + " img/s | speed-up |", "|---|---|---|---|---|"]
-    results = {}
-    for precision in ("fp32", low):
+             "(throughput of encoder + decoder); x = against fp32; same = captions as in fp32 (batch 64 rows).", "",
+             "| batch | search | fp32 img/s | " + " | ".join(f"{p} img/s | x | same" for p in lows) + " |",
+             "|---|---|---|" + "---|---|---|" * len(lows)]
+    results, captions = {}, {}
+    for precision in ("fp32", *lows):
         cap = Captioner.load(args.model, device=str(device), precision=precision)
         x = torch.stack([cap.transform(open_rgb(r.image)) for r in records])
         for bs in (1, 8, 64):
             for beam in (1, 3):
                 n = min(len(x), max(bs * 4, 32))
-                results[precision, bs, beam] = n / timed(lambda c=cap, n=n, bs=bs, beam=beam, x=x: [
-                    c.caption_tensor(x[i:i + bs], Decoding(beam_size=beam, length_norm=1.0)) for i in range(0, n, bs)],
-                    repeat=2)
+                decoding = Decoding(beam_size=beam, length_norm=1.0)
+                results[precision, bs, beam] = n / timed(lambda c=cap, n=n, bs=bs, d=decoding, x=x: [
+                    c.caption_tensor(x[i:i + bs], d) for i in range(0, n, bs)], repeat=2)
+                if bs == 64:
+                    captions[precision, beam] = [r["caption"] for r in cap.caption_tensor(x[:n], decoding)]
     for bs in (1, 8, 64):
         for beam in (1, 3):
-            a, b = results["fp32", bs, beam], results[low, bs, beam]
-            lines.append(f"| {bs} | {'greedy' if beam == 1 else 'beam 3'} | {a:,.1f} | {b:,.1f} | {b / a:.2f}x |")
+            a = results["fp32", bs, beam]
+            cells = []
+            for p in lows:
+                same = (f"{sum(u == v for u, v in zip(captions[p, beam], captions['fp32', beam]))} of "
+                        f"{len(captions['fp32', beam])}") if bs == 64 else ""
+                cells.append(f"{results[p, bs, beam]:,.1f} | {results[p, bs, beam] / a:.2f}x | {same}")
+            lines.append(f"| {bs} | {'greedy' if beam == 1 else 'beam 3'} | {a:,.1f} | " + " | ".join(cells) + " |")
 
     cap = Captioner.load(args.model, device=str(device))  # the default precision
     path = records[0].image
