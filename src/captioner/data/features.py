@@ -22,10 +22,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from captioner.data.images import ImageDataset, collate_images, eval_transform
+from captioner.data.images import ImageDataset, collate_images, eval_transform, tensor_transform
+from captioner.data.jpeg import DeviceDecoder, JpegDataset, as_list
+from captioner.data.jpeg import available as jpeg_available
 from captioner.errors import CaptionerWarning, DataError
 from captioner.files import atomic_write, readable_digest
-from captioner.runtime import Dist, autocast, encoder_chunk
+from captioner.runtime import Dist, autocast, decode_jpegs_on_device, encoder_chunk
 
 CACHE_VERSION = 2  # 2: entries carry a checksum of their features
 
@@ -41,11 +43,19 @@ def default_cache_dir() -> Path:
 def extract_features(model, paths: Sequence[Path], *, batch_size: int = 32, device: torch.device,
                      precision: str = "fp32", workers: int = 1, out: np.ndarray | None = None,
                      progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Run `model.features` over images. Returns (features fp16 (N, ...), ok mask (N,), errors)."""
+    """Run `model.features` over images. Returns (features fp16 (N, ...), ok mask (N,), errors).
+    On CUDA the GPU decodes the plain JPEGs (see data/jpeg.py and jpegs_on_device)."""
     cfg = model.cfg
-    ds = ImageDataset(paths, eval_transform(cfg.image_size, cfg.mean, cfg.std))
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_images,
-                        persistent_workers=False)
+    transform = eval_transform(cfg.image_size, cfg.mean, cfg.std)
+    if jpegs_on_device(device):
+        ds = JpegDataset(paths, transform)
+        finish = DeviceDecoder(ds.paths, transform, tensor_transform(cfg.image_size, cfg.mean, cfg.std), device)
+        loader = map(_without_error_indices, map(finish, DataLoader(
+            ds, batch_size=batch_size, num_workers=workers, collate_fn=as_list, pin_memory=True)))
+    else:
+        ds = ImageDataset(paths, transform)
+        loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_images,
+                            persistent_workers=False)
     ok = np.zeros(len(ds), dtype=bool)
     errors: list[str] = []
     # a faster copy: the model's own encoder is left as it came, weights and memory format (channels-last
@@ -70,6 +80,17 @@ def extract_features(model, paths: Sequence[Path], *, batch_size: int = 32, devi
     return out, ok, errors
 
 
+def jpegs_on_device(device: torch.device) -> bool:
+    """Whether feature extraction on `device` decodes JPEGs there (runtime.decode_jpegs_on_device,
+    where this torchvision can)."""
+    return decode_jpegs_on_device(device) and jpeg_available()
+
+
+def _without_error_indices(batch: tuple) -> tuple:
+    idx, x, _, errors = batch
+    return idx, x, errors
+
+
 def cached_features(model, paths: Sequence[Path], cache_dir: Path | None = None, dist: Dist | None = None, **kw
                     ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Features for `paths` from the cache, extracting (and storing) them when absent.
@@ -87,6 +108,7 @@ def cached_features(model, paths: Sequence[Path], cache_dir: Path | None = None,
         "version": CACHE_VERSION, "encoder": model.encoder.identity, "size": cfg.image_size,
         "mean": list(cfg.mean), "std": list(cfg.std), "kind": model.decoder.feature_kind,
         "precision": kw.get("precision", "fp32"),  # bf16 and fp32 features differ slightly: never mixed
+        **({"jpegs": "device"} if jpegs_on_device(kw["device"]) else {}),  # nor do nvJPEG's and Pillow's pixels
     }, sort_keys=True).encode())
     for p in tqdm(paths, desc="hashing images", unit="img", leave=False,
                   disable=not (kw.get("progress", True) and dist.main)):
