@@ -193,3 +193,24 @@ def test_a_device_decoder_that_fails_hands_its_jpegs_to_pillow(cap, shapes, tmp_
         got = list(cap.caption_files(paths, batch_size=4, workers=0, jpegs_on_device=True))
     assert [r["caption"] for _, r, _ in got] == want and not any(e for _, _, e in got)
     assert len(calls) == 1 + 4  # the first batch's 4 JPEGs (one call, then each), then never again
+
+
+def test_the_device_decodes_a_bounded_number_of_pixels_at_a_time(cap, shapes, tmp_path, monkeypatch):
+    """Full-size photos are decoded a few at a time and resized before the next call, so a batch of
+    large photos never holds all of its pixels on the device at once."""
+    import torch
+
+    import captioner.data.jpeg as jpeg
+    from captioner.data.images import tensor_transform
+
+    paths = [p for name, p in _jpegs(shapes, tmp_path).items() if name.startswith("plain")]
+    items = [jpeg.JpegDataset(paths, cap.transform)[i] for i in range(len(paths))]
+    one = items[0][1].pixels
+    calls, real = [], jpeg.decode_jpeg
+    monkeypatch.setattr(jpeg, "decode_jpeg", lambda data, **kw: calls.append(len(data)) or real(data, **kw))
+    cfg = cap.model.cfg
+    finish = jpeg.DeviceDecoder(paths, cap.transform, tensor_transform(cfg.image_size, cfg.mean, cfg.std),
+                                torch.device("cpu"), max_pixels=int(2.5 * one))
+    idx, x, err_idx, errors = finish(items)
+    assert calls == [2, 2] and idx == [0, 1, 2, 3] and not err_idx
+    assert torch.equal(x, torch.stack([cap.transform(Image.open(p).convert("RGB")) for p in paths]))

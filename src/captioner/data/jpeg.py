@@ -52,6 +52,7 @@ class JpegBytes:
     """A JPEG file's bytes, for the device to decode."""
 
     data: torch.Tensor  # (n_bytes,) uint8
+    pixels: int  # width x height, from the header
 
 
 def read_for_device(path: str | Path, max_pixels: int = MAX_PIXELS) -> JpegBytes | None:
@@ -72,7 +73,7 @@ def read_for_device(path: str | Path, max_pixels: int = MAX_PIXELS) -> JpegBytes
                 return None
     except Exception:  # any header Pillow cannot read: Pillow's turn, which reports it
         return None
-    return JpegBytes(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    return JpegBytes(torch.frombuffer(bytearray(data), dtype=torch.uint8), img.width * img.height)
 
 
 class JpegDataset(ImageDataset):
@@ -96,22 +97,28 @@ class DeviceDecoder:
     `transform` is the CPU's whole transform (PIL image -> tensor), `tensor_transform` its steps
     after the image became a uint8 tensor (images.tensor_transform). If the device decoder fails on
     every JPEG of a batch it is taken as not working here (a warning says so) and Pillow decodes
-    the rest of the run."""
+    the rest of the run.
 
-    def __init__(self, paths: Sequence[Path], transform, tensor_transform, device: torch.device):
+    Full-size photos are decoded at most `max_pixels` at a time (all of a call's photos together)
+    and resized before the next call: 256 twelve-megapixel photos at once would hold 9 GB of pixels
+    on the device."""
+
+    def __init__(self, paths: Sequence[Path], transform, tensor_transform, device: torch.device,
+                 max_pixels: int = 100_000_000):
         self.paths, self.transform, self.tensor_transform, self.device = paths, transform, tensor_transform, device
+        self.max_pixels = max_pixels
         self.working = True
 
     def __call__(self, batch: list) -> tuple[list[int], torch.Tensor | None, list[int], list[str]]:
-        jpegs = [(i, item.data) for i, item in batch if isinstance(item, JpegBytes)]
-        decoded = dict(zip((i for i, _ in jpegs), self._decode([d for _, d in jpegs])))
+        resized: dict[int, torch.Tensor | None] = {}  # index -> (3, S, S) on the device; None: not decoded
+        for part in self._calls([(i, item) for i, item in batch if isinstance(item, JpegBytes)]):
+            for (i, _), img in zip(part, self._decode([jpeg.data for _, jpeg in part])):
+                resized[i] = None if img is None else self.tensor_transform(img)
         idx, images, err_idx, errors = [], [], [], []
         for i, item in batch:
             if isinstance(item, JpegBytes):
-                img = decoded[i]
-                if img is not None:
-                    item = self.tensor_transform(img)
-                else:  # the device could not: Pillow, as for any other file
+                item = resized[i]
+                if item is None:  # the device could not: Pillow, as for any other file
                     try:
                         item = self.transform(open_rgb(self.paths[i]))
                     except ImageError as e:
@@ -123,6 +130,18 @@ class DeviceDecoder:
                 idx.append(i)
                 images.append(item.to(self.device, non_blocking=True))
         return idx, (torch.stack(images) if images else None), err_idx, errors
+
+    def _calls(self, jpegs: list[tuple[int, JpegBytes]]) -> list[list[tuple[int, JpegBytes]]]:
+        """The JPEGs in runs of at most max_pixels together (a larger photo alone)."""
+        calls: list[list[tuple[int, JpegBytes]]] = []
+        pixels = 0
+        for i, jpeg in jpegs:
+            if not calls or pixels + jpeg.pixels > self.max_pixels:
+                calls.append([])
+                pixels = 0
+            calls[-1].append((i, jpeg))
+            pixels += jpeg.pixels
+        return calls
 
     def _decode(self, datas: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """Each JPEG as (3, H, W) uint8 on the device, or None where the decoder failed on it."""
