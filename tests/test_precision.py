@@ -48,3 +48,10 @@ def test_cpu_flags_reads_the_flags_line(monkeypatch, tmp_path):
         assert runtime.cpu_has_fast_bf16() and not runtime.cpu_has_amx()
     finally:
         runtime.cpu_flags.cache_clear()
+
+
+@pytest.mark.parametrize("flags, encoder", [(XEON_AMX, "bf16"), (EPYC_ZEN4, "bf16"), (EPYC_OLDER, "fp32")])
+def test_int8_runs_its_encoder_at_the_cpus_own_precision(cpu_kind, flags, encoder):
+    cpu_kind(flags)
+    assert runtime.encoder_precision("int8") == encoder
+    assert [runtime.encoder_precision(p) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]

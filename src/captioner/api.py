@@ -37,6 +37,7 @@ from captioner.runtime import (
     decode_jpegs_on_device,
     decoder_precision,
     encoder_chunk,
+    encoder_precision,
     loader_workers,
     pick_device,
     resolve_precision,
@@ -131,7 +132,7 @@ class Captioner:
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Preprocessed images (B, 3, S, S) -> what the decoder takes (see CaptionModel.features)."""
         x = x.to(self.device, memory_format=torch.channels_last, non_blocking=True)  # pinned: overlaps
-        with autocast(self.device, self.precision):
+        with autocast(self.device, encoder_precision(self.precision)):
             return self.model.features(x, chunk=encoder_chunk(self.device), encoder=self.encoder)
 
     @torch.no_grad()

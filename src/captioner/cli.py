@@ -84,8 +84,8 @@ def _machine_options(p: argparse.ArgumentParser, inference: bool = True) -> None
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
     help = "autocast precision; auto = bf16 on CPUs with native bf16, fp16/bf16 on CUDA, else fp32"
     if inference:
-        help += ("; int8 (CPU only): the decoder's weights in 8 bits, one photo 1.3x faster than fp32 on CPUs "
-                 "without native bf16 (not faster than bf16), about 15%% of captions differ (see the README)")
+        help += ("; int8 (CPU only): the decoder's weights in 8 bits, one photo 1.3-1.4x faster, batches "
+                 "faster than fp32 but not than native bf16; about 15%% of captions differ (see the README)")
     p.add_argument("--precision", default="auto", choices=INFERENCE_PRECISIONS if inference else PRECISIONS,
                    help=help)
 

@@ -23,7 +23,7 @@ from captioner.library import DEFAULT_MODE, MODES, index_folders
 from captioner.model.folder import load_model
 from captioner.model.int8 import int8_decoder
 from captioner.retrieval import RERANK
-from captioner.runtime import pick_device, resolve_precision
+from captioner.runtime import encoder_precision, pick_device, resolve_precision
 
 
 @torch.no_grad()
@@ -51,7 +51,7 @@ def evaluate(model_dir: Path, data: Path, split: str = "val", *, layout: str | N
 
     t0 = time.perf_counter()
     feats, ok, errors = cached_features(model, [r.image for r in chosen], cache_dir, device=dev,
-                                        precision="fp32" if prec == "int8" else prec,  # the same encoder
+                                        precision=encoder_precision(prec),  # as captioning runs it
                                         progress=progress)
     if errors:
         print(f"{len(errors)} unreadable images left out (first: {errors[0]})")

@@ -170,9 +170,18 @@ def decoder_precision(precision: str, device: torch.device, images: int) -> str:
     return precision
 
 
+def encoder_precision(precision: str) -> str:
+    """The encoder's precision when captioning at `precision`. int8 puts the decoder's weights in 8
+    bits only; its encoder runs in bf16 where the CPU has native bf16, else fp32 (Zen 4, shipped
+    model, beam 5: one photo 28.4 -> 24.6 ms, batches of 32 21.0 -> 15.5 ms a photo)."""
+    if precision == "int8":
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    return precision
+
+
 def autocast(device: torch.device, precision: str):
     """Autocast context for a resolved precision ('fp32' and 'int8' give a no-op context: int8
-    decoding computes in fp32 around its int8 products, and its encoder runs in fp32)."""
+    decoding computes in fp32 around its int8 products; its encoder: see encoder_precision)."""
     if precision in ("fp32", "int8"):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
