@@ -150,6 +150,7 @@ def test_which_jpegs_go_to_the_device_decoder(shapes, tmp_path):
     Image.open(paths["plain0.jpg"]).save(png)
     assert read_for_device(png) is None and read_for_device(tmp_path / "missing.jpg") is None
     assert read_for_device(paths["plain0.jpg"], max_pixels=100) is None  # Pillow refuses it, as ever
+    assert read_for_device(paths["plain0.jpg"], max_bytes=100) is None  # not read whole in one go
     import torch
 
     from captioner.runtime import decode_jpegs_on_device

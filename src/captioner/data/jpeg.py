@@ -40,6 +40,7 @@ from captioner.data.images import MAX_PIXELS, ImageDataset, open_rgb
 from captioner.errors import CaptionerWarning, ImageError
 
 EXIF_ORIENTATION = 0x0112
+MAX_BYTES = 100 * 2**20  # a 60-megapixel JPEG at high quality is about 30 MB
 
 
 def available() -> bool:
@@ -55,11 +56,16 @@ class JpegBytes:
     pixels: int  # width x height, from the header
 
 
-def read_for_device(path: str | Path, max_pixels: int = MAX_PIXELS) -> JpegBytes | None:
+def read_for_device(path: str | Path, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES
+                    ) -> JpegBytes | None:
     """`path`'s bytes when a device decoder gives what Pillow would: a baseline JPEG in RGB or grey,
-    not rotated by EXIF, within the pixel limit. Anything else -> None (Pillow's turn)."""
+    not rotated by EXIF, within the pixel limit. Anything else -> None (Pillow's turn). A file over
+    `max_bytes` is never read whole here: Pillow reads its header first, as for any file."""
     try:
-        data = Path(path).read_bytes()
+        path = Path(path)
+        if path.stat().st_size > max_bytes:
+            return None
+        data = path.read_bytes()
     except OSError:
         return None
     if not data.startswith(b"\xff\xd8\xff"):
