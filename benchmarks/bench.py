@@ -59,7 +59,7 @@ from captioner.data.features import cached_features, extract_features
 from captioner.data.images import eval_transform, open_rgb
 from captioner.data.records import Record, load_records, split_records
 from captioner.data.vocab import Vocabulary
-from captioner.decode import Decoding, beam_search, caption_features
+from captioner.decode import Decoding, beam_search, caption_features, never_said
 from captioner.library import MODES, _write_batch, connect, search, similar
 from captioner.model.attention import AttentionDecoder
 from captioner.model.folder import load_model
@@ -314,6 +314,15 @@ def bench_latency(args, device: torch.device) -> None:
              "decoder " + cap.decoding.describe(): lambda: caption_features(cap.model.decoder, cap.vocab, feats,
                                                                             cap.decoding, device, cap.precision),
              "end to end, before": lambda: end_to_end(as_trained), "end to end, now": lambda: end_to_end(folded)}
+    if device.type == "cuda":  # the search asking the device at every step, as before search_check_every
+
+        def asking_every_step():
+            d = cap.decoding
+            with torch.no_grad(), autocast(device, decoder_precision(cap.precision, device, 1)):
+                beam_search(cap.model.decoder, feats.float(), cap.vocab.start, cap.vocab.end, d.max_len, d.beam_size,
+                            d.length_norm, d.block_trigrams, banned=never_said(cap.vocab), check_every=1)
+
+        parts["decoder " + cap.decoding.describe() + ", asking the GPU at every step (before)"] = asking_every_step
     if decoder_precision(cap.precision, device, 1) != "fp32":  # a CPU where one image decodes in bf16
         parts["decoder fp32, " + cap.decoding.describe()] = lambda: caption_features(
             cap.model.decoder, cap.vocab, feats, cap.decoding, device, "fp32")

@@ -181,3 +181,27 @@ def test_pad_and_start_are_never_said():
         hyp = search(Markov(table), torch.zeros(1, 1), vocab, Decoding(beam_size=beam, max_len=4))
         words = set(hyp.tokens.flatten().tolist())
         assert not words & {vocab.pad, vocab.start, vocab.unk}
+
+
+@pytest.mark.parametrize("every", [2, 4, 100])
+@pytest.mark.parametrize("end_bias, rows", [(1.0, [0, 1, 2, 3, 4, 5]), (2.0, [0, 2, 3, 4, 5]),
+                                            (2.5, [0, 1, 2, 3, 4, 5])])
+def test_asking_the_device_less_often_gives_the_same_captions(every, end_bias, rows):
+    """On a GPU the searches ask whether every caption has ended only every few steps, and beam search
+    merges finished candidates without asking whether there are any (runtime.search_check_every):
+    the same captions, log-probabilities and scores as asking at every step. The tables make some
+    captions end early and some run to the limit, or all end early (so the early stop is hit)."""
+    g = torch.Generator().manual_seed(5)
+    table = torch.randn(6, 12, 12, generator=g)[rows] * 2
+    table[:, :, 0] = table[:, :, BOS] = -1e4
+    table[:, :, EOS] += end_bias
+    m, feats = Markov(table), torch.zeros(len(rows), 1)
+    a, b = greedy(m, feats, BOS, EOS, 9), greedy(m, feats, BOS, EOS, 9, check_every=every)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprob, b.logprob)
+    for beam, norm, block in [(3, 0.0, False), (5, 1.5, True)]:
+        a = beam_search(m, feats, BOS, EOS, 9, beam, norm, block)
+        b = beam_search(m, feats, BOS, EOS, 9, beam, norm, block, check_every=every)
+        kept = torch.isfinite(a.score)
+        assert torch.equal(kept, torch.isfinite(b.score))
+        assert torch.equal(a.tokens[kept], b.tokens[kept])
+        assert torch.equal(a.logprob[kept], b.logprob[kept]) and torch.equal(a.score[kept], b.score[kept])

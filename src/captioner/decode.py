@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from captioner.errors import ConfigError
-from captioner.runtime import autocast, decoder_precision
+from captioner.runtime import autocast, decoder_precision, search_check_every
 
 NEG_INF = float("-inf")
 MAX_BEAM = 100  # wider beams score no better and need memory in proportion (100,000 asked for 10 GB)
@@ -116,10 +116,11 @@ def search(decoder, feats: torch.Tensor, vocab, decoding: Decoding | None = None
     """Caption a batch of features: greedy when `decoding.beam_size` is 1, else beam search.
     `vocab` gives the <start>/<end> ids; the words of `never_said` are never produced."""
     d = decoding or Decoding()
+    every = search_check_every(feats.device)
     if d.beam_size == 1:
-        return greedy(decoder, feats, vocab.start, vocab.end, d.max_len, banned=never_said(vocab))
+        return greedy(decoder, feats, vocab.start, vocab.end, d.max_len, banned=never_said(vocab), check_every=every)
     return beam_search(decoder, feats, vocab.start, vocab.end, d.max_len, d.beam_size, d.length_norm,
-                       d.block_trigrams, banned=never_said(vocab))
+                       d.block_trigrams, banned=never_said(vocab), check_every=every)
 
 
 def never_said(vocab) -> list[int]:
@@ -129,15 +130,23 @@ def never_said(vocab) -> list[int]:
     return [vocab.pad, vocab.start, vocab.unk]
 
 
-def log_probs(logits: torch.Tensor, banned: Sequence[int] = (), temperature: float = 1.0) -> torch.Tensor:
+def log_probs(logits: torch.Tensor, banned: Sequence[int] | torch.Tensor = (), temperature: float = 1.0
+              ) -> torch.Tensor:
     """Log-probabilities of the next word with `banned` words removed *before* normalising, so the
     distribution is the model's over the allowed words. (Removing them afterwards would leave their
     mass in the normaliser; self-critical training then pushes ever more mass onto a word it never
     samples, until every allowed word's probability underflows to zero.)"""
     logits = logits.float() / temperature
-    if banned:
-        logits = logits.index_fill(1, torch.as_tensor(list(banned), device=logits.device), NEG_INF)
+    if len(banned):
+        logits = logits.index_fill(1, _on(banned, logits.device), NEG_INF)
     return F.log_softmax(logits, dim=-1)
+
+
+def _on(ids: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Word ids as a tensor on `device`. The searches make it once, not at every step: on a GPU each
+    copy from the host's memory waits for the device."""
+    return ids.to(device) if isinstance(ids, torch.Tensor) else torch.as_tensor(list(ids), dtype=torch.long,
+                                                                                device=device)
 
 
 def _only_end(logp: torch.Tensor, eos: int) -> None:
@@ -150,9 +159,12 @@ def _only_end(logp: torch.Tensor, eos: int) -> None:
 
 @torch.no_grad()
 def greedy(decoder, feats: torch.Tensor, bos: int, eos: int, max_len: int,
-           banned: Sequence[int] = ()) -> Hypotheses:
-    """Take the most likely word at each step; at most `max_len` words, then <end>."""
+           banned: Sequence[int] = (), check_every: int = 1) -> Hypotheses:
+    """Take the most likely word at each step; at most `max_len` words, then <end>. Whether every
+    caption has ended is asked every `check_every` steps (see runtime.search_check_every); the
+    steps run after that change nothing."""
     B = feats.shape[0]
+    banned = _on(banned, feats.device)
     state = decoder.start(feats)
     tokens = torch.full((B,), bos, dtype=torch.long, device=feats.device)
     out = torch.full((B, max_len + 1), eos, dtype=torch.long, device=feats.device)
@@ -168,7 +180,7 @@ def greedy(decoder, feats: torch.Tensor, bos: int, eos: int, max_len: int,
         out[:, t] = torch.where(live, tokens, eos)  # masks, not indexing: no wait for the device
         logprob += torch.where(live, step_lp, torch.zeros_like(step_lp))
         finished |= tokens == eos
-        if finished.all():
+        if t % check_every == check_every - 1 and finished.all():
             break
     return Hypotheses(out[:, None], logprob[:, None], logprob[:, None])
 
@@ -176,7 +188,7 @@ def greedy(decoder, feats: torch.Tensor, bos: int, eos: int, max_len: int,
 @torch.no_grad()
 def beam_search(decoder, feats: torch.Tensor, bos: int, eos: int, max_len: int, beam_size: int = 3,
                 length_norm: float = 0.0, block_trigrams: bool = False,
-                banned: Sequence[int] = ()) -> Hypotheses:
+                banned: Sequence[int] = (), check_every: int = 1) -> Hypotheses:
     """Batched beam search over B images x K beams.
 
     Each step scores all K*V continuations per image and takes the best 2K. Candidates ending in
@@ -185,9 +197,14 @@ def beam_search(decoder, feats: torch.Tensor, bos: int, eos: int, max_len: int, 
     taking finished hypotheses once it holds K (so `beam_size=1` is exactly greedy). After
     `max_len` words every live beam is ended, so a search that never emits <end> still returns
     captions. `block_trigrams` forbids repeating any word trigram within a caption.
+
+    With `check_every` > 1 (runtime.search_check_every: on a GPU) the search asks the device
+    nothing at most steps: finished candidates join the pools whether or not there are any, and
+    whether every image is done is asked every `check_every` steps. The captions are the same.
     """
     B, K, dev = feats.shape[0], beam_size, feats.device
     L = max_len + 1
+    banned = _on(banned, dev)
     rows = torch.arange(B, device=dev)
     state = decoder.select(decoder.start(feats), rows.repeat_interleave(K))
     tokens = torch.full((B * K,), bos, dtype=torch.long, device=dev)
@@ -215,7 +232,7 @@ def beam_search(decoder, feats: torch.Tensor, bos: int, eos: int, max_len: int, 
         is_eos = tok_i == eos
 
         new = is_eos & first_k[: top_s.shape[1]] & ~done[:, None] & torch.isfinite(top_s)
-        if new.any():
+        if check_every > 1 or new.any():  # asking new.any() waits for the device
             norm = top_s / float(t + 1) ** length_norm if length_norm else top_s
             cand_tokens = torch.cat([seqs[parent], tok_i[..., None]], dim=-1)  # (B, 2K, t+1)
             cand_tokens = F.pad(cand_tokens, (0, L - t - 1), value=eos)
@@ -226,7 +243,7 @@ def beam_search(decoder, feats: torch.Tensor, bos: int, eos: int, max_len: int, 
             fin_logp = pool_logp.gather(1, keep)
             fin_tokens = pool_tokens.gather(1, keep[..., None].expand(-1, -1, L))
             done |= torch.isfinite(fin_score).all(dim=1)
-        if t == max_len or done.all():
+        if t == max_len or (t % check_every == check_every - 1 and done.all()):
             break
 
         alive = torch.where(is_eos, NEG_INF, top_s)
@@ -256,6 +273,7 @@ def sample(decoder, feats: torch.Tensor, bos: int, eos: int, max_len: int, n: in
     """
     B, dev = feats.shape[0], feats.device
     L = max_len + 1
+    banned = _on(banned, dev)
     state = decoder.select(decoder.start(feats), torch.arange(B, device=dev).repeat_interleave(n))
     tokens = torch.full((B * n,), bos, dtype=torch.long, device=dev)
     out_tokens, out_logp, out_mask = [], [], []

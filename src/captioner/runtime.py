@@ -170,6 +170,15 @@ def decoder_precision(precision: str, device: torch.device, images: int) -> str:
     return precision
 
 
+def search_check_every(device: torch.device) -> int:
+    """How often greedy and beam search ask whether every caption has ended. On a CPU, every step:
+    asking costs nothing. On a GPU each question waits for the step to finish (a host sync, which
+    the issue measured as what one photo spends its time on), so every 4th step, the steps between
+    changing no caption (tests/test_decode.py). Not yet timed on a GPU: `bench.py latency` there
+    times both."""
+    return 1 if device.type == "cpu" else 4
+
+
 def encoder_precision(precision: str) -> str:
     """The encoder's precision when captioning at `precision`. int8 puts the decoder's weights in 8
     bits only; its encoder runs in bf16 where the CPU has native bf16, else fp32 (Zen 4, shipped
