@@ -119,7 +119,7 @@ def test_feature_extraction_with_jpegs_decoded_on_the_device(shapes, tmp_path, m
 
     decoded, real = [], jpeg.decode_jpeg
     monkeypatch.setattr(jpeg, "decode_jpeg", lambda data, **kw: decoded.append(kw["device"]) or real(data, **kw))
-    monkeypatch.setattr(features, "jpegs_on_device", lambda device: True)
+    monkeypatch.setattr(jpeg, "on_device", lambda device: True)
     for workers in (0, 2):
         decoded.clear()
         on_device = features.extract_features(model, paths, device=cpu, batch_size=3, workers=workers, progress=False)

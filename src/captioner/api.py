@@ -12,19 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
-from captioner.data.images import (
-    ImageDataset,
-    collate_images,
-    eval_transform,
-    image_name,
-    one_or_many,
-    open_rgb,
-    tensor_transform,
-)
-from captioner.data.jpeg import DeviceDecoder, JpegDataset, as_list
-from captioner.data.jpeg import available as jpeg_available
+from captioner.data.images import eval_transform, image_name, one_or_many, open_rgb
+from captioner.data.jpeg import image_batches
 from captioner.decode import Decoding, caption_features
 from captioner.errors import CaptionerWarning, ConfigError, ImageError, ModelError
 from captioner.model.encoder import Backbone
@@ -34,7 +24,6 @@ from captioner.names import SHIPPED, shipped_model_dir
 from captioner.runtime import (
     autocast,
     caption_batch_size,
-    decode_jpegs_on_device,
     decoder_precision,
     encoder_chunk,
     encoder_precision,
@@ -190,31 +179,17 @@ class Captioner:
         error line): an unreadable file is reported and skipped, never fatal. `features`: see
         caption_tensor. `workers`: processes reading images while the model runs (default:
         runtime.loader_workers). `jpegs_on_device`: decode plain JPEGs on the model's device, a
-        batch in one call (default: runtime.decode_jpegs_on_device, i.e. on CUDA; see data/jpeg.py)."""
-        if jpegs_on_device is None:
-            jpegs_on_device = decode_jpegs_on_device(self.device)
-        on_device = jpegs_on_device and jpeg_available()
-        ds = (JpegDataset if on_device else ImageDataset)(paths, self.transform)
+        batch in one call (default: on CUDA; see data/jpeg.py)."""
+        paths = list(paths)
         batch_size = batch_size or self.batch_size
         if workers is None:
-            workers = loader_workers(len(ds), batch_size)
-        loader = DataLoader(ds, batch_size=batch_size, num_workers=workers,
-                            collate_fn=as_list if on_device else _collate_with_errors,
-                            pin_memory=self.device.type == "cuda", prefetch_factor=2 if workers else None)
-        if on_device:
-            cfg = self.model.cfg
-            finish = DeviceDecoder(ds.paths, self.transform, tensor_transform(cfg.image_size, cfg.mean, cfg.std),
-                                   self.device)
-            loader = map(finish, loader)
+            workers = loader_workers(len(paths), batch_size)
+        cfg = self.model.cfg
+        loader = image_batches(paths, cfg.image_size, cfg.mean, cfg.std, self.device, batch_size=batch_size,
+                               workers=workers, jpegs_on_device=jpegs_on_device)
         for idx, x, err_idx, errors in loader:
             for i, e in zip(err_idx, errors):
-                yield ds.paths[i], None, e
+                yield paths[i], None, e
             if x is not None:
                 for i, r in zip(idx, self.caption_tensor(x, decoding, features)):
-                    yield ds.paths[i], r, None
-
-
-def _collate_with_errors(batch):
-    idx, x, errors = collate_images(batch)
-    err_idx = [i for i, item in batch if isinstance(item, str)]
-    return idx, x, err_idx, errors
+                    yield paths[i], r, None

@@ -19,15 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from captioner.data.images import ImageDataset, collate_images, eval_transform, tensor_transform
-from captioner.data.jpeg import DeviceDecoder, JpegDataset, as_list
-from captioner.data.jpeg import available as jpeg_available
+from captioner.data import jpeg
+from captioner.data.jpeg import image_batches
 from captioner.errors import CaptionerWarning, DataError
 from captioner.files import atomic_write, readable_digest
-from captioner.runtime import Dist, autocast, decode_jpegs_on_device, encoder_chunk
+from captioner.runtime import Dist, autocast, encoder_chunk
 
 CACHE_VERSION = 2  # 2: entries carry a checksum of their features
 
@@ -44,25 +42,17 @@ def extract_features(model, paths: Sequence[Path], *, batch_size: int = 32, devi
                      precision: str = "fp32", workers: int = 1, out: np.ndarray | None = None,
                      progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Run `model.features` over images. Returns (features fp16 (N, ...), ok mask (N,), errors).
-    On CUDA the GPU decodes the plain JPEGs (see data/jpeg.py and jpegs_on_device)."""
+    On CUDA the GPU decodes the plain JPEGs (see data/jpeg.image_batches)."""
     cfg = model.cfg
-    transform = eval_transform(cfg.image_size, cfg.mean, cfg.std)
-    if jpegs_on_device(device):
-        ds = JpegDataset(paths, transform)
-        finish = DeviceDecoder(ds.paths, transform, tensor_transform(cfg.image_size, cfg.mean, cfg.std), device)
-        loader = map(_without_error_indices, map(finish, DataLoader(
-            ds, batch_size=batch_size, num_workers=workers, collate_fn=as_list, pin_memory=True)))
-    else:
-        ds = ImageDataset(paths, transform)
-        loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_images,
-                            persistent_workers=False)
-    ok = np.zeros(len(ds), dtype=bool)
+    paths = list(paths)
+    loader = image_batches(paths, cfg.image_size, cfg.mean, cfg.std, device, batch_size=batch_size, workers=workers)
+    ok = np.zeros(len(paths), dtype=bool)
     errors: list[str] = []
     # a faster copy: the model's own encoder is left as it came, weights and memory format (channels-last
     # weights fed contiguous images in fine-tuning ran steps 20-40x slower on a GPU)
     encoder = model.inference_encoder().to(device)
-    bar = tqdm(total=len(ds), desc="features", unit="img", disable=not progress, leave=False)
-    for idx, x, errs in loader:
+    bar = tqdm(total=len(paths), desc="features", unit="img", disable=not progress, leave=False)
+    for idx, x, _, errs in loader:
         errors += errs
         if x is not None:
             x = x.to(device, memory_format=torch.channels_last)
@@ -70,25 +60,14 @@ def extract_features(model, paths: Sequence[Path], *, batch_size: int = 32, devi
                 f = model.features(x, chunk=encoder_chunk(device), encoder=encoder)
             f = f.float().cpu().numpy().astype(np.float16)
             if out is None:
-                out = np.zeros((len(ds), *f.shape[1:]), dtype=np.float16)
+                out = np.zeros((len(paths), *f.shape[1:]), dtype=np.float16)
             out[idx] = f
             ok[idx] = True
         bar.update(len(idx) + len(errs))
     bar.close()
     if out is None:  # nothing could be read
-        out = np.zeros((len(ds), 1), dtype=np.float16)
+        out = np.zeros((len(paths), 1), dtype=np.float16)
     return out, ok, errors
-
-
-def jpegs_on_device(device: torch.device) -> bool:
-    """Whether feature extraction on `device` decodes JPEGs there (runtime.decode_jpegs_on_device,
-    where this torchvision can)."""
-    return decode_jpegs_on_device(device) and jpeg_available()
-
-
-def _without_error_indices(batch: tuple) -> tuple:
-    idx, x, _, errors = batch
-    return idx, x, errors
 
 
 def cached_features(model, paths: Sequence[Path], cache_dir: Path | None = None, dist: Dist | None = None, **kw
@@ -108,7 +87,7 @@ def cached_features(model, paths: Sequence[Path], cache_dir: Path | None = None,
         "version": CACHE_VERSION, "encoder": model.encoder.identity, "size": cfg.image_size,
         "mean": list(cfg.mean), "std": list(cfg.std), "kind": model.decoder.feature_kind,
         "precision": kw.get("precision", "fp32"),  # bf16 and fp32 features differ slightly: never mixed
-        **({"jpegs": "device"} if jpegs_on_device(kw["device"]) else {}),  # nor do nvJPEG's and Pillow's pixels
+        **({"jpegs": "device"} if jpeg.on_device(kw["device"]) else {}),  # nor do nvJPEG's and Pillow's pixels
     }, sort_keys=True).encode())
     for p in tqdm(paths, desc="hashing images", unit="img", leave=False,
                   disable=not (kw.get("progress", True) and dist.main)):

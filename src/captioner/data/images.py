@@ -238,10 +238,10 @@ class ImageDataset:
 
 
 def collate_images(batch):
-    """-> (indices of good images, stacked tensors or None, error messages)."""
+    """-> (indices of good images, stacked tensors or None, indices of bad ones, their error messages)."""
     import torch
 
     good = [(i, x) for i, x in batch if isinstance(x, torch.Tensor)]
-    errors = [x for _, x in batch if isinstance(x, str)]
-    idx = [i for i, _ in good]
-    return idx, (torch.stack([x for _, x in good]) if good else None), errors
+    bad = [(i, x) for i, x in batch if isinstance(x, str)]
+    return ([i for i, _ in good], torch.stack([x for _, x in good]) if good else None,
+            [i for i, _ in bad], [e for _, e in bad])

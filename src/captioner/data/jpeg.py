@@ -36,8 +36,11 @@ try:
 except ImportError:  # a torchvision without its image decoders
     decode_jpeg = None
 
-from captioner.data.images import MAX_PIXELS, ImageDataset, open_rgb
+from torch.utils.data import DataLoader
+
+from captioner.data.images import MAX_PIXELS, ImageDataset, collate_images, eval_transform, open_rgb, tensor_transform
 from captioner.errors import CaptionerWarning, ImageError
+from captioner.runtime import decode_jpegs_on_device
 
 EXIF_ORIENTATION = 0x0112
 MAX_BYTES = 100 * 2**20  # a 60-megapixel JPEG at high quality is about 30 MB
@@ -46,6 +49,29 @@ MAX_BYTES = 100 * 2**20  # a 60-megapixel JPEG at high quality is about 30 MB
 def available() -> bool:
     """Whether this torchvision can decode JPEGs (on the device)."""
     return decode_jpeg is not None
+
+
+def on_device(device: torch.device) -> bool:
+    """Whether files read for `device` have their JPEGs decoded there by default: where
+    runtime.decode_jpegs_on_device says so and this torchvision can."""
+    return decode_jpegs_on_device(device) and available()
+
+
+def image_batches(paths: Sequence[Path], size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                  device: torch.device, *, batch_size: int, workers: int, jpegs_on_device: bool | None = None):
+    """The files as encoder input, `batch_size` at a time, in their order: (indices of good images,
+    images (B, 3, S, S) or None, indices of bad ones, their error messages) a batch. `workers`
+    loader processes read them; JPEGs are decoded on `device` when `jpegs_on_device` (default:
+    on_device(device)), else everything by Pillow in the loader processes (images on the CPU)."""
+    transform = eval_transform(size, mean, std)
+    use_device = (on_device(device) if jpegs_on_device is None else jpegs_on_device) and available()
+    ds = (JpegDataset if use_device else ImageDataset)(paths, transform)
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers,
+                        collate_fn=as_list if use_device else collate_images,
+                        pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None)
+    if not use_device:
+        return loader
+    return map(DeviceDecoder(ds.paths, transform, tensor_transform(size, mean, std), device), loader)
 
 
 @dataclass
