@@ -12,6 +12,9 @@ Sections:
            latency p50/p95 of one image, file on disk to caption string, model warm.
   latency  one image, warm, at 1 thread and the default: read + preprocess, encoder (as trained
            and with BatchNorm folded), decoder (greedy and the model's own), end to end before/after.
+  packed   the decoder's layers with packed weights (model/packed.py) against the plain ones, fp32 and
+           bf16: one photo (1 thread and the default) and batches of 64, ms a photo, and whether the
+           captions are the same, over val photos' features.
   beam     the batched beam search against a loop over images: the same captions, and the ratio.
   memory   feature extraction images/s; peak memory (RSS) of a training run and of captioning
            folders of 1,000 and 10,000 images (it must not grow with the folder).
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import platform
@@ -65,6 +69,7 @@ from captioner.model.attention import AttentionDecoder
 from captioner.model.folder import load_model
 from captioner.model.int8 import int8_available
 from captioner.model.network import CaptionModel, ModelConfig
+from captioner.model.packed import packable_dtypes
 from captioner.runtime import (
     autocast,
     caption_batch_size,
@@ -314,6 +319,10 @@ def bench_latency(args, device: torch.device) -> None:
              "decoder " + cap.decoding.describe(): lambda: caption_features(cap.model.decoder, cap.vocab, feats,
                                                                             cap.decoding, device, cap.precision),
              "end to end, before": lambda: end_to_end(as_trained), "end to end, now": lambda: end_to_end(folded)}
+    if device.type == "cpu" and packable_dtypes() and cap.precision != "int8":  # before model/packed.py
+        plain = plain_decoder(cap)
+        plain.encoder = folded
+        parts["end to end, plain decoder layers"] = lambda: plain.caption(path)
     if device.type == "cuda":  # the search asking the device at every step, as before search_check_every
 
         def asking_every_step():
@@ -335,13 +344,15 @@ def bench_latency(args, device: torch.device) -> None:
     counts = sorted({1, threads_before})
     lines = [f"Model: {args.model or 'shipped'}, its own decoding ({cap.decoding.describe()}), {cap.precision}; one "
              f"Flickr8k val photo ({path.name}); p50 of {args.latency_runs} runs in ms, the variants taken in turn "
-             "in each round. Before = the encoder as trained (channels-last); now = BatchNorm folded"
+             "in each round. Before = the encoder as trained (channels-last); now = BatchNorm folded and the decoder's "
+             "layers packed (model/packed.py; plain decoder layers = now without that)"
              + ("; int8 = now with --precision int8 (the decoder's weights in 8 bits)" if cap8 else "")
              + ("; decoder fp32 = one image decoded in fp32, as every CPU did before 2026-11-23 (this CPU's own rule: "
                 "runtime.decoder_precision)" if any(k.startswith("decoder fp32") for k in parts) else "") + ".", "",
              "| torch threads | " + " | ".join(parts) + " | end to end now/before |"
+             + (" end to end now/plain decoder layers |" if "end to end, plain decoder layers" in parts else "")
              + (" end to end int8/now |" if cap8 else ""),
-             "|---" * (len(parts) + 2 + bool(cap8)) + "|"]
+             "|---" * (len(parts) + 2 + bool(cap8) + ("end to end, plain decoder layers" in parts)) + "|"]
     for n in counts:
         torch.set_num_threads(n)
         times: dict[str, list[float]] = {k: [] for k in parts}
@@ -357,10 +368,64 @@ def bench_latency(args, device: torch.device) -> None:
         p50 = {k: statistics.median(v) for k, v in times.items()}
         lines.append(f"| {n} | " + " | ".join(f"{v:.1f}" for v in p50.values())
                      + f" | {p50['end to end, before'] / p50['end to end, now']:.2f}x faster |"
+                     + (f" {p50['end to end, plain decoder layers'] / p50['end to end, now']:.2f}x faster |"
+                        if "end to end, plain decoder layers" in p50 else "")
                      + (f" {p50['end to end, now'] / p50['end to end, int8']:.2f}x faster |" if cap8 else ""))
     torch.set_num_threads(threads_before)
     cap.encoder = folded
     report("One-image latency", lines, device)
+
+
+def plain_decoder(cap: Captioner) -> Captioner:
+    """`cap` as it captioned before model/packed.py: the same model with its decoder's plain layers."""
+    model, vocab = load_model(cap.source if cap.source != "shipped" else None, cap.device)
+    return Captioner(model, vocab, cap.device, cap.precision, cap.source, model.inference_encoder())
+
+
+def decode_with(cap: Captioner, feats: torch.Tensor, batch: int, decoding: Decoding) -> list[dict]:
+    return caption_features(cap.model.decoder, cap.vocab, feats, decoding, cap.device, cap.precision, batch_size=batch)
+
+
+def bench_packed(args, device: torch.device) -> None:
+    """The decoder's products through oneDNN with packed weights against nn.Linear/nn.LSTMCell, from
+    the same features, in turns; the captions compared one photo at a time and in batches."""
+    if device.type != "cpu" or not packable_dtypes():
+        report("Packed decoder layers", ["Not applicable here: packing is for the CPU, with oneDNN."], device)
+        return
+    records = split_records(load_records(args.data), "val")[: args.beam_images]
+    precisions = ["fp32"] + (["bf16"] if torch.bfloat16 in packable_dtypes() and cpu_has_fast_bf16() else [])
+    threads = torch.get_num_threads()
+    lines = [f"Model: {args.model or 'shipped'}; {len(records)} Flickr8k val photos' features (the encoder is not "
+             "timed); ms a photo, p50 over the photos one at a time (the two decoders in turns), or the whole set "
+             "in batches of 64; same = captions (and log-probabilities) equal between the two over all the photos. "
+             "The precision is the autocast asked for: a CPU's rule (runtime.decoder_precision) may run 1-3 photos "
+             "in fp32 whatever is asked, and then the rows say so.", "",
+             "| precision | photos at once | threads | search | plain ms | packed ms | packed faster | same captions "
+             "| same logprobs |", "|---|---|---|---|---|---|---|---|---|"]
+    for precision in precisions:
+        cap = Captioner.load(args.model, device=str(device), precision=precision)
+        plain = plain_decoder(cap)
+        x = torch.stack([cap.transform(open_rgb(r.image)) for r in records])
+        feats = torch.cat([cap.features(x[i:i + 32]).float() for i in range(0, len(x), 32)])
+        for decoding in (Decoding(beam_size=3, length_norm=1.0), cap.decoding):
+            for bs in (1, 64):
+                one = [(feats[i:i + 1], 1, decoding) for i in range(len(feats))] if bs == 1 else [(feats, bs, decoding)]
+                a = [r for job in one for r in decode_with(plain, *job)]
+                b = [r for job in one for r in decode_with(cap, *job)]
+                same = (f"{sum(u['caption'] == v['caption'] for u, v in zip(a, b))} of {len(a)} | "
+                        f"{sum(u['logprob'] == v['logprob'] for u, v in zip(a, b))} of {len(a)}")
+                ran = decoder_precision(precision, device, bs)
+                for n in dict.fromkeys((1, threads) if bs == 1 else (threads,)):
+                    torch.set_num_threads(n)
+                    ms = {c: [] for c in (plain, cap)}
+                    for job in one[:60]:
+                        for c in ms:
+                            ms[c].append(timed(functools.partial(decode_with, c, *job)) * 1000 / len(job[0]))
+                    pa, pb = (statistics.median(v) for v in ms.values())
+                    lines.append(f"| {precision}{'' if ran == precision else f' (runs {ran})'} | {bs} | {n} | "
+                                 f"{decoding.describe()} | {pa:.2f} | {pb:.2f} | {pa / pb:.2f}x | {same} |")
+                torch.set_num_threads(threads)
+    report("Packed decoder layers", lines, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,6 +555,9 @@ def bench_files(args, device: torch.device) -> None:
         if gpu:  # the issue's two figures: greedy and beam 3, at the defaults
             for beam in (1, 3):
                 row(caption_batch_size(device), default, True, own.replace(beam_size=beam, block_trigrams=False))
+        if device.type == "cpu" and packable_dtypes() and cap.precision != "int8":  # as before model/packed.py
+            row(caption_batch_size(device), default, False, own, model=plain_decoder(cap),
+                note=", **plain decoder layers**")
         if use_int8(device):  # the same at the defaults, the decoder in int8
             cap8 = Captioner.load(args.model, device=str(device), precision="int8")
             for batch in batches:
@@ -696,7 +764,8 @@ def bench_finetune(args, device: torch.device) -> None:
     report("Fine-tuning the encoder", lines, device)
 
 
-SECTIONS = {"train": bench_train, "caption": bench_caption, "latency": bench_latency, "beam": bench_beam,
+SECTIONS = {"train": bench_train, "caption": bench_caption, "latency": bench_latency, "packed": bench_packed,
+            "beam": bench_beam,
             "memory": bench_memory, "files": bench_files, "search": bench_search, "finetune": bench_finetune}
 
 

@@ -55,7 +55,7 @@ def test_int8_captions_are_the_fp32_captions_of_a_sure_model(trained, shapes, mo
     fp32 = Captioner.load(trained / "best", device="cpu", precision="fp32")
     q = Captioner.load(trained / "best", device="cpu", precision="int8")
     assert q.precision == "int8" and isinstance(q.model.decoder.out, Int8Linear)
-    assert type(fp32.model.decoder.out) is nn.Linear
+    assert not isinstance(fp32.model.decoder.out, Int8Linear)
     images = [r.image for r in load_records(shapes) if r.split == "val"][:24]
     want, got = fp32.caption(images), q.caption(images)
     assert sum(a == b for a, b in zip(want, got)) >= 0.9 * len(images)

@@ -19,7 +19,6 @@ from captioner.decode import Decoding, caption_features
 from captioner.errors import CaptionerWarning, ConfigError, ImageError, ModelError
 from captioner.model.encoder import Backbone
 from captioner.model.folder import load_model, model_dir
-from captioner.model.int8 import int8_decoder
 from captioner.names import SHIPPED, shipped_model_dir
 from captioner.runtime import (
     autocast,
@@ -64,8 +63,7 @@ class Captioner:
         dev = pick_device(device)
         prec = resolve_precision(precision, dev, inference=True)
         model, vocab = load_model(model_dir(path), dev)
-        if prec == "int8":
-            model.decoder = int8_decoder(model.decoder)
+        model.use_inference_decoder(prec)
         return cls(model, vocab, dev, prec, str(path) if path else SHIPPED, model.inference_encoder())
 
     # -- captioning ------------------------------------------------------------------------------

@@ -89,7 +89,9 @@ def caption_features(decoder, vocab, feats, decoding: Decoding, device: torch.de
     normalisation is off), so a longer caption can come first with a lower logprob. The decoder runs under
     autocast at `precision`, except where `runtime.decoder_precision` says a small batch decodes
     faster in fp32: the same rule for every caller, so the same image gets the same caption from
-    the command line, the API, the server, evaluation and training's validation."""
+    the command line, the API, the server, evaluation and training's validation. (Captioning on the
+    CPU packs the decoder's weights, model/packed.py; training does not. The results are the same
+    in bf16 and the same up to rounding in fp32.)"""
     decoder.eval()
     out: list[dict] = []
     for i in range(0, len(feats), batch_size):

@@ -21,7 +21,6 @@ from captioner.errors import DataError
 from captioner.files import atomic_write, path_text
 from captioner.library import DEFAULT_MODE, MODES, index_folders
 from captioner.model.folder import load_model
-from captioner.model.int8 import int8_decoder
 from captioner.retrieval import RERANK
 from captioner.runtime import encoder_precision, pick_device, resolve_precision
 
@@ -44,8 +43,7 @@ def evaluate(model_dir: Path, data: Path, split: str = "val", *, layout: str | N
         raise DataError(f"{data}: no images in the {split!r} split")
     chosen = check_images(chosen, skip_missing)[: max_images or None]
     model, vocab = load_model(model_dir, dev)
-    if prec == "int8":
-        model.decoder = int8_decoder(model.decoder)
+    model.use_inference_decoder(prec)
     if out:  # find out now, not after the work, that the results cannot be written there
         Path(out).mkdir(parents=True, exist_ok=True)
 

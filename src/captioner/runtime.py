@@ -159,10 +159,12 @@ def decoder_precision(precision: str, device: torch.device, images: int) -> str:
 
     - Intel Xeon with AMX: for fewer than 4 images bf16 autocast's costs outweigh its gain (one
       image, beam 3: 27 ms bf16 against 20 ms fp32; 64 images: 1.4x faster in bf16), so small
-      batches decode in fp32 there.
+      batches decode in fp32 there. (Measured before the weights were packed, which removed a
+      cast of every weight to bf16 per search; not measured again on an AMX Xeon since.)
     - AMD EPYC with AVX512-BF16 and no AMX (Zen 4): bf16 pays from one image on (one image, beam 5:
       15.5 ms against 30.5 ms fp32; 200 val photos one at a time, tensor to caption: 55 -> 34 ms)
-      and gives one image the caption it gets in a batch (200 of 200, against 188 in fp32).
+      and gives one image the caption it gets in a batch (200 of 200, against 188 in fp32). With
+      the decoder's weights packed (model/packed.py), bf16 still wins: 21.8 against 27.0 ms a photo.
     - Without native bf16, auto precision is fp32; an explicit bf16 decodes small batches in fp32.
     """
     if device.type == "cpu" and images < 4 and (cpu_has_amx() or not cpu_has_fast_bf16()):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from captioner.errors import ConfigError
+from captioner.model.packed import gru_gates, lstm_gates
 
 # FBGEMM's int8 kernel multiplies unsigned 8-bit inputs by signed 8-bit weights and adds pairs of the
 # products in 16 bits, which can saturate: 7-bit inputs (reduce_range) keep every sum in range, as
@@ -75,9 +76,7 @@ class Int8LSTMCell(nn.Module):
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         h, c = state
-        i, f, g, o = (self.ih(x) + self.hh(h)).chunk(4, dim=1)  # each (N, H)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
+        return lstm_gates(self.hh(h) + self.ih(x), c)
 
 
 class Int8GRUCell(nn.Module):
@@ -88,11 +87,7 @@ class Int8GRUCell(nn.Module):
         self.ih, self.hh = _linear(cell.weight_ih, cell.bias_ih), _linear(cell.weight_hh, cell.bias_hh)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        xr, xz, xn = self.ih(x).chunk(3, dim=1)
-        hr, hz, hn = self.hh(h).chunk(3, dim=1)
-        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
-        n = torch.tanh(xn + r * hn)
-        return (1 - z) * n + z * h
+        return gru_gates(self.ih(x), self.hh(h), h)
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:

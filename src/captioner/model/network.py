@@ -11,6 +11,8 @@ from captioner.errors import ConfigError
 from captioner.model.attention import AttentionDecoder
 from captioner.model.base import Decoder
 from captioner.model.encoder import BACKBONES, HEADS, Backbone, build_backbone, fold_batchnorm
+from captioner.model.int8 import int8_decoder
+from captioner.model.packed import packed_decoder
 from captioner.model.show_tell import ShowTellDecoder
 
 # Every decoder, by the name config.json and --decoder give it (see model/base.py for the contract).
@@ -135,6 +137,16 @@ class CaptionModel(nn.Module):
         extraction: BatchNorm folded into the convolutions (see encoder.fold_batchnorm), laid out
         channels-last (faster on the CPU, fp32 and bf16). The encoder itself stays as it is."""
         return fold_batchnorm(self.encoder).to(memory_format=torch.channels_last)
+
+    def use_inference_decoder(self, precision: str) -> None:
+        """Swap in the decoder captioning runs (for a model loaded to caption, never to train): at
+        precision int8 a copy with 8-bit weights (model/int8.py); on the CPU otherwise its layers
+        with their weights packed for oneDNN (model/packed.py: the same results, faster); on a GPU
+        the decoder as it is."""
+        if precision == "int8":
+            self.decoder = int8_decoder(self.decoder)
+        elif next(self.decoder.parameters()).device.type == "cpu":
+            self.decoder = packed_decoder(self.decoder)
 
     def forward(self, inputs: torch.Tensor, tokens: torch.Tensor, images: bool = False,
                 rows: torch.Tensor | None = None, lengths: torch.Tensor | None = None

@@ -1,0 +1,162 @@
+"""The decoder's matrix products on the CPU with their weights packed once, for captioning.
+
+At every word, captioning multiplies a few rows (one image's beams) by each of the decoder's
+weight matrices. nn.Linear hands the CPU library the weights in their stored (out, in) layout at
+every call, and for a handful of rows the library then spends longer on that layout than on the
+arithmetic (MKL's fp32 product on AMD EPYCs most of all: 3 rows by the LSTM's 1024 x 2048 weights
+take as long as 18 single rows). oneDNN, with the weights reordered once into its own blocked
+layout, does the same product 2-5x faster for 3 rows and 1.1-1.9x faster for batches
+(docs/EXPERIMENTS.md, "Packed decoder weights").
+
+The results are the same: in bf16 bit for bit (autocast's bf16 linear reaches the same oneDNN
+kernel, only re-laying out the weights first), in fp32 up to rounding (another order of summation;
+no val caption changed). The layers keep the original parameters under their original names, so
+state_dicts and Captioner.fingerprint do not change. A packed copy is taken per dtype on first
+use and taken again if the weights change in place; with gradients enabled, on another device, or
+where this torch lacks oneDNN, the layers compute exactly as nn.Linear and nn.LSTMCell do.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.cache
+def packable_dtypes() -> frozenset[torch.dtype]:
+    """The dtypes this machine's torch can pack and multiply (checked once on a small product):
+    none where torch was built without oneDNN or has renamed its private packing ops, and no bf16
+    where oneDNN has no bf16 kernel for this CPU."""
+    ok = set()
+    gen = torch.Generator().manual_seed(0)
+    w, b, x = (torch.randn(*shape, generator=gen) for shape in ((16, 32), (16,), (3, 32)))
+    for dtype in PACKED_DTYPES:
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype))
+            y = torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, b.to(dtype), "none", [], "")
+            ok_here = torch.allclose(y.float(), F.linear(x.to(dtype), w.to(dtype), b.to(dtype)).float(),
+                                     rtol=0.02, atol=0.05)
+        except (AttributeError, RuntimeError, NotImplementedError):
+            ok_here = False
+        if ok_here:
+            ok.add(dtype)
+    return frozenset(ok)
+
+
+class _Packs(dict):
+    """dtype -> (weight's version, packed weight, bias in that dtype). A copy of a layer starts
+    with none (oneDNN's packed tensors cannot be copied) and packs again on use."""
+
+    def __deepcopy__(self, memo) -> _Packs:
+        return _Packs()
+
+
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packs: _Packs) -> torch.Tensor:
+    """F.linear(x, weight, bias) under the current autocast, through oneDNN with `weight` packed
+    once per dtype (kept in `packs`) where it can; x (..., in) -> (..., out)."""
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    if x.device.type != "cpu" or torch.is_grad_enabled() or dtype not in packable_dtypes():
+        return F.linear(x, weight, bias)
+    version = weight._version
+    hit = packs.get(dtype)
+    if hit is None or hit[0] != version:
+        w = weight.detach().to(dtype).contiguous()
+        hit = packs[dtype] = (version, torch.ops.mkldnn._reorder_linear_weight(w),
+                              None if bias is None else bias.detach().to(dtype))
+    flat = x.reshape(-1, weight.shape[1]).to(dtype).contiguous()  # (N, in)
+    y = torch.ops.mkldnn._linear_pointwise(flat, hit[1], hit[2], "none", [], "")  # (N, out)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class PackedLinear(nn.Module):
+    """nn.Linear with its product through `packed_linear`; the same parameters, by the same names."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self._packs = _Packs()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_linear(x, self.weight, self.bias, self._packs)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed"
+
+
+def lstm_gates(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An LSTM cell after its products: gates (N, 4H) = W_ih x + b_ih + W_hh h + b_hh in PyTorch's
+    order (i, f, g, o), and the cell state c (N, H) -> (h, c). The same operations in the same order
+    as PyTorch's own CPU LSTMCell, so the results are the same bit for bit."""
+    i, f, g, o = gates.chunk(4, dim=1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def gru_gates(gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """A GRU cell after its products: gi = W_ih x + b_ih, gh = W_hh h + b_hh (N, 3H), PyTorch's
+    order (r, z, n), and h (N, H) -> the new h, in the order of PyTorch's own CPU GRUCell."""
+    ir, iz, i_n = gi.chunk(3, dim=1)
+    hr, hz, hn = gh.chunk(3, dim=1)
+    r, z = torch.sigmoid(hr + ir), torch.sigmoid(hz + iz)
+    n = torch.tanh(i_n + hn * r)
+    return (h - n) * z + n
+
+
+class PackedLSTMCell(nn.Module):
+    """nn.LSTMCell with its two products through `packed_linear`; the same parameters and names."""
+
+    def __init__(self, cell: nn.LSTMCell):
+        super().__init__()
+        self.input_size, self.hidden_size = cell.input_size, cell.hidden_size
+        self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh = (cell.weight_ih, cell.weight_hh,
+                                                                      cell.bias_ih, cell.bias_hh)
+        self._ih, self._hh = _Packs(), _Packs()
+
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        h, c = state
+        gates = packed_linear(h, self.weight_hh, self.bias_hh, self._hh) + packed_linear(
+            x, self.weight_ih, self.bias_ih, self._ih)  # (N, 4H)
+        return lstm_gates(gates, c)
+
+
+class PackedGRUCell(nn.Module):
+    """nn.GRUCell with its two products through `packed_linear`; the same parameters and names."""
+
+    def __init__(self, cell: nn.GRUCell):
+        super().__init__()
+        self.input_size, self.hidden_size = cell.input_size, cell.hidden_size
+        self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh = (cell.weight_ih, cell.weight_hh,
+                                                                      cell.bias_ih, cell.bias_hh)
+        self._ih, self._hh = _Packs(), _Packs()
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        gi = packed_linear(x, self.weight_ih, self.bias_ih, self._ih)  # (N, 3H)
+        gh = packed_linear(h, self.weight_hh, self.bias_hh, self._hh)
+        return gru_gates(gi, gh, h)
+
+
+SWAPS = {nn.Linear: PackedLinear, nn.LSTMCell: PackedLSTMCell, nn.GRUCell: PackedGRUCell}
+
+
+def packed_decoder(decoder: nn.Module) -> nn.Module:
+    """`decoder` with its nn.Linear, nn.LSTMCell and nn.GRUCell layers swapped in place for packed
+    ones (a multi-layer nn.LSTM, as in Show and Tell, stays as it is). Where this torch cannot pack
+    (packable_dtypes() is empty) it is returned unchanged."""
+    if packable_dtypes():
+        _swap(decoder)
+    return decoder
+
+
+def _swap(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        swap = SWAPS.get(type(child))
+        if swap is not None:
+            setattr(module, name, swap(child))
+        else:
+            _swap(child)

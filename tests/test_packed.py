@@ -1,0 +1,113 @@
+"""Packed decoder layers (model/packed.py): the same results as nn.Linear / nn.LSTMCell / nn.GRUCell
+(bf16 bit for bit, fp32 up to rounding), the same parameters and fingerprint, the same captions,
+and the plain layers' arithmetic wherever packing does not apply."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from captioner import Captioner
+from captioner.data.records import load_records
+from captioner.model import packed
+from captioner.model.attention import AttentionDecoder
+from captioner.model.folder import load_model
+from captioner.model.packed import PackedGRUCell, PackedLinear, PackedLSTMCell, packable_dtypes, packed_decoder
+
+pytestmark = pytest.mark.skipif(not packable_dtypes(), reason="this torch cannot pack weights for oneDNN")
+BF16 = torch.bfloat16 in packable_dtypes()
+
+
+def outputs(y) -> tuple[torch.Tensor, ...]:
+    return y if isinstance(y, tuple) else (y,)
+
+
+def layers():
+    """(plain layer, its packed twin, inputs) for each kind, the twin on a copy of the parameters."""
+    torch.manual_seed(0)
+    x, h, c = torch.randn(3, 96), torch.randn(3, 64), torch.randn(3, 64)
+    lin, lstm, gru = nn.Linear(96, 200), nn.LSTMCell(96, 64), nn.GRUCell(96, 64)
+    return [(lin, PackedLinear(copy.deepcopy(lin)), (x,)),
+            (lin, PackedLinear(copy.deepcopy(lin)), (x.view(1, 3, 1, 96),)),  # attention's 4-D scores
+            (lstm, PackedLSTMCell(copy.deepcopy(lstm)), (x, (h, c))),
+            (gru, PackedGRUCell(copy.deepcopy(gru)), (x, h))]
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@torch.no_grad()
+def test_packed_layers_compute_what_the_plain_layers_do(bf16):
+    if bf16 and not BF16:
+        pytest.skip("no bf16 kernel in oneDNN for this CPU")
+    for plain, twin, args in layers():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            want, got = outputs(plain(*args)), outputs(twin(*args))
+        for a, b in zip(want, got):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            if bf16:  # the same oneDNN kernel autocast reaches: bit for bit
+                assert torch.equal(a, b), type(twin).__name__
+            else:  # another order of summation
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        packs = twin._packs if isinstance(twin, PackedLinear) else twin._ih
+        assert set(packs) == {torch.bfloat16 if bf16 else torch.float32}  # it did take the packed road
+
+
+def test_with_gradients_the_layers_are_the_plain_ones_bit_for_bit():
+    for plain, twin, args in layers():
+        for a, b in zip(outputs(plain(*args)), outputs(twin(*args))):
+            assert torch.equal(a, b)
+        sum(y.sum() for y in outputs(twin(*args))).backward()
+        assert all(p.grad is not None for p in twin.parameters())
+        assert not getattr(twin, "_packs", getattr(twin, "_ih", None))  # nothing packed for training
+
+
+@torch.no_grad()
+def test_a_weight_changed_in_place_is_packed_again_and_copies_pack_their_own():
+    plain, twin, (x,) = layers()[0]
+    assert torch.equal(twin(x), twin(x))
+    twin.weight.mul_(2)
+    plain.weight.mul_(2)
+    torch.testing.assert_close(twin(x), plain(x), rtol=1e-5, atol=1e-5)
+    clone = copy.deepcopy(twin)  # oneDNN's packed tensors cannot be copied: the copy packs again
+    assert not clone._packs and torch.equal(clone(x), twin(x))
+
+
+@torch.no_grad()
+def test_a_decoder_keeps_its_parameters_and_names():
+    torch.manual_seed(0)
+    dec = AttentionDecoder(vocab_size=300, feat_dim=512, embed_dim=256, hidden_dim=256, attention_dim=128).eval()
+    before = {k: v.clone() for k, v in dec.state_dict().items()}
+    feats, tokens = torch.randn(3, 9, 512), torch.randint(3, 300, (3, 8))
+    want = dec.teacher_forced(feats, tokens)[0]
+    same = packed_decoder(dec)
+    assert same is dec and isinstance(dec.cell, PackedLSTMCell) and isinstance(dec.proj[0], PackedLinear)
+    assert isinstance(dec.att_score, PackedLinear) and type(dec.embed) is nn.Embedding
+    after = dec.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    torch.testing.assert_close(dec.teacher_forced(feats, tokens)[0], want, rtol=1e-4, atol=1e-4)
+
+
+def test_where_torch_cannot_pack_the_decoder_stays_as_it_is(monkeypatch):
+    monkeypatch.setattr(packed, "packable_dtypes", lambda: frozenset())
+    dec = AttentionDecoder(vocab_size=50, feat_dim=32, embed_dim=16, hidden_dim=16, attention_dim=8)
+    assert packed_decoder(dec) is dec and type(dec.cell) is nn.LSTMCell
+    lin = PackedLinear(nn.Linear(8, 4))  # a layer packed before: computes as nn.Linear does
+    with torch.no_grad():
+        torch.testing.assert_close(lin(torch.ones(2, 8)), nn.functional.linear(torch.ones(2, 8), lin.weight, lin.bias))
+    assert not lin._packs
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_captioning_gives_the_captions_and_fingerprint_of_the_plain_decoder(trained, shapes, precision):
+    if precision == "bf16" and not BF16:
+        pytest.skip("no bf16 kernel in oneDNN for this CPU")
+    cap = Captioner.load(trained / "best", device="cpu", precision=precision)
+    assert isinstance(cap.model.decoder.out, PackedLinear)
+    model, vocab = load_model(trained / "best", torch.device("cpu"))  # the decoder as trained
+    plain = Captioner(model, vocab, torch.device("cpu"), precision, encoder=model.inference_encoder())
+    assert type(plain.model.decoder.out) is nn.Linear and plain.fingerprint == cap.fingerprint
+    images = [r.image for r in load_records(shapes) if r.split == "val"][:12]
+    for beam in (1, 3):
+        assert cap.caption(images, beam_size=beam) == plain.caption(images, beam_size=beam)
+        assert [cap.caption(i, beam_size=beam) for i in images[:4]] == [
+            plain.caption(i, beam_size=beam) for i in images[:4]]
