@@ -379,7 +379,7 @@ def bench_latency(args, device: torch.device) -> None:
 def plain_decoder(cap: Captioner) -> Captioner:
     """`cap` as it captioned before model/packed.py: the same model with its decoder's plain layers."""
     model, vocab = load_model(cap.source if cap.source != "shipped" else None, cap.device)
-    return Captioner(model, vocab, cap.device, cap.precision, cap.source, model.inference_encoder())
+    return Captioner(model, vocab, cap.device, cap.precision, cap.source, cap.encoder)
 
 
 def decode_with(cap: Captioner, feats: torch.Tensor, batch: int, decoding: Decoding) -> list[dict]:

@@ -7,6 +7,7 @@ import torchvision
 from safetensors.torch import save_file
 
 from captioner.model.encoder import BACKBONES, EncoderError, build_backbone, build_head
+from captioner.model.network import CaptionModel, ModelConfig
 
 
 def test_lite0_offline_weights_are_imagenet_weights():
@@ -152,3 +153,18 @@ def test_folded_encoder_gives_the_same_features_and_leaves_the_encoder_alone(nam
     assert b.state_dict().keys() == before.keys() and all(torch.equal(v, before[k]) for k, v in b.state_dict().items())
     left = sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     assert left == 0 if name != "densenet121" else left == sum(isinstance(m, torch.nn.BatchNorm2d) for m in b.modules())
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "resnet50", "densenet121"])
+def test_the_bf16_inference_encoder_gives_the_same_bits_under_autocast(name):
+    """With precision bf16 the captioning copy holds its weights in bf16 rather than letting autocast
+    cast them at every call: the same features, bit for bit (BatchNorm left unfolded included)."""
+    cfg = ModelConfig.for_encoder(name, 20, decoder="attention", embed_dim=16, hidden_dim=16, attention_dim=8)
+    model = CaptionModel(cfg, build_backbone(name, "none")).eval()
+    fp32, bf16 = model.inference_encoder(), model.inference_encoder("bf16")
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.encoder.parameters()} == {torch.float32}  # the model's own stays
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0)).contiguous(
+        memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model.features(x, encoder=bf16), model.features(x, encoder=fp32))

@@ -104,7 +104,7 @@ def test_captioning_gives_the_captions_and_fingerprint_of_the_plain_decoder(trai
     cap = Captioner.load(trained / "best", device="cpu", precision=precision)
     assert isinstance(cap.model.decoder.out, PackedLinear)
     model, vocab = load_model(trained / "best", torch.device("cpu"))  # the decoder as trained
-    plain = Captioner(model, vocab, torch.device("cpu"), precision, encoder=model.inference_encoder())
+    plain = Captioner(model, vocab, torch.device("cpu"), precision, encoder=model.inference_encoder(precision))
     assert type(plain.model.decoder.out) is nn.Linear and plain.fingerprint == cap.fingerprint
     images = [r.image for r in load_records(shapes) if r.split == "val"][:12]
     for beam in (1, 3):

@@ -64,7 +64,8 @@ class Captioner:
         prec = resolve_precision(precision, dev, inference=True)
         model, vocab = load_model(model_dir(path), dev)
         model.use_inference_decoder(prec)
-        return cls(model, vocab, dev, prec, str(path) if path else SHIPPED, model.inference_encoder())
+        return cls(model, vocab, dev, prec, str(path) if path else SHIPPED,
+                   model.inference_encoder(encoder_precision(prec)))
 
     # -- captioning ------------------------------------------------------------------------------
 

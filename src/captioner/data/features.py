@@ -50,7 +50,7 @@ def extract_features(model, paths: Sequence[Path], *, batch_size: int = 32, devi
     errors: list[str] = []
     # a faster copy: the model's own encoder is left as it came, weights and memory format (channels-last
     # weights fed contiguous images in fine-tuning ran steps 20-40x slower on a GPU)
-    encoder = model.inference_encoder().to(device)
+    encoder = model.inference_encoder(precision).to(device)
     bar = tqdm(total=len(paths), desc="features", unit="img", disable=not progress, leave=False)
     for idx, x, _, errs in loader:
         errors += errs

@@ -132,11 +132,17 @@ class CaptionModel(nn.Module):
         fmap = (self.encoder if encoder is None else encoder)(images)  # (B, C, H, W)
         return pool_features(fmap, self.decoder.feature_kind)
 
-    def inference_encoder(self) -> Backbone:
+    def inference_encoder(self, precision: str = "fp32") -> Backbone:
         """A copy of the encoder that gives the same features faster, for captioning and feature
         extraction: BatchNorm folded into the convolutions (see encoder.fold_batchnorm), laid out
-        channels-last (faster on the CPU, fp32 and bf16). The encoder itself stays as it is."""
-        return fold_batchnorm(self.encoder).to(memory_format=torch.channels_last)
+        channels-last (faster on the CPU, fp32 and bf16). The encoder itself stays as it is.
+
+        For `precision` bf16 the copy holds its weights in bf16, and must run under bf16 autocast
+        (as Captioner.features and extract_features run it): autocast would otherwise cast every
+        weight again at every call. The same bits; on the Zen 4 one photo 9.9 -> 8.9 ms, batches of
+        32 8.1 -> 7.0 ms a photo."""
+        encoder = fold_batchnorm(self.encoder).to(memory_format=torch.channels_last)
+        return encoder.to(torch.bfloat16) if precision == "bf16" else encoder
 
     def use_inference_decoder(self, precision: str) -> None:
         """Swap in the decoder captioning runs (for a model loaded to caption, never to train): at
