@@ -12,9 +12,9 @@ Sections:
            latency p50/p95 of one image, file on disk to caption string, model warm.
   latency  one image, warm, at 1 thread and the default: read + preprocess, encoder (as trained
            and with BatchNorm folded), decoder (greedy and the model's own), end to end before/after.
-  packed   the decoder's layers with packed weights (model/packed.py) against the plain ones, fp32 and
-           bf16: one photo (1 thread and the default) and batches of 64, ms a photo, and whether the
-           captions are the same, over val photos' features.
+  packed   the decoder's layers and the encoder's convolutions with packed weights (model/packed.py)
+           against the plain ones, fp32 and bf16: one photo (1 thread and the default) and batches,
+           ms a photo, and whether the captions and features are the same.
   beam     the batched beam search against a loop over images: the same captions, and the ratio.
   memory   feature extraction images/s; peak memory (RSS) of a training run and of captioning
            folders of 1,000 and 10,000 images (it must not grow with the folder).
@@ -66,6 +66,7 @@ from captioner.data.vocab import Vocabulary
 from captioner.decode import Decoding, beam_search, caption_features, never_said
 from captioner.library import MODES, _write_batch, connect, search, similar
 from captioner.model.attention import AttentionDecoder
+from captioner.model.encoder import fold_batchnorm
 from captioner.model.folder import load_model
 from captioner.model.int8 import int8_available
 from captioner.model.network import CaptionModel, ModelConfig
@@ -77,6 +78,7 @@ from captioner.runtime import (
     cpu_has_fast_bf16,
     decoder_precision,
     encoder_memory_format,
+    encoder_precision,
     keep_freed_memory,
     loader_workers,
     pick_device,
@@ -320,9 +322,8 @@ def bench_latency(args, device: torch.device) -> None:
                                                                             cap.decoding, device, cap.precision),
              "end to end, before": lambda: end_to_end(as_trained), "end to end, now": lambda: end_to_end(folded)}
     if device.type == "cpu" and packable_dtypes() and cap.precision != "int8":  # before model/packed.py
-        plain = plain_decoder(cap)
-        plain.encoder = folded
-        parts["end to end, plain decoder layers"] = lambda: plain.caption(path)
+        plain = plain_layers(cap)
+        parts["end to end, plain layers"] = lambda: plain.caption(path)
     if device.type == "cuda":  # the search asking the device at every step, as before search_check_every
 
         def asking_every_step():
@@ -345,14 +346,14 @@ def bench_latency(args, device: torch.device) -> None:
     lines = [f"Model: {args.model or 'shipped'}, its own decoding ({cap.decoding.describe()}), {cap.precision}; one "
              f"Flickr8k val photo ({path.name}); p50 of {args.latency_runs} runs in ms, the variants taken in turn "
              "in each round. Before = the encoder as trained (channels-last); now = BatchNorm folded and the decoder's "
-             "layers packed (model/packed.py; plain decoder layers = now without that)"
+             "layers and encoder's convolutions packed (model/packed.py; plain layers = now without that)"
              + ("; int8 = now with --precision int8 (the decoder's weights in 8 bits)" if cap8 else "")
              + ("; decoder fp32 = one image decoded in fp32, as every CPU did before 2026-11-23 (this CPU's own rule: "
                 "runtime.decoder_precision)" if any(k.startswith("decoder fp32") for k in parts) else "") + ".", "",
              "| torch threads | " + " | ".join(parts) + " | end to end now/before |"
-             + (" end to end now/plain decoder layers |" if "end to end, plain decoder layers" in parts else "")
+             + (" end to end now/plain layers |" if "end to end, plain layers" in parts else "")
              + (" end to end int8/now |" if cap8 else ""),
-             "|---" * (len(parts) + 2 + bool(cap8) + ("end to end, plain decoder layers" in parts)) + "|"]
+             "|---" * (len(parts) + 2 + bool(cap8) + ("end to end, plain layers" in parts)) + "|"]
     for n in counts:
         torch.set_num_threads(n)
         times: dict[str, list[float]] = {k: [] for k in parts}
@@ -368,18 +369,22 @@ def bench_latency(args, device: torch.device) -> None:
         p50 = {k: statistics.median(v) for k, v in times.items()}
         lines.append(f"| {n} | " + " | ".join(f"{v:.1f}" for v in p50.values())
                      + f" | {p50['end to end, before'] / p50['end to end, now']:.2f}x faster |"
-                     + (f" {p50['end to end, plain decoder layers'] / p50['end to end, now']:.2f}x faster |"
-                        if "end to end, plain decoder layers" in p50 else "")
+                     + (f" {p50['end to end, plain layers'] / p50['end to end, now']:.2f}x faster |"
+                        if "end to end, plain layers" in p50 else "")
                      + (f" {p50['end to end, now'] / p50['end to end, int8']:.2f}x faster |" if cap8 else ""))
     torch.set_num_threads(threads_before)
     cap.encoder = folded
     report("One-image latency", lines, device)
 
 
-def plain_decoder(cap: Captioner) -> Captioner:
-    """`cap` as it captioned before model/packed.py: the same model with its decoder's plain layers."""
+def plain_layers(cap: Captioner) -> Captioner:
+    """`cap` as it captioned before model/packed.py: the same model, with the decoder's layers and the
+    encoder's convolutions unpacked."""
     model, vocab = load_model(cap.source if cap.source != "shipped" else None, cap.device)
-    return Captioner(model, vocab, cap.device, cap.precision, cap.source, cap.encoder)
+    encoder = fold_batchnorm(model.encoder).to(memory_format=torch.channels_last)
+    if encoder_precision(cap.precision) == "bf16":
+        encoder = encoder.to(torch.bfloat16)
+    return Captioner(model, vocab, cap.device, cap.precision, cap.source, encoder)
 
 
 def decode_with(cap: Captioner, feats: torch.Tensor, batch: int, decoding: Decoding) -> list[dict]:
@@ -387,24 +392,25 @@ def decode_with(cap: Captioner, feats: torch.Tensor, batch: int, decoding: Decod
 
 
 def bench_packed(args, device: torch.device) -> None:
-    """The decoder's products through oneDNN with packed weights against nn.Linear/nn.LSTMCell, from
-    the same features, in turns; the captions compared one photo at a time and in batches."""
+    """The decoder's products and the encoder's convolutions through oneDNN with packed weights against
+    the plain layers, in turns; captions and features compared one photo at a time and in batches."""
     if device.type != "cpu" or not packable_dtypes():
-        report("Packed decoder layers", ["Not applicable here: packing is for the CPU, with oneDNN."], device)
+        report("Packed weights", ["Not applicable here: packing is for the CPU, with oneDNN."], device)
         return
     records = split_records(load_records(args.data), "val")[: args.beam_images]
     precisions = ["fp32"] + (["bf16"] if torch.bfloat16 in packable_dtypes() and cpu_has_fast_bf16() else [])
     threads = torch.get_num_threads()
-    lines = [f"Model: {args.model or 'shipped'}; {len(records)} Flickr8k val photos' features (the encoder is not "
-             "timed); ms a photo, p50 over the photos one at a time (the two decoders in turns), or the whole set "
-             "in batches of 64; same = captions (and log-probabilities) equal between the two over all the photos. "
+    lines = [f"Model: {args.model or 'shipped'}; {len(records)} Flickr8k val photos' features for the decoder rows, "
+             "the photos themselves for the encoder rows; ms a photo, p50 over the photos one at a time (plain and "
+             "packed in turns), or in batches (the decoder: all the photos, 64 at a time; the encoder: the first "
+             "64, 32 at a time); same = captions (and log-probabilities) equal between the two over all the photos. "
              "The precision is the autocast asked for: a CPU's rule (runtime.decoder_precision) may run 1-3 photos "
              "in fp32 whatever is asked, and then the rows say so.", "",
-             "| precision | photos at once | threads | search | plain ms | packed ms | packed faster | same captions "
+             "| precision | photos at once | threads | what | plain ms | packed ms | packed faster | same captions "
              "| same logprobs |", "|---|---|---|---|---|---|---|---|---|"]
     for precision in precisions:
         cap = Captioner.load(args.model, device=str(device), precision=precision)
-        plain = plain_decoder(cap)
+        plain = plain_layers(cap)
         x = torch.stack([cap.transform(open_rgb(r.image)) for r in records])
         feats = torch.cat([cap.features(x[i:i + 32]).float() for i in range(0, len(x), 32)])
         for decoding in (Decoding(beam_size=3, length_norm=1.0), cap.decoding):
@@ -425,7 +431,21 @@ def bench_packed(args, device: torch.device) -> None:
                     lines.append(f"| {precision}{'' if ran == precision else f' (runs {ran})'} | {bs} | {n} | "
                                  f"{decoding.describe()} | {pa:.2f} | {pb:.2f} | {pa / pb:.2f}x | {same} |")
                 torch.set_num_threads(threads)
-    report("Packed decoder layers", lines, device)
+        for bs in (1, 32):  # the encoder: images to features
+            jobs = [x[i:i + bs] for i in range(0, len(x), bs)]
+            same = sum(torch.equal(plain.features(j), cap.features(j)) for j in jobs[: 60 // bs + 1])
+            for n in dict.fromkeys((1, threads) if bs == 1 else (threads,)):
+                torch.set_num_threads(n)
+                ms = {c: [] for c in (plain, cap)}
+                for j in jobs[: 60 // bs + 1]:
+                    for c in ms:
+                        ms[c].append(timed(functools.partial(c.features, j)) * 1000 / len(j))
+                pa, pb = (statistics.median(v) for v in ms.values())
+                lines.append(f"| {encoder_precision(precision)} | {bs} | {n} | encoder | {pa:.2f} | {pb:.2f} | "
+                             f"{pa / pb:.2f}x | features equal bit for bit in {same} of {min(len(jobs), 60 // bs + 1)} "
+                             "batches | |")
+            torch.set_num_threads(threads)
+    report("Packed weights", lines, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -556,8 +576,8 @@ def bench_files(args, device: torch.device) -> None:
             for beam in (1, 3):
                 row(caption_batch_size(device), default, True, own.replace(beam_size=beam, block_trigrams=False))
         if device.type == "cpu" and packable_dtypes() and cap.precision != "int8":  # as before model/packed.py
-            row(caption_batch_size(device), default, False, own, model=plain_decoder(cap),
-                note=", **plain decoder layers**")
+            row(caption_batch_size(device), default, False, own, model=plain_layers(cap),
+                note=", **plain layers** (unpacked)")
         if use_int8(device):  # the same at the defaults, the decoder in int8
             cap8 = Captioner.load(args.model, device=str(device), precision="int8")
             for batch in batches:

@@ -111,3 +111,56 @@ def test_captioning_gives_the_captions_and_fingerprint_of_the_plain_decoder(trai
         assert cap.caption(images, beam_size=beam) == plain.caption(images, beam_size=beam)
         assert [cap.caption(i, beam_size=beam) for i in images[:4]] == [
             plain.caption(i, beam_size=beam) for i in images[:4]]
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@torch.no_grad()
+def test_packed_convolutions_compute_what_the_plain_ones_do(bf16):
+    """Plain, strided, depthwise, and timm's TensorFlow-"same" convolutions (asymmetric padding on
+    an odd input), channels-last as captioning feeds them: bf16 bit for bit, fp32 up to rounding."""
+    from timm.layers.conv2d_same import Conv2dSame
+
+    if bf16 and not BF16:
+        pytest.skip("no bf16 kernel in oneDNN for this CPU")
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(8, 16, 1), nn.Conv2d(8, 8, 5, padding=2, groups=8),
+             nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), Conv2dSame(8, 16, 3, stride=2)]
+    x = torch.randn(2, 8, 15, 15).contiguous(memory_format=torch.channels_last)
+    for conv in convs:
+        twin = packed.PackedConv2d(copy.deepcopy(conv))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            want, got = conv(x), twin(x)
+            plain_layout, plain_want = twin(x.contiguous()), conv(x.contiguous())  # not channels-last: plain road
+        assert set(twin._packs) == {torch.bfloat16 if bf16 else torch.float32}
+        assert got.shape == want.shape and got.dtype == want.dtype
+        if bf16:
+            assert torch.equal(got, want), conv
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(plain_layout, plain_want)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_captioning_encoder_is_packed_and_gives_the_plain_features(precision):
+    """model.inference_encoder packs the folded copy's convolutions on the CPU; its features are the
+    unpacked copy's (bf16 bit for bit), and with gradients it is the plain encoder's arithmetic."""
+    from captioner.model.encoder import build_backbone, fold_batchnorm
+    from captioner.model.network import CaptionModel, ModelConfig
+
+    if precision == "bf16" and not BF16:
+        pytest.skip("no bf16 kernel in oneDNN for this CPU")
+    cfg = ModelConfig.for_encoder("tf_efficientnet_lite0", 20, decoder="attention", embed_dim=16, hidden_dim=16,
+                                  attention_dim=8)
+    model = CaptionModel(cfg, build_backbone("tf_efficientnet_lite0", "default")).eval()
+    enc = model.inference_encoder(precision)
+    kinds = {type(m).__name__ for m in enc.modules()}
+    assert "PackedConv2d" in kinds and "Conv2d" not in kinds and "Conv2dSame" not in kinds
+    plain = fold_batchnorm(model.encoder).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0)).contiguous(
+        memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        got, want = model.features(x, encoder=enc), model.features(x, encoder=plain)
+    if precision == "bf16":
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

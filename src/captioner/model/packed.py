@@ -1,19 +1,22 @@
-"""The decoder's matrix products on the CPU with their weights packed once, for captioning.
+"""Captioning on the CPU with the model's weights packed once: the decoder's products and the
+encoder's convolutions.
 
 At every word, captioning multiplies a few rows (one image's beams) by each of the decoder's
 weight matrices. nn.Linear hands the CPU library the weights in their stored (out, in) layout at
 every call, and for a handful of rows the library then spends longer on that layout than on the
 arithmetic (MKL's fp32 product on AMD EPYCs most of all: 3 rows by the LSTM's 1024 x 2048 weights
 take as long as 18 single rows). oneDNN, with the weights reordered once into its own blocked
-layout, does the same product 2-5x faster for 3 rows and 1.1-1.9x faster for batches
-(docs/EXPERIMENTS.md, "Packed decoder weights").
+layout, does the same product 2-5x faster for 3 rows and 1.1-1.9x faster for batches. The
+encoder's convolutions pay the same re-layout at every call: packed, one photo's encoder runs
+1.16x (bf16) to 1.24x (fp32) faster; batches gain nothing (docs/EXPERIMENTS.md, "Packed weights").
 
-The results are the same: in bf16 bit for bit (autocast's bf16 linear reaches the same oneDNN
-kernel, only re-laying out the weights first), in fp32 up to rounding (another order of summation;
-no val caption changed). The layers keep the original parameters under their original names, so
-state_dicts and Captioner.fingerprint do not change. A packed copy is taken per dtype on first
-use and taken again if the weights change in place; with gradients enabled, on another device, or
-where this torch lacks oneDNN, the layers compute exactly as nn.Linear and nn.LSTMCell do.
+The results are the same: in bf16 bit for bit (autocast's bf16 linear and convolution reach the
+same oneDNN kernels, only re-laying out the weights first), in fp32 up to rounding (another order
+of summation; no val caption changed). The layers keep the original parameters under their
+original names, so state_dicts and Captioner.fingerprint do not change. A packed copy is taken per
+dtype on first use and taken again if the weights change in place; with gradients enabled, on
+another device, for inputs not laid out as packing expects, or where this torch lacks oneDNN, the
+layers compute exactly as nn.Linear, nn.Conv2d and nn.LSTMCell do.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from timm.layers.conv2d_same import Conv2dSame
+from timm.layers.padding import pad_same
 from torch import nn
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
@@ -56,20 +61,34 @@ class _Packs(dict):
         return _Packs()
 
 
+def _packed_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype a packed product of `x` computes in (autocast's, else x's own), or None where the
+    plain layer must run: another device, gradients wanted, or a dtype this torch cannot pack."""
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    if x.device.type != "cpu" or torch.is_grad_enabled() or dtype not in packable_dtypes():
+        return None
+    return dtype
+
+
+def _packed(packs: _Packs, dtype: torch.dtype, weight: torch.Tensor, bias: torch.Tensor | None, pack) -> tuple:
+    """(packed weight, bias) in `dtype`, packed with `pack` on first use and again after the weight
+    changed in place."""
+    hit = packs.get(dtype)
+    if hit is None or hit[0] != weight._version:
+        hit = packs[dtype] = (weight._version, pack(weight.detach().to(dtype).contiguous()),
+                              None if bias is None else bias.detach().to(dtype))
+    return hit[1], hit[2]
+
+
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packs: _Packs) -> torch.Tensor:
     """F.linear(x, weight, bias) under the current autocast, through oneDNN with `weight` packed
     once per dtype (kept in `packs`) where it can; x (..., in) -> (..., out)."""
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    if x.device.type != "cpu" or torch.is_grad_enabled() or dtype not in packable_dtypes():
+    dtype = _packed_dtype(x)
+    if dtype is None:
         return F.linear(x, weight, bias)
-    version = weight._version
-    hit = packs.get(dtype)
-    if hit is None or hit[0] != version:
-        w = weight.detach().to(dtype).contiguous()
-        hit = packs[dtype] = (version, torch.ops.mkldnn._reorder_linear_weight(w),
-                              None if bias is None else bias.detach().to(dtype))
+    w, b = _packed(packs, dtype, weight, bias, torch.ops.mkldnn._reorder_linear_weight)
     flat = x.reshape(-1, weight.shape[1]).to(dtype).contiguous()  # (N, in)
-    y = torch.ops.mkldnn._linear_pointwise(flat, hit[1], hit[2], "none", [], "")  # (N, out)
+    y = torch.ops.mkldnn._linear_pointwise(flat, w, b, "none", [], "")  # (N, out)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -141,6 +160,36 @@ class PackedGRUCell(nn.Module):
         return gru_gates(gi, gh, h)
 
 
+class PackedConv2d(nn.Module):
+    """nn.Conv2d (or timm's Conv2dSame, TensorFlow's "same" padding) through oneDNN with its weights
+    packed once per dtype, for channels-last inputs (what captioning feeds the encoder; oneDNN's
+    results for other layouts are not the plain layer's bits); the same parameters, by the same names."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.same = isinstance(conv, Conv2dSame)  # pads each input itself, asymmetrically where it must
+        self._packs = _Packs()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.same:
+            x = pad_same(x, self.weight.shape[-2:], self.stride, self.dilation)
+        dtype = _packed_dtype(x)
+        if dtype is None or x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        w, b = _packed(self._packs, dtype, self.weight, self.bias, self._pack)
+        return torch.ops.mkldnn._convolution_pointwise(x.to(dtype), w, b, list(self.padding), list(self.stride),
+                                                      list(self.dilation), self.groups, "none", [], "")
+
+    def _pack(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), list(self.padding), list(self.stride),
+                                                         list(self.dilation), self.groups)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, stride={self.stride}, groups={self.groups}, packed"
+
+
 SWAPS = {nn.Linear: PackedLinear, nn.LSTMCell: PackedLSTMCell, nn.GRUCell: PackedGRUCell}
 
 
@@ -153,10 +202,24 @@ def packed_decoder(decoder: nn.Module) -> nn.Module:
     return decoder
 
 
-def _swap(module: nn.Module) -> None:
+def packed_encoder(encoder: nn.Module) -> nn.Module:
+    """`encoder` with its convolutions swapped in place for packed ones (those with numeric zero
+    padding: a string or another padding mode stays as it is); unchanged where this torch cannot pack."""
+    if packable_dtypes():
+        _swap(encoder, {nn.Conv2d: PackedConv2d, Conv2dSame: PackedConv2d})
+    return encoder
+
+
+def _swap(module: nn.Module, swaps: dict = SWAPS) -> None:
     for name, child in module.named_children():
-        swap = SWAPS.get(type(child))
-        if swap is not None:
+        swap = swaps.get(type(child))
+        if swap is not None and _packable(child):
             setattr(module, name, swap(child))
         else:
-            _swap(child)
+            _swap(child, swaps)
+
+
+def _packable(layer: nn.Module) -> bool:
+    if isinstance(layer, nn.Conv2d):
+        return not isinstance(layer.padding, str) and layer.padding_mode == "zeros"
+    return True
