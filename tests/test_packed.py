@@ -164,3 +164,20 @@ def test_the_captioning_encoder_is_packed_and_gives_the_plain_features(precision
         assert torch.equal(got, want)
     else:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_layer_onednn_refuses_runs_plain_from_then_on(monkeypatch):
+    calls = []
+
+    def refuse(*args):
+        calls.append(1)
+        raise RuntimeError("could not create a primitive descriptor")  # what oneDNN says for a shape it lacks
+
+    monkeypatch.setattr(packed, "_packed", refuse)
+    lin, conv = PackedLinear(nn.Linear(8, 4)), packed.PackedConv2d(nn.Conv2d(3, 4, 3, padding=1))
+    x, image = torch.randn(2, 8), torch.randn(1, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(lin(x), nn.functional.linear(x, lin.weight, lin.bias))
+            assert torch.equal(conv(image), nn.functional.conv2d(image, conv.weight, conv.bias, padding=1))
+    assert lin._packs.refused and conv._packs.refused and len(calls) == 2  # asked once each, then plain

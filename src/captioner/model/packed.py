@@ -15,8 +15,8 @@ same oneDNN kernels, only re-laying out the weights first), in fp32 up to roundi
 of summation; no val caption changed). The layers keep the original parameters under their
 original names, so state_dicts and Captioner.fingerprint do not change. A packed copy is taken per
 dtype on first use and taken again if the weights change in place; with gradients enabled, on
-another device, for inputs not laid out as packing expects, or where this torch lacks oneDNN, the
-layers compute exactly as nn.Linear, nn.Conv2d and nn.LSTMCell do.
+another device, for inputs not laid out as packing expects, where this torch lacks oneDNN, or for
+a layer oneDNN refuses, the layers compute exactly as nn.Linear, nn.Conv2d and nn.LSTMCell do.
 """
 
 from __future__ import annotations
@@ -40,12 +40,15 @@ def packable_dtypes() -> frozenset[torch.dtype]:
     ok = set()
     gen = torch.Generator().manual_seed(0)
     w, b, x = (torch.randn(*shape, generator=gen) for shape in ((16, 32), (16,), (3, 32)))
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    image = torch.randn(1, 3, 8, 8, generator=gen).contiguous(memory_format=torch.channels_last)
     for dtype in PACKED_DTYPES:
         try:
-            packed = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype))
-            y = torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, b.to(dtype), "none", [], "")
-            ok_here = torch.allclose(y.float(), F.linear(x.to(dtype), w.to(dtype), b.to(dtype)).float(),
-                                     rtol=0.02, atol=0.05)
+            with torch.no_grad():
+                y = packed_linear(x.to(dtype), w.to(dtype), b.to(dtype), _Packs(), force=True)
+                z = PackedConv2d(conv)(image.to(dtype), force=True)
+                ok_here = (torch.allclose(y.float(), F.linear(x, w, b), rtol=0.02, atol=0.05)
+                           and torch.allclose(z.float(), conv(image), rtol=0.02, atol=0.05))
         except (AttributeError, RuntimeError, NotImplementedError):
             ok_here = False
         if ok_here:
@@ -55,17 +58,24 @@ def packable_dtypes() -> frozenset[torch.dtype]:
 
 class _Packs(dict):
     """dtype -> (weight's version, packed weight, bias in that dtype). A copy of a layer starts
-    with none (oneDNN's packed tensors cannot be copied) and packs again on use."""
+    with none (oneDNN's packed tensors cannot be copied) and packs again on use. `refused`: oneDNN
+    refused this layer once (a shape or dtype it has no kernel for here), so it runs plain from then on."""
+
+    refused = False
 
     def __deepcopy__(self, memo) -> _Packs:
         return _Packs()
 
 
-def _packed_dtype(x: torch.Tensor) -> torch.dtype | None:
+def _packed_dtype(x: torch.Tensor, packs: _Packs, force: bool = False) -> torch.dtype | None:
     """The dtype a packed product of `x` computes in (autocast's, else x's own), or None where the
-    plain layer must run: another device, gradients wanted, or a dtype this torch cannot pack."""
+    plain layer must run: another device, gradients wanted, a dtype this torch cannot pack, or a
+    layer oneDNN refused. `force`: the check of packable_dtypes() itself."""
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    if x.device.type != "cpu" or torch.is_grad_enabled() or dtype not in packable_dtypes():
+    if force:
+        return dtype
+    if (x.device.type != "cpu" or torch.is_grad_enabled() or packs.refused
+            or dtype not in packable_dtypes()):
         return None
     return dtype
 
@@ -80,16 +90,22 @@ def _packed(packs: _Packs, dtype: torch.dtype, weight: torch.Tensor, bias: torch
     return hit[1], hit[2]
 
 
-def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packs: _Packs) -> torch.Tensor:
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packs: _Packs,
+                  force: bool = False) -> torch.Tensor:
     """F.linear(x, weight, bias) under the current autocast, through oneDNN with `weight` packed
     once per dtype (kept in `packs`) where it can; x (..., in) -> (..., out)."""
-    dtype = _packed_dtype(x)
-    if dtype is None:
-        return F.linear(x, weight, bias)
-    w, b = _packed(packs, dtype, weight, bias, torch.ops.mkldnn._reorder_linear_weight)
-    flat = x.reshape(-1, weight.shape[1]).to(dtype).contiguous()  # (N, in)
-    y = torch.ops.mkldnn._linear_pointwise(flat, w, b, "none", [], "")  # (N, out)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    dtype = _packed_dtype(x, packs, force)
+    if dtype is not None:
+        try:
+            w, b = _packed(packs, dtype, weight, bias, torch.ops.mkldnn._reorder_linear_weight)
+            flat = x.reshape(-1, weight.shape[1]).to(dtype).contiguous()  # (N, in)
+            y = torch.ops.mkldnn._linear_pointwise(flat, w, b, "none", [], "")  # (N, out)
+            return y.reshape(*x.shape[:-1], weight.shape[0])
+        except RuntimeError:
+            if force:
+                raise
+            packs.refused = True  # then the plain product, which says what is wrong if anything is
+    return F.linear(x, weight, bias)
 
 
 class PackedLinear(nn.Module):
@@ -172,15 +188,21 @@ class PackedConv2d(nn.Module):
         self.same = isinstance(conv, Conv2dSame)  # pads each input itself, asymmetrically where it must
         self._packs = _Packs()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, force: bool = False) -> torch.Tensor:
         if self.same:
             x = pad_same(x, self.weight.shape[-2:], self.stride, self.dilation)
-        dtype = _packed_dtype(x)
-        if dtype is None or x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
-            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        w, b = _packed(self._packs, dtype, self.weight, self.bias, self._pack)
-        return torch.ops.mkldnn._convolution_pointwise(x.to(dtype), w, b, list(self.padding), list(self.stride),
-                                                      list(self.dilation), self.groups, "none", [], "")
+        dtype = _packed_dtype(x, self._packs, force)
+        if dtype is not None and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            try:
+                w, b = _packed(self._packs, dtype, self.weight, self.bias, self._pack)
+                return torch.ops.mkldnn._convolution_pointwise(x.to(dtype), w, b, list(self.padding),
+                                                              list(self.stride), list(self.dilation), self.groups,
+                                                              "none", [], "")
+            except RuntimeError:
+                if force:
+                    raise
+                self._packs.refused = True  # then the plain convolution, as for packed_linear
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _pack(self, weight: torch.Tensor) -> torch.Tensor:
         return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), list(self.padding), list(self.stride),
