@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from captioner.data.images import eval_transform, image_name, one_or_many, open_rgb
+from captioner.data.images import draft_size, eval_transform, image_name, one_or_many, open_rgb
 from captioner.data.jpeg import image_batches
 from captioner.decode import Decoding, caption_features
 from captioner.errors import CaptionerWarning, ConfigError, ImageError, ModelError
@@ -54,6 +54,7 @@ class Captioner:
         self.source = source  # where the model came from: its folder, or "shipped"
         cfg = model.cfg
         self.transform = eval_transform(cfg.image_size, cfg.mean, cfg.std)
+        self.draft_size = draft_size(cfg.image_size)  # big JPEGs decode at a reduced scale: see open_rgb
         self.decoding = Decoding.for_model(cfg)  # the model's own
         self.batch_size = caption_batch_size(device)  # images per batch unless a caller says
 
@@ -100,7 +101,8 @@ class Captioner:
             tensors, read, failed = [], [], {}
             for i, image in enumerate(batch[start:start + batch_size], start):
                 try:
-                    tensors.append(self.transform(open_rgb(image, name=image_name(image, i, single))))
+                    tensors.append(self.transform(open_rgb(image, name=image_name(image, i, single),
+                                                           min_size=self.draft_size)))
                     read.append(i)
                 except ImageError as e:
                     if errors == "raise":
@@ -161,7 +163,7 @@ class Captioner:
         caption is the one `caption()` gives with the same decoding."""
         m, v = self.model, self.vocab
         self.require_attention()
-        feats = self.features(self.transform(open_rgb(image))[None])  # (1, P, C)
+        feats = self.features(self.transform(open_rgb(image, min_size=self.draft_size))[None])  # (1, P, C)
         caption = caption_features(m.decoder, v, feats, decoding or self.decoding, self.device,
                                    self.precision)[0]["caption"]
         ids = [v.stoi[w] for w in caption.split()]

@@ -390,7 +390,7 @@ def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None
                 raise LibraryError(f"no photo {photo_id} in the library indexed by this model")
             query = np.frombuffer(own[0], np.float16).astype(np.float32)
         else:
-            x = captioner.transform(open_rgb(image))[None]
+            x = captioner.transform(open_rgb(image, min_size=captioner.draft_size))[None]
             query = retrieval.pooled_vectors(captioner.features(x)).astype(np.float32)[0]  # (C,)
         ids, sims = [], []
         cur = con.execute("SELECT p.id, p.data FROM pooled p JOIN vectors v ON v.id = p.id WHERE v.model = ?",

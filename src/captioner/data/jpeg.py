@@ -38,7 +38,15 @@ except ImportError:  # a torchvision without its image decoders
 
 from torch.utils.data import DataLoader
 
-from captioner.data.images import MAX_PIXELS, ImageDataset, collate_images, eval_transform, open_rgb, tensor_transform
+from captioner.data.images import (
+    MAX_PIXELS,
+    ImageDataset,
+    collate_images,
+    draft_size,
+    eval_transform,
+    open_rgb,
+    tensor_transform,
+)
 from captioner.errors import CaptionerWarning, ImageError
 from captioner.runtime import decode_jpegs_on_device
 
@@ -65,13 +73,14 @@ def image_batches(paths: Sequence[Path], size: int, mean: tuple[float, ...], std
     on_device(device)), else everything by Pillow in the loader processes (images on the CPU)."""
     transform = eval_transform(size, mean, std)
     use_device = (on_device(device) if jpegs_on_device is None else jpegs_on_device) and available()
-    ds = (JpegDataset if use_device else ImageDataset)(paths, transform)
+    ds = (JpegDataset if use_device else ImageDataset)(paths, transform, draft_size(size))
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers,
                         collate_fn=as_list if use_device else collate_images,
                         pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None)
     if not use_device:
         return loader
-    return map(DeviceDecoder(ds.paths, transform, tensor_transform(size, mean, std), device), loader)
+    return map(DeviceDecoder(ds.paths, transform, tensor_transform(size, mean, std), device,
+                             min_size=ds.min_size), loader)
 
 
 @dataclass
@@ -136,9 +145,10 @@ class DeviceDecoder:
     on the device."""
 
     def __init__(self, paths: Sequence[Path], transform, tensor_transform, device: torch.device,
-                 max_pixels: int = 100_000_000):
+                 max_pixels: int = 100_000_000, min_size: int = 0):
         self.paths, self.transform, self.tensor_transform, self.device = paths, transform, tensor_transform, device
         self.max_pixels = max_pixels
+        self.min_size = min_size  # Pillow's decoding of what the device could not: see images.open_rgb
         self.working = True
 
     def __call__(self, batch: list) -> tuple[list[int], torch.Tensor | None, list[int], list[str]]:
@@ -152,7 +162,7 @@ class DeviceDecoder:
                 item = resized[i]
                 if item is None:  # the device could not: Pillow, as for any other file
                     try:
-                        item = self.transform(open_rgb(self.paths[i]))
+                        item = self.transform(open_rgb(self.paths[i], min_size=self.min_size))
                     except ImageError as e:
                         item = str(e)
             if isinstance(item, str):

@@ -143,7 +143,7 @@ def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0
             limit = min(max_pixels, budget)
             try:
                 with pixels.hold(min(_declared_pixels(data), limit), queue_timeout):
-                    img = open_rgb(data, limit, name=name)
+                    img = open_rgb(data, limit, name=name, min_size=captioner.draft_size)
                     budget -= img.width * img.height
                     images.append((len(results), captioner.transform(img)))
                     del img
@@ -204,7 +204,7 @@ def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0
             raise HTTPException(413, f"{name}: larger than {max_upload_mb:g} MB")
         try:
             with pixels.hold(min(_declared_pixels(data), max_pixels), queue_timeout):
-                img = open_rgb(data, max_pixels, name=name)
+                img = open_rgb(data, max_pixels, name=name, min_size=captioner.draft_size)
                 with model_turn():
                     return answer(name, similar(where, img, limit, captioner=captioner))
         except ImageError as e:

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, get_worker_info
 
 from captioner import metrics
 from captioner.data.features import cached_features, extract_features
-from captioner.data.images import open_rgb, train_transform
+from captioner.data.images import draft_size, open_rgb, train_transform
 from captioner.data.records import Record, assign_splits, check_images, load_records, split_records
 from captioner.data.vocab import Vocabulary
 from captioner.errors import CaptionerWarning, DataError, ImageError
@@ -65,6 +65,7 @@ class ImageCaptions(Dataset):
     def __init__(self, records: list[Record], caps: Captions, cfg: ModelConfig):
         self.records = records
         self.transform = train_transform(cfg.image_size, cfg.mean, cfg.std)
+        self.min_size = draft_size(cfg.image_size)  # big JPEGs decode at a reduced scale, as in captioning
         self.of_image: list[list[int]] = [[] for _ in records]  # image -> its caption indices
         for c, i in enumerate(caps.image.tolist()):
             self.of_image[i].append(c)
@@ -74,7 +75,7 @@ class ImageCaptions(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor | str, list[int]]:
         try:
-            return self.transform(open_rgb(self.records[i].image)), self.of_image[i]
+            return self.transform(open_rgb(self.records[i].image, min_size=self.min_size)), self.of_image[i]
         except ImageError as e:
             return str(e), self.of_image[i]
 
