@@ -143,15 +143,19 @@ def gru_gates(gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor) -> torch.Tens
     return (h - n) * z + n
 
 
-class PackedLSTMCell(nn.Module):
-    """nn.LSTMCell with its two products through `packed_linear`; the same parameters and names."""
+class _PackedCell(nn.Module):
+    """An nn.LSTMCell's or nn.GRUCell's parameters, by the same names, and packs for its two products."""
 
-    def __init__(self, cell: nn.LSTMCell):
+    def __init__(self, cell: nn.LSTMCell | nn.GRUCell):
         super().__init__()
         self.input_size, self.hidden_size = cell.input_size, cell.hidden_size
         self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh = (cell.weight_ih, cell.weight_hh,
                                                                       cell.bias_ih, cell.bias_hh)
         self._ih, self._hh = _Packs(), _Packs()
+
+
+class PackedLSTMCell(_PackedCell):
+    """nn.LSTMCell with its two products through `packed_linear`; the same parameters and names."""
 
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         h, c = state
@@ -160,15 +164,8 @@ class PackedLSTMCell(nn.Module):
         return lstm_gates(gates, c)
 
 
-class PackedGRUCell(nn.Module):
+class PackedGRUCell(_PackedCell):
     """nn.GRUCell with its two products through `packed_linear`; the same parameters and names."""
-
-    def __init__(self, cell: nn.GRUCell):
-        super().__init__()
-        self.input_size, self.hidden_size = cell.input_size, cell.hidden_size
-        self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh = (cell.weight_ih, cell.weight_hh,
-                                                                      cell.bias_ih, cell.bias_hh)
-        self._ih, self._hh = _Packs(), _Packs()
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         gi = packed_linear(x, self.weight_ih, self.bias_ih, self._ih)  # (N, 3H)
