@@ -12,6 +12,8 @@ Sections:
            latency p50/p95 of one image, file on disk to caption string, model warm.
   latency  one image, warm, at 1 thread and the default: read + preprocess, encoder (as trained
            and with BatchNorm folded), decoder (greedy and the model's own), end to end before/after.
+  bigjpeg  phone-size JPEGs (val photos enlarged to 4032x3024): decode + resize and file to caption,
+           decoded at full size against the reduced scale (images.draft_size), and the captions.
   packed   the decoder's layers and the encoder's convolutions with packed weights (model/packed.py)
            against the plain ones, fp32 and bf16: one photo (1 thread and the default) and batches,
            ms a photo, and whether the captions and features are the same.
@@ -53,6 +55,7 @@ from unittest import mock
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -452,6 +455,39 @@ def bench_packed(args, device: torch.device) -> None:
 # 3. batched beam search against a loop over images
 
 
+def bench_bigjpeg(args, device: torch.device) -> None:
+    """Big JPEGs, as phones take them: decoded at full size (as before) against libjpeg's reduced
+    scale (images.draft_size), both sides at least twice the model's input; photos in turns."""
+    records = split_records(load_records(args.data), "val")[:30]
+    cap = Captioner.load(args.model, device=str(device))
+    full = Captioner(cap.model, cap.vocab, cap.device, cap.precision, cap.source, cap.encoder)
+    full.draft_size = 0  # the decode before: full size
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for r in records:
+            paths.append(Path(tmp) / f"{r.image.stem}.jpg")
+            open_rgb(r.image).resize((4032, 3024), Image.BICUBIC).save(paths[-1], quality=90)
+        same = sum(full.caption(p) == cap.caption(p) for p in paths)
+        ms: dict[str, list[float]] = {k: [] for k in ("decode full", "decode reduced", "caption full",
+                                                        "caption reduced")}
+        for p in paths:
+            for name, c in (("full", full), ("reduced", cap)):
+                ms[f"decode {name}"].append(timed(lambda c=c, p=p: c.transform(
+                    open_rgb(p, min_size=c.draft_size))) * 1000)
+                ms[f"caption {name}"].append(timed(lambda c=c, p=p: c.caption(p)) * 1000)
+    p50 = {k: statistics.median(v) for k, v in ms.items()}
+    report("Big JPEGs", [
+        f"Model: {args.model or 'shipped'}, its own decoding, {cap.precision}; {len(paths)} Flickr8k val photos "
+        "enlarged to 4032x3024 (12 MP) and saved as JPEG quality 90; p50 ms a photo, full size and reduced "
+        f"scale in turns (the reduced scale keeps both sides >= {cap.draft_size} px).", "",
+        "| what | full size | reduced scale | faster |", "|---|---|---|---|",
+        f"| decode + resize | {p50['decode full']:.1f} | {p50['decode reduced']:.1f} | "
+        f"{p50['decode full'] / p50['decode reduced']:.1f}x |",
+        f"| file to caption | {p50['caption full']:.1f} | {p50['caption reduced']:.1f} | "
+        f"{p50['caption full'] / p50['caption reduced']:.1f}x |", "",
+        f"Captions the same at both scales: {same} of {len(paths)}."], device)
+
+
 def bench_beam(args, device: torch.device) -> None:
     cap = Captioner.load(args.model, device=str(device))
     records = split_records(load_records(args.data), "val")[: args.beam_images]
@@ -785,7 +821,7 @@ def bench_finetune(args, device: torch.device) -> None:
 
 
 SECTIONS = {"train": bench_train, "caption": bench_caption, "latency": bench_latency, "packed": bench_packed,
-            "beam": bench_beam,
+            "bigjpeg": bench_bigjpeg, "beam": bench_beam,
             "memory": bench_memory, "files": bench_files, "search": bench_search, "finetune": bench_finetune}
 
 

@@ -35,7 +35,7 @@ MAX_PIXELS = 60_000_000  # refuse decompression bombs well before Pillow's own h
 def draft_size(image_size: int) -> int:
     """The least a JPEG's sides may be decoded at for a model taking `image_size` x `image_size`
     inputs: twice that. libjpeg decodes at 1/2, 1/4 or 1/8 scale far faster than at full size (a
-    12-megapixel photo 104 -> 14 ms), and the resize to image_size then averages at least 2x2
+    12-megapixel photo 104-123 -> 14-15 ms; bench.py bigjpeg), and the resize to image_size then averages at least 2x2
     decoded pixels into each input pixel: within one grey level of the full decode's input. Photos
     already under twice the size (Flickr8k's) decode at full size, exactly as before."""
     return 2 * image_size
