@@ -69,7 +69,6 @@ from captioner.data.vocab import Vocabulary
 from captioner.decode import Decoding, beam_search, caption_features, never_said
 from captioner.library import MODES, _write_batch, connect, search, similar
 from captioner.model.attention import AttentionDecoder
-from captioner.model.encoder import fold_batchnorm
 from captioner.model.folder import load_model
 from captioner.model.int8 import int8_available
 from captioner.model.network import CaptionModel, ModelConfig
@@ -384,9 +383,8 @@ def plain_layers(cap: Captioner) -> Captioner:
     """`cap` as it captioned before model/packed.py: the same model, with the decoder's layers and the
     encoder's convolutions unpacked."""
     model, vocab = load_model(cap.source if cap.source != "shipped" else None, cap.device)
-    encoder = fold_batchnorm(model.encoder).to(memory_format=torch.channels_last)
-    if encoder_precision(cap.precision) == "bf16":
-        encoder = encoder.to(torch.bfloat16)
+    with mock.patch("captioner.model.network.packed_encoder", lambda encoder: encoder):  # all but the packing
+        encoder = model.inference_encoder(encoder_precision(cap.precision))
     return Captioner(model, vocab, cap.device, cap.precision, cap.source, encoder)
 
 
