@@ -17,11 +17,13 @@ Sections:
   packed   the decoder's layers and the encoder's convolutions with packed weights (model/packed.py)
            against the plain ones, fp32 and bf16: one photo (1 thread and the default) and batches,
            ms a photo, and whether the captions and features are the same.
-  beam     the batched beam search against a loop over images: the same captions, and the ratio.
+  beam     the batched beam search against a loop over images: the same captions, and the ratio;
+           ended images leaving the batch against kept to the end (greedy, beam 3, the model's own).
   memory   feature extraction images/s; peak memory (RSS) of a training run and of captioning
            folders of 1,000 and 10,000 images (it must not grow with the folder).
   files    files on disk to a JSONL of captions (caption --out), images/s with 0, the default and 2
-           image-decoding processes, batch 32 and 64, and whether the captions are identical.
+           image-decoding processes, batch 32 and 64, and whether the captions are identical; rows
+           with the searches as before (ended images kept) and the layers unpacked.
   finetune fine-tuning the encoder, end to end from files: images/s and captions/s of image-major
            batches (default and bf16/fp16), every stage trained, contiguous layout, each caption's
            features repeated before the decoder, glibc's allocator at its defaults, and per-caption
@@ -35,6 +37,7 @@ Every section prints its table and appends it to benchmarks/RESULTS.md with the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import json
@@ -66,7 +69,7 @@ from captioner.data.features import cached_features, extract_features
 from captioner.data.images import eval_transform, open_rgb
 from captioner.data.records import Record, load_records, split_records
 from captioner.data.vocab import Vocabulary
-from captioner.decode import Decoding, beam_search, caption_features, never_said
+from captioner.decode import Decoding, Hypotheses, beam_search, caption_features, greedy, never_said
 from captioner.library import MODES, _write_batch, connect, search, similar
 from captioner.model.attention import AttentionDecoder
 from captioner.model.folder import load_model
@@ -85,6 +88,7 @@ from captioner.runtime import (
     loader_workers,
     pick_device,
     resolve_precision,
+    search_check_every,
 )
 from captioner.train.data import Captions, FeatureRows, ImageBatch, ImageCaptions, image_batch_collate
 from captioner.train.epoch import train_one_epoch
@@ -388,6 +392,18 @@ def plain_layers(cap: Captioner) -> Captioner:
     return Captioner(model, vocab, cap.device, cap.precision, cap.source, encoder)
 
 
+@contextlib.contextmanager
+def ended_images_kept(keep: bool = True):
+    """The searches as before 2026-11-24: every image of a batch searched until the last is done
+    (decode.py's drop_finished=False), for every caller inside."""
+    if not keep:
+        yield
+        return
+    with (mock.patch("captioner.decode.greedy", functools.partial(greedy, drop_finished=False)),
+          mock.patch("captioner.decode.beam_search", functools.partial(beam_search, drop_finished=False))):
+        yield
+
+
 def decode_with(cap: Captioner, feats: torch.Tensor, batch: int, decoding: Decoding) -> list[dict]:
     return caption_features(cap.model.decoder, cap.vocab, feats, decoding, cap.device, cap.precision, batch_size=batch)
 
@@ -508,11 +524,42 @@ def bench_beam(args, device: torch.device) -> None:
 
     same = sum(v.decode(a) == v.decode(b) for a, b in zip(batched().tolist(), looped().tolist()))
     tb, tl = timed(batched, 2), timed(looped, 1)
-    report("Beam search: batched against a loop over images", [
-        f"{len(feats)} Flickr8k val images, beam 3, length normalisation 1.0, decoder {m.cfg.decoder}, "
-        f"{cap.precision}: batched {tb:.2f} s ({len(feats) / tb:,.0f} img/s), loop {tl:.2f} s "
-        f"({len(feats) / tl:,.0f} img/s): **{tl / tb:.1f}x**; identical captions for {same} of {len(feats)} images."],
-        device)
+    lines = [f"{len(feats)} Flickr8k val images, beam 3, length normalisation 1.0, decoder {m.cfg.decoder}, "
+             f"{cap.precision}: batched {tb:.2f} s ({len(feats) / tb:,.0f} img/s), loop {tl:.2f} s "
+             f"({len(feats) / tl:,.0f} img/s): **{tl / tb:.1f}x**; identical captions for {same} of {len(feats)} "
+             "images.", ""]
+
+    # ended images leaving the batch (decode.py) against keeping them to the end, as before
+    def search_all(decoding: Decoding, batch: int, drop: bool) -> Hypotheses:
+        d, parts = decoding, []
+        with torch.no_grad(), autocast(device, decoder_precision(cap.precision, device, batch)):
+            for i in range(0, len(feats), batch):
+                f, every = feats[i:i + batch], search_check_every(device)
+                if d.beam_size == 1:
+                    parts.append(greedy(m.decoder, f, v.start, v.end, d.max_len, never_said(v), every, drop))
+                else:
+                    parts.append(beam_search(m.decoder, f, v.start, v.end, d.max_len, d.beam_size, d.length_norm,
+                                             d.block_trigrams, never_said(v), every, drop))
+        return Hypotheses(*(torch.cat([getattr(h, k) for h in parts]) for k in ("tokens", "logprob", "score")))
+
+    lines += ["| decoding | batch | kept to the end (before) img/s | leaving when done img/s | faster | "
+              "same captions and log-probabilities |", "|---|---|---|---|---|---|"]
+    for decoding in (cap.decoding, Decoding(beam_size=3, length_norm=1.0), Decoding()):
+        for batch in dict.fromkeys((caption_batch_size(device), 64)):
+            kept, left = search_all(decoding, batch, False), search_all(decoding, batch, True)
+            same = sum(torch.equal(a, b) and torch.equal(x, y) for a, b, x, y in
+                       zip(kept.tokens, left.tokens, kept.logprob, left.logprob))
+            t = {False: [], True: []}
+            for _ in range(3):  # in turns
+                for drop in (False, True):
+                    t[drop].append(timed(lambda c=decoding, b=batch, d=drop: search_all(c, b, d)))
+            tk, tl = min(t[False]), min(t[True])
+            lines.append(f"| {decoding.describe()} | {batch} | {len(feats) / tk:,.0f} | {len(feats) / tl:,.0f} | "
+                         f"{tk / tl:.2f}x | {same} of {len(feats)} |")
+    lines += ["", "A batch's search runs until its last image is done; an image whose search has ended (K finished "
+              "captions) leaves the batch, so the steps after cost only the others. The decoder alone, from "
+              "features; the fastest of 3 runs each, in turns."]
+    report("Beam search: batched against a loop over images; ended images leaving the batch", lines, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,11 +632,13 @@ def bench_files(args, device: torch.device) -> None:
              "first row |", "|---|---|---|---|---|---|"]
     first: dict[int, dict] = {}  # batch size -> the captions of its first row
 
-    def row(batch: int, workers: int, on_device: bool, decoding: Decoding, model=cap, note: str = "") -> None:
+    def row(batch: int, workers: int, on_device: bool, decoding: Decoding, model=cap, note: str = "",
+            keep_ended: bool = False) -> None:
         out = Path(tmp) / f"run{len(lines)}.jsonl"
         t0 = time.perf_counter()
-        caption_to_file(model, paths, out, batch_size=batch, progress=False, workers=workers, decoding=decoding,
-                        jpegs_on_device=on_device)
+        with ended_images_kept(keep_ended):
+            caption_to_file(model, paths, out, batch_size=batch, progress=False, workers=workers, decoding=decoding,
+                            jpegs_on_device=on_device)
         rate = len(paths) / (time.perf_counter() - t0)  # the captions are on the host: the device is done
         got = {json.loads(x)["image"]: json.loads(x)["caption"] for x in out.read_text().splitlines()}
         same = ""
@@ -609,6 +658,8 @@ def bench_files(args, device: torch.device) -> None:
         if gpu:  # the issue's two figures: greedy and beam 3, at the defaults
             for beam in (1, 3):
                 row(caption_batch_size(device), default, True, own.replace(beam_size=beam, block_trigrams=False))
+        row(caption_batch_size(device), default, gpu, own, note=", **ended images kept to the end** (before)",
+            keep_ended=True)
         if device.type == "cpu" and packable_dtypes() and cap.precision != "int8":  # as before model/packed.py
             row(caption_batch_size(device), default, False, own, model=plain_layers(cap),
                 note=", **plain layers** (unpacked)")

@@ -28,6 +28,10 @@ class Markov:
     def select(rows, index):
         return rows[index]
 
+    @staticmethod
+    def keep_images(rows, images, k):
+        return rows.view(-1, k)[images].view(-1)
+
 
 def exhaustive_best(table_b: torch.Tensor, max_len: int, length_norm: float = 0.0):
     """Best caption of one image by enumerating every word sequence (words = ids >= 3)."""
@@ -205,3 +209,72 @@ def test_asking_the_device_less_often_gives_the_same_captions(every, end_bias, r
         assert torch.equal(kept, torch.isfinite(b.score))
         assert torch.equal(a.tokens[kept], b.tokens[kept])
         assert torch.equal(a.logprob[kept], b.logprob[kept]) and torch.equal(a.score[kept], b.score[kept])
+
+
+class Counting(Markov):
+    """Markov, recording how many rows each step computes."""
+
+    def __init__(self, table):
+        super().__init__(table)
+        self.rows = []
+
+    def step(self, tokens, rows):
+        self.rows.append(len(tokens))
+        return super().step(tokens, rows)
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_ended_captions_leave_the_batch_and_change_nothing(every):
+    """Images whose search has ended leave the batch (decoder.keep_images): the later steps compute
+    fewer rows, and every image gets exactly what it gets searched alone, in its own place."""
+    g = torch.Generator().manual_seed(7)
+    B = 6
+    table = torch.randn(B, 12, 12, generator=g) * 2
+    table[:, :, 0] = table[:, :, BOS] = -1e4
+    table[:, :, EOS] += torch.tensor([4.0, -3.0, 2.0, -9.0, 1.0, 3.0])[:, None]  # images end early or late
+    for beam, norm, block in [(1, 0.0, False), (3, 0.0, False), (4, 1.5, True)]:
+        m = Counting(table)
+        if beam == 1:
+            batched = greedy(m, torch.zeros(B, 1), BOS, EOS, 9, check_every=every)
+        else:
+            batched = beam_search(m, torch.zeros(B, 1), BOS, EOS, 9, beam, norm, block, check_every=every)
+        assert m.rows[0] == B * beam and m.rows[-1] < B * beam, m.rows  # the batch shrank
+        for b in range(B):
+            one_m = Markov(table[b:b + 1])
+            if beam == 1:
+                one = greedy(one_m, torch.zeros(1, 1), BOS, EOS, 9)
+            else:
+                one = beam_search(one_m, torch.zeros(1, 1), BOS, EOS, 9, beam, norm, block)
+            kept = torch.isfinite(one.score[0])
+            assert torch.equal(kept, torch.isfinite(batched.score[b]))
+            assert torch.equal(one.tokens[0][kept], batched.tokens[b][kept])
+            assert torch.equal(one.logprob[0][kept], batched.logprob[b][kept])
+            assert torch.equal(one.score[0][kept], batched.score[b][kept])
+
+
+@pytest.mark.parametrize("rnn, seed, end_bias", [("lstm", 3, -0.5), ("gru", 5, 0.5)])
+def test_attention_searches_give_the_same_captions_with_and_without_dropping_finished_images(rnn, seed, end_bias):
+    """The attention decoder keeps each image's cells once (not per beam): keep_images must drop
+    those too. Searches that drop ended images give what searches keeping them to the end give."""
+    from captioner.model.attention import AttentionDecoder
+
+    torch.manual_seed(seed)
+    dec = AttentionDecoder(vocab_size=30, feat_dim=12, embed_dim=8, hidden_dim=16, attention_dim=8, rnn=rnn).eval()
+    with torch.no_grad():
+        dec.out.bias[EOS] += end_bias  # so that in each search some images end well before others
+    feats = torch.randn(9, 5, 12) * 3
+    rows = []
+    step = dec.step
+    dec.step = lambda tokens, state: rows.append(len(tokens)) or step(tokens, state)
+    for beam, norm, block in [(1, 0.0, False), (3, 1.0, False), (5, 1.5, True)]:
+        rows.clear()
+        if beam == 1:
+            a = greedy(dec, feats, BOS, EOS, 12)
+            assert min(rows) < 9  # images did leave
+            b = greedy(dec, feats, BOS, EOS, 12, drop_finished=False)
+        else:
+            a = beam_search(dec, feats, BOS, EOS, 12, beam, norm, block)
+            assert min(rows) < 9 * beam
+            b = beam_search(dec, feats, BOS, EOS, 12, beam, norm, block, drop_finished=False)
+        assert torch.equal(a.tokens, b.tokens)
+        assert torch.allclose(a.logprob, b.logprob, atol=1e-5) and torch.allclose(a.score, b.score, atol=1e-5)

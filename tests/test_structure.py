@@ -156,6 +156,12 @@ def test_decoders_keep_the_contract(cls, rnn):
     assert logits.shape == (2, 11) and torch.equal(logits, logits2)
     assert [t.shape for t in dec.flatten_state(new)] == [t.shape for t in flat]
     assert dec.word_vectors("output").shape[0] == dec.word_vectors("input").shape[0] == 11
+    # keep_images: image 1's block of 3 beams alone steps exactly as it does beside image 0
+    beams = dec.select(state, torch.tensor([0, 0, 0, 1, 1, 1]))
+    words = torch.tensor([4, 5, 6, 7, 8, 9])
+    both, _ = dec.step(words, beams)
+    alone, _ = dec.step(words[3:], dec.keep_images(beams, torch.tensor([1]), 3))
+    assert torch.allclose(alone, both[3:], atol=1e-6)
     if dec.has_attention:
         assert dec.attention_maps(feats, torch.tensor([[1, 5, 6], [1, 7, 8]])).shape == (2, 3, 4)
     else:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioner.errors import ConfigError
-from captioner.model.base import Decoder
+from captioner.model.base import Decoder, image_rows
 
 
 @dataclass
@@ -169,6 +169,13 @@ class AttentionDecoder(Decoder):
         alpha = state.alpha.index_select(0, index) if state.alpha is not None else None
         c = state.c.index_select(0, index) if state.c is not None else None
         return AttentionState(state.h.index_select(0, index), c, state.cells, state.keys, alpha)
+
+    def keep_images(self, state: AttentionState, images: torch.Tensor, k: int) -> AttentionState:
+        """Only the images `images`: their k rows of the LSTM state and their cells and keys."""
+        rows = image_rows(images, k)
+        return AttentionState(state.h.index_select(0, rows), None if state.c is None else state.c.index_select(0, rows),
+                              state.cells.index_select(0, images), state.keys.index_select(0, images),
+                              None if state.alpha is None else state.alpha.index_select(0, rows))
 
     # -- attention maps, export and word maps ---------------------------------------------------
 

@@ -15,6 +15,8 @@ of `Decoder` and one line in `model/network.py`'s `DECODERS`.
     start(feats)                    -> state before the first word                  decoding
     step(tokens (N,), state)        -> logits (N, V) for the next word, new state
     select(state, index (N',))      -> the state's rows `index` (keep / repeat / reorder beams)
+    keep_images(state, images, k)   -> the state of images `images` only (k rows each), the others
+                                       dropped: a search stops computing captions that have ended
     flatten_state(state)            -> tuple of tensors, named by `state_names`     export
     unflatten_state(tensors)        -> state
     attention_maps(feats, tokens)   -> weights (B, T, P) of each word over the cells
@@ -69,6 +71,12 @@ class Decoder(nn.Module):
     def select(state: State, index: torch.Tensor) -> State:
         raise NotImplementedError
 
+    def keep_images(self, state: State, images: torch.Tensor, k: int) -> State:
+        """The state of the images `images` (ascending ids of the current batch), each image's block
+        of `k` rows kept, every other image's dropped. The default serves decoders whose state is
+        all rows; a decoder with per-image tensors (attention's cells) drops those too."""
+        return self.select(state, image_rows(images, k))
+
     @property
     def state_names(self) -> tuple[str, ...]:
         """Names of the tensors `flatten_state` returns, in order (export names its graph inputs by them)."""
@@ -86,3 +94,8 @@ class Decoder(nn.Module):
 
     def word_vectors(self, layer: str = "output") -> torch.Tensor:
         raise NotImplementedError
+
+
+def image_rows(images: torch.Tensor, k: int) -> torch.Tensor:
+    """Images (N,) -> their rows (N*k,) in a state of k rows an image: image b's are b*k .. b*k+k-1."""
+    return (images[:, None] * k + torch.arange(k, device=images.device)).view(-1)
