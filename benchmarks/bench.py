@@ -79,6 +79,7 @@ from captioner.model.packed import packable_dtypes
 from captioner.runtime import (
     autocast,
     caption_batch_size,
+    caption_workers,
     cpu_has_amx,
     cpu_has_fast_bf16,
     decoder_precision,
@@ -625,8 +626,8 @@ def bench_files(args, device: torch.device) -> None:
     paths = [r.image for r in records[: args.files]]
     cap = Captioner.load(args.model, device=str(device), precision=args.precision)
     gpu = device.type == "cuda"
-    batches = (64, 256, 512) if gpu else (32, 64)
-    default = loader_workers(len(paths), caption_batch_size(device))
+    batches = (64, 256, 512) if gpu else (32, 64, 128)
+    default = caption_workers(device, len(paths), caption_batch_size(device))
     own = cap.decoding
     lines = ["| batch | loader processes | JPEGs decoded by | decoding | images/s | captions as in the batch's "
              "first row |", "|---|---|---|---|---|---|"]
@@ -669,7 +670,7 @@ def bench_files(args, device: torch.device) -> None:
                 row(batch, default, False, own, model=cap8, note=", **int8 decoder**")
     lines += ["", f"`captioner caption DIR --out x.jsonl` as the API runs it: {len(paths):,} Flickr8k photos (224x224 "
               f"JPEGs) from disk to the JSONL file, the model's own decoding ({own.describe()}) unless the row says, "
-              f"precision {cap.precision}. Loader processes by default: runtime.loader_workers."]
+              f"precision {cap.precision}. Loader processes by default: runtime.caption_workers."]
     report("Files to captions", lines, device)
 
 

@@ -59,13 +59,13 @@ def test_long_lists_are_captioned_in_batches_in_order(cap, shapes, monkeypatch):
 
 
 def test_the_default_batch_size_is_the_devices(cap, shapes, monkeypatch):
-    """32 images a batch on a CPU, 256 on a GPU, unless the caller says: for lists, files,
+    """64 images a batch on a CPU, 256 on a GPU, unless the caller says: for lists, files,
     caption --out and index alike."""
     import torch
 
     from captioner.runtime import caption_batch_size
 
-    assert cap.batch_size == 32 and caption_batch_size(torch.device("cuda")) == 256
+    assert cap.batch_size == 64 and caption_batch_size(torch.device("cuda")) == 256
     paths = sorted(shapes.parent.glob("*.png"))[:5]
     sizes = []
     real = cap.caption_tensor
@@ -74,6 +74,21 @@ def test_the_default_batch_size_is_the_devices(cap, shapes, monkeypatch):
     cap.caption(paths)
     list(cap.caption_files(paths, workers=0))
     assert sizes == [2, 2, 1] * 2
+
+
+def test_loader_processes_for_captioning_by_device_and_cores(monkeypatch):
+    """Two cores or fewer on a CPU: no loader process (it only takes turns with the model's threads);
+    more cores, or a GPU: the general rule, none for two batches or fewer."""
+    import torch
+
+    from captioner.runtime import caption_workers, loader_workers
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    for cores, want_cpu, want_gpu in [(1, 0, 1), (2, 0, 1), (4, 3, 3), (16, 8, 8)]:
+        monkeypatch.setattr("os.cpu_count", lambda c=cores: c)
+        assert caption_workers(cpu, 1000, 64) == want_cpu
+        assert caption_workers(gpu, 1000, 64) == want_gpu == loader_workers(1000, 64)
+        assert caption_workers(gpu, 128, 64) == 0
 
 
 def test_errors_skip_gives_none_in_place_with_a_warning(cap, photo, tmp_path):

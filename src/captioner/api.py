@@ -23,10 +23,10 @@ from captioner.names import SHIPPED, shipped_model_dir
 from captioner.runtime import (
     autocast,
     caption_batch_size,
+    caption_workers,
     decoder_precision,
     encoder_chunk,
     encoder_precision,
-    loader_workers,
     pick_device,
     resolve_precision,
 )
@@ -179,12 +179,12 @@ class Captioner:
         """Caption many files in batches, in their order. Yields (path, result, None) or (path, None,
         error line): an unreadable file is reported and skipped, never fatal. `features`: see
         caption_tensor. `workers`: processes reading images while the model runs (default:
-        runtime.loader_workers). `jpegs_on_device`: decode plain JPEGs on the model's device, a
+        runtime.caption_workers). `jpegs_on_device`: decode plain JPEGs on the model's device, a
         batch in one call (default: on CUDA; see data/jpeg.py)."""
         paths = list(paths)
         batch_size = batch_size or self.batch_size
         if workers is None:
-            workers = loader_workers(len(paths), batch_size)
+            workers = caption_workers(self.device, len(paths), batch_size)
         cfg = self.model.cfg
         loader = image_batches(paths, cfg.image_size, cfg.mean, cfg.std, self.device, batch_size=batch_size,
                                workers=workers, jpegs_on_device=jpegs_on_device)

@@ -135,7 +135,7 @@ def _caption_parser(sub) -> None:
                         "there with the same content")
     p.add_argument("--force", action="store_true",
                    help="with --out: replace FILE even when captioner did not write it (else such a file is refused)")
-    p.add_argument("--batch-size", type=POSITIVE, help="images per batch (default: 32 on a CPU, 256 on a GPU)")
+    p.add_argument("--batch-size", type=POSITIVE, help="images per batch (default: 64 on a CPU, 256 on a GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--nproc", type=POSITIVE, default=1,
                    help="with --out: caption in N processes on this machine, each its share of the images "
@@ -172,7 +172,7 @@ def _index_parser(sub) -> None:
     p.add_argument("folders", nargs="+", type=Path)
     p.add_argument("--db", type=Path, required=True, help="the database file (created when missing)")
     _model_option(p)
-    p.add_argument("--batch-size", type=POSITIVE, help="images per batch (default: 32 on a CPU, 256 on a GPU)")
+    p.add_argument("--batch-size", type=POSITIVE, help="images per batch (default: 64 on a CPU, 256 on a GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _decoding_options(p)
     _machine_options(p)
