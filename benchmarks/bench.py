@@ -395,7 +395,7 @@ def plain_layers(cap: Captioner) -> Captioner:
 
 @contextlib.contextmanager
 def ended_images_kept(keep: bool = True):
-    """The searches as before 2026-11-24: every image of a batch searched until the last is done
+    """The searches as before 2026-11-23, 23:00 UTC: every image of a batch searched until the last is done
     (decode.py's drop_finished=False), for every caller inside."""
     if not keep:
         yield
