@@ -3,6 +3,7 @@
 and the plain layers' arithmetic wherever packing does not apply."""
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -124,20 +125,26 @@ def test_packed_convolutions_compute_what_the_plain_ones_do(bf16):
         pytest.skip("no bf16 kernel in oneDNN for this CPU")
     torch.manual_seed(0)
     convs = [nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(8, 16, 1), nn.Conv2d(8, 8, 5, padding=2, groups=8),
-             nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), Conv2dSame(8, 16, 3, stride=2)]
-    x = torch.randn(2, 8, 15, 15).contiguous(memory_format=torch.channels_last)
-    for conv in convs:
-        twin = packed.PackedConv2d(copy.deepcopy(conv))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            want, got = conv(x), twin(x)
-            plain_layout, plain_want = twin(x.contiguous()), conv(x.contiguous())  # not channels-last: plain road
-        assert set(twin._packs) == {torch.bfloat16 if bf16 else torch.float32}
-        assert got.shape == want.shape and got.dtype == want.dtype
-        if bf16:
-            assert torch.equal(got, want), conv
-        else:
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        assert torch.equal(plain_layout, plain_want)
+             nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), Conv2dSame(8, 16, 3, stride=2),
+             Conv2dSame(8, 8, 3, stride=2, groups=8), Conv2dSame(8, 8, 5, stride=2, groups=8),  # depthwise "same"
+             Conv2dSame(8, 8, 4, stride=1, groups=8, bias=False)]
+    for x in (torch.randn(2, 8, 15, 15), torch.randn(2, 8, 16, 16), torch.randn(1, 8, 15, 16), torch.randn(1, 8, 6, 6)):
+        x = x.contiguous(memory_format=torch.channels_last)  # odd, even and mixed sizes: symmetric or not
+        for conv, relu6 in itertools.product(convs, (False, True)):
+            twin = packed.PackedConv2d(copy.deepcopy(conv))
+            twin.relu6 = relu6  # a ReLU6 after it, run inside (fuse_relu6)
+            plain = nn.Sequential(conv, nn.ReLU6()) if relu6 else conv
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                want, got = plain(x), twin(x)
+                plain_layout, plain_want = twin(x.contiguous()), plain(x.contiguous())  # not channels-last: plain
+            assert {key[0] for key in twin._packs} == {torch.bfloat16 if bf16 else torch.float32}
+            assert got.shape == want.shape and got.dtype == want.dtype
+            assert got.is_contiguous(memory_format=torch.channels_last)
+            if bf16:
+                assert torch.equal(got, want), (conv, x.shape, relu6)
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            assert torch.equal(plain_layout, plain_want)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -155,6 +162,7 @@ def test_the_captioning_encoder_is_packed_and_gives_the_plain_features(precision
     enc = model.inference_encoder(precision)
     kinds = {type(m).__name__ for m in enc.modules()}
     assert "PackedConv2d" in kinds and "Conv2d" not in kinds and "Conv2dSame" not in kinds
+    assert "ReLU6" not in kinds and sum(getattr(m, "relu6", False) for m in enc.modules()) == 33  # all run inside
     plain = fold_batchnorm(model.encoder).to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0)).contiguous(
         memory_format=torch.channels_last)
@@ -169,7 +177,7 @@ def test_the_captioning_encoder_is_packed_and_gives_the_plain_features(precision
 def test_a_layer_onednn_refuses_runs_plain_from_then_on(monkeypatch):
     calls = []
 
-    def refuse(*args):
+    def refuse(*args, **kwargs):
         calls.append(1)
         raise RuntimeError("could not create a primitive descriptor")  # what oneDNN says for a shape it lacks
 

@@ -101,13 +101,8 @@ def fold_batchnorm(backbone: Backbone) -> Backbone:
     folded = copy.deepcopy(backbone).eval()
     t = folded.trunk
     if hasattr(t, "blocks"):  # timm's EfficientNet: conv, then BatchNormAct2d (BN + activation)
-        t.bn1 = _fold(t.conv_stem, t.bn1)
-        t.bn2 = _fold(t.conv_head, t.bn2)
-        for block in (b for stage in t.blocks for b in stage):
-            pairs = ([("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3")] if hasattr(block, "conv_pwl")
-                     else [("conv_dw", "bn1"), ("conv_pw", "bn2")])  # inverted residual, or depthwise separable
-            for conv, bn in pairs:
-                setattr(block, bn, _fold(getattr(block, conv), getattr(block, bn)))
+        for module, conv, bn in conv_norm_pairs(folded):
+            setattr(module, bn, _fold(getattr(module, conv), getattr(module, bn)))
     elif backbone.name.startswith("resnet"):  # Sequential(conv1, bn1, relu, maxpool, layer1..4)
         t[1] = _fold(t[0], t[1])
         for block in (b for layer in list(t)[4:] for b in layer):
@@ -117,6 +112,21 @@ def fold_batchnorm(backbone: Backbone) -> Backbone:
             if block.downsample is not None:  # Sequential(conv, bn)
                 block.downsample[1] = _fold(block.downsample[0], block.downsample[1])
     return folded
+
+
+def conv_norm_pairs(backbone: Backbone | nn.Module) -> list[tuple[nn.Module, str, str]]:
+    """(module, convolution's name, its norm's name) for each convolution of a timm EfficientNet
+    trunk and the BatchNormAct2d after it (after fold_batchnorm, the norm's place holds its
+    activation); none for other trunks."""
+    t = getattr(backbone, "trunk", None)
+    if not hasattr(t, "blocks"):
+        return []
+    pairs = [(t, "conv_stem", "bn1"), (t, "conv_head", "bn2")]
+    for block in (b for stage in t.blocks for b in stage):
+        names = ([("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3")] if hasattr(block, "conv_pwl")
+                 else [("conv_dw", "bn1"), ("conv_pw", "bn2")])  # inverted residual, or depthwise separable
+        pairs += [(block, conv, norm) for conv, norm in names]
+    return pairs
 
 
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Module:
