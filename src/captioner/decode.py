@@ -139,7 +139,7 @@ def log_probs(logits: torch.Tensor, banned: Sequence[int] | torch.Tensor = (), t
     distribution is the model's over the allowed words. (Removing them afterwards would leave their
     mass in the normaliser; self-critical training then pushes ever more mass onto a word it never
     samples, until every allowed word's probability underflows to zero.)"""
-    logits = logits.float() / temperature
+    logits = logits.float() if temperature == 1.0 else logits.float() / temperature  # x / 1 is x: no pass for it
     if len(banned):
         logits = logits.index_fill(1, _on(banned, logits.device), NEG_INF)
     return F.log_softmax(logits, dim=-1)

@@ -87,7 +87,7 @@ class AttentionDecoder(Decoder):
         query = self.att_hidden(s.h).view(B, K, 1, -1)  # (B, K, 1, A)
         scores = self.att_score(torch.tanh(s.keys[:, None] + query)).squeeze(-1)  # (B, K, P)
         alpha = scores.float().softmax(dim=-1)  # (B, K, P)
-        context = torch.einsum("bkp,bpd->bkd", alpha.to(s.cells.dtype), s.cells)  # (B, K, D)
+        context = torch.bmm(alpha.to(s.cells.dtype), s.cells)  # (B, K, P) @ (B, P, D) -> (B, K, D)
         context = torch.sigmoid(self.gate(s.h)) * context.reshape(B * K, -1)
         return context, alpha.view(B * K, P)
 
