@@ -65,9 +65,9 @@ def packable_dtypes() -> frozenset[torch.dtype]:
 
 class _Packs(dict):
     """dtype (a convolution: dtype and padding) -> (weight's version, packed weight, bias in that
-    dtype). A copy of a layer starts
-    with none (oneDNN's packed tensors cannot be copied) and packs again on use. `refused`: oneDNN
-    refused this layer once (a shape or dtype it has no kernel for here), so it runs plain from then on."""
+    dtype). A copy of a layer starts with none (oneDNN's packed tensors cannot be copied) and packs
+    again on use. `refused`: oneDNN refused this layer once (a shape or dtype it has no kernel for
+    here), so it runs plain from then on."""
 
     refused = False
 
