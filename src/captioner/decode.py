@@ -233,6 +233,7 @@ def beam_search(decoder, feats: torch.Tensor, bos: int, eos: int, max_len: int, 
     fin_score = torch.full((B, K), NEG_INF, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     first_k = torch.arange(2 * K, device=dev) < K
+    first_row = torch.arange(B, device=dev)[:, None] * K  # (B, 1) each image's first row, b*K
     ids = torch.arange(B, device=dev)  # each image still searched: its place in the results
     results = Hypotheses(fin_tokens.clone(), fin_logp.clone(), fin_score.clone())  # (B, ...) filled as images leave
 
@@ -247,7 +248,7 @@ def beam_search(decoder, feats: torch.Tensor, bos: int, eos: int, max_len: int, 
         cand = (scores.view(N, K, 1) + logp.view(N, K, V)).view(N, K * V)
         top_s, top_i = cand.topk(min(2 * K, K * V), dim=1)  # (N, 2K)
         beam_i, tok_i = top_i // V, top_i % V
-        parent = torch.arange(N, device=dev)[:, None] * K + beam_i  # (N, 2K) row in the N*K layout
+        parent = first_row[:N] + beam_i  # (N, 2K) row in the N*K layout
         is_eos = tok_i == eos
 
         new = is_eos & first_k[: top_s.shape[1]] & ~done[:, None] & torch.isfinite(top_s)
