@@ -69,7 +69,7 @@ from captioner.data.features import cached_features, extract_features
 from captioner.data.images import eval_transform, open_rgb
 from captioner.data.records import Record, load_records, split_records
 from captioner.data.vocab import Vocabulary
-from captioner.decode import Decoding, Hypotheses, beam_search, caption_features, greedy, never_said
+from captioner.decode import Decoding, beam_search, caption_features, greedy, never_said
 from captioner.library import MODES, _write_batch, connect, search, similar
 from captioner.model.attention import AttentionDecoder
 from captioner.model.folder import load_model
@@ -89,7 +89,6 @@ from captioner.runtime import (
     loader_workers,
     pick_device,
     resolve_precision,
-    search_check_every,
 )
 from captioner.train.data import Captions, FeatureRows, ImageBatch, ImageCaptions, image_batch_collate
 from captioner.train.epoch import train_one_epoch
@@ -470,10 +469,6 @@ def bench_packed(args, device: torch.device) -> None:
     report("Packed weights", lines, device)
 
 
-# ---------------------------------------------------------------------------------------------
-# 3. batched beam search against a loop over images
-
-
 def bench_bigjpeg(args, device: torch.device) -> None:
     """Big JPEGs, as phones take them: decoded at full size (as before) against libjpeg's reduced
     scale (images.draft_size), both sides at least twice the model's input; photos in turns."""
@@ -491,8 +486,7 @@ def bench_bigjpeg(args, device: torch.device) -> None:
                                                         "caption reduced")}
         for p in paths:
             for name, c in (("full", full), ("reduced", cap)):
-                ms[f"decode {name}"].append(timed(lambda c=c, p=p: c.transform(
-                    open_rgb(p, min_size=c.draft_size))) * 1000)
+                ms[f"decode {name}"].append(timed(lambda c=c, p=p: c.read(p)) * 1000)
                 ms[f"caption {name}"].append(timed(lambda c=c, p=p: c.caption(p)) * 1000)
     p50 = {k: statistics.median(v) for k, v in ms.items()}
     report("Big JPEGs", [
@@ -505,6 +499,10 @@ def bench_bigjpeg(args, device: torch.device) -> None:
         f"| file to caption | {p50['caption full']:.1f} | {p50['caption reduced']:.1f} | "
         f"{p50['caption full'] / p50['caption reduced']:.1f}x |", "",
         f"Captions the same at both scales: {same} of {len(paths)}."], device)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. batched beam search against a loop over images
 
 
 def bench_beam(args, device: torch.device) -> None:
@@ -535,30 +533,20 @@ def bench_beam(args, device: torch.device) -> None:
              "images.", ""]
 
     # ended images leaving the batch (decode.py) against keeping them to the end, as before
-    def search_all(decoding: Decoding, batch: int, drop: bool) -> Hypotheses:
-        d, parts = decoding, []
-        with torch.no_grad(), autocast(device, decoder_precision(cap.precision, device, batch)):
-            for i in range(0, len(feats), batch):
-                f, every = feats[i:i + batch], search_check_every(device)
-                if d.beam_size == 1:
-                    parts.append(greedy(m.decoder, f, v.start, v.end, d.max_len, never_said(v), every, drop))
-                else:
-                    parts.append(beam_search(m.decoder, f, v.start, v.end, d.max_len, d.beam_size, d.length_norm,
-                                             d.block_trigrams, never_said(v), every, drop))
-        return Hypotheses(*(torch.cat([getattr(h, k) for h in parts]) for k in ("tokens", "logprob", "score")))
+    def search_all(decoding: Decoding, batch: int, keep: bool) -> list[dict]:
+        with ended_images_kept(keep):
+            return decode_with(cap, feats, batch, decoding)
 
     lines += ["| decoding | batch | kept to the end (before) img/s | leaving when done img/s | faster | "
-              "same captions and log-probabilities |", "|---|---|---|---|---|---|"]
+              "same captions, log-probabilities and alternatives |", "|---|---|---|---|---|---|"]
     for decoding in (cap.decoding, Decoding(beam_size=3, length_norm=1.0), Decoding()):
         for batch in dict.fromkeys((caption_batch_size(device), 64)):
-            kept, left = search_all(decoding, batch, False), search_all(decoding, batch, True)
-            same = sum(torch.equal(a, b) and torch.equal(x, y) for a, b, x, y in
-                       zip(kept.tokens, left.tokens, kept.logprob, left.logprob))
-            t = {False: [], True: []}
+            same = sum(a == b for a, b in zip(search_all(decoding, batch, True), search_all(decoding, batch, False)))
+            t = {True: [], False: []}
             for _ in range(3):  # in turns
-                for drop in (False, True):
-                    t[drop].append(timed(lambda c=decoding, b=batch, d=drop: search_all(c, b, d)))
-            tk, tl = min(t[False]), min(t[True])
+                for keep in t:
+                    t[keep].append(timed(lambda c=decoding, b=batch, k=keep: search_all(c, b, k)))
+            tk, tl = min(t[True]), min(t[False])
             lines.append(f"| {decoding.describe()} | {batch} | {len(feats) / tk:,.0f} | {len(feats) / tl:,.0f} | "
                          f"{tk / tl:.2f}x | {same} of {len(feats)} |")
     lines += ["", "A batch's search runs until its last image is done; an image whose search has ended (K finished "

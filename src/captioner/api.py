@@ -101,8 +101,7 @@ class Captioner:
             tensors, read, failed = [], [], {}
             for i, image in enumerate(batch[start:start + batch_size], start):
                 try:
-                    tensors.append(self.transform(open_rgb(image, name=image_name(image, i, single),
-                                                           min_size=self.draft_size)))
+                    tensors.append(self.read(image, name=image_name(image, i, single)))
                     read.append(i)
                 except ImageError as e:
                     if errors == "raise":
@@ -117,6 +116,12 @@ class Captioner:
                 else:
                     results.append(r["caption"] if r else None)
         return results[0] if single else results
+
+    def read(self, image: ImageLike, name: str | None = None) -> torch.Tensor:
+        """One image (see `caption`) -> the model's input (3, S, S), as captioning reads it: a big
+        JPEG decoded at a reduced scale (images.draft_size), then resized and normalised. Raises an
+        ImageError naming it (`name`, else the path) when it cannot be read."""
+        return self.transform(open_rgb(image, name=name, min_size=self.draft_size))
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,7 +168,7 @@ class Captioner:
         caption is the one `caption()` gives with the same decoding."""
         m, v = self.model, self.vocab
         self.require_attention()
-        feats = self.features(self.transform(open_rgb(image, min_size=self.draft_size))[None])  # (1, P, C)
+        feats = self.features(self.read(image)[None])  # (1, P, C)
         caption = caption_features(m.decoder, v, feats, decoding or self.decoding, self.device,
                                    self.precision)[0]["caption"]
         ids = [v.stoi[w] for w in caption.split()]

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from captioner.data.images import list_images, open_rgb
+from captioner.data.images import list_images
 from captioner.data.vocab import tokenize
 from captioner.errors import LibraryError
 from captioner.files import path_text, readable_digest
@@ -390,7 +390,7 @@ def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None
                 raise LibraryError(f"no photo {photo_id} in the library indexed by this model")
             query = np.frombuffer(own[0], np.float16).astype(np.float32)
         else:
-            x = captioner.transform(open_rgb(image, min_size=captioner.draft_size))[None]
+            x = captioner.read(image)[None]
             query = retrieval.pooled_vectors(captioner.features(x)).astype(np.float32)[0]  # (C,)
         ids, sims = [], []
         cur = con.execute("SELECT p.id, p.data FROM pooled p JOIN vectors v ON v.id = p.id WHERE v.model = ?",
