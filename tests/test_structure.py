@@ -29,7 +29,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "captioner"
 
 # data -> model -> decode -> train/api -> cli/server: a module imports only from its floor or below
 FLOORS = [
-    ("base", ["errors", "files", "names", "runtime"]),
+    ("base", ["errors", "files", "names", "runtime", "distributed"]),
     ("data", ["data", "metrics"]),
     ("model", ["model"]),
     ("decode", ["decode", "retrieval"]),

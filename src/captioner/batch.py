@@ -33,9 +33,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from captioner.decode import Decoding
+from captioner.distributed import Dist
 from captioner.errors import ConfigError
 from captioner.files import atomic_write, path_text, readable_digest
-from captioner.runtime import Dist
 
 FIELDS = ("image", "sha1", "caption")
 FORMULA = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet cell a formula

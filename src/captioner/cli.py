@@ -349,7 +349,7 @@ def _report_failures(failed: list[str]) -> None:
 
 def cmd_caption(a: argparse.Namespace) -> int:
     from captioner.api import Captioner
-    from captioner.runtime import Dist
+    from captioner.distributed import Dist
 
     if a.nproc > 1 and not a.out:
         raise DataError("--nproc N needs --out FILE: the processes merge their captions into it")

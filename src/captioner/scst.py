@@ -29,8 +29,9 @@ from tqdm import tqdm
 
 from captioner.data.vocab import Vocabulary, tokenize
 from captioner.decode import Decoding, never_said, sample, search
+from captioner.distributed import Dist
 from captioner.errors import ConfigError
-from captioner.runtime import Dist, autocast
+from captioner.runtime import autocast
 
 Ngrams = list[Counter]  # Counter of n-gram tuples for n = 1..4
 

@@ -23,9 +23,10 @@ from tqdm import tqdm
 
 from captioner.data import jpeg
 from captioner.data.jpeg import image_batches
+from captioner.distributed import Dist
 from captioner.errors import CaptionerWarning, DataError
 from captioner.files import atomic_write, readable_digest
-from captioner.runtime import Dist, autocast, encoder_chunk
+from captioner.runtime import autocast, encoder_chunk
 
 CACHE_VERSION = 3  # 2: entries carry a checksum of their features; 3: big JPEGs decoded at a reduced scale
 # (images.draft_size) and, on the CPU, the encoder's convolutions packed (model/packed.py: fp32 rounds differently)

@@ -23,9 +23,10 @@ from captioner.data.features import cached_features, extract_features
 from captioner.data.images import draft_size, open_rgb, train_transform
 from captioner.data.records import Record, assign_splits, check_images, load_records, split_records
 from captioner.data.vocab import Vocabulary
+from captioner.distributed import Dist
 from captioner.errors import CaptionerWarning, DataError, ImageError
 from captioner.model.network import CaptionModel, ModelConfig
-from captioner.runtime import Dist, one_thread
+from captioner.runtime import one_thread
 from captioner.scst import CiderD, SelfCritical
 from captioner.train.config import TrainConfig
 

@@ -21,10 +21,11 @@ from captioner import metrics
 from captioner.data.batching import LengthBucketSampler
 from captioner.data.vocab import Vocabulary
 from captioner.decode import Decoding, caption_features
+from captioner.distributed import Dist
 from captioner.errors import CaptionerWarning, TrainingError
 from captioner.model.folder import load_model, save_model
 from captioner.model.network import CaptionModel
-from captioner.runtime import Dist, autocast, encoder_memory_format
+from captioner.runtime import autocast, encoder_memory_format
 from captioner.train.data import Captions, FeatureRows
 
 

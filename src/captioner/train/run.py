@@ -30,11 +30,12 @@ from captioner.data.batching import ImageBatchSampler, LengthBucketSampler
 from captioner.data.records import Record
 from captioner.data.vocab import SPECIALS, Vocabulary
 from captioner.decode import Decoding
+from captioner.distributed import Dist
 from captioner.errors import ConfigError, DataError
 from captioner.model.encoder import weights_digest
 from captioner.model.folder import load_model, save_model
 from captioner.model.network import CaptionModel, ModelConfig
-from captioner.runtime import Dist, encoder_memory_format, keep_freed_memory, resolve_precision
+from captioner.runtime import encoder_memory_format, keep_freed_memory, resolve_precision
 from captioner.scst import scst_one_epoch
 from captioner.train.checkpoint import (
     CHECKPOINT,
