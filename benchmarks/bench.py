@@ -14,7 +14,7 @@ Sections:
            and with BatchNorm folded), decoder (greedy and the model's own), end to end before/after.
   bigjpeg  phone-size JPEGs (val photos enlarged to 4032x3024): decode + resize and file to caption,
            decoded at full size against the reduced scale (images.draft_size), and the captions.
-  packed   the decoder's layers and the encoder's convolutions with packed weights (model/packed.py)
+  packed   the decoder's layers and the encoder's convolutions with packed weights (inference/packed.py)
            against the plain ones, fp32 and bf16: one photo (1 thread and the default) and batches,
            ms a photo, and whether the captions and features are the same.
   beam     the batched beam search against a loop over images: the same captions, and the ratio;
@@ -37,7 +37,6 @@ Every section prints its table and appends it to benchmarks/RESULTS.md with the 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import functools
 import json
@@ -65,26 +64,23 @@ from torch.utils.data import DataLoader
 from captioner import Captioner, retrieval
 from captioner.batch import caption_to_file
 from captioner.data.batching import ImageBatchSampler, LengthBucketSampler
-from captioner.data.features import cached_features, extract_features
 from captioner.data.images import eval_transform, open_rgb
 from captioner.data.records import Record, load_records, split_records
 from captioner.data.vocab import Vocabulary
-from captioner.decode import Decoding, beam_search, caption_features, greedy, never_said
+from captioner.decode import Decoding, beam_search, caption_features
+from captioner.inference.features import cached_features, extract_features
+from captioner.inference.int8 import int8_available
+from captioner.inference.packed import packable_dtypes
+from captioner.inference.plan import InferencePlan
 from captioner.library import MODES, _write_batch, connect, search, similar
 from captioner.model.attention import AttentionDecoder
 from captioner.model.folder import load_model
-from captioner.model.int8 import int8_available
 from captioner.model.network import CaptionModel, ModelConfig
-from captioner.model.packed import packable_dtypes
 from captioner.runtime import (
     autocast,
-    caption_batch_size,
-    caption_workers,
     cpu_has_amx,
     cpu_has_fast_bf16,
-    decoder_precision,
     encoder_memory_format,
-    encoder_precision,
     keep_freed_memory,
     loader_workers,
     pick_device,
@@ -180,7 +176,8 @@ def reference_step(cnn: nn.Module, decoder: SeedStyleDecoder, opt, images: torch
 
 
 def bench_train(args, device: torch.device) -> None:
-    precision = resolve_precision(args.precision, device)
+    plan = InferencePlan.resolve(device, args.precision, training=True)
+    precision = plan.precision
     records = load_records(args.data)
     train = split_records(records, "train")
     vocab = Vocabulary.build((c for r in train for c in r.captions), 5)
@@ -194,13 +191,13 @@ def bench_train(args, device: torch.device) -> None:
              f"precision {precision} for (a) and (b), fp32 for (c).", ""]
 
     # (a) cached features: a whole epoch
-    f, ok, _ = cached_features(model, [r.image for r in train], args.cache_dir, device=device, precision=precision,
-                               batch_size=64, workers=args.workers)
+    f, ok, _ = cached_features(model, [r.image for r in train], plan, args.cache_dir, batch_size=64,
+                               workers=args.workers)
     feats = FeatureRows(f, list(range(len(train))))
     opt = torch.optim.Adam(model.decoder.parameters(), 4e-4)
     sampler = LengthBucketSampler(caps.lengths, 128, seed=0)
     t0 = time.perf_counter()
-    train_one_epoch(model, ((feats[rows], tok) for rows, tok in map(caps.batch, sampler)), opt, device, precision,
+    train_one_epoch(model, ((feats[rows], tok) for rows, tok in map(caps.batch, sampler)), opt, plan,
                     5.0, 1, vocab.pad, progress=False)
     a_epoch = time.perf_counter() - t0
     a_rate = n / a_epoch
@@ -216,7 +213,7 @@ def bench_train(args, device: torch.device) -> None:
             yield ImageBatch(images, torch.arange(len(rows)), tok, torch.full((len(rows),), tok.shape[1] - 1), [])
 
     t0 = time.perf_counter()
-    train_one_epoch(model, image_batches(), opt, device, precision, 5.0, 1, vocab.pad, images=True, progress=False)
+    train_one_epoch(model, image_batches(), opt, plan, 5.0, 1, vocab.pad, images=True, progress=False)
     b_seconds = time.perf_counter() - t0
     b_caps = sum(len(b) for b in batches)
     b_rate = b_caps / b_seconds
@@ -323,32 +320,25 @@ def bench_latency(args, device: torch.device) -> None:
 
     parts = {"read + preprocess": lambda: cap.transform(open_rgb(path)),
              "encoder as trained": lambda: encoder(as_trained), "encoder folded": lambda: encoder(folded),
-             "decoder greedy": lambda: caption_features(cap.model.decoder, cap.vocab, feats, greedy, device,
-                                                        cap.precision),
+             "decoder greedy": lambda: caption_features(cap.model.decoder, cap.vocab, feats, greedy, cap.plan),
              "decoder " + cap.decoding.describe(): lambda: caption_features(cap.model.decoder, cap.vocab, feats,
-                                                                            cap.decoding, device, cap.precision),
+                                                                            cap.decoding, cap.plan),
              "end to end, before": lambda: end_to_end(as_trained), "end to end, now": lambda: end_to_end(folded),
              # the decoding the speed targets were set at (the shipped model's own until 2026-11-23)
              "end to end now, beam 3 (ln 1.5)": lambda: end_to_end(folded, beam3)}
-    if device.type == "cpu" and packable_dtypes() and cap.precision != "int8":  # before model/packed.py
+    if device.type == "cpu" and packable_dtypes() and cap.precision != "int8":  # before inference/packed.py
         plain = plain_layers(cap)
         parts["end to end, plain layers"] = lambda: plain.caption(path)
-    if device.type == "cuda":  # the search asking the device at every step, as before search_check_every
-
-        def asking_every_step():
-            d = cap.decoding
-            with torch.no_grad(), autocast(device, decoder_precision(cap.precision, device, 1)):
-                beam_search(cap.model.decoder, feats.float(), cap.vocab.start, cap.vocab.end, d.max_len, d.beam_size,
-                            d.length_norm, d.block_trigrams, banned=never_said(cap.vocab), check_every=1)
-
-        parts["decoder " + cap.decoding.describe() + ", asking the GPU at every step (before)"] = asking_every_step
-    if decoder_precision(cap.precision, device, 1) != "fp32":  # a CPU where one image decodes in bf16
+    if device.type == "cuda":  # the search asking the device at every step (InferencePlan.check_every 1)
+        parts["decoder " + cap.decoding.describe() + ", asking the GPU at every step (before)"] = lambda: \
+            caption_features(cap.model.decoder, cap.vocab, feats, cap.decoding, cap.plan.replace(check_every=1))
+    if cap.plan.decoder_precision(1) != "fp32":  # a CPU where one image decodes in bf16
         parts["decoder fp32, " + cap.decoding.describe()] = lambda: caption_features(
-            cap.model.decoder, cap.vocab, feats, cap.decoding, device, "fp32")
+            cap.model.decoder, cap.vocab, feats, cap.decoding, cap.plan.replace(precision="fp32"))
     if cap8:
         cap8.encoder = folded
         parts |= {"decoder int8, " + cap.decoding.describe(): lambda: caption_features(
-                      cap8.model.decoder, cap.vocab, feats, cap.decoding, device, cap8.precision),
+                      cap8.model.decoder, cap.vocab, feats, cap.decoding, cap8.plan),
                   "end to end, int8": lambda: cap8.caption(path),
                   "end to end int8, beam 3 (ln 1.5)": lambda: cap8.caption(path, decoding=beam3)}
     threads_before = torch.get_num_threads()
@@ -356,10 +346,11 @@ def bench_latency(args, device: torch.device) -> None:
     lines = [f"Model: {args.model or 'shipped'}, its own decoding ({cap.decoding.describe()}), {cap.precision}; one "
              f"Flickr8k val photo ({path.name}); p50 of {args.latency_runs} runs in ms, the variants taken in turn "
              "in each round. Before = the encoder as trained (channels-last); now = BatchNorm folded and the decoder's "
-             "layers and encoder's convolutions packed (model/packed.py; plain layers = now without that)"
+             "layers and encoder's convolutions packed (inference/packed.py; plain layers = now without that)"
              + ("; int8 = now with --precision int8 (the decoder's weights in 8 bits)" if cap8 else "")
-             + ("; decoder fp32 = one image decoded in fp32, as every CPU did before 2026-11-23 (this CPU's own rule: "
-                "runtime.decoder_precision)" if any(k.startswith("decoder fp32") for k in parts) else "") + ".", "",
+             + ("; decoder fp32 = one image decoded in fp32, as every CPU did before 2026-11-23 (this CPU's own "
+                "rule: InferencePlan.decoder_precision)" if any(k.startswith("decoder fp32") for k in parts) else "")
+             + ".", "",
              "| torch threads | " + " | ".join(parts) + " | end to end now/before |"
              + (" end to end now/plain layers |" if "end to end, plain layers" in parts else "")
              + (" end to end int8/now |" if cap8 else ""),
@@ -388,28 +379,19 @@ def bench_latency(args, device: torch.device) -> None:
 
 
 def plain_layers(cap: Captioner) -> Captioner:
-    """`cap` as it captioned before model/packed.py: the same model, with the decoder's layers and the
-    encoder's convolutions unpacked."""
-    model, vocab = load_model(cap.source if cap.source != "shipped" else None, cap.device)
-    with mock.patch("captioner.model.network.packed_encoder", lambda encoder: encoder):  # all but the packing
-        encoder = model.inference_encoder(encoder_precision(cap.precision))
-    return Captioner(model, vocab, cap.device, cap.precision, cap.source, encoder)
+    """`cap` as it captioned before inference/packed.py: the same model, loaded again with the decoder's
+    layers and the encoder's convolutions unpacked (InferencePlan's `pack` off)."""
+    return Captioner.load(cap.source if cap.source != "shipped" else None, plan=cap.plan.replace(pack=False))
 
 
-@contextlib.contextmanager
-def ended_images_kept(keep: bool = True):
-    """The searches as before 2026-11-23, 23:00 UTC: every image of a batch searched until the last is done
-    (decode.py's drop_finished=False), for every caller inside."""
-    if not keep:
-        yield
-        return
-    with (mock.patch("captioner.decode.greedy", functools.partial(greedy, drop_finished=False)),
-          mock.patch("captioner.decode.beam_search", functools.partial(beam_search, drop_finished=False))):
-        yield
+def ended_images_kept(cap: Captioner) -> Captioner:
+    """`cap` searching as before 2026-11-23, 23:00 UTC: every image of a batch searched until the last is
+    done (InferencePlan's `drop_finished` off); the same model and encoder."""
+    return Captioner(cap.model, cap.vocab, cap.plan.replace(drop_finished=False), cap.source, cap.encoder)
 
 
 def decode_with(cap: Captioner, feats: torch.Tensor, batch: int, decoding: Decoding) -> list[dict]:
-    return caption_features(cap.model.decoder, cap.vocab, feats, decoding, cap.device, cap.precision, batch_size=batch)
+    return caption_features(cap.model.decoder, cap.vocab, feats, decoding, cap.plan, batch_size=batch)
 
 
 def bench_packed(args, device: torch.device) -> None:
@@ -425,8 +407,8 @@ def bench_packed(args, device: torch.device) -> None:
              "the photos themselves for the encoder rows; ms a photo, p50 over the photos one at a time (plain and "
              "packed in turns), or in batches (the decoder: all the photos, 64 at a time; the encoder: the first "
              "64, 32 at a time); same = captions (and log-probabilities) equal between the two over all the photos. "
-             "The precision is the autocast asked for: a CPU's rule (runtime.decoder_precision) may run 1-3 photos "
-             "in fp32 whatever is asked, and then the rows say so.", "",
+             "The precision is the autocast asked for: a CPU's rule (InferencePlan.decoder_precision) may run 1-3 "
+             "photos in fp32 whatever is asked, and then the rows say so.", "",
              "| precision | photos at once | threads | what | plain ms | packed ms | packed faster | same captions "
              "| same logprobs |", "|---|---|---|---|---|---|---|---|---|"]
     for precision in precisions:
@@ -441,7 +423,7 @@ def bench_packed(args, device: torch.device) -> None:
                 b = [r for job in one for r in decode_with(cap, *job)]
                 same = (f"{sum(u['caption'] == v['caption'] for u, v in zip(a, b))} of {len(a)} | "
                         f"{sum(u['logprob'] == v['logprob'] for u, v in zip(a, b))} of {len(a)}")
-                ran = decoder_precision(precision, device, bs)
+                ran = cap.plan.decoder_precision(bs)
                 for n in dict.fromkeys((1, threads) if bs == 1 else (threads,)):
                     torch.set_num_threads(n)
                     ms = {c: [] for c in (plain, cap)}
@@ -462,7 +444,7 @@ def bench_packed(args, device: torch.device) -> None:
                     for c in ms:
                         ms[c].append(timed(functools.partial(c.features, j)) * 1000 / len(j))
                 pa, pb = (statistics.median(v) for v in ms.values())
-                lines.append(f"| {encoder_precision(precision)} | {bs} | {n} | encoder | {pa:.2f} | {pb:.2f} | "
+                lines.append(f"| {cap.plan.encoder_precision} | {bs} | {n} | encoder | {pa:.2f} | {pb:.2f} | "
                              f"{pa / pb:.2f}x | features equal bit for bit in {same} of {min(len(jobs), 60 // bs + 1)} "
                              "batches | |")
             torch.set_num_threads(threads)
@@ -508,8 +490,7 @@ def bench_bigjpeg(args, device: torch.device) -> None:
 def bench_beam(args, device: torch.device) -> None:
     cap = Captioner.load(args.model, device=str(device))
     records = split_records(load_records(args.data), "val")[: args.beam_images]
-    f, _, _ = cached_features(cap.model, [r.image for r in records], args.cache_dir, device=device,
-                              precision=cap.precision, progress=False)
+    f, _, _ = cached_features(cap.model, [r.image for r in records], cap.plan, args.cache_dir, progress=False)
     feats = torch.from_numpy(np.array(f, dtype=np.float32)).to(device)
     v, m = cap.vocab, cap.model
 
@@ -533,14 +514,15 @@ def bench_beam(args, device: torch.device) -> None:
              "images.", ""]
 
     # ended images leaving the batch (decode.py) against keeping them to the end, as before
+    kept = ended_images_kept(cap)
+
     def search_all(decoding: Decoding, batch: int, keep: bool) -> list[dict]:
-        with ended_images_kept(keep):
-            return decode_with(cap, feats, batch, decoding)
+        return decode_with(kept if keep else cap, feats, batch, decoding)
 
     lines += ["| decoding | batch | kept to the end (before) img/s | leaving when done img/s | faster | "
               "same captions, log-probabilities and alternatives |", "|---|---|---|---|---|---|"]
     for decoding in (cap.decoding, Decoding(beam_size=3, length_norm=1.0), Decoding()):
-        for batch in dict.fromkeys((caption_batch_size(device), 64)):
+        for batch in dict.fromkeys((cap.plan.batch_size, 64)):
             same = sum(a == b for a, b in zip(search_all(decoding, batch, True), search_all(decoding, batch, False)))
             t = {True: [], False: []}
             for _ in range(3):  # in turns
@@ -580,7 +562,7 @@ def bench_memory(args, device: torch.device) -> None:
     for precision in ("fp32", "bf16" if device.type == "cpu" else "fp16"):
         paths = [r.image for r in records[:512]]
         t0 = time.perf_counter()
-        extract_features(cap.model, paths, device=device, precision=precision, batch_size=32, workers=args.workers,
+        extract_features(cap.model, paths, InferencePlan(device, precision), batch_size=32, workers=args.workers,
                          progress=False)
         lines.append(f"| feature extraction, {cap.model.cfg.encoder}, {precision} | "
                      f"{len(paths) / (time.perf_counter() - t0):,.0f} img/s |")
@@ -619,19 +601,17 @@ def bench_files(args, device: torch.device) -> None:
     cap = Captioner.load(args.model, device=str(device), precision=args.precision)
     gpu = device.type == "cuda"
     batches = (64, 256, 512) if gpu else (32, 64, 128)
-    default = caption_workers(device, len(paths), caption_batch_size(device))
+    default = cap.plan.workers(len(paths), cap.plan.batch_size)
     own = cap.decoding
     lines = ["| batch | loader processes | JPEGs decoded by | decoding | images/s | captions as in the batch's "
              "first row |", "|---|---|---|---|---|---|"]
     first: dict[int, dict] = {}  # batch size -> the captions of its first row
 
-    def row(batch: int, workers: int, on_device: bool, decoding: Decoding, model=cap, note: str = "",
-            keep_ended: bool = False) -> None:
+    def row(batch: int, workers: int, on_device: bool, decoding: Decoding, model=cap, note: str = "") -> None:
         out = Path(tmp) / f"run{len(lines)}.jsonl"
         t0 = time.perf_counter()
-        with ended_images_kept(keep_ended):
-            caption_to_file(model, paths, out, batch_size=batch, progress=False, workers=workers, decoding=decoding,
-                            jpegs_on_device=on_device)
+        caption_to_file(model, paths, out, batch_size=batch, progress=False, workers=workers, decoding=decoding,
+                        jpegs_on_device=on_device)
         rate = len(paths) / (time.perf_counter() - t0)  # the captions are on the host: the device is done
         got = {json.loads(x)["image"]: json.loads(x)["caption"] for x in out.read_text().splitlines()}
         same = ""
@@ -650,11 +630,11 @@ def bench_files(args, device: torch.device) -> None:
                 row(batch, default, True, own)
         if gpu:  # the issue's two figures: greedy and beam 3, at the defaults
             for beam in (1, 3):
-                row(caption_batch_size(device), default, True, own.replace(beam_size=beam, block_trigrams=False))
-        row(caption_batch_size(device), default, gpu, own, note=", **ended images kept to the end** (before)",
-            keep_ended=True)
-        if device.type == "cpu" and packable_dtypes() and cap.precision != "int8":  # as before model/packed.py
-            row(caption_batch_size(device), default, False, own, model=plain_layers(cap),
+                row(cap.plan.batch_size, default, True, own.replace(beam_size=beam, block_trigrams=False))
+        row(cap.plan.batch_size, default, gpu, own, model=ended_images_kept(cap),
+            note=", **ended images kept to the end** (before)")
+        if device.type == "cpu" and packable_dtypes() and cap.precision != "int8":  # as before inference/packed.py
+            row(cap.plan.batch_size, default, False, own, model=plain_layers(cap),
                 note=", **plain layers** (unpacked)")
         if use_int8(device):  # the same at the defaults, the decoder in int8
             cap8 = Captioner.load(args.model, device=str(device), precision="int8")
@@ -662,7 +642,7 @@ def bench_files(args, device: torch.device) -> None:
                 row(batch, default, False, own, model=cap8, note=", **int8 decoder**")
     lines += ["", f"`captioner caption DIR --out x.jsonl` as the API runs it: {len(paths):,} Flickr8k photos (224x224 "
               f"JPEGs) from disk to the JSONL file, the model's own decoding ({own.describe()}) unless the row says, "
-              f"precision {cap.precision}. Loader processes by default: runtime.caption_workers."]
+              f"precision {cap.precision}. Loader processes by default: InferencePlan.workers."]
     report("Files to captions", lines, device)
 
 
@@ -767,8 +747,8 @@ def finetune_epoch(args, device: torch.device, records: list, precision: str, pe
     layout = mock.patch("captioner.train.epoch.encoder_memory_format", lambda d: fmt)  # images laid out alike
     t0 = time.perf_counter()
     with layout:
-        train_one_epoch(model, loader, opt, device, precision, 5.0, 1, vocab.pad, images=True, progress=False,
-                        freeze_bn=True)
+        train_one_epoch(model, loader, opt, InferencePlan(device, precision), 5.0, 1, vocab.pad, images=True,
+                        progress=False, freeze_bn=True)
     return time.perf_counter() - t0, len(caps.tokens)
 
 
@@ -825,13 +805,14 @@ def bench_finetune(args, device: torch.device) -> None:
     # (a) the frozen path, cached features, for scale: decoder steps only
     model, vocab = load_model(args.model or "shipped", device)
     caps, _ = Captions.build(images, vocab, model.cfg.max_len)
-    f, _, _ = cached_features(model, [r.image for r in images], args.cache_dir, device=device, precision=auto,
-                              batch_size=64, workers=args.workers)
+    plan = InferencePlan(device, auto)
+    f, _, _ = cached_features(model, [r.image for r in images], plan, args.cache_dir, batch_size=64,
+                              workers=args.workers)
     feats = FeatureRows(f, list(range(len(images))))
     opt = torch.optim.Adam(model.decoder.parameters(), 1e-4)
     sampler = LengthBucketSampler(caps.lengths, 128, seed=0)
     seconds = timed(lambda: train_one_epoch(model, ((feats[rows], tok) for rows, tok in map(caps.batch, sampler)), opt,
-                                            device, auto, 5.0, 1, vocab.pad, progress=False))  # a second epoch: warm
+                                            plan, 5.0, 1, vocab.pad, progress=False))  # a second epoch: warm
     frozen = len(images) / seconds
     table["(a)"] = (f"| (a) frozen encoder, cached features (no fine-tuning) | {auto} | {frozen:,.1f} | "
                    f"{len(caps.tokens) / seconds:,.0f} | {6000 / frozen / 60:,.1f} |")

@@ -63,9 +63,9 @@ def test_the_default_batch_size_is_the_devices(cap, shapes, monkeypatch):
     caption --out and index alike."""
     import torch
 
-    from captioner.runtime import caption_batch_size
+    from captioner.inference.plan import InferencePlan
 
-    assert cap.batch_size == 64 and caption_batch_size(torch.device("cuda")) == 256
+    assert cap.batch_size == 64 and InferencePlan(torch.device("cuda"), "bf16").batch_size == 256
     paths = sorted(shapes.parent.glob("*.png"))[:5]
     sizes = []
     real = cap.caption_tensor
@@ -81,14 +81,15 @@ def test_loader_processes_for_captioning_by_device_and_cores(monkeypatch):
     more cores, or a GPU: the general rule, none for two batches or fewer."""
     import torch
 
-    from captioner.runtime import caption_workers, loader_workers
+    from captioner.inference.plan import InferencePlan
+    from captioner.runtime import loader_workers
 
-    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    cpu, gpu = InferencePlan(torch.device("cpu"), "fp32"), InferencePlan(torch.device("cuda"), "bf16")
     for cores, want_cpu, want_gpu in [(1, 0, 1), (2, 0, 1), (4, 3, 3), (16, 8, 8)]:
         monkeypatch.setattr("os.cpu_count", lambda c=cores: c)
-        assert caption_workers(cpu, 1000, 64) == want_cpu
-        assert caption_workers(gpu, 1000, 64) == want_gpu == loader_workers(1000, 64)
-        assert caption_workers(gpu, 128, 64) == 0
+        assert cpu.workers(1000, 64) == want_cpu
+        assert gpu.workers(1000, 64) == want_gpu == loader_workers(1000, 64)
+        assert gpu.workers(128, 64) == 0
 
 
 def test_errors_skip_gives_none_in_place_with_a_warning(cap, photo, tmp_path):
@@ -168,9 +169,12 @@ def test_which_jpegs_go_to_the_device_decoder(shapes, tmp_path):
     assert read_for_device(paths["plain0.jpg"], max_bytes=100) is None  # not read whole in one go
     import torch
 
-    from captioner.runtime import decode_jpegs_on_device
+    from captioner.data import jpeg
+    from captioner.inference.plan import InferencePlan
 
-    assert decode_jpegs_on_device(torch.device("cuda")) and not decode_jpegs_on_device(torch.device("cpu"))
+    assert jpeg.available()  # this torchvision decodes JPEGs: the rule below is the device's alone
+    assert InferencePlan(torch.device("cuda"), "bf16").jpegs_on_device
+    assert not InferencePlan(torch.device("cpu"), "fp32").jpegs_on_device
 
 
 def test_jpegs_decoded_on_the_device_give_the_same_captions_and_bad_files_are_still_skipped(cap, shapes, tmp_path):

@@ -15,7 +15,10 @@ import torch
 from conftest import TINY
 from safetensors.torch import load_file
 
-from captioner.data import features as features_module
+from captioner.inference import features as features_module
+from captioner.inference.plan import InferencePlan
+
+FP32_CPU = InferencePlan(torch.device("cpu"), "fp32")  # how these tests run the model
 
 pytestmark = pytest.mark.slow
 
@@ -67,20 +70,19 @@ def test_interrupted_feature_extraction_is_never_used(tmp_path, shapes, monkeypa
     model = CaptionModel.create(cfg).eval()
     real = features_module.extract_features
 
-    def dies_half_way(model, paths, **kw):
-        real(model, paths[: len(paths) // 2], **kw)
+    def dies_half_way(model, paths, plan, **kw):
+        real(model, paths[: len(paths) // 2], plan, **kw)
         raise KeyboardInterrupt  # Ctrl-C, or the machine going down, in the middle
 
     monkeypatch.setattr(features_module, "extract_features", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
-        features_module.cached_features(model, paths, tmp_path, progress=False, device=torch.device("cpu"))
+        features_module.cached_features(model, paths, FP32_CPU, tmp_path, progress=False)
     assert not list((tmp_path / "features").glob("*.npy")) and not list((tmp_path / "features").glob("*.json"))
     # a crash while writing leaves at most a file named .partial, which is never read
     (tmp_path / "features" / "junk.123.partial.npy").write_bytes(b"half a file")
 
     monkeypatch.setattr(features_module, "extract_features", real)
-    f, ok, errors = features_module.cached_features(model, paths, tmp_path, progress=False,
-                                                    device=torch.device("cpu"))
+    f, ok, errors = features_module.cached_features(model, paths, FP32_CPU, tmp_path, progress=False)
     assert ok.all() and not errors and f.shape[0] == len(paths)
-    again, _, _ = features_module.cached_features(model, paths, tmp_path, progress=False, device=torch.device("cpu"))
+    again, _, _ = features_module.cached_features(model, paths, FP32_CPU, tmp_path, progress=False)
     assert isinstance(again, np.memmap) and np.array_equal(np.asarray(again), np.asarray(f))

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from captioner.decode import beam_search, greedy
+from captioner.inference.plan import InferencePlan
 from captioner.model.show_tell import ShowTellDecoder
+
+FP32_CPU = InferencePlan(torch.device("cpu"), "fp32")  # how these tests run the model
 
 BOS, EOS = 1, 2
 
@@ -162,7 +165,7 @@ def test_alternatives_carry_the_score_they_are_ranked_by():
     vocab = Vocabulary.build(["a b c d e"], min_count=1)  # ids 1 and 2 are <start> and <end>, as BOS, EOS
     torch.manual_seed(0)
     out = caption_features(Model(torch.randn(4, len(vocab), len(vocab)) * 2), vocab, torch.zeros(4, 1),
-                           Decoding(beam_size=4, length_norm=1.0, max_len=6), torch.device("cpu"), "fp32")
+                           Decoding(beam_size=4, length_norm=1.0, max_len=6), FP32_CPU)
     out_of_logprob_order = 0
     for r in out:
         alts = r["alternatives"]
@@ -192,7 +195,7 @@ def test_pad_and_start_are_never_said():
                                             (2.5, [0, 1, 2, 3, 4, 5])])
 def test_asking_the_device_less_often_gives_the_same_captions(every, end_bias, rows):
     """On a GPU the searches ask whether every caption has ended only every few steps, and beam search
-    merges finished candidates without asking whether there are any (runtime.search_check_every):
+    merges finished candidates without asking whether there are any (InferencePlan.check_every):
     the same captions, log-probabilities and scores as asking at every step. The tables make some
     captions end early and some run to the limit, or all end early (so the early stop is hit)."""
     g = torch.Generator().manual_seed(5)

@@ -6,6 +6,7 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
+from captioner.inference.plan import InferencePlan
 from captioner.model.encoder import BACKBONES, EncoderError, build_backbone, build_head
 from captioner.model.network import CaptionModel, ModelConfig
 
@@ -80,7 +81,8 @@ def test_heads(kind):
 def test_feature_extraction_leaves_the_encoder_as_it_was(shapes):
     """A fine-tuned encoder must not come back channels-last (its steps ran 20-40x slower on a GPU
     with contiguous inputs) nor in eval mode after val features are extracted from it."""
-    from captioner.data.features import extract_features
+    from captioner.inference.features import extract_features
+    from captioner.inference.plan import InferencePlan
     from captioner.model.network import CaptionModel, ModelConfig
 
     cfg = ModelConfig.for_encoder("tf_efficientnet_lite0", vocab_size=10, image_size=64)
@@ -88,13 +90,14 @@ def test_feature_extraction_leaves_the_encoder_as_it_was(shapes):
     convs = [p for p in model.encoder.parameters() if p.dim() == 4]
     assert all(p.is_contiguous() for p in convs) and any(p.shape[-1] > 1 for p in convs)
     paths = sorted(shapes.parent.glob("*.png"))[:3]
-    feats, ok, errors = extract_features(model, paths, device=torch.device("cpu"), workers=0, progress=False)
+    cpu = InferencePlan(torch.device("cpu"), "fp32")
+    feats, ok, errors = extract_features(model, paths, cpu, workers=0, progress=False)
     assert ok.all() and not errors and feats.shape[0] == 3
     assert all(p.is_contiguous() and p.dtype == torch.float32 for p in convs) and model.training
 
     model.encoder.to(memory_format=torch.channels_last)  # a model that was channels-last stays so
     before = [p.stride() for p in convs]
-    extract_features(model, paths, device=torch.device("cpu"), workers=0, progress=False)
+    extract_features(model, paths, cpu, workers=0, progress=False)
     assert [p.stride() for p in convs] == before
 
 
@@ -103,7 +106,8 @@ def test_feature_extraction_with_jpegs_decoded_on_the_device(shapes, tmp_path, m
     here on the CPU (the same decoder as Pillow), with the same features and the same bad files."""
     from PIL import Image
 
-    import captioner.data.features as features
+    import captioner.inference.features as features
+    from captioner.inference.plan import InferencePlan
     from captioner.model.network import CaptionModel, ModelConfig
 
     cfg = ModelConfig.for_encoder("tf_efficientnet_lite0", vocab_size=10, image_size=64)
@@ -115,15 +119,17 @@ def test_feature_extraction_with_jpegs_decoded_on_the_device(shapes, tmp_path, m
     (tmp_path / "cut.jpg").write_bytes(paths[0].read_bytes()[:300])
     paths[2:2] = [tmp_path / "cut.jpg", sorted(shapes.parent.glob("*.png"))[5]]  # a broken JPEG, a PNG
     cpu = torch.device("cpu")
-    pillow = features.extract_features(model, paths, device=cpu, batch_size=3, workers=0, progress=False)
+    plan = InferencePlan(cpu, "fp32")
+    assert not plan.jpegs_on_device  # on the CPU Pillow decodes, unless a plan says otherwise
+    pillow = features.extract_features(model, paths, plan, batch_size=3, workers=0, progress=False)
     import captioner.data.jpeg as jpeg
 
     decoded, real = [], jpeg.decode_jpeg
     monkeypatch.setattr(jpeg, "decode_jpeg", lambda data, **kw: decoded.append(kw["device"]) or real(data, **kw))
-    monkeypatch.setattr(jpeg, "on_device", lambda device: True)
     for workers in (0, 2):
         decoded.clear()
-        on_device = features.extract_features(model, paths, device=cpu, batch_size=3, workers=workers, progress=False)
+        on_device = features.extract_features(model, paths, plan.replace(jpegs_on_device=True), batch_size=3,
+                                              workers=workers, progress=False)
         assert np.array_equal(on_device[0], pillow[0]) and np.array_equal(on_device[1], pillow[1])
         assert on_device[2] == pillow[2] and len(pillow[2]) == 1 and "cut.jpg" in pillow[2][0]
         assert decoded and set(decoded) == {cpu}  # the JPEGs went to the device's decoder
@@ -161,7 +167,8 @@ def test_the_bf16_inference_encoder_gives_the_same_bits_under_autocast(name):
     cast them at every call: the same features, bit for bit (BatchNorm left unfolded included)."""
     cfg = ModelConfig.for_encoder(name, 20, decoder="attention", embed_dim=16, hidden_dim=16, attention_dim=8)
     model = CaptionModel(cfg, build_backbone(name, "none")).eval()
-    fp32, bf16 = model.inference_encoder(), model.inference_encoder("bf16")
+    cpu = torch.device("cpu")
+    fp32, bf16 = InferencePlan(cpu, "fp32").encoder_for(model), InferencePlan(cpu, "bf16").encoder_for(model)
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in model.encoder.parameters()} == {torch.float32}  # the model's own stays
     x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0)).contiguous(

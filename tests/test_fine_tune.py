@@ -20,10 +20,13 @@ from captioner.data.batching import ImageBatchSampler
 from captioner.data.records import load_records
 from captioner.data.vocab import Vocabulary
 from captioner.errors import ConfigError
+from captioner.inference.plan import InferencePlan
 from captioner.model.attention import AttentionDecoder
 from captioner.model.network import CaptionModel, ModelConfig
 from captioner.train.data import Captions, ImageBatch, ImageCaptions, image_batch_collate
 from captioner.train.epoch import Warmup, train_one_epoch
+
+FP32_CPU = InferencePlan(torch.device("cpu"), "fp32")  # how these tests run the model
 
 
 def test_image_batches_hold_every_image_once_within_the_caption_budget():
@@ -102,7 +105,7 @@ def test_frozen_stages_and_their_statistics_stay_as_they_were():
     batches = [ImageBatch(torch.randn(2, 3, 64, 64), torch.tensor([0, 1, 1]), torch.randint(4, 12, (3, 5)),
                           torch.tensor([4, 4, 4]), []) for _ in range(2)]
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    train_one_epoch(model, batches, opt, torch.device("cpu"), "fp32", 5.0, 1, 0, images=True, progress=False)
+    train_one_epoch(model, batches, opt, FP32_CPU, 5.0, 1, 0, images=True, progress=False)
     for i, (s, old) in enumerate(zip(stages, before)):
         same = all(torch.equal(v, s.state_dict()[k]) for k, v in old.items())
         assert same == (i < 3), f"stage {i}"
@@ -175,7 +178,7 @@ def test_an_unreadable_image_costs_only_its_own_captions(shapes, tmp_path):
     model = CaptionModel.create(cfg, encoder_weights="none")
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     with pytest.warns(UserWarning, match="broken.png"):
-        train_one_epoch(model, [batch, nothing], opt, torch.device("cpu"), "fp32", 5.0, 1, vocab.pad, images=True,
+        train_one_epoch(model, [batch, nothing], opt, FP32_CPU, 5.0, 1, vocab.pad, images=True,
                         progress=False)
 
 

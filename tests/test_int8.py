@@ -10,9 +10,9 @@ from captioner.cli import main
 from captioner.data.records import load_records
 from captioner.errors import ConfigError
 from captioner.evaluate import evaluate
-from captioner.model import int8
+from captioner.inference import int8
+from captioner.inference.int8 import Int8GRUCell, Int8Linear, Int8LSTMCell, int8_available, int8_decoder
 from captioner.model.attention import AttentionDecoder
-from captioner.model.int8 import Int8GRUCell, Int8Linear, Int8LSTMCell, int8_available, int8_decoder
 from captioner.runtime import resolve_precision
 
 pytestmark = pytest.mark.skipif(int8_available() is not None, reason=str(int8_available()))

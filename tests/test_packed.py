@@ -11,10 +11,11 @@ from torch import nn
 
 from captioner import Captioner
 from captioner.data.records import load_records
-from captioner.model import packed
+from captioner.inference import packed
+from captioner.inference.packed import PackedGRUCell, PackedLinear, PackedLSTMCell, packable_dtypes, packed_decoder
+from captioner.inference.plan import InferencePlan
 from captioner.model.attention import AttentionDecoder
 from captioner.model.folder import load_model
-from captioner.model.packed import PackedGRUCell, PackedLinear, PackedLSTMCell, packable_dtypes, packed_decoder
 
 pytestmark = pytest.mark.skipif(not packable_dtypes(), reason="this torch cannot pack weights for oneDNN")
 BF16 = torch.bfloat16 in packable_dtypes()
@@ -105,7 +106,8 @@ def test_captioning_gives_the_captions_and_fingerprint_of_the_plain_decoder(trai
     cap = Captioner.load(trained / "best", device="cpu", precision=precision)
     assert isinstance(cap.model.decoder.out, PackedLinear)
     model, vocab = load_model(trained / "best", torch.device("cpu"))  # the decoder as trained
-    plain = Captioner(model, vocab, torch.device("cpu"), precision, encoder=model.inference_encoder(precision))
+    plan = InferencePlan(torch.device("cpu"), precision)
+    plain = Captioner(model, vocab, plan, encoder=plan.encoder_for(model))  # the decoder left unprepared
     assert type(plain.model.decoder.out) is nn.Linear and plain.fingerprint == cap.fingerprint
     images = [r.image for r in load_records(shapes) if r.split == "val"][:12]
     for beam in (1, 3):
@@ -149,7 +151,7 @@ def test_packed_convolutions_compute_what_the_plain_ones_do(bf16):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_the_captioning_encoder_is_packed_and_gives_the_plain_features(precision):
-    """model.inference_encoder packs the folded copy's convolutions on the CPU; its features are the
+    """InferencePlan.encoder_for packs the folded copy's convolutions on the CPU; its features are the
     unpacked copy's (bf16 bit for bit), and with gradients it is the plain encoder's arithmetic."""
     from captioner.model.encoder import build_backbone, fold_batchnorm
     from captioner.model.network import CaptionModel, ModelConfig
@@ -159,7 +161,7 @@ def test_the_captioning_encoder_is_packed_and_gives_the_plain_features(precision
     cfg = ModelConfig.for_encoder("tf_efficientnet_lite0", 20, decoder="attention", embed_dim=16, hidden_dim=16,
                                   attention_dim=8)
     model = CaptionModel(cfg, build_backbone("tf_efficientnet_lite0", "default")).eval()
-    enc = model.inference_encoder(precision)
+    enc = InferencePlan(torch.device("cpu"), precision).encoder_for(model)
     kinds = {type(m).__name__ for m in enc.modules()}
     assert "PackedConv2d" in kinds and "Conv2d" not in kinds and "Conv2dSame" not in kinds
     assert "ReLU6" not in kinds and sum(getattr(m, "relu6", False) for m in enc.modules()) == 33  # all run inside

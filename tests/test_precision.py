@@ -1,10 +1,12 @@
-"""Precision chosen per device and per kind of CPU (runtime.py): the rules the benchmarks measured."""
+"""Precision chosen per device and per kind of CPU (runtime.py, inference/plan.py): the rules the benchmarks
+measured."""
 
 import pytest
 import torch
 
 from captioner import runtime
-from captioner.runtime import decoder_precision, resolve_precision
+from captioner.inference.plan import InferencePlan
+from captioner.runtime import resolve_precision
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 XEON_AMX = frozenset({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
@@ -30,10 +32,11 @@ def test_auto_precision_is_bf16_only_with_native_bf16(cpu_kind, flags, auto):
 def test_small_batches_decode_in_bf16_only_where_that_was_measured_faster(cpu_kind, flags, one_image):
     cpu_kind(flags)
     for images in (1, 3):
-        assert decoder_precision("bf16", CPU, images) == one_image
-    assert decoder_precision("bf16", CPU, 4) == "bf16"  # batches: bf16 wherever it was asked for
-    assert decoder_precision("fp32", CPU, 1) == "fp32" and decoder_precision("int8", CPU, 64) == "int8"
-    assert decoder_precision("fp16", CUDA, 1) == "fp16"  # the rule is the CPU's
+        assert InferencePlan(CPU, "bf16").decoder_precision(images) == one_image
+    assert InferencePlan(CPU, "bf16").decoder_precision(4) == "bf16"  # batches: bf16 wherever it was asked for
+    assert InferencePlan(CPU, "fp32").decoder_precision(1) == "fp32"
+    assert InferencePlan(CPU, "int8").decoder_precision(64) == "int8"
+    assert InferencePlan(CUDA, "fp16").decoder_precision(1) == "fp16"  # the rule is the CPU's
 
 
 def test_cpu_flags_reads_the_flags_line(monkeypatch, tmp_path):
@@ -53,5 +56,5 @@ def test_cpu_flags_reads_the_flags_line(monkeypatch, tmp_path):
 @pytest.mark.parametrize("flags, encoder", [(XEON_AMX, "bf16"), (EPYC_ZEN4, "bf16"), (EPYC_OLDER, "fp32")])
 def test_int8_runs_its_encoder_at_the_cpus_own_precision(cpu_kind, flags, encoder):
     cpu_kind(flags)
-    assert runtime.encoder_precision("int8") == encoder
-    assert [runtime.encoder_precision(p) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+    assert InferencePlan(CPU, "int8").encoder_precision == encoder
+    assert [InferencePlan(CPU, p).encoder_precision for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]

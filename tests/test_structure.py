@@ -27,11 +27,12 @@ from captioner.train.epoch import DECODING_CANDIDATES
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "captioner"
 
-# data -> model -> decode -> train/api -> cli/server: a module imports only from its floor or below
+# data -> model -> inference -> decode -> train/api -> cli/server: a module imports only from its floor or below
 FLOORS = [
     ("base", ["errors", "files", "names", "runtime", "distributed"]),
     ("data", ["data", "metrics"]),
     ("model", ["model"]),
+    ("inference", ["inference"]),
     ("decode", ["decode", "retrieval"]),
     ("work", ["scst", "train", "evaluate", "api", "batch", "library", "export", "viz"]),
     ("front", ["cli", "server", "__init__", "__main__"]),
@@ -279,9 +280,9 @@ def _record_searches(monkeypatch) -> list[tuple[Decoding, bool]]:
     """Every search run from now on: (its decoding, whether bf16 autocast was on)."""
     seen, real = [], decode_module.search
 
-    def spy(decoder, feats, vocab, decoding=None):
+    def spy(decoder, feats, vocab, decoding=None, **policy):
         seen.append((decoding, torch.is_autocast_enabled("cpu")))
-        return real(decoder, feats, vocab, decoding)
+        return real(decoder, feats, vocab, decoding, **policy)
 
     monkeypatch.setattr(decode_module, "search", spy)
     return seen
@@ -309,7 +310,7 @@ def test_attention_map_uses_every_decoding_setting(attention_model, shapes, tmp_
 @pytest.mark.slow
 def test_attention_caption_is_the_printed_caption(attention_model, shapes, monkeypatch):
     """The caption drawn on an attention map comes from the same search, under the same precision
-    rule (runtime.decoder_precision), as the caption printed."""
+    rule (InferencePlan.decoder_precision), as the caption printed."""
     seen = _record_searches(monkeypatch)
     cap = Captioner.load(attention_model, device="cpu", precision="bf16")
     val = [r.image for r in load_records(shapes) if r.split == "val"][:4]

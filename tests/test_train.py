@@ -12,6 +12,9 @@ from captioner import Captioner
 from captioner.cli import main
 from captioner.data.records import load_records
 from captioner.data.synthetic import COLOURS, SHAPES
+from captioner.inference.plan import InferencePlan
+
+FP32_CPU = InferencePlan(torch.device("cpu"), "fp32")  # how these tests run the model
 
 
 def test_tiny_model_learns_to_caption_held_out_images(trained, shapes):
@@ -126,11 +129,11 @@ def test_fine_tuned_validation_reads_features_of_the_current_encoder(shapes):
     cfg = TrainConfig(data=str(shapes), out="unused", workers=0)
     model = CaptionModel.create(ModelConfig.for_encoder("tf_efficientnet_lite0", vocab_size=10, image_size=64),
                                 encoder_weights="none")
-    before = val_features(model, val, cfg, torch.device("cpu"), "fp32")[:]
+    before = val_features(model, val, cfg, FP32_CPU)[:]
     with torch.no_grad():  # a training step, as far as the features can tell
         for p in model.encoder.parameters():
             p.mul_(1.1)
-    after = val_features(model, val, cfg, torch.device("cpu"), "fp32")[:]
+    after = val_features(model, val, cfg, FP32_CPU)[:]
     assert before.shape == after.shape == (3, 1280) and not torch.allclose(before, after, atol=1e-3)
 
 
@@ -149,7 +152,7 @@ def test_freeze_bn_keeps_the_encoders_statistics_while_it_learns(freeze_bn):
     batches = [ImageBatch(torch.randn(2, 3, 64, 64), torch.tensor([0, 0, 1, 1]), torch.randint(4, 12, (4, 5)),
                           torch.tensor([4, 4, 4, 4]), []) for _ in range(2)]
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    train_one_epoch(model, batches, opt, torch.device("cpu"), "fp32", 5.0, 1, 0, images=True, progress=False,
+    train_one_epoch(model, batches, opt, FP32_CPU, 5.0, 1, 0, images=True, progress=False,
                     freeze_bn=freeze_bn)
     same_stats = all(torch.equal(a, m.running_mean) for a, m in zip(stats, bns))
     assert same_stats == freeze_bn

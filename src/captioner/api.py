@@ -17,19 +17,9 @@ from captioner.data.images import draft_size, eval_transform, image_name, one_or
 from captioner.data.jpeg import image_batches
 from captioner.decode import Decoding, caption_features
 from captioner.errors import CaptionerWarning, ConfigError, ImageError, ModelError
-from captioner.model.encoder import Backbone
+from captioner.inference.plan import InferencePlan
 from captioner.model.folder import load_model, model_dir
 from captioner.names import SHIPPED, shipped_model_dir
-from captioner.runtime import (
-    autocast,
-    caption_batch_size,
-    caption_workers,
-    decoder_precision,
-    encoder_chunk,
-    encoder_precision,
-    pick_device,
-    resolve_precision,
-)
 
 ImageLike = str | Path | bytes | Image.Image | np.ndarray
 
@@ -47,26 +37,33 @@ class Captioner:
     settings from its config.json apply (`self.decoding`).
     """
 
-    def __init__(self, model, vocab, device: torch.device, precision: str, source: str = "",
-                 encoder: Backbone | None = None):
-        self.model, self.vocab, self.device, self.precision = model, vocab, device, precision
+    def __init__(self, model, vocab, plan: InferencePlan, source: str = "", encoder: torch.nn.Module | None = None):
+        self.model, self.vocab, self.plan = model, vocab, plan
         self.encoder = model.encoder if encoder is None else encoder  # what features() runs (load: a faster copy)
         self.source = source  # where the model came from: its folder, or "shipped"
         cfg = model.cfg
         self.transform = eval_transform(cfg.image_size, cfg.mean, cfg.std)
         self.draft_size = draft_size(cfg.image_size)  # big JPEGs decode at a reduced scale: see open_rgb
         self.decoding = Decoding.for_model(cfg)  # the model's own
-        self.batch_size = caption_batch_size(device)  # images per batch unless a caller says
+        self.batch_size = plan.batch_size  # images per batch unless a caller says
+
+    @property
+    def device(self) -> torch.device:
+        return self.plan.device
+
+    @property
+    def precision(self) -> str:
+        return self.plan.precision
 
     @classmethod
-    def load(cls, path: str | Path | None = None, device: str = "auto", precision: str = "auto") -> Captioner:
-        """Load the model folder at `path`, or the shipped model when `path` is None or "shipped"."""
-        dev = pick_device(device)
-        prec = resolve_precision(precision, dev, inference=True)
-        model, vocab = load_model(model_dir(path), dev)
-        model.use_inference_decoder(prec)
-        return cls(model, vocab, dev, prec, str(path) if path else SHIPPED,
-                   model.inference_encoder(encoder_precision(prec)))
+    def load(cls, path: str | Path | None = None, device: str = "auto", precision: str = "auto",
+             plan: InferencePlan | None = None) -> Captioner:
+        """Load the model folder at `path`, or the shipped model when `path` is None or "shipped", to
+        caption on `device` at `precision` (or as `plan` says: see inference/plan.py)."""
+        plan = plan or InferencePlan.resolve(device, precision)
+        model, vocab = load_model(model_dir(path), plan.device)
+        encoder = plan.prepare(model)
+        return cls(model, vocab, plan, str(path) if path else SHIPPED, encoder)
 
     # -- captioning ------------------------------------------------------------------------------
 
@@ -126,9 +123,7 @@ class Captioner:
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Preprocessed images (B, 3, S, S) -> what the decoder takes (see CaptionModel.features)."""
-        x = x.to(self.device, memory_format=torch.channels_last, non_blocking=True)  # pinned: overlaps
-        with autocast(self.device, encoder_precision(self.precision)):
-            return self.model.features(x, chunk=encoder_chunk(self.device), encoder=self.encoder)
+        return self.plan.encode(self.model, x, self.encoder)
 
     @torch.no_grad()
     def caption_tensor(self, x: torch.Tensor, decoding: Decoding | None = None, features: bool = False
@@ -137,8 +132,8 @@ class Captioner:
         (see decode.caption_features), with `features`: also "features", the encoder's output for
         that image (a float tensor on the CPU; what the photo library stores)."""
         feats = self.features(x)
-        results = caption_features(self.model.decoder, self.vocab, feats, decoding or self.decoding,
-                                   self.device, self.precision, batch_size=x.shape[0])
+        results = caption_features(self.model.decoder, self.vocab, feats, decoding or self.decoding, self.plan,
+                                   batch_size=x.shape[0])
         if features:
             for r, f in zip(results, feats.float().cpu()):
                 r["features"] = f
@@ -169,11 +164,10 @@ class Captioner:
         m, v = self.model, self.vocab
         self.require_attention()
         feats = self.features(self.read(image)[None])  # (1, P, C)
-        caption = caption_features(m.decoder, v, feats, decoding or self.decoding, self.device,
-                                   self.precision)[0]["caption"]
+        caption = caption_features(m.decoder, v, feats, decoding or self.decoding, self.plan)[0]["caption"]
         ids = [v.stoi[w] for w in caption.split()]
         tokens = torch.tensor([[v.start, *ids]], device=self.device)  # the words as inputs, <start> first
-        with autocast(self.device, decoder_precision(self.precision, self.device, 1)):  # as the search ran
+        with self.plan.decoder_autocast(1):  # as the search ran
             alpha = m.decoder.attention_maps(feats.float(), tokens)  # (1, T, P)
         side = round(alpha.shape[-1] ** 0.5)
         return caption, caption.split() + ["<end>"], alpha[0].float().cpu().view(-1, side, side)
@@ -184,12 +178,14 @@ class Captioner:
         """Caption many files in batches, in their order. Yields (path, result, None) or (path, None,
         error line): an unreadable file is reported and skipped, never fatal. `features`: see
         caption_tensor. `workers`: processes reading images while the model runs (default:
-        runtime.caption_workers). `jpegs_on_device`: decode plain JPEGs on the model's device, a
-        batch in one call (default: on CUDA; see data/jpeg.py)."""
+        InferencePlan.workers). `jpegs_on_device`: decode plain JPEGs on the model's device, a
+        batch in one call (default: the plan's, on CUDA; see data/jpeg.py)."""
         paths = list(paths)
         batch_size = batch_size or self.batch_size
         if workers is None:
-            workers = caption_workers(self.device, len(paths), batch_size)
+            workers = self.plan.workers(len(paths), batch_size)
+        if jpegs_on_device is None:
+            jpegs_on_device = self.plan.jpegs_on_device
         cfg = self.model.cfg
         loader = image_batches(paths, cfg.image_size, cfg.mean, cfg.std, self.device, batch_size=batch_size,
                                workers=workers, jpegs_on_device=jpegs_on_device)

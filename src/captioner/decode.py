@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from captioner.errors import ConfigError
+from captioner.inference.plan import InferencePlan
 from captioner.model.base import image_rows
-from captioner.runtime import autocast, decoder_precision, search_check_every
 
 NEG_INF = float("-inf")
 MAX_BEAM = 100  # wider beams score no better and need memory in proportion (100,000 asked for 10 GB)
@@ -77,8 +77,8 @@ class Hypotheses:
 
 
 @torch.no_grad()
-def caption_features(decoder, vocab, feats, decoding: Decoding, device: torch.device, precision: str,
-                     batch_size: int = 100) -> list[dict]:
+def caption_features(decoder, vocab, feats, decoding: Decoding, plan: InferencePlan, batch_size: int = 100
+                     ) -> list[dict]:
     """Captions of every row of `feats` (a tensor, or anything with len() and slicing that gives
     tensors, such as training's memory-mapped feature rows), in order, `batch_size` rows a search:
 
@@ -87,18 +87,20 @@ def caption_features(decoder, vocab, feats, decoding: Decoding, device: torch.de
 
     `alternatives` holds the K beams (one for greedy), best first: in the order of `score`, the
     search's ranking (logprob / length**length_norm, counting <end>; the logprob itself when length
-    normalisation is off), so a longer caption can come first with a lower logprob. The decoder runs under
-    autocast at `precision`, except where `runtime.decoder_precision` says a small batch decodes
-    faster in fp32: the same rule for every caller, so the same image gets the same caption from
-    the command line, the API, the server, evaluation and training's validation. (Captioning on the
-    CPU packs the decoder's weights, model/packed.py; training does not. The results are the same
-    in bf16 and the same up to rounding in fp32.)"""
+    normalisation is off), so a longer caption can come first with a lower logprob.
+
+    `plan` says how the search runs on its device: the decoder's precision for a batch of that size
+    (InferencePlan.decoder_precision), how often to ask whether every caption has ended, whether
+    ended images leave the batch. Every caller passes its plan, so the same image gets the same
+    caption from the command line, the API, the server, evaluation and training's validation.
+    (Captioning on the CPU packs the decoder's weights, inference/packed.py; training does not.
+    The results are the same in bf16 and the same up to rounding in fp32.)"""
     decoder.eval()
     out: list[dict] = []
     for i in range(0, len(feats), batch_size):
-        f = feats[i:i + batch_size].to(device).float()
-        with autocast(device, decoder_precision(precision, device, f.shape[0])):
-            hyp = search(decoder, f, vocab, decoding)
+        f = feats[i:i + batch_size].to(plan.device).float()
+        with plan.decoder_autocast(f.shape[0]):
+            hyp = search(decoder, f, vocab, decoding, check_every=plan.check_every, drop_finished=plan.drop_finished)
         out += _results(hyp, vocab)
     return out
 
@@ -115,15 +117,18 @@ def _results(hyp: Hypotheses, vocab) -> list[dict]:
 
 
 @torch.no_grad()
-def search(decoder, feats: torch.Tensor, vocab, decoding: Decoding | None = None) -> Hypotheses:
+def search(decoder, feats: torch.Tensor, vocab, decoding: Decoding | None = None, *, check_every: int = 1,
+           drop_finished: bool = True) -> Hypotheses:
     """Caption a batch of features: greedy when `decoding.beam_size` is 1, else beam search.
-    `vocab` gives the <start>/<end> ids; the words of `never_said` are never produced."""
+    `vocab` gives the <start>/<end> ids; the words of `never_said` are never produced.
+    `check_every`, `drop_finished`: see beam_search (their values are the caller's plan's)."""
     d = decoding or Decoding()
-    every = search_check_every(feats.device)
     if d.beam_size == 1:
-        return greedy(decoder, feats, vocab.start, vocab.end, d.max_len, banned=never_said(vocab), check_every=every)
+        return greedy(decoder, feats, vocab.start, vocab.end, d.max_len, banned=never_said(vocab),
+                      check_every=check_every, drop_finished=drop_finished)
     return beam_search(decoder, feats, vocab.start, vocab.end, d.max_len, d.beam_size, d.length_norm,
-                       d.block_trigrams, banned=never_said(vocab), check_every=every)
+                       d.block_trigrams, banned=never_said(vocab), check_every=check_every,
+                       drop_finished=drop_finished)
 
 
 def never_said(vocab) -> list[int]:
@@ -164,7 +169,7 @@ def _only_end(logp: torch.Tensor, eos: int) -> None:
 def greedy(decoder, feats: torch.Tensor, bos: int, eos: int, max_len: int,
            banned: Sequence[int] = (), check_every: int = 1, drop_finished: bool = True) -> Hypotheses:
     """Take the most likely word at each step; at most `max_len` words, then <end>. Whether
-    captions have ended is asked every `check_every` steps (see runtime.search_check_every); then
+    captions have ended is asked every `check_every` steps (InferencePlan.check_every); then
     the ended ones leave the batch (the steps after cost only the others; `drop_finished=False`
     keeps them, as before, for comparison), and the search stops when none is left. The steps an
     ended caption runs before that change nothing."""
@@ -216,7 +221,7 @@ def beam_search(decoder, feats: torch.Tensor, bos: int, eos: int, max_len: int, 
     image needs about 16 steps and the average one 11, so a third of the decoder's work went to
     images already done.
 
-    With `check_every` > 1 (runtime.search_check_every: on a GPU) the search asks the device
+    With `check_every` > 1 (InferencePlan.check_every: on a GPU) the search asks the device
     nothing at most steps: finished candidates join the pools whether or not there are any, and
     which images are done is asked every `check_every` steps. The captions are the same.
     """

@@ -14,15 +14,15 @@ import torch
 from tqdm import tqdm
 
 from captioner import library, metrics
-from captioner.data.features import cached_features
+from captioner.api import Captioner
 from captioner.data.records import check_images, load_records, split_records
 from captioner.decode import Decoding, caption_features
 from captioner.errors import DataError
 from captioner.files import atomic_write, path_text
+from captioner.inference.features import cached_features
+from captioner.inference.plan import InferencePlan
 from captioner.library import DEFAULT_MODE, MODES, index_folders
-from captioner.model.folder import load_model
 from captioner.retrieval import RERANK
-from captioner.runtime import encoder_precision, pick_device, resolve_precision
 
 
 @torch.no_grad()
@@ -33,8 +33,7 @@ def evaluate(model_dir: Path, data: Path, split: str = "val", *, layout: str | N
     """Caption every image of `split` with the model folder `model_dir` (with `decoding`, else the
     model's own) and score the captions against all of each image's references. Returns the
     scores and what was run (images, beam size, length norm, split, tokenizer, seconds)."""
-    dev = pick_device(device)
-    prec = resolve_precision(precision, dev, inference=True)
+    plan = InferencePlan.resolve(device, precision)  # a device or precision this machine lacks: said first
     records = load_records(data, layout, images)
     chosen = split_records(records, split)
     if not chosen and all(r.split == "" for r in records):
@@ -42,22 +41,19 @@ def evaluate(model_dir: Path, data: Path, split: str = "val", *, layout: str | N
     if not chosen:
         raise DataError(f"{data}: no images in the {split!r} split")
     chosen = check_images(chosen, skip_missing)[: max_images or None]
-    model, vocab = load_model(model_dir, dev)
-    model.use_inference_decoder(prec)
+    cap = Captioner.load(model_dir, plan=plan)
     if out:  # find out now, not after the work, that the results cannot be written there
         Path(out).mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    feats, ok, errors = cached_features(model, [r.image for r in chosen], cache_dir, device=dev,
-                                        precision=encoder_precision(prec),  # as captioning runs it
-                                        progress=progress)
+    feats, ok, errors = cached_features(cap.model, [r.image for r in chosen], cap.plan, cache_dir, progress=progress)
     if errors:
         print(f"{len(errors)} unreadable images left out (first: {errors[0]})")
     keep = np.flatnonzero(ok)
     chosen = [chosen[i] for i in keep]
     feats = torch.from_numpy(np.asarray(feats[keep]))
-    decoding = decoding or Decoding.for_model(model.cfg)
-    hyps = [r["caption"] for r in caption_features(model.decoder, vocab, feats, decoding, dev, prec, batch_size)]
+    decoding = decoding or cap.decoding
+    hyps = [r["caption"] for r in caption_features(cap.model.decoder, cap.vocab, feats, decoding, cap.plan, batch_size)]
     ids = image_ids([r.image for r in chosen])
     scores = metrics.score({k: r.captions for k, r in zip(ids, chosen)}, dict(zip(ids, hyps)), meteor=meteor)
     result = {k: (round(scores[k], 4) if scores[k] is not None else None) for k in metrics.KEYS}
@@ -96,8 +92,6 @@ def retrieval(model_dir: Path | None, data: Path, split: str = "val", *, layout:
 
     Photos a mode cannot tell apart (those no keyword matches, say) share their ranks: each gets the
     mean of the places they fill, so no mode gains from the order of the files."""
-    from captioner.api import Captioner
-
     t0 = time.perf_counter()
     records = load_records(data, layout, images)
     chosen = split_records(records, split) or (records if all(r.split == "" for r in records) else [])

@@ -1,4 +1,6 @@
-"""Device and precision choices, in one place so no other module sprinkles `.cuda()`."""
+"""The machine: which devices it has, which precisions pay on its CPU, autocast, threads and the C
+allocator, in one place so no other module sprinkles `.cuda()`. How captioning runs on a device
+(batch sizes, fast layers, the decoder's precision by batch) is inference/plan.py's."""
 
 from __future__ import annotations
 
@@ -67,7 +69,7 @@ def cpu_has_amx() -> bool:
 
 def resolve_precision(precision: str, device: torch.device, inference: bool = False) -> str:
     """'auto' -> bf16 on a CPU with native bf16, fp16 (or bf16) on CUDA, fp32 otherwise. With
-    `inference`, also 'int8' on a CPU (see model/int8.py; autocast treats it as fp32)."""
+    `inference`, also 'int8' on a CPU (see inference/int8.py; autocast treats it as fp32)."""
     allowed = INFERENCE_PRECISIONS if inference else PRECISIONS
     if precision not in allowed:
         raise ConfigError(f"precision must be one of {allowed}, not {precision!r}")
@@ -80,30 +82,6 @@ def resolve_precision(precision: str, device: torch.device, inference: bool = Fa
     return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
 
 
-def encoder_chunk(device: torch.device) -> int:
-    """Images per encoder call at inference. On a CPU, activations of a few images stay in cache:
-    measured on 2 cores, EfficientNet-Lite0 ran 1.3-1.5x faster per image in calls of 8 than of
-    32 or 64 (bf16 and fp32). A GPU wants the whole batch at once (0 = no chunking)."""
-    return 8 if device.type == "cpu" else 0
-
-
-def caption_batch_size(device: torch.device) -> int:
-    """Images per batch when captioning files (caption, index, the API), unless the caller says.
-    On a CPU 64: since ended images leave a search's batch (decode.py), a batch no longer waits
-    for its slowest image, and 64 beat 32 and 128 (1,000 photos, 2-core Zen 4, bf16: 95.1, 87.9
-    and 80.6 images/s; before that change the 2-core AMD in fp32 gave 24.6 at 32, 24.3 at 64).
-    A GPU wants large batches (H100, from files: 277 images/s at 32, 337 at 256)."""
-    return 256 if device.type == "cuda" else 64
-
-
-def decode_jpegs_on_device(device: torch.device) -> bool:
-    """Whether captioning files decodes JPEGs on the device (data/jpeg.py): on CUDA, where one CPU
-    thread of Pillow decoding (634 photos/s measured on an H100 machine) is what the model waits for.
-    Not on a CPU: there Pillow in loader processes is the same decoder, beside the model. (Where
-    torchvision has no JPEG decoder, data/jpeg.available() says so and Pillow decodes anyway.)"""
-    return device.type == "cuda"
-
-
 def loader_workers(items: int, batch_size: int) -> int:
     """Processes decoding images while the model captions `items` files: none for two batches or
     fewer (starting one costs more than it saves), else one per core beside the main process's,
@@ -111,17 +89,6 @@ def loader_workers(items: int, batch_size: int) -> int:
     if items <= 2 * batch_size:
         return 0
     return max(1, min(8, (os.cpu_count() or 1) - 1))
-
-
-def caption_workers(device: torch.device, items: int, batch_size: int) -> int:
-    """Loader processes when captioning `items` files. On a CPU of two cores or fewer, none: the
-    model's threads already use both cores, and a loader process only takes turns with them (2-core
-    Zen 4, bf16, 1,000 photos, in turns: 95.1 against 87.7 images/s at batch 64, 87.9 against 79.2
-    at 32; on the 2-core AMD in fp32 it made no difference, 24.3 against 24.6). Elsewhere, and on a
-    GPU above all, as `loader_workers`."""
-    if device.type == "cpu" and (os.cpu_count() or 1) <= 2:
-        return 0
-    return loader_workers(items, batch_size)
 
 
 def encoder_memory_format(device: torch.device) -> torch.memory_format:
@@ -167,45 +134,9 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-def decoder_precision(precision: str, device: torch.device, images: int) -> str:
-    """The decoder's precision for `images` images, measured on each kind of CPU:
-
-    - Intel Xeon with AMX: for fewer than 4 images bf16 autocast's costs outweigh its gain (one
-      image, beam 3: 27 ms bf16 against 20 ms fp32; 64 images: 1.4x faster in bf16), so small
-      batches decode in fp32 there. (Measured before the weights were packed, which removed a
-      cast of every weight to bf16 per search; not measured again on an AMX Xeon since.)
-    - AMD EPYC with AVX512-BF16 and no AMX (Zen 4): bf16 pays from one image on (one image, beam 5:
-      15.5 ms against 30.5 ms fp32; 200 val photos one at a time, tensor to caption: 55 -> 34 ms)
-      and gives one image the caption it gets in a batch (200 of 200, against 188 in fp32). With
-      the decoder's weights packed (model/packed.py), bf16 still wins: 21.8 against 27.0 ms a photo.
-    - Without native bf16, auto precision is fp32; an explicit bf16 decodes small batches in fp32.
-    """
-    if device.type == "cpu" and images < 4 and (cpu_has_amx() or not cpu_has_fast_bf16()):
-        return "fp32"
-    return precision
-
-
-def search_check_every(device: torch.device) -> int:
-    """How often greedy and beam search ask whether every caption has ended. On a CPU, every step:
-    asking costs nothing. On a GPU each question waits for the step to finish (a host sync, which
-    the issue measured as what one photo spends its time on), so every 4th step, the steps between
-    changing no caption (tests/test_decode.py). Not yet timed on a GPU: `bench.py latency` there
-    times both."""
-    return 1 if device.type == "cpu" else 4
-
-
-def encoder_precision(precision: str) -> str:
-    """The encoder's precision when captioning at `precision`. int8 puts the decoder's weights in 8
-    bits only; its encoder runs in bf16 where the CPU has native bf16, else fp32 (Zen 4, shipped
-    model, beam 5: one photo 28.4 -> 24.6 ms, batches of 32 21.0 -> 15.5 ms a photo)."""
-    if precision == "int8":
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
-    return precision
-
-
 def autocast(device: torch.device, precision: str):
     """Autocast context for a resolved precision ('fp32' and 'int8' give a no-op context: int8
-    decoding computes in fp32 around its int8 products; its encoder: see encoder_precision)."""
+    decoding computes in fp32 around its int8 products; its encoder: InferencePlan.encoder_precision)."""
     if precision in ("fp32", "int8"):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16

@@ -31,7 +31,7 @@ from captioner.data.vocab import Vocabulary, tokenize
 from captioner.decode import Decoding, never_said, sample, search
 from captioner.distributed import Dist
 from captioner.errors import ConfigError
-from captioner.runtime import autocast
+from captioner.inference.plan import InferencePlan
 
 Ngrams = list[Counter]  # Counter of n-gram tuples for n = 1..4
 
@@ -106,7 +106,7 @@ class SelfCritical:
     xe_weight: float = 0.0  # weight of a cross-entropy term on one reference per image (0: pure SCST)
 
 
-def scst_one_epoch(model, vocab: Vocabulary, feats, sc: SelfCritical, optimizer, device, precision: str,
+def scst_one_epoch(model, vocab: Vocabulary, feats, sc: SelfCritical, optimizer, plan: InferencePlan,
                    clip: float, epoch: int, batch_size: int = 50, seed: int = 0, progress: bool = True,
                    dist: Dist | None = None) -> dict:
     """One pass over the training images (not captions). `feats[idx]` gives image features.
@@ -120,11 +120,11 @@ def scst_one_epoch(model, vocab: Vocabulary, feats, sc: SelfCritical, optimizer,
     model.encoder.eval()
     sum_reward, n_seen, t0 = 0.0, 0, time.perf_counter()
     bar = tqdm(batches, desc=f"scst {epoch}", unit="batch", leave=False, disable=not (progress and dist.main))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    scaler = torch.amp.GradScaler(plan.device.type, enabled=plan.precision == "fp16")
     for idx in bar:
         optimizer.zero_grad(set_to_none=True)
         if idx:  # (a rank with one image fewer may have an empty last batch; it still takes the step)
-            r, loss = scst_loss(model, vocab, feats[idx].to(device).float(), idx, sc, device, precision)
+            r, loss = scst_loss(model, vocab, feats[idx].to(plan.device).float(), idx, sc, plan)
             scaler.scale(loss).backward()
             sum_reward += float(r.sum())
             n_seen += r.numel()
@@ -140,11 +140,11 @@ def scst_one_epoch(model, vocab: Vocabulary, feats, sc: SelfCritical, optimizer,
     return {"reward": sum_reward / max(n_seen, 1)}
 
 
-def scst_loss(model, vocab: Vocabulary, f: torch.Tensor, idx: list[int], sc: SelfCritical, device,
-              precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+def scst_loss(model, vocab: Vocabulary, f: torch.Tensor, idx: list[int], sc: SelfCritical, plan: InferencePlan
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards (B, samples) of captions sampled for the images `idx` (features `f`), and the loss:
     the policy gradient, plus `sc.xe_weight` times cross-entropy on one reference per image."""
-    with autocast(device, precision):
+    with plan.autocast():
         tokens, logp, mask = sample(model.decoder, f, vocab.start, vocab.end, sc.max_len, sc.samples,
                                     banned=never_said(vocab))
     images = [i for i in idx for _ in range(sc.samples)]
@@ -153,20 +153,21 @@ def scst_loss(model, vocab: Vocabulary, f: torch.Tensor, idx: list[int], sc: Sel
         b = (r.sum(1, keepdim=True) - r) / (sc.samples - 1)
     else:  # the model's own greedy caption, decoded without dropout
         model.eval()
-        with torch.no_grad(), autocast(device, precision):
-            greedy_tokens = search(model.decoder, f, vocab, Decoding(max_len=sc.max_len)).tokens[:, 0]
+        with torch.no_grad(), plan.autocast():
+            greedy_tokens = search(model.decoder, f, vocab, Decoding(max_len=sc.max_len),
+                                   check_every=plan.check_every).tokens[:, 0]
         model.train()
         model.encoder.eval()
         b = torch.from_numpy(sc.reward(_words(greedy_tokens, vocab), idx))[:, None]
-    advantage = (r - b).view(-1, 1).to(device)  # (B*samples, 1)
+    advantage = (r - b).view(-1, 1).to(plan.device)  # (B*samples, 1)
     loss = -(advantage * logp.float() * mask).sum() / mask.sum()
     if sc.xe_weight and any(sc.references[i] for i in idx):
         # one reference per image (images whose captions were all too long have none), padded: the
         # decoders are causal and the loss ignores <pad>
         rows = [k for k, i in enumerate(idx) if sc.references[i]]
         refs = [torch.tensor(random.choice(sc.references[idx[k]])) for k in rows]
-        ref = torch.nn.utils.rnn.pad_sequence(refs, batch_first=True, padding_value=vocab.pad).to(device)
-        with autocast(device, precision):
+        ref = torch.nn.utils.rnn.pad_sequence(refs, batch_first=True, padding_value=vocab.pad).to(plan.device)
+        with plan.autocast():
             logits, _ = model(f[rows], ref[:, :-1])
         loss = loss + sc.xe_weight * F.cross_entropy(logits.float().flatten(0, 1), ref[:, 1:].flatten(),
                                                      ignore_index=vocab.pad)

@@ -15,7 +15,7 @@ fails on: it is opened again with Pillow, captioned if Pillow can read it, repor
 
 On the CPU (device "cpu") torchvision's decoder gives the same pixels as Pillow (both are
 libjpeg-turbo), which is how the tests check this path; it is only the default on CUDA
-(runtime.decode_jpegs_on_device). torchvision 0.29 deprecated its image decoders in favour of
+(the inference plan's `jpegs_on_device`). torchvision 0.29 deprecated its image decoders in favour of
 TorchCodec; where a later torchvision no longer has decode_jpeg, `available()` is False and Pillow
 decodes everything, as on the CPU.
 """
@@ -48,7 +48,6 @@ from captioner.data.images import (
     tensor_transform,
 )
 from captioner.errors import CaptionerWarning, ImageError
-from captioner.runtime import decode_jpegs_on_device
 
 EXIF_ORIENTATION = 0x0112
 MAX_BYTES = 100 * 2**20  # a 60-megapixel JPEG at high quality is about 30 MB
@@ -59,20 +58,15 @@ def available() -> bool:
     return decode_jpeg is not None
 
 
-def on_device(device: torch.device) -> bool:
-    """Whether files read for `device` have their JPEGs decoded there by default: where
-    runtime.decode_jpegs_on_device says so and this torchvision can."""
-    return decode_jpegs_on_device(device) and available()
-
-
 def image_batches(paths: Sequence[Path], size: int, mean: tuple[float, ...], std: tuple[float, ...],
-                  device: torch.device, *, batch_size: int, workers: int, jpegs_on_device: bool | None = None):
+                  device: torch.device, *, batch_size: int, workers: int, jpegs_on_device: bool):
     """The files as encoder input, `batch_size` at a time, in their order: (indices of good images,
     images (B, 3, S, S) or None, indices of bad ones, their error messages) a batch. `workers`
-    loader processes read them; JPEGs are decoded on `device` when `jpegs_on_device` (default:
-    on_device(device)), else everything by Pillow in the loader processes (images on the CPU)."""
+    loader processes read them; JPEGs are decoded on `device` when `jpegs_on_device` (the inference
+    plan's rule: on CUDA) and this torchvision can, else everything by Pillow in the loader
+    processes (images on the CPU)."""
     transform = eval_transform(size, mean, std)
-    use_device = (on_device(device) if jpegs_on_device is None else jpegs_on_device) and available()
+    use_device = jpegs_on_device and available()
     ds = (JpegDataset if use_device else ImageDataset)(paths, transform, draft_size(size))
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers,
                         collate_fn=as_list if use_device else collate_images,

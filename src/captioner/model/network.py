@@ -10,9 +10,7 @@ from torch import nn
 from captioner.errors import ConfigError
 from captioner.model.attention import AttentionDecoder
 from captioner.model.base import Decoder
-from captioner.model.encoder import BACKBONES, HEADS, Backbone, build_backbone, fold_batchnorm
-from captioner.model.int8 import int8_decoder
-from captioner.model.packed import packed_decoder, packed_encoder
+from captioner.model.encoder import BACKBONES, HEADS, Backbone, build_backbone
 from captioner.model.show_tell import ShowTellDecoder
 
 # Every decoder, by the name config.json and --decoder give it (see model/base.py for the contract).
@@ -125,39 +123,12 @@ class CaptionModel(nn.Module):
     def features(self, images: torch.Tensor, chunk: int = 0, encoder: nn.Module | None = None) -> torch.Tensor:
         """images (B, 3, S, S) -> what the decoder takes: pooled (B, C) or spatial (B, H*W, C).
 
-        `chunk` > 0 runs the encoder on that many images at a time (see runtime.encoder_chunk).
-        `encoder`: another copy of this model's encoder to run (inference's, see encoder.fold_batchnorm)."""
+        `chunk` > 0 runs the encoder on that many images at a time (InferencePlan.encoder_chunk).
+        `encoder`: another copy of this model's encoder to run (InferencePlan.encoder_for's)."""
         if 0 < chunk < images.shape[0]:
             return torch.cat([self.features(part, encoder=encoder) for part in images.split(chunk)])
         fmap = (self.encoder if encoder is None else encoder)(images)  # (B, C, H, W)
         return pool_features(fmap, self.decoder.feature_kind)
-
-    def inference_encoder(self, precision: str = "fp32") -> Backbone:
-        """A copy of the encoder that gives the same features faster, for captioning and feature
-        extraction: BatchNorm folded into the convolutions (see encoder.fold_batchnorm), laid out
-        channels-last (faster on the CPU, fp32 and bf16), and on the CPU its convolutions' weights
-        packed once for oneDNN (model/packed.py). The encoder itself stays as it is.
-
-        For `precision` bf16 the copy holds its weights in bf16, and must run under bf16 autocast
-        (as Captioner.features and extract_features run it): autocast would otherwise cast every
-        weight again at every call. The same bits; on the Zen 4 one photo 9.9 -> 8.9 ms, batches of
-        32 8.1 -> 7.0 ms a photo."""
-        encoder = fold_batchnorm(self.encoder).to(memory_format=torch.channels_last)
-        if precision == "bf16":
-            encoder = encoder.to(torch.bfloat16)
-        if next(encoder.parameters()).device.type == "cpu":  # convolutions packed once (model/packed.py)
-            encoder = packed_encoder(encoder)
-        return encoder
-
-    def use_inference_decoder(self, precision: str) -> None:
-        """Swap in the decoder captioning runs (for a model loaded to caption, never to train): at
-        precision int8 a copy with 8-bit weights (model/int8.py); on the CPU otherwise its layers
-        with their weights packed for oneDNN (model/packed.py: the same results, faster); on a GPU
-        the decoder as it is."""
-        if precision == "int8":
-            self.decoder = int8_decoder(self.decoder)
-        elif next(self.decoder.parameters()).device.type == "cpu":
-            self.decoder = packed_decoder(self.decoder)
 
     def forward(self, inputs: torch.Tensor, tokens: torch.Tensor, images: bool = False,
                 rows: torch.Tensor | None = None, lengths: torch.Tensor | None = None

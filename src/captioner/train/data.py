@@ -19,12 +19,13 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from captioner import metrics
-from captioner.data.features import cached_features, extract_features
 from captioner.data.images import draft_size, open_rgb, train_transform
 from captioner.data.records import Record, assign_splits, check_images, load_records, split_records
 from captioner.data.vocab import Vocabulary
 from captioner.distributed import Dist
 from captioner.errors import CaptionerWarning, DataError, ImageError
+from captioner.inference.features import cached_features, extract_features
+from captioner.inference.plan import InferencePlan
 from captioner.model.network import CaptionModel, ModelConfig
 from captioner.runtime import one_thread
 from captioner.scst import CiderD, SelfCritical
@@ -191,22 +192,22 @@ class TrainData:
                 f"than {max_words} words left out), {len(self.val)} val images, {len(vocab)} words")
 
 
-def prepare_data(cfg: TrainConfig, model: CaptionModel, vocab: Vocabulary, splits: Splits, device: torch.device,
-                 precision: str, dist: Dist) -> TrainData:
+def prepare_data(cfg: TrainConfig, model: CaptionModel, vocab: Vocabulary, splits: Splits, plan: InferencePlan,
+                 dist: Dist) -> TrainData:
     """Features of frozen encoders come from the cache (a missing entry is extracted in shares by
     every process, then merged); then unreadable images are dropped, and captions become ids."""
-    extract_kw = dict(batch_size=cfg.feature_batch_size, device=device, precision=precision,
+    extract_kw = dict(batch_size=cfg.feature_batch_size,
                       workers=cfg.loader_workers(len(splits.train), cfg.feature_batch_size),
                       progress=not cfg.quiet and dist.main)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
     train, train_feats = splits.train, None
     if not cfg.fine_tune_encoder:
-        f_train, ok, errs = cached_features(model, [r.image for r in train], cache, dist=dist, **extract_kw)
+        f_train, ok, errs = cached_features(model, [r.image for r in train], plan, cache, dist=dist, **extract_kw)
         keep = readable(train, errs, ok)
         train, train_feats = [train[i] for i in keep], FeatureRows(f_train, keep)
     val_paths = [r.image for r in splits.val]
-    f_val, ok, errs = (cached_features(model, val_paths, cache, dist=dist, **extract_kw) if not cfg.fine_tune_encoder
-                       else extract_features(model, val_paths, **extract_kw))
+    f_val, ok, errs = (extract_features(model, val_paths, plan, **extract_kw) if cfg.fine_tune_encoder
+                       else cached_features(model, val_paths, plan, cache, dist=dist, **extract_kw))
     keep = readable(splits.val, errs, ok)
     val, val_feats = [splits.val[i] for i in keep], FeatureRows(f_val, keep)
 
@@ -225,13 +226,12 @@ def prepare_data(cfg: TrainConfig, model: CaptionModel, vocab: Vocabulary, split
                      splits.fingerprint())
 
 
-def val_features(model: CaptionModel, val: list[Record], cfg: TrainConfig, device: torch.device,
-                 precision: str) -> FeatureRows:
+def val_features(model: CaptionModel, val: list[Record], cfg: TrainConfig, plan: InferencePlan) -> FeatureRows:
     """The val images' features from `model`'s encoder as it is now. A fine-tuned encoder changes
     every step, so its validation (each epoch, and the choice of decoding for the best model) must
     read these, never the features extracted before training."""
-    f, _, _ = extract_features(model, [r.image for r in val], batch_size=cfg.feature_batch_size, device=device,
-                               precision=precision, workers=cfg.loader_workers(len(val), cfg.feature_batch_size),
+    f, _, _ = extract_features(model, [r.image for r in val], plan, batch_size=cfg.feature_batch_size,
+                               workers=cfg.loader_workers(len(val), cfg.feature_batch_size),
                                progress=False)
     return FeatureRows(f, list(range(len(val))))  # `val` holds only images that were read before
 

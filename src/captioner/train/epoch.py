@@ -23,9 +23,10 @@ from captioner.data.vocab import Vocabulary
 from captioner.decode import Decoding, caption_features
 from captioner.distributed import Dist
 from captioner.errors import CaptionerWarning, TrainingError
+from captioner.inference.plan import InferencePlan
 from captioner.model.folder import load_model, save_model
 from captioner.model.network import CaptionModel
-from captioner.runtime import autocast, encoder_memory_format
+from captioner.runtime import encoder_memory_format
 from captioner.train.data import Captions, FeatureRows
 
 
@@ -49,7 +50,7 @@ class Warmup:
             self.group["lr"] = self.peak * self.done / self.steps
 
 
-def train_one_epoch(model, batches, optimizer, device, precision: str, clip: float, epoch: int, pad: int,
+def train_one_epoch(model, batches, optimizer, plan: InferencePlan, clip: float, epoch: int, pad: int,
                     images: bool = False, progress: bool = True, dist: Dist | None = None, accum: int = 1,
                     total: int | None = None, freeze_bn: bool = False, warmup: Warmup | None = None) -> float:
     """`batches` yields (features, tokens) of one length each, or ImageBatch when `images` (the
@@ -72,9 +73,10 @@ def train_one_epoch(model, batches, optimizer, device, precision: str, clip: flo
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (
                     freeze_bn or not any(p.requires_grad for p in m.parameters())):
                 m.eval()
+    device = plan.device
     memory_format = encoder_memory_format(device)
     # fp16 needs its gradients scaled up so that small ones do not underflow (bf16 does not)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=plan.precision == "fp16")
     params = [p for g in optimizer.param_groups for p in g["params"]]
     loss_sum, tokens_seen, captions, t0 = 0.0, 0, 0, time.perf_counter()
     bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", total=total, leave=False,
@@ -97,7 +99,7 @@ def train_one_epoch(model, batches, optimizer, device, precision: str, clip: flo
         # DDP averages gradients over ranks on the backward pass of a step's last batch only
         sync = contextlib.nullcontext() if step or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
-            with autocast(device, precision):
+            with plan.autocast():
                 logits, penalty = model(x, tok[:, :-1], images=images, rows=rows, lengths=lengths)  # (B, T-1, V)
             loss = caption_loss(logits, tok[:, 1:], pad)
             scaler.scale((loss + penalty.float()) / accum).backward()
@@ -113,7 +115,7 @@ def train_one_epoch(model, batches, optimizer, device, precision: str, clip: flo
         n = tok[:, 1:].ne(pad).sum().item()
         value = loss.item()
         if not math.isfinite(value):  # a model trained on from here is garbage, and would be saved as such
-            hint = " (fp16 can overflow: try --precision bf16 or fp32)" if precision == "fp16" else ""
+            hint = " (fp16 can overflow: try --precision bf16 or fp32)" if plan.precision == "fp16" else ""
             raise TrainingError(f"the loss became {value} at epoch {epoch}, batch {i + 1}: stopped, and what was "
                                 f"saved before is kept. Broken features or too high a learning rate?{hint}")
         loss_sum += value * n
@@ -131,20 +133,20 @@ def val_decoding(beam_size: int, max_len: int) -> Decoding:
 
 @torch.no_grad()
 def validate(model: CaptionModel, vocab: Vocabulary, feats: FeatureRows, caps: Captions, scorer: metrics.Scorer,
-             device, precision: str, decoding: Decoding, batch_size: int = 256) -> dict:
+             plan: InferencePlan, decoding: Decoding, batch_size: int = 256) -> dict:
     """Val loss (teacher-forced, as a loss only) and free-running captions of every val image
     (with `decoding`) scored with BLEU-4 and CIDEr-D against all of its references."""
     model.eval()
     total, n_tok = 0.0, 0
     for idx in LengthBucketSampler(caps.lengths, batch_size, shuffle=False):
         rows, tok = caps.batch(idx)
-        f, tok = feats[rows].to(device).float(), tok.to(device)
-        with autocast(device, precision):
+        f, tok = feats[rows].to(plan.device).float(), tok.to(plan.device)
+        with plan.autocast():
             logits, _ = model(f, tok[:, :-1])  # features, not images
         n = tok[:, 1:].ne(vocab.pad).sum().item()
         total += caption_loss(logits, tok[:, 1:], vocab.pad).item() * n
         n_tok += n
-    hyps = [r["caption"] for r in caption_features(model.decoder, vocab, feats, decoding, device, precision,
+    hyps = [r["caption"] for r in caption_features(model.decoder, vocab, feats, decoding, plan,
                                                    batch_size if decoding.beam_size == 1 else 100)]
     s = scorer(dict(enumerate(hyps)), meteor=False)
     return {"val_loss": total / max(n_tok, 1), "BLEU-4": s["BLEU-4"], "CIDEr": s["CIDEr"], "samples": hyps[:3]}
@@ -156,16 +158,16 @@ DECODING_CANDIDATES = ((1, 0.0, False), (3, 0.0, False), (3, 0.5, False), (3, 1.
                        (3, 2.0, False), (3, 1.5, True), (5, 1.0, True), (5, 1.5, True))
 
 
-def choose_decoding(folder: Path, feats: FeatureRows, scorer: metrics.Scorer, device, precision: str,
+def choose_decoding(folder: Path, feats: FeatureRows, scorer: metrics.Scorer, plan: InferencePlan,
                     half: bool = False) -> list[dict]:
     """Score the model folder's captions of val with each candidate decoding and store the best
     (by CIDEr-D) in its config.json as the model's default. Returns one row per candidate."""
-    model, vocab = load_model(folder, device)
+    model, vocab = load_model(folder, plan.device)
     rows = []
     for beam_size, length_norm, block in DECODING_CANDIDATES:
         decoding = Decoding(beam_size=beam_size, length_norm=length_norm, block_trigrams=block,
                             max_len=model.cfg.max_len)
-        hyps = [r["caption"] for r in caption_features(model.decoder, vocab, feats, decoding, device, precision)]
+        hyps = [r["caption"] for r in caption_features(model.decoder, vocab, feats, decoding, plan)]
         s = scorer(dict(enumerate(hyps)), meteor=False)
         rows.append({"beam_size": beam_size, "length_norm": length_norm, "block_trigrams": block,
                      "BLEU-4": round(s["BLEU-4"], 4), "CIDEr": round(s["CIDEr"], 4)})

@@ -32,10 +32,11 @@ from captioner.data.vocab import SPECIALS, Vocabulary
 from captioner.decode import Decoding
 from captioner.distributed import Dist
 from captioner.errors import ConfigError, DataError
+from captioner.inference.plan import InferencePlan
 from captioner.model.encoder import weights_digest
 from captioner.model.folder import load_model, save_model
 from captioner.model.network import CaptionModel, ModelConfig
-from captioner.runtime import encoder_memory_format, keep_freed_memory, resolve_precision
+from captioner.runtime import encoder_memory_format, keep_freed_memory
 from captioner.scst import scst_one_epoch
 from captioner.train.checkpoint import (
     CHECKPOINT,
@@ -78,7 +79,7 @@ def fit(cfg: TrainConfig) -> dict:
 def _fit(cfg: TrainConfig, out: Path, dist: Dist, device: torch.device) -> dict:
     """The run itself: prepare data, build the model and optimiser, resume, loop, finish."""
     log = print if dist.main else (lambda *a, **k: None)
-    precision = resolve_precision(cfg.precision, device)
+    plan = InferencePlan.resolve(device, cfg.precision, training=True)  # extraction, steps, validation
     if device.type == "cpu":
         keep_freed_memory()  # steps reuse their memory instead of faulting it in afresh (see runtime.py)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -91,9 +92,9 @@ def _fit(cfg: TrainConfig, out: Path, dist: Dist, device: torch.device) -> dict:
     model.to(device)
     if cfg.fine_tune_encoder:  # its weights laid out as its images will be (see encoder_memory_format)
         model.encoder.to(memory_format=encoder_memory_format(device))
-    data = prepare_data(cfg, model, vocab, splits, device, precision, dist)
+    data = prepare_data(cfg, model, vocab, splits, plan, dist)
     log(f"{data.summary(vocab, model.cfg.max_len)}, {'self-critical, ' if cfg.scst else ''}device {device}, "
-        f"precision {precision}{f', {dist.world} processes' if dist.world > 1 else ''}")
+        f"precision {plan.precision}{f', {dist.world} processes' if dist.world > 1 else ''}")
 
     opt = Optimisation.build(cfg, model, data, dist, device)
     run = RunState()
@@ -103,7 +104,7 @@ def _fit(cfg: TrainConfig, out: Path, dist: Dist, device: torch.device) -> dict:
         log(f"resumed from {out / CHECKPOINT} after epoch {run.epoch}")
 
     for epoch in range(run.epoch + 1, cfg.epochs + 1):
-        train_epoch(cfg, model, vocab, data, opt, device, precision, dist, epoch, run, log)
+        train_epoch(cfg, model, vocab, data, opt, plan, dist, epoch, run, log)
         if cfg.patience and run.epochs_without_improvement() >= cfg.patience:
             log(f"no val improvement for {cfg.patience} epochs: stopping")
             break
@@ -112,8 +113,8 @@ def _fit(cfg: TrainConfig, out: Path, dist: Dist, device: torch.device) -> dict:
     if run.best_epoch and dist.main:
         feats = data.val_feats
         if cfg.fine_tune_encoder:  # the best epoch's encoder, not the last one's
-            feats = val_features(load_model(out / "best", device)[0], data.val, cfg, device, precision)
-        rows = choose_decoding(out / "best", feats, data.scorer, device, precision, cfg.half)
+            feats = val_features(load_model(out / "best", device)[0], data.val, cfg, plan)
+        rows = choose_decoding(out / "best", feats, data.scorer, plan, cfg.half)
         log("decoding of the best model on val: " + "; ".join(
             f"{_describe(r)}: CIDEr-D {r['CIDEr']:.3f}" for r in rows))
         chosen = max(rows, key=lambda r: r["CIDEr"])
@@ -224,7 +225,7 @@ class Optimisation:
 
 
 def train_epoch(cfg: TrainConfig, model: CaptionModel, vocab: Vocabulary, data: TrainData, opt: Optimisation,
-                device: torch.device, precision: str, dist: Dist, epoch: int, run: RunState, log) -> None:
+                plan: InferencePlan, dist: Dist, epoch: int, run: RunState, log) -> None:
     """One epoch: train, validate (on rank 0; every rank then takes the same scheduler and
     early-stopping decisions), record it in `run`, and write the run folder."""
     torch.manual_seed(cfg.seed + epoch)  # dropout/augmentation/sampling noise: the same per epoch on resume
@@ -234,7 +235,7 @@ def train_epoch(cfg: TrainConfig, model: CaptionModel, vocab: Vocabulary, data: 
     progress = not cfg.quiet
     if cfg.scst:
         random.seed(cfg.seed + epoch)  # which reference the cross-entropy term sees
-        mean_reward = scst_one_epoch(model, vocab, data.train_feats, data.critic, opt.optimizer, device, precision,
+        mean_reward = scst_one_epoch(model, vocab, data.train_feats, data.critic, opt.optimizer, plan,
                                      cfg.clip, epoch, cfg.batch_size, cfg.seed, progress=progress,
                                      dist=dist)["reward"]
     else:
@@ -243,20 +244,20 @@ def train_epoch(cfg: TrainConfig, model: CaptionModel, vocab: Vocabulary, data: 
             batches = DataLoader(ImageCaptions(data.train, data.train_caps, model.cfg), batch_sampler=opt.sampler,
                                  num_workers=cfg.loader_workers(len(opt.sampler), 1),  # batches of images
                                  collate_fn=image_batch_collate(data.train_caps, vocab.pad),
-                                 pin_memory=device.type == "cuda")
+                                 pin_memory=plan.device.type == "cuda")
             if epoch == 1 and cfg.encoder_warmup:  # within the first epoch, before the plateau scheduler acts
                 warmup = Warmup(opt.optimizer.param_groups[1], min(cfg.encoder_warmup, len(opt.sampler) // cfg.accum))
         else:
             batches = ((data.train_feats[rows], tok) for rows, tok in map(data.train_caps.batch, opt.sampler))
-        train_loss = train_one_epoch(opt.net, batches, opt.optimizer, device, precision, cfg.clip, epoch, vocab.pad,
+        train_loss = train_one_epoch(opt.net, batches, opt.optimizer, plan, cfg.clip, epoch, vocab.pad,
                                      images=cfg.fine_tune_encoder, progress=progress, dist=dist, accum=cfg.accum,
                                      total=len(opt.sampler), freeze_bn=cfg.freeze_bn, warmup=warmup)
     seconds = time.perf_counter() - t0
 
     decoding = val_decoding(cfg.val_beam_size, model.cfg.max_len)
     if cfg.fine_tune_encoder and dist.main:  # the encoder just changed: so do the val features
-        data.val_feats = val_features(model, data.val, cfg, device, precision)
-    val = validate(model, vocab, data.val_feats, data.val_caps, data.scorer, device, precision, decoding) \
+        data.val_feats = val_features(model, data.val, cfg, plan)
+    val = validate(model, vocab, data.val_feats, data.val_caps, data.scorer, plan, decoding) \
         if dist.main else None
     val = dist.broadcast(val)
     opt.scheduler.step(val["CIDEr"])

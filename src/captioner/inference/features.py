@@ -21,15 +21,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from captioner.data import jpeg
 from captioner.data.jpeg import image_batches
 from captioner.distributed import Dist
 from captioner.errors import CaptionerWarning, DataError
 from captioner.files import atomic_write, readable_digest
-from captioner.runtime import autocast, encoder_chunk
+from captioner.inference.plan import InferencePlan
 
 CACHE_VERSION = 3  # 2: entries carry a checksum of their features; 3: big JPEGs decoded at a reduced scale
-# (images.draft_size) and, on the CPU, the encoder's convolutions packed (model/packed.py: fp32 rounds differently)
+# (images.draft_size) and, on the CPU, the encoder's convolutions packed (inference/packed.py: fp32 rounds differently)
 
 
 def default_cache_dir() -> Path:
@@ -40,27 +39,23 @@ def default_cache_dir() -> Path:
 
 
 @torch.no_grad()
-def extract_features(model, paths: Sequence[Path], *, batch_size: int = 32, device: torch.device,
-                     precision: str = "fp32", workers: int = 1, out: np.ndarray | None = None,
-                     progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Run `model.features` over images. Returns (features fp16 (N, ...), ok mask (N,), errors).
-    On CUDA the GPU decodes the plain JPEGs (see data/jpeg.image_batches)."""
+def extract_features(model, paths: Sequence[Path], plan: InferencePlan, *, batch_size: int = 32, workers: int = 1,
+                     out: np.ndarray | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Run the model's encoder over images as `plan` runs it (InferencePlan.encode). Returns
+    (features fp16 (N, ...), ok mask (N,), errors). Where the plan says so (CUDA), the device decodes
+    the plain JPEGs (see data/jpeg.image_batches)."""
     cfg = model.cfg
     paths = list(paths)
-    loader = image_batches(paths, cfg.image_size, cfg.mean, cfg.std, device, batch_size=batch_size, workers=workers)
+    loader = image_batches(paths, cfg.image_size, cfg.mean, cfg.std, plan.device, batch_size=batch_size,
+                           workers=workers, jpegs_on_device=plan.jpegs_on_device)
     ok = np.zeros(len(paths), dtype=bool)
     errors: list[str] = []
-    # a faster copy: the model's own encoder is left as it came, weights and memory format (channels-last
-    # weights fed contiguous images in fine-tuning ran steps 20-40x slower on a GPU)
-    encoder = model.inference_encoder(precision).to(device)
+    encoder = plan.encoder_for(model)  # a faster copy; the model's own encoder is left as it came
     bar = tqdm(total=len(paths), desc="features", unit="img", disable=not progress, leave=False)
     for idx, x, _, errs in loader:
         errors += errs
         if x is not None:
-            x = x.to(device, memory_format=torch.channels_last)
-            with autocast(device, precision):
-                f = model.features(x, chunk=encoder_chunk(device), encoder=encoder)
-            f = f.float().cpu().numpy().astype(np.float16)
+            f = plan.encode(model, x, encoder).float().cpu().numpy().astype(np.float16)
             if out is None:
                 out = np.zeros((len(paths), *f.shape[1:]), dtype=np.float16)
             out[idx] = f
@@ -72,9 +67,10 @@ def extract_features(model, paths: Sequence[Path], *, batch_size: int = 32, devi
     return out, ok, errors
 
 
-def cached_features(model, paths: Sequence[Path], cache_dir: Path | None = None, dist: Dist | None = None, **kw
-                    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Features for `paths` from the cache, extracting (and storing) them when absent.
+def cached_features(model, paths: Sequence[Path], plan: InferencePlan, cache_dir: Path | None = None,
+                    dist: Dist | None = None, **kw) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Features for `paths` from the cache, extracting (and storing) them as `plan` runs the encoder
+    when absent (`kw`: extract_features's batch_size, workers, progress).
 
     Returns (memory-mapped fp16 features, ok mask, error messages of unreadable images).
     With `dist` (several processes), a missing entry is extracted in shares: process r runs the
@@ -88,8 +84,8 @@ def cached_features(model, paths: Sequence[Path], cache_dir: Path | None = None,
     h = hashlib.sha256(json.dumps({
         "version": CACHE_VERSION, "encoder": model.encoder.identity, "size": cfg.image_size,
         "mean": list(cfg.mean), "std": list(cfg.std), "kind": model.decoder.feature_kind,
-        "precision": kw.get("precision", "fp32"),  # bf16 and fp32 features differ slightly: never mixed
-        **({"jpegs": "device"} if jpeg.on_device(kw["device"]) else {}),  # nor do nvJPEG's and Pillow's pixels
+        "precision": plan.encoder_precision,  # bf16 and fp32 features differ slightly: never mixed
+        **({"jpegs": "device"} if plan.jpegs_on_device else {}),  # nor do nvJPEG's and Pillow's pixels
     }, sort_keys=True).encode())
     for p in tqdm(paths, desc="hashing images", unit="img", leave=False,
                   disable=not (kw.get("progress", True) and dist.main)):
@@ -100,9 +96,9 @@ def cached_features(model, paths: Sequence[Path], cache_dir: Path | None = None,
         return _read_entry(entry)
 
     if dist.world == 1:
-        feats, ok, errors = extract_features(model, paths, **kw)
+        feats, ok, errors = extract_features(model, paths, plan, **kw)
     else:
-        feats, ok, errors = _extract_in_shares(model, paths, cache_dir / f"{key}.shares", dist, **kw)
+        feats, ok, errors = _extract_in_shares(model, paths, plan, cache_dir / f"{key}.shares", dist, **kw)
     if dist.main:
         _write_entry(entry, feats, ok, errors, encoder=model.encoder.identity)
     dist.barrier()
@@ -169,11 +165,11 @@ def _read_entry(entry: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return np.load(entry.with_suffix(".npy"), mmap_mode="r"), np.array(info["ok"], dtype=bool), info["errors"]
 
 
-def _extract_in_shares(model, paths: Sequence[Path], folder: Path, dist: Dist, **kw
+def _extract_in_shares(model, paths: Sequence[Path], plan: InferencePlan, folder: Path, dist: Dist, **kw
                        ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Each process extracts paths[rank::world] into folder/R.npy; process 0 gathers them."""
     folder.mkdir(parents=True, exist_ok=True)
-    f, ok, errors = extract_features(model, [paths[i] for i in range(dist.rank, len(paths), dist.world)], **kw)
+    f, ok, errors = extract_features(model, [paths[i] for i in range(dist.rank, len(paths), dist.world)], plan, **kw)
     _write_entry(folder / str(dist.rank), f, ok, errors)
     dist.barrier()
     if not dist.main:

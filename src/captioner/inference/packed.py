@@ -273,7 +273,7 @@ def packed_decoder(decoder: nn.Module) -> nn.Module:
     ones (a multi-layer nn.LSTM, as in Show and Tell, stays as it is). Where this torch cannot pack
     (packable_dtypes() is empty) it is returned unchanged."""
     if packable_dtypes():
-        _swap(decoder)
+        swap_layers(decoder, SWAPS, _packable)
     return decoder
 
 
@@ -282,18 +282,20 @@ def packed_encoder(encoder: nn.Module) -> nn.Module:
     ones (those with numeric zero padding: a string or another padding mode stays as it is), and the
     ReLU6 after each run inside it (fuse_relu6); unchanged where this torch cannot pack."""
     if packable_dtypes():
-        _swap(encoder, {nn.Conv2d: PackedConv2d, Conv2dSame: PackedConv2d})
+        swap_layers(encoder, {nn.Conv2d: PackedConv2d, Conv2dSame: PackedConv2d}, _packable)
         fuse_relu6(encoder)
     return encoder
 
 
-def _swap(module: nn.Module, swaps: dict = SWAPS) -> None:
+def swap_layers(module: nn.Module, swaps: dict, can_swap=lambda layer: True) -> None:
+    """Replace, in place and at any depth, each child of a type in `swaps` for which `can_swap` holds
+    by `swaps[type](child)`; the one walker for packing and int8 (inference/int8.py)."""
     for name, child in module.named_children():
         swap = swaps.get(type(child))
-        if swap is not None and _packable(child):
+        if swap is not None and can_swap(child):
             setattr(module, name, swap(child))
         else:
-            _swap(child, swaps)
+            swap_layers(child, swaps, can_swap)
 
 
 def _packable(layer: nn.Module) -> bool:

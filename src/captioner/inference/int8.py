@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from captioner.errors import ConfigError
-from captioner.model.packed import gru_gates, lstm_gates
+from captioner.inference.packed import gru_gates, lstm_gates, swap_layers
 
 # FBGEMM's int8 kernel multiplies unsigned 8-bit inputs by signed 8-bit weights and adds pairs of the
 # products in 16 bits, which can saturate: 7-bit inputs (reduce_range) keep every sum in range, as
@@ -108,14 +108,5 @@ def int8_decoder(decoder: nn.Module) -> nn.Module:
     if why:
         raise ConfigError(why)
     out = copy.deepcopy(decoder).float().eval()
-    _swap(out)
+    swap_layers(out, SWAPS, lambda layer: sum(p.numel() for p in layer.parameters()) >= MIN_WEIGHTS)
     return out
-
-
-def _swap(module: nn.Module) -> None:
-    for name, child in module.named_children():
-        swap = SWAPS.get(type(child))
-        if swap is not None and sum(p.numel() for p in child.parameters()) >= MIN_WEIGHTS:
-            setattr(module, name, swap(child))
-        else:
-            _swap(child)
