@@ -16,7 +16,7 @@ import captioner.decode as decode_module
 from captioner import Captioner
 from captioner.cli import build_parser, main
 from captioner.data.records import load_records
-from captioner.decode import Decoding
+from captioner.decoding import Decoding
 from captioner.errors import ConfigError
 from captioner.model.attention import AttentionDecoder
 from captioner.model.base import Decoder
@@ -29,7 +29,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "captioner"
 
 # data -> model -> inference -> decode -> train/api -> cli/server: a module imports only from its floor or below
 FLOORS = [
-    ("base", ["errors", "files", "names", "runtime", "distributed"]),
+    ("base", ["errors", "files", "names", "decoding", "runtime", "distributed"]),
     ("data", ["data", "metrics"]),
     ("model", ["model"]),
     ("inference", ["inference"]),
@@ -219,12 +219,23 @@ def test_train_config_and_model_config_agree_on_model_defaults():
 
 
 def test_the_torch_free_names_are_the_registries():
+    """names.py lists what the options accept without importing torch: each list must be what the
+    code behind it takes, no more and no less."""
     from captioner import names
-    from captioner.model.encoder import BACKBONES, HEADS
-    from captioner.runtime import PRECISIONS
+    from captioner.model.encoder import BACKBONES, build_head
+    from captioner.runtime import resolve_precision
 
     assert names.ENCODERS == tuple(BACKBONES) and names.DECODERS == tuple(DECODERS)
-    assert HEADS is names.HEADS and PRECISIONS is names.PRECISIONS
+    for head in names.HEADS:
+        assert isinstance(build_head(head, 8, 4), nn.Module)
+    with pytest.raises(ConfigError, match="unknown head"):
+        build_head("no_such_head", 8, 4)
+    cpu = torch.device("cpu")
+    for precisions, inference in ((names.PRECISIONS, False), (names.INFERENCE_PRECISIONS, True)):
+        resolved = {resolve_precision(p, cpu, inference=inference) for p in precisions}
+        assert resolved <= {"fp32", "bf16", "fp16", "int8"} and ("int8" in resolved) == inference
+        with pytest.raises(ConfigError, match="precision must be one of"):
+            resolve_precision("fp8", cpu, inference=inference)
 
 
 def test_layout_option_and_its_old_name():
