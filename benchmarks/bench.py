@@ -67,7 +67,8 @@ from captioner.data.batching import ImageBatchSampler, LengthBucketSampler
 from captioner.data.images import eval_transform, open_rgb
 from captioner.data.records import Record, load_records, split_records
 from captioner.data.vocab import Vocabulary
-from captioner.decode import Decoding, beam_search, caption_features
+from captioner.decode import beam_search, caption_features
+from captioner.decoding import Decoding
 from captioner.inference.features import cached_features, extract_features
 from captioner.inference.int8 import int8_available
 from captioner.inference.packed import packable_dtypes

@@ -10,6 +10,7 @@ from PIL import Image
 
 from captioner import Captioner
 from captioner.cli import main
+from captioner.errors import ConfigError
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -55,6 +56,22 @@ def test_trigram_blocking_follows_the_model_unless_the_options_say():
     plain = ModelConfig(vocab_size=10, beam_size=3)
     assert _decoding(parse(["index", "x", "--db", "y", "--block-trigrams"]), plain).block_trigrams
     assert _decoding(parse(["evaluate", "--data", "d"]), cfg) == _decoding(parse(["caption", "x.jpg"]), cfg)
+
+
+
+@pytest.mark.parametrize("option, value", [("--length-norm", "-3"), ("--length-norm", "nan"), ("--length-norm", "inf"),
+                                           ("--beam-size", "0"), ("--beam-size", "101"), ("--beam-size", "two")])
+def test_decoding_options_are_checked_before_anything_is_loaded(option, value, capsys):
+    """The command line takes its decoding options through decoding.py's checks (the limits the search and
+    model folders use): a bad one is argparse's one-line usage error, at once."""
+    from captioner.decoding import Decoding
+
+    with pytest.raises(SystemExit) as e:
+        main(["caption", "no/such/photo.jpg", option, value])
+    assert e.value.code == 2
+    assert f"argument {option}: " in capsys.readouterr().err.strip().splitlines()[-1]
+    with pytest.raises(ConfigError):  # and from Python, whoever builds the value
+        Decoding(**{option.lstrip("-").replace("-", "_"): float(value) if "norm" in option else value})
 
 
 @pytest.mark.slow  # starts a Python process per case

@@ -156,7 +156,8 @@ def test_banned_words_are_removed_before_normalising():
 
 def test_alternatives_carry_the_score_they_are_ranked_by():
     from captioner.data.vocab import Vocabulary
-    from captioner.decode import Decoding, caption_features
+    from captioner.decode import caption_features
+    from captioner.decoding import Decoding
 
     class Model(Markov):
         def eval(self):
@@ -179,7 +180,8 @@ def test_alternatives_carry_the_score_they_are_ranked_by():
 
 def test_pad_and_start_are_never_said():
     from captioner.data.vocab import Vocabulary
-    from captioner.decode import Decoding, search
+    from captioner.decode import search
+    from captioner.decoding import Decoding
 
     vocab = Vocabulary.build(["a b c"], min_count=1)
     table = torch.zeros(1, len(vocab), len(vocab))

@@ -15,7 +15,8 @@ from PIL import Image
 
 from captioner.data.images import draft_size, eval_transform, image_name, one_or_many, open_rgb
 from captioner.data.jpeg import image_batches
-from captioner.decode import Decoding, caption_features
+from captioner.decode import caption_features
+from captioner.decoding import Decoding
 from captioner.errors import CaptionerWarning, ConfigError, ImageError, ModelError
 from captioner.inference.plan import InferencePlan
 from captioner.model.folder import load_model, model_dir

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from captioner.decode import Decoding
+from captioner.decoding import Decoding
 from captioner.distributed import Dist
 from captioner.errors import ConfigError
 from captioner.files import atomic_write, path_text, readable_digest

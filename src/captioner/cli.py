@@ -17,10 +17,10 @@ import sys
 import warnings
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from captioner import __version__
+from captioner import __version__, decoding
 from captioner.data.records import LAYOUTS
+from captioner.decoding import Decoding
 from captioner.errors import CaptionerError, CaptionerWarning, ConfigError, DataError
 from captioner.files import path_text
 from captioner.names import (
@@ -34,9 +34,6 @@ from captioner.names import (
     shipped_model_dir,
 )
 from captioner.train.config import TrainConfig
-
-if TYPE_CHECKING:
-    from captioner.decode import Decoding
 
 # Mistakes a user can make and fix: one line, exit status 2. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (CaptionerError, FileNotFoundError, NotADirectoryError, PermissionError)
@@ -73,6 +70,18 @@ def _count(low: int):
 POSITIVE, NATURAL = _count(1), _count(0)
 
 
+def _checked(check):
+    """An argparse type from one of decoding.py's checks: its one-line ConfigError becomes argparse's
+    usage error, before anything is loaded."""
+    def parse(text: str):
+        try:
+            return check(text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = check.__name__  # argparse names the type in its messages
+    return parse
+
+
 # -- option groups shared by several commands -----------------------------------------------------
 
 
@@ -91,9 +100,11 @@ def _machine_options(p: argparse.ArgumentParser, inference: bool = True) -> None
 
 
 def _decoding_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--beam-size", type=POSITIVE, help="1 = greedy, at most 100 (default: the model's own setting)")
-    p.add_argument("--length-norm", type=float,
-                   help="rank beams by logprob / length**ALPHA, 0 = off (default: the model's own setting)")
+    p.add_argument("--beam-size", type=_checked(decoding.beam_size),
+                   help=f"1 = greedy, at most {decoding.MAX_BEAM} (default: the model's own setting)")
+    p.add_argument("--length-norm", type=_checked(decoding.length_norm), metavar="ALPHA",
+                   help=f"rank beams by logprob / length**ALPHA, 0 = off, at most {decoding.MAX_LENGTH_NORM:g} "
+                        "(default: the model's own setting)")
     p.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction,
                    help="never repeat a word trigram within a caption (default: the model's own setting)")
 
@@ -111,8 +122,6 @@ def _data_options(p: argparse.ArgumentParser, required: bool) -> None:
 
 def _decoding(a: argparse.Namespace, model_cfg) -> Decoding:
     """The one decoding a command uses: the model's own settings, changed where the options say."""
-    from captioner.decode import Decoding
-
     return Decoding.for_model(model_cfg, beam_size=a.beam_size, length_norm=a.length_norm,
                               block_trigrams=a.block_trigrams)
 
@@ -488,9 +497,7 @@ def _closing_line(result: dict, a: argparse.Namespace) -> str:
     d = result.get("decoding")
     if not d:
         return f"best val CIDEr-D {result['best_CIDEr']:.3f}; {folders}"
-    from captioner.decode import Decoding
-
-    how = Decoding(d["beam_size"], d["length_norm"], d.get("block_trigrams", False)).describe()
+    how = Decoding.from_json(d).describe()
     picked = "greedy" if a.val_beam_size == 1 else f"beam {a.val_beam_size}"
     return (f"best epoch {result['best_epoch']}: val CIDEr-D {d['CIDEr']:.3f} with its decoding ({how}; "
             f"{result['best_CIDEr']:.3f} {picked}, which picked the epoch); {folders}")

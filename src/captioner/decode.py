@@ -1,8 +1,7 @@
 """From encoder features to captions, shared by every decoder and every caller.
 
-    Decoding           the settings of a search (beam size, length normalisation, trigram
-                       blocking, length limit): one frozen value, from the model's config.json
-                       with the caller's changes
+    (Decoding, the settings of a search, is decoding.py's: one frozen value, from the model's
+    config.json with the caller's changes)
     caption_features   features -> captions with alternatives and log-probabilities; the one
                        road training, evaluation, the Python API and the server all take
     search             greedy when beam_size is 1, else batched beam search
@@ -15,56 +14,17 @@ b*K .. b*K+K-1), never a loop per image.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from captioner.errors import ConfigError
+from captioner.decoding import Decoding
 from captioner.inference.plan import InferencePlan
 from captioner.model.base import image_rows
 
 NEG_INF = float("-inf")
-MAX_BEAM = 100  # wider beams score no better and need memory in proportion (100,000 asked for 10 GB)
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """How to decode: built once (from the model's config.json, with the user's changes) and passed
-    to everything that captions."""
-
-    beam_size: int = 1  # 1 = greedy
-    length_norm: float = 0.0  # rank finished beams by logprob / length**length_norm (0 = off)
-    block_trigrams: bool = False  # never repeat a word trigram within a caption
-    max_len: int = 20  # longest caption, in words
-
-    def __post_init__(self):
-        if not isinstance(self.beam_size, int) or not 1 <= self.beam_size <= MAX_BEAM:
-            raise ConfigError(f"beam size must be 1 (greedy) to {MAX_BEAM}, not {self.beam_size}")
-        if self.max_len < 1:
-            raise ConfigError(f"the longest caption must be 1 word or more, not {self.max_len}")
-
-    @classmethod
-    def for_model(cls, cfg, beam_size: int | None = None, length_norm: float | None = None,
-                  block_trigrams: bool | None = None, max_len: int | None = None) -> Decoding:
-        """The model's own decoding (config.json, chosen on val at the end of training), with each
-        setting that is not None replaced."""
-        return cls(beam_size=cfg.beam_size if beam_size is None else beam_size,
-                   length_norm=cfg.length_norm if length_norm is None else length_norm,
-                   block_trigrams=cfg.block_trigrams if block_trigrams is None else block_trigrams,
-                   max_len=cfg.max_len if max_len is None else max_len)
-
-    def replace(self, **changes) -> Decoding:
-        return dataclasses.replace(self, **changes)
-
-    def describe(self) -> str:
-        """'greedy' or 'beam 3, length norm 1.0' (for logs and config notes)."""
-        if self.beam_size == 1:
-            return "greedy"
-        return f"beam {self.beam_size}, length norm {self.length_norm}" + (", no repeated trigrams"
-                                                                          if self.block_trigrams else "")
 
 
 @dataclass

@@ -16,7 +16,8 @@ from tqdm import tqdm
 from captioner import library, metrics
 from captioner.api import Captioner
 from captioner.data.records import check_images, load_records, split_records
-from captioner.decode import Decoding, caption_features
+from captioner.decode import caption_features
+from captioner.decoding import Decoding
 from captioner.errors import DataError
 from captioner.files import atomic_write, path_text
 from captioner.inference.features import cached_features

@@ -51,7 +51,7 @@ from captioner.files import path_text, readable_digest
 from captioner.names import DEFAULT_SEARCH_MODE, SEARCH_MODES, SHIPPED
 
 if TYPE_CHECKING:
-    from captioner.decode import Decoding
+    from captioner.decoding import Decoding
 
 SCHEMA_VERSION = "2"
 READABLE_SCHEMAS = ("1", "2")  # 1: before model search (no vectors); opened for indexing, it becomes 2

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from captioner.data.vocab import Vocabulary, tokenize
-from captioner.decode import Decoding, never_said, sample, search
+from captioner.decode import never_said, sample, search
+from captioner.decoding import Decoding
 from captioner.distributed import Dist
 from captioner.errors import ConfigError
 from captioner.inference.plan import InferencePlan

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
+from captioner.decoding import MAX_BEAM, MAX_LENGTH_NORM, MAX_WORDS
 from captioner.errors import ConfigError
 from captioner.model.attention import AttentionDecoder
 from captioner.model.base import Decoder
@@ -78,11 +79,11 @@ class ModelConfig:
 
         for key, low, high in (("vocab_size", 5, 1_000_000), ("image_size", 16, 2048), ("feat_dim", 1, 8192),
                                ("embed_dim", 1, 8192), ("hidden_dim", 1, 8192), ("attention_dim", 1, 8192),
-                               ("num_layers", 1, 16), ("max_len", 1, 1000), ("beam_size", 1, 100)):
+                               ("num_layers", 1, 16), ("max_len", 1, MAX_WORDS), ("beam_size", 1, MAX_BEAM)):
             v = getattr(self, key)
             if type(v) is not int or not low <= v <= high:
                 raise bad(key, f"a whole number from {low} to {high}")
-        for key, low, high in (("dropout", 0.0, 0.99), ("alpha_c", 0.0, 1e6), ("length_norm", 0.0, 10.0)):
+        for key, low, high in (("dropout", 0.0, 0.99), ("alpha_c", 0.0, 1e6), ("length_norm", 0.0, MAX_LENGTH_NORM)):
             v = getattr(self, key)
             if type(v) not in (int, float) or not low <= v <= high:  # also refuses NaN
                 raise bad(key, f"a number from {low:g} to {high:g}")

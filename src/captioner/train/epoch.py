@@ -20,7 +20,8 @@ from tqdm import tqdm
 from captioner import metrics
 from captioner.data.batching import LengthBucketSampler
 from captioner.data.vocab import Vocabulary
-from captioner.decode import Decoding, caption_features
+from captioner.decode import caption_features
+from captioner.decoding import Decoding
 from captioner.distributed import Dist
 from captioner.errors import CaptionerWarning, TrainingError
 from captioner.inference.plan import InferencePlan

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from captioner.data.batching import ImageBatchSampler, LengthBucketSampler
 from captioner.data.records import Record
 from captioner.data.vocab import SPECIALS, Vocabulary
-from captioner.decode import Decoding
+from captioner.decoding import Decoding
 from captioner.distributed import Dist
 from captioner.errors import ConfigError, DataError
 from captioner.inference.plan import InferencePlan
@@ -123,7 +123,7 @@ def _fit(cfg: TrainConfig, out: Path, dist: Dist, device: torch.device) -> dict:
 
 def _describe(row: dict) -> str:
     """'greedy' or 'beam 5, length norm 1.5, no repeated trigrams', for a row of choose_decoding."""
-    return Decoding(row["beam_size"], row["length_norm"], row.get("block_trigrams", False)).describe()
+    return Decoding.from_json(row).describe()
 
 
 def _resume_point(cfg: TrainConfig, out: Path, log) -> dict | None:

@@ -1,0 +1,98 @@
+"""`Decoding`: the settings of a search, one frozen, validated value (no torch, so the command line
+can check its options before anything is loaded).
+
+It comes from the model's config.json (the decoding chosen on val at the end of training), with the
+caller's changes (`--beam-size` & co., the API's arguments), and is passed to everything that
+captions (decode.caption_features). Each limit is declared here once; the command line's option
+types and help, ModelConfig's checks and the search all read it from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from captioner.errors import ConfigError
+
+MAX_BEAM = 100  # wider beams score no better and need memory in proportion (100,000 asked for 10 GB)
+MAX_LENGTH_NORM = 10.0  # logprob / length**10 already ranks by length alone
+MAX_WORDS = 1000  # the longest caption a search may be asked for
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How to decode: built once (from the model's config.json, with the user's changes) and passed
+    to everything that captions. Every value is checked here, whoever builds it."""
+
+    beam_size: int = 1  # 1 = greedy
+    length_norm: float = 0.0  # rank finished beams by logprob / length**length_norm (0 = off)
+    block_trigrams: bool = False  # never repeat a word trigram within a caption
+    max_len: int = 20  # longest caption, in words
+
+    def __post_init__(self):
+        for name in ("beam_size", "length_norm"):  # text is the command line's to convert, not a value's
+            if isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name.replace('_', ' ')} must be a number, not {getattr(self, name)!r}")
+        beam_size(self.beam_size)
+        length_norm(self.length_norm)
+        if type(self.block_trigrams) is not bool:
+            raise ConfigError(f"blocking repeated trigrams is true or false, not {self.block_trigrams!r}")
+        if type(self.max_len) is not int or not 1 <= self.max_len <= MAX_WORDS:
+            raise ConfigError(f"the longest caption must be 1 to {MAX_WORDS} words, not {self.max_len!r}")
+
+    @classmethod
+    def for_model(cls, cfg, beam_size: int | None = None, length_norm: float | None = None,
+                  block_trigrams: bool | None = None, max_len: int | None = None) -> Decoding:
+        """The model's own decoding (config.json, chosen on val at the end of training), with each
+        setting that is not None replaced."""
+        return cls(beam_size=cfg.beam_size if beam_size is None else beam_size,
+                   length_norm=cfg.length_norm if length_norm is None else length_norm,
+                   block_trigrams=cfg.block_trigrams if block_trigrams is None else block_trigrams,
+                   max_len=cfg.max_len if max_len is None else max_len)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Decoding:
+        """A decoding from a dict that holds its fields (a row of choose_decoding, a saved result);
+        other keys (scores) are ignored, missing ones take the defaults."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> Decoding:
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        """'greedy' or 'beam 3, length norm 1.0' (for logs and config notes)."""
+        if self.beam_size == 1:
+            return "greedy"
+        return f"beam {self.beam_size}, length norm {self.length_norm}" + (", no repeated trigrams"
+                                                                          if self.block_trigrams else "")
+
+
+def beam_size(value) -> int:
+    """`value` as a beam size (1 = greedy, at most MAX_BEAM), else a one-line ConfigError. Also the
+    command line's type for --beam-size, so a bad one is refused before a model is loaded."""
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            raise ConfigError(f"beam size must be a whole number, not {value!r}") from None
+    if type(value) is not int or not 1 <= value <= MAX_BEAM:
+        raise ConfigError(f"beam size must be 1 (greedy) to {MAX_BEAM}, not {value!r}")
+    return value
+
+
+def length_norm(value) -> float:
+    """`value` as a length normalisation exponent (0 = off, at most MAX_LENGTH_NORM), else a one-line
+    ConfigError (NaN and infinity included). Also the command line's type for --length-norm."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"length normalisation must be a number, not {value!r}") from None
+    if type(value) not in (int, float) or not (math.isfinite(value) and 0 <= value <= MAX_LENGTH_NORM):
+        raise ConfigError(f"length normalisation must be a number from 0 (off) to {MAX_LENGTH_NORM:g}, not {value!r}")
+    return float(value)
