@@ -14,7 +14,7 @@ from captioner.data.records import load_records
 from captioner.data.vocab import tokenize
 from captioner.decode import sample
 from captioner.model.attention import AttentionDecoder
-from captioner.scst import CiderD
+from captioner.train.scst import CiderD
 
 pytestmark = pytest.mark.slow
 
@@ -86,11 +86,11 @@ def test_greedy_baseline_runs(tmp_path, shapes, baseline):
                  "--baseline", baseline, "--epochs", "1", "--max-images", "20", "--val-images", "4", *TINY]) == 0
 
 
-def test_image_batches_shard_every_image_once_with_equal_steps():
-    from captioner.scst import image_batches
+def test_sampling_batches_shard_every_image_once_with_equal_steps():
+    from captioner.train.scst import sampling_batches
 
     for n, world, bs in [(101, 2, 10), (7, 3, 2), (3, 2, 1), (50, 1, 50)]:
-        shards = [image_batches(n, bs, seed=4, rank=r, world=world) for r in range(world)]
+        shards = [sampling_batches(n, bs, seed=4, rank=r, world=world) for r in range(world)]
         assert len({len(s) for s in shards}) == 1
         assert sorted(i for s in shards for b in s for i in b) == list(range(n))
         assert all(len(b) <= bs for s in shards for b in s)

@@ -34,7 +34,7 @@ FLOORS = [
     ("model", ["model"]),
     ("inference", ["inference"]),
     ("decode", ["decode", "retrieval"]),
-    ("work", ["scst", "train", "evaluate", "api", "batch", "library", "export", "viz"]),
+    ("work", ["train", "evaluate", "api", "batch", "library", "export", "viz"]),
     ("front", ["cli", "server", "__init__", "__main__"]),
 ]
 

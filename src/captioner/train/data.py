@@ -28,8 +28,8 @@ from captioner.inference.features import cached_features, extract_features
 from captioner.inference.plan import InferencePlan
 from captioner.model.network import CaptionModel, ModelConfig
 from captioner.runtime import one_thread
-from captioner.scst import CiderD, SelfCritical
 from captioner.train.config import TrainConfig
+from captioner.train.scst import CiderD, SelfCritical
 
 
 @dataclass

@@ -37,7 +37,6 @@ from captioner.model.encoder import weights_digest
 from captioner.model.folder import load_model, save_model
 from captioner.model.network import CaptionModel, ModelConfig
 from captioner.runtime import encoder_memory_format, keep_freed_memory
-from captioner.scst import scst_one_epoch
 from captioner.train.checkpoint import (
     CHECKPOINT,
     RunState,
@@ -57,6 +56,7 @@ from captioner.train.data import (
     val_features,
 )
 from captioner.train.epoch import Warmup, choose_decoding, train_one_epoch, val_decoding, validate
+from captioner.train.scst import scst_one_epoch
 from captioner.viz import plot_curves
 
 

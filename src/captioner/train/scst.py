@@ -85,7 +85,7 @@ def _words(tokens: torch.Tensor, vocab: Vocabulary) -> list[list[str]]:
     return [vocab.decode(row).split() for row in tokens.tolist()]
 
 
-def image_batches(n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+def sampling_batches(n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> list[list[int]]:
     """This rank's batches of image indices for one epoch: a shuffled order shared by all ranks,
     every world-th image for this rank, cut into the same number of batches on every rank (the
     last ones may be a little smaller, or empty on a rank with one image fewer)."""
@@ -115,7 +115,7 @@ def scst_one_epoch(model, vocab: Vocabulary, feats, sc: SelfCritical, optimizer,
     if sc.baseline == "mean" and sc.samples < 2:
         raise ConfigError("the 'mean' baseline needs --samples 2 or more")
     dist = dist or Dist()
-    batches = image_batches(len(feats), batch_size, seed + epoch, dist.rank, dist.world)
+    batches = sampling_batches(len(feats), batch_size, seed + epoch, dist.rank, dist.world)
     params = [p for grp in optimizer.param_groups for p in grp["params"]]
     model.train()
     model.encoder.eval()
