@@ -1,4 +1,4 @@
-"""Packed decoder layers (model/packed.py): the same results as nn.Linear / nn.LSTMCell / nn.GRUCell
+"""Packed decoder layers (inference/packed.py): the same results as nn.Linear / nn.LSTMCell / nn.GRUCell
 (bf16 bit for bit, fp32 up to rounding), the same parameters and fingerprint, the same captions,
 and the plain layers' arithmetic wherever packing does not apply."""
 

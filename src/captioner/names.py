@@ -21,7 +21,7 @@ DECODERS = ("show_tell", "attention")
 HEADS = ("linear_bn", "mlp")
 # runtime.resolve_precision: the autocast precision
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-# ... and for captioning, evaluation and search only: int8 decoder weights on the CPU (model/int8.py)
+# ... and for captioning, evaluation and search only: int8 decoder weights on the CPU (inference/int8.py)
 INFERENCE_PRECISIONS = (*PRECISIONS, "int8")
 
 # library.search: how photos are ranked; hybrid ranked best on Flickr8k val (README)
