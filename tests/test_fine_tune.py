@@ -24,7 +24,8 @@ from captioner.inference.plan import InferencePlan
 from captioner.model.attention import AttentionDecoder
 from captioner.model.network import CaptionModel, ModelConfig
 from captioner.train.data import Captions, ImageBatch, ImageCaptions, image_batch_collate
-from captioner.train.epoch import Warmup, train_one_epoch
+from captioner.train.epoch import train_one_epoch
+from captioner.train.steps import Warmup
 
 FP32_CPU = InferencePlan(torch.device("cpu"), "fp32")  # how these tests run the model
 

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from captioner import metrics
 from captioner.data.batching import LengthBucketSampler
@@ -29,26 +26,7 @@ from captioner.model.folder import load_model, save_model
 from captioner.model.network import CaptionModel
 from captioner.runtime import encoder_memory_format
 from captioner.train.data import Captions, FeatureRows
-
-
-def caption_loss(logits: torch.Tensor, targets: torch.Tensor, pad: int) -> torch.Tensor:
-    """Mean cross-entropy over non-pad target tokens. logits (B, T, V), targets (B, T)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=pad)
-
-
-class Warmup:
-    """Raises one parameter group's learning rate linearly to what it was over its first `steps`
-    optimiser steps. Fine-tuning starts the encoder with it: Adam's first updates are full-sized
-    whatever the gradients, and a pretrained CNN would be knocked off its weights by a decoder's
-    first, noisy gradients before they mean anything."""
-
-    def __init__(self, group: dict, steps: int):
-        self.group, self.steps, self.peak, self.done = group, max(1, steps), group["lr"], 0
-
-    def before_step(self) -> None:
-        if self.done < self.steps:
-            self.done += 1
-            self.group["lr"] = self.peak * self.done / self.steps
+from captioner.train.steps import Meter, Steps, Warmup, caption_loss
 
 
 def train_one_epoch(model, batches, optimizer, plan: InferencePlan, clip: float, epoch: int, pad: int,
@@ -76,14 +54,9 @@ def train_one_epoch(model, batches, optimizer, plan: InferencePlan, clip: float,
                 m.eval()
     device = plan.device
     memory_format = encoder_memory_format(device)
-    # fp16 needs its gradients scaled up so that small ones do not underflow (bf16 does not)
-    scaler = torch.amp.GradScaler(device.type, enabled=plan.precision == "fp16")
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    loss_sum, tokens_seen, captions, t0 = 0.0, 0, 0, time.perf_counter()
-    bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", total=total, leave=False,
-               disable=not (progress and dist.main))
-    optimizer.zero_grad(set_to_none=True)
-    for i, batch in enumerate(bar):
+    steps = Steps(optimizer, plan, clip, accum, warmup, dist)
+    meter = Meter(batches, f"epoch {epoch}", total=total, progress=progress, dist=dist)
+    for i, batch in enumerate(meter):
         rows = lengths = None
         if images:  # an ImageBatch: each image once, its captions padded, longest first
             for error in batch.errors:
@@ -96,35 +69,25 @@ def train_one_epoch(model, batches, optimizer, plan: InferencePlan, clip: float,
             x, tok = batch
             x = x.to(device, non_blocking=True)
         tok = tok.to(device, non_blocking=True)
-        step = (i + 1) % accum == 0
+        due = steps.due(i)
         # DDP averages gradients over ranks on the backward pass of a step's last batch only
-        sync = contextlib.nullcontext() if step or not hasattr(model, "no_sync") else model.no_sync()
+        sync = contextlib.nullcontext() if due or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with plan.autocast():
                 logits, penalty = model(x, tok[:, :-1], images=images, rows=rows, lengths=lengths)  # (B, T-1, V)
             loss = caption_loss(logits, tok[:, 1:], pad)
-            scaler.scale((loss + penalty.float()) / accum).backward()
-        if step:
-            if clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, clip)
-            if warmup:
-                warmup.before_step()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            steps.backward(loss + penalty.float())
+        if due:
+            steps.step()
         n = tok[:, 1:].ne(pad).sum().item()
         value = loss.item()
         if not math.isfinite(value):  # a model trained on from here is garbage, and would be saved as such
             hint = " (fp16 can overflow: try --precision bf16 or fp32)" if plan.precision == "fp16" else ""
             raise TrainingError(f"the loss became {value} at epoch {epoch}, batch {i + 1}: stopped, and what was "
                                 f"saved before is kept. Broken features or too high a learning rate?{hint}")
-        loss_sum += value * n
-        tokens_seen += n
-        captions += tok.shape[0] * dist.world
-        bar.set_postfix(loss=f"{loss_sum / tokens_seen:.3f}", cap_s=f"{captions / (time.perf_counter() - t0):.0f}")
-    loss_sum, tokens_seen = dist.sum([loss_sum, tokens_seen])
-    return loss_sum / max(tokens_seen, 1)
+        meter.add("loss", value * n, n)
+        meter.show(tok.shape[0] * dist.world, "cap_s", loss=".3f")
+    return meter.totals().get("loss", 0.0)
 
 
 def val_decoding(beam_size: int, max_len: int) -> Decoding:

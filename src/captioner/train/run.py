@@ -55,8 +55,9 @@ from captioner.train.data import (
     read_splits,
     val_features,
 )
-from captioner.train.epoch import Warmup, choose_decoding, train_one_epoch, val_decoding, validate
+from captioner.train.epoch import choose_decoding, train_one_epoch, val_decoding, validate
 from captioner.train.scst import scst_one_epoch
+from captioner.train.steps import Warmup
 from captioner.viz import plot_curves
 
 

@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from captioner.data.vocab import Vocabulary, tokenize
 from captioner.decode import never_said, sample, search
@@ -33,6 +30,7 @@ from captioner.decoding import Decoding
 from captioner.distributed import Dist
 from captioner.errors import ConfigError
 from captioner.inference.plan import InferencePlan
+from captioner.train.steps import Meter, Steps, caption_loss
 
 Ngrams = list[Counter]  # Counter of n-gram tuples for n = 1..4
 
@@ -116,29 +114,18 @@ def scst_one_epoch(model, vocab: Vocabulary, feats, sc: SelfCritical, optimizer,
         raise ConfigError("the 'mean' baseline needs --samples 2 or more")
     dist = dist or Dist()
     batches = sampling_batches(len(feats), batch_size, seed + epoch, dist.rank, dist.world)
-    params = [p for grp in optimizer.param_groups for p in grp["params"]]
     model.train()
     model.encoder.eval()
-    sum_reward, n_seen, t0 = 0.0, 0, time.perf_counter()
-    bar = tqdm(batches, desc=f"scst {epoch}", unit="batch", leave=False, disable=not (progress and dist.main))
-    scaler = torch.amp.GradScaler(plan.device.type, enabled=plan.precision == "fp16")
-    for idx in bar:
-        optimizer.zero_grad(set_to_none=True)
+    steps = Steps(optimizer, plan, clip, dist=dist, average=True)  # sampling is outside forward(): no DDP
+    meter = Meter(batches, f"scst {epoch}", progress=progress, dist=dist)
+    for idx in meter:
         if idx:  # (a rank with one image fewer may have an empty last batch; it still takes the step)
             r, loss = scst_loss(model, vocab, feats[idx].to(plan.device).float(), idx, sc, plan)
-            scaler.scale(loss).backward()
-            sum_reward += float(r.sum())
-            n_seen += r.numel()
-        dist.average_gradients(params)  # before unscaling: an inf on any rank reaches all, and all skip the step
-        if clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        scaler.step(optimizer)
-        scaler.update()
-        speed = n_seen / sc.samples / (time.perf_counter() - t0) * dist.world
-        bar.set_postfix(reward=f"{sum_reward / max(n_seen, 1):.3f}", img_s=f"{speed:.0f}")
-    sum_reward, n_seen = dist.sum([sum_reward, n_seen])
-    return {"reward": sum_reward / max(n_seen, 1)}
+            steps.backward(loss)
+            meter.add("reward", float(r.sum()), r.numel())
+        steps.step()
+        meter.show(len(idx) * dist.world, "img_s", reward=".3f")
+    return {"reward": meter.totals().get("reward", 0.0)}
 
 
 def scst_loss(model, vocab: Vocabulary, f: torch.Tensor, idx: list[int], sc: SelfCritical, plan: InferencePlan
@@ -170,6 +157,5 @@ def scst_loss(model, vocab: Vocabulary, f: torch.Tensor, idx: list[int], sc: Sel
         ref = torch.nn.utils.rnn.pad_sequence(refs, batch_first=True, padding_value=vocab.pad).to(plan.device)
         with plan.autocast():
             logits, _ = model(f[rows], ref[:, :-1])
-        loss = loss + sc.xe_weight * F.cross_entropy(logits.float().flatten(0, 1), ref[:, 1:].flatten(),
-                                                     ignore_index=vocab.pad)
+        loss = loss + sc.xe_weight * caption_loss(logits, ref[:, 1:], vocab.pad)
     return r, loss
