@@ -52,7 +52,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
-from unittest import mock
 
 import numpy as np
 import torch
@@ -73,8 +72,8 @@ from captioner.inference.features import cached_features, extract_features
 from captioner.inference.int8 import int8_available
 from captioner.inference.packed import packable_dtypes
 from captioner.inference.plan import InferencePlan
-from captioner.library import MODES, _write_batch, connect, search, similar
-from captioner.model.attention import AttentionDecoder
+from captioner.library import MODES, connect, search, similar
+from captioner.library.store import write_batch
 from captioner.model.folder import load_model
 from captioner.model.network import CaptionModel, ModelConfig
 from captioner.runtime import (
@@ -680,7 +679,7 @@ def synthetic_library(db: Path, cap: Captioner, rows: int, seed: int = 0) -> Non
                   for i in range(n)]
         vectors = [(head + pool[(start + i) % len(pool)], pooled[i].tobytes(), w)
                    for i, w in enumerate(retrieval.pack_words(ids, counts))]
-        _write_batch(con, photos, [], "bench", vectors, cap.fingerprint)
+        write_batch(con, photos, [], "bench", vectors, cap.fingerprint)
     con.close()
 
 
@@ -722,15 +721,19 @@ def bench_search(args, device: torch.device) -> None:
 
 
 def finetune_epoch(args, device: torch.device, records: list, precision: str, per_caption: bool = False,
-                   freeze_stages: int = 3, memory_format: torch.memory_format | None = None) -> tuple[float, int]:
+                   freeze_stages: int = 3, memory_format: torch.memory_format | None = None,
+                   shares_images: bool = True) -> tuple[float, int]:
     """One fine-tuning epoch over `records` as `captioner train --fine-tune-encoder --init` runs it
     (image-major batches of 128 captions from the files, augmented in the default loader processes,
     BatchNorm statistics frozen), from the model to fine-tune. -> (seconds, captions).
 
     `per_caption`: the old way instead, every caption loading, augmenting and encoding its own
     image. `memory_format`: force the encoder's layout, weights and images alike (default: the
-    training's own choice, runtime.encoder_memory_format)."""
+    training's own choice, runtime.encoder_memory_format). `shares_images=False`: the decoder repeats
+    each image's features for its captions before it runs (Decoder.shares_images), as before."""
     model, vocab = load_model(args.model or "shipped", device)
+    if not shares_images:
+        model.decoder.shares_images = False  # this model's decoder only
     model.encoder.requires_grad_(True)
     model.encoder.freeze_stages(freeze_stages)
     caps, _ = Captions.build(records, vocab, model.cfg.max_len)
@@ -745,11 +748,9 @@ def finetune_epoch(args, device: torch.device, records: list, precision: str, pe
                             {"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": 5e-5}])
     fmt = memory_format or encoder_memory_format(device)
     model.encoder.to(memory_format=fmt)
-    layout = mock.patch("captioner.train.epoch.encoder_memory_format", lambda d: fmt)  # images laid out alike
     t0 = time.perf_counter()
-    with layout:
-        train_one_epoch(model, loader, opt, InferencePlan(device, precision), 5.0, 1, vocab.pad, images=True,
-                        progress=False, freeze_bn=True)
+    train_one_epoch(model, loader, opt, InferencePlan(device, precision), 5.0, 1, vocab.pad, images=True,
+                    progress=False, freeze_bn=True, memory_format=fmt)  # images laid out as the weights
     return time.perf_counter() - t0, len(caps.tokens)
 
 
@@ -825,9 +826,8 @@ def bench_finetune(args, device: torch.device) -> None:
             memory_format=torch.contiguous_format)
     slow = row("(e) per caption: each caption loads, augments and encodes its image (before)", auto,
                images[: max(20, len(images) // 5)])
-    with mock.patch.object(AttentionDecoder, "shares_images", False):
-        repeated = row("(f) image-major, each image's features repeated for its captions before the decoder "
-                       "(before)", auto, images)
+    repeated = row("(f) image-major, each image's features repeated for its captions before the decoder "
+                   "(before)", auto, images, shares_images=False)
     if device.type == "cpu":
         kept, default = allocator_ab(args, len(images), auto)
         name = "(g) image-major, glibc's allocator at its defaults (before); child processes, in turns"

@@ -31,7 +31,8 @@ from captioner.train.steps import Meter, Steps, Warmup, caption_loss
 
 def train_one_epoch(model, batches, optimizer, plan: InferencePlan, clip: float, epoch: int, pad: int,
                     images: bool = False, progress: bool = True, dist: Dist | None = None, accum: int = 1,
-                    total: int | None = None, freeze_bn: bool = False, warmup: Warmup | None = None) -> float:
+                    total: int | None = None, freeze_bn: bool = False, warmup: Warmup | None = None,
+                    memory_format: torch.memory_format | None = None) -> float:
     """`batches` yields (features, tokens) of one length each, or ImageBatch when `images` (the
     encoder is trained too). `model` is a CaptionModel, or its DistributedDataParallel wrapper.
     Every `accum` batches make one optimiser step on the mean of their losses (gradient
@@ -41,7 +42,8 @@ def train_one_epoch(model, batches, optimizer, plan: InferencePlan, clip: float,
 
     With `images`, BatchNorm layers of frozen encoder stages keep their running statistics, and
     with `freeze_bn` so do all of the encoder's (their scale and shift still learn). `warmup`
-    ramps a learning rate up over the first steps (see Warmup)."""
+    ramps a learning rate up over the first steps (see Warmup). `memory_format`: how the images are
+    laid out, which must be how the encoder's weights are (default: runtime.encoder_memory_format)."""
     dist = dist or Dist()
     core = getattr(model, "module", model)
     model.train()
@@ -53,7 +55,7 @@ def train_one_epoch(model, batches, optimizer, plan: InferencePlan, clip: float,
                     freeze_bn or not any(p.requires_grad for p in m.parameters())):
                 m.eval()
     device = plan.device
-    memory_format = encoder_memory_format(device)
+    memory_format = memory_format or encoder_memory_format(device)
     steps = Steps(optimizer, plan, clip, accum, warmup, dist)
     meter = Meter(batches, f"epoch {epoch}", total=total, progress=progress, dist=dist)
     for i, batch in enumerate(meter):
