@@ -459,12 +459,12 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_files(photos, trained, 
 
     import sqlite3
 
-    import captioner.library as library
+    import captioner.library.store as store
 
     def disk_full(*a, **k):
         raise sqlite3.OperationalError("database or disk is full")
 
-    monkeypatch.setattr(library, "_write_batch", disk_full)
+    monkeypatch.setattr(store, "write_batch", disk_full)
     assert main(["index", str(photos), "--db", str(tmp_path / "lib.db"), "--quiet", *model]) == 2
     err = capsys.readouterr().err
     assert "database or disk is full; the photos indexed so far are kept: run again" in err and "Traceback" not in err

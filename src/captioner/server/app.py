@@ -39,8 +39,8 @@ from fastapi.staticfiles import StaticFiles
 
 from captioner import __version__
 from captioner.data.images import ImageError, open_rgb
-from captioner.errors import ConfigError
-from captioner.library import LibraryError, photo_path, search, similar
+from captioner.errors import ConfigError, LibraryError
+from captioner.library import photo_path, search, similar
 from captioner.names import DEFAULT_SEARCH_MODE, SEARCH_MODES
 from captioner.server.batcher import Batcher
 from captioner.server.schema import CaptionResponse, Health, SearchResponse, errors

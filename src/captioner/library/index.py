@@ -1,0 +1,154 @@
+"""Indexing: caption every photo under some folders into the library, incrementally.
+
+A file whose size and modification time are unchanged (and that was indexed by the same model) is
+skipped, one whose bytes are unchanged (same SHA-1) only has its time updated, a changed one, or one
+indexed by another model, is captioned again, and photos whose files are gone are dropped. Every
+batch is written in one transaction (store.write_batch), so an interrupted run leaves a consistent
+database and the next run finishes the job.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tqdm import tqdm
+
+import captioner.library.store as store
+from captioner.data.images import list_images
+from captioner.errors import LibraryError
+from captioner.files import path_text, readable_digest
+from captioner.names import SHIPPED
+
+if TYPE_CHECKING:
+    from captioner.decoding import Decoding
+
+@dataclass
+class IndexReport:
+    captioned: int = 0
+    unchanged: int = 0
+    touched: int = 0  # same bytes, new modification time
+    removed: int = 0
+    failed: list[str] = field(default_factory=list)  # one line per unreadable file
+    seconds: float = 0.0
+
+
+def index_folders(captioner, roots: Sequence[Path], db: Path, *, batch_size: int | None = None, progress: bool = True,
+                  decoding: Decoding | None = None, files: Sequence[Path] | None = None) -> IndexReport:
+    """Caption every image under `roots` into the database at `db` with `decoding` (else the
+    model's own; see the module docstring). With `files`, those images instead (and no `roots`:
+    nothing is removed)."""
+    t0 = time.perf_counter()
+    roots = [Path(os.path.abspath(r)) for r in roots]  # not resolved: a photo is known by the path it is found at
+    for r in roots:
+        if not r.exists():
+            raise FileNotFoundError(f"{r}: no such folder")
+    con = store.connect(db)
+    try:
+        return _index(captioner, roots, con, batch_size or captioner.batch_size, progress, decoding, t0, files)
+    except sqlite3.DatabaseError as e:  # disk full, read-only: each batch was one transaction, so all done is kept
+        raise LibraryError(f"{db}: {e}; the photos indexed so far are kept: run again to finish") from None
+    finally:
+        con.close()
+
+
+def _index(captioner, roots: list[Path], con: sqlite3.Connection, batch_size: int, progress: bool,
+           decoding: Decoding | None, t0: float, files: Sequence[Path] | None = None) -> IndexReport:
+    report = IndexReport()
+    # the paths as found (symlinks kept): a link that is removed takes its photo out of the library
+    files = [Path(os.path.abspath(f)) for f in (list_images(roots, recursive=True) if files is None else files)]
+    report.removed = _remove_missing(con, roots, {path_text(f) for f in files})
+    todo, failures = _plan(con, files, report, captioner.fingerprint)
+    report.failed += [error for _, _, error in failures]
+    by_path = {f: (st, sha1) for f, st, sha1 in todo}
+    # the model as `captioner search` will load it again, from any folder
+    source = captioner.source if captioner.source == SHIPPED else os.path.abspath(captioner.source)
+    rows = []
+    bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress)
+    for path, result, error in captioner.caption_files([f for f, _, _ in todo], batch_size=batch_size,
+                                                        decoding=decoding, features=True):
+        st, sha1 = by_path[path]
+        if error:
+            failures.append((path_text(path), st, error))
+            report.failed.append(error)
+        else:
+            rows.append((path_text(path), st, sha1, result))
+            report.captioned += 1
+        bar.update(1)
+        if len(rows) + len(failures) >= batch_size:
+            store.write_batch(con, rows, failures, source, _vectors(captioner, rows), captioner.fingerprint)
+            rows, failures = [], []
+    store.write_batch(con, rows, failures, source, _vectors(captioner, rows), captioner.fingerprint)
+    bar.close()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _plan(con: sqlite3.Connection, files: list[Path], report: IndexReport, model: str
+          ) -> tuple[list[tuple[Path, os.stat_result, str]], list[tuple[str, os.stat_result, str]]]:
+    """Which files need captions: new or changed ones, and those indexed by another model than
+    `model` (a fingerprint). Unchanged files are counted and skipped; files that cannot be read are
+    returned as failures [(path, stat, error)]."""
+    known = {p: (s, m, h) for p, s, m, h, by in con.execute(
+        "SELECT p.path, p.size, p.mtime, p.sha1, v.model FROM photos p LEFT JOIN vectors v ON v.id = p.id")
+        if by == model}  # a photo of another model (or of schema 1, without vectors) is captioned again
+    bad = {p: (s, m) for p, s, m in con.execute("SELECT path, size, mtime FROM failures")}
+    todo, unreadable = [], []
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:
+            continue  # vanished while we looked
+        key = path_text(f)
+        if key in known and known[key][:2] == (st.st_size, st.st_mtime):
+            report.unchanged += 1
+            continue
+        if key in bad and bad[key] == (st.st_size, st.st_mtime):
+            report.unchanged += 1
+            continue
+        sha1 = readable_digest(f)
+        if sha1 is None:
+            unreadable.append((key, st, f"{key}: cannot be read (permission denied?)"))
+            continue
+        if key in known and known[key][2] == sha1:  # touched, not changed
+            with con:
+                con.execute("UPDATE photos SET size = ?, mtime = ? WHERE path = ?", (st.st_size, st.st_mtime, key))
+            report.touched += 1
+            continue
+        todo.append((f, st, sha1))
+    return todo, unreadable
+
+
+def _remove_missing(con: sqlite3.Connection, roots: Sequence[Path], present: set[str]) -> int:
+    """Drop photos (and failure records) under `roots` whose files are gone. Returns how many photos."""
+
+    def gone(path: str) -> bool:
+        return path not in present and any(Path(path).is_relative_to(r) for r in roots) and not Path(path).exists()
+
+    photos = [pid for pid, path in con.execute("SELECT id, path FROM photos") if gone(path)]
+    bad = [path for (path,) in con.execute("SELECT path FROM failures") if gone(path)]
+    with con:
+        for pid in photos:
+            store.delete_photo(con, pid)
+        con.executemany("DELETE FROM failures WHERE path = ?", [(p,) for p in bad])
+    return len(photos)
+
+
+def _vectors(captioner, rows: list[tuple]) -> list[tuple[bytes, bytes, bytes]]:
+    """(features, pooled, words) blobs for each captioned photo of a batch (see retrieval.py)."""
+    if not rows:
+        return []
+    import torch
+
+    from captioner import retrieval
+
+    feats = torch.stack([result["features"] for *_, result in rows])
+    ids, counts = retrieval.expected_words(captioner.model.decoder, feats.to(captioner.device), captioner.vocab,
+                                           max_len=captioner.model.cfg.max_len)
+    return list(zip(retrieval.pack_features(feats), [p.tobytes() for p in retrieval.pooled_vectors(feats)],
+                    retrieval.pack_words(ids, counts)))

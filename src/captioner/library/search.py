@@ -1,0 +1,234 @@
+"""Search: photos for words, by three modes (`MODES`), and photos like a photo.
+
+"keyword" matches the words of the captions (BM25, instant, exact for names and rare words);
+"model" ranks by the captioning model itself (retrieval.py); "hybrid" adds the keyword score to the
+model's. Measured on Flickr8k val (README), hybrid ranks best and is the default of the command
+line, the API and the page.
+"""
+
+from __future__ import annotations
+
+import heapq
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from captioner.data.vocab import tokenize
+from captioner.errors import LibraryError
+from captioner.library.store import MAX_LIMIT, by_id, reading, table_rows
+from captioner.names import DEFAULT_SEARCH_MODE, SEARCH_MODES
+
+# Words too common in captions to say anything about a photo; dropped from queries.
+STOPWORDS = frozenset("a an the of on in at to and or with is are be by for from its it this that there".split())
+
+
+def fts_query(text: str) -> str:
+    """User words -> an FTS5 query: every word may match (OR), BM25 ranks photos that match more
+    and rarer words first. Common words are dropped unless nothing else is left."""
+    words = tokenize(text)
+    kept = [w for w in words if w not in STOPWORDS] or words
+    return " OR ".join(f'"{w}"' for w in dict.fromkeys(kept))
+
+
+MODES, DEFAULT_MODE = SEARCH_MODES, DEFAULT_SEARCH_MODE  # hybrid ranked best on Flickr8k val (README)
+# How the scores are added up (see `rank`), chosen on Flickr8k val (docs/EXPERIMENTS.md): the weight
+# of the stage-1 word score beside log p(query | photo), and, in hybrid, of the BM25 score in stage 1
+# (beside the word score) and in stage 2.
+WORDS_WEIGHT = 0.4
+KEYWORD_WEIGHT_FIRST = 1.0
+KEYWORD_WEIGHT = 0.2
+
+
+@dataclass
+class Found:
+    """What a search found: `hits` best first, [{"id", "path", "caption", "score"}]; the `mode` that
+    ranked them (keyword where a model search had nothing to go on); `total`, how many photos
+    match the keywords or were ranked by the model; a `note` for the user, or None."""
+
+    hits: list[dict]
+    mode: str
+    total: int
+    note: str | None = None
+
+
+def search(db: Path, text: str, limit: int = 20, *, mode: str = "keyword", captioner=None) -> Found:
+    """Photos for the words `text`, best first, ranked by `mode` (see MODES and the module
+    docstring). "model" and "hybrid" need the `captioner` that indexed the library."""
+    _check(limit, mode)
+    with reading(db) as con:
+        if mode == "keyword":
+            return _keyword(con, text, limit)
+        if captioner is None:
+            raise LibraryError(f"{mode} search needs the model that indexed the library")
+        view = ModelView(con, captioner)
+        tokens, unknown = view.query(text)
+        if len(view.ids) and any(t != captioner.vocab.unk for t in tokens[1:-1]):
+            ranked = rank(con, view, text, (mode,), limit)[mode]
+            return Found(_hits(con, ranked[:limit]), mode, len(view.ids), view.note(unknown))
+        found = _keyword(con, text, limit)  # nothing this model can rank, or no word it knows: the keywords can
+        if not len(view.ids):
+            found.note = view.note([])
+        elif unknown:
+            found.note = (f"the model knows none of the words {', '.join(map(repr, unknown))}: "
+                          "searched the captions' words instead")
+        return found
+
+
+def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None = None) -> Found:
+    """Photos that look like `image` (a path, bytes, PIL image or array), or like the library's
+    photo `photo_id`: the cosine similarity of their stored pooled features to its own, best first
+    (the photo itself, if it is in the library, comes first)."""
+    from captioner import retrieval
+
+    _check(limit, "model")
+    with reading(db) as con:
+        ranked = table_rows(con, "SELECT count(*) FROM vectors WHERE model = ?", (captioner.fingerprint,))
+        ranked = ranked[0][0] if ranked else 0
+        left_out = con.execute("SELECT count(*) FROM photos").fetchone()[0] - ranked
+        if left_out and not ranked:
+            raise LibraryError(f"{db}: no photo in it was indexed by this model ({captioner.source}): run captioner "
+                               "index again with it to search by example photo")
+        if photo_id is not None:
+            own = con.execute("SELECT p.data FROM pooled p JOIN vectors v ON v.id = p.id WHERE p.id = ? AND "
+                              "v.model = ?", (photo_id, captioner.fingerprint)).fetchone()
+            if not own:
+                raise LibraryError(f"no photo {photo_id} in the library indexed by this model")
+            query = np.frombuffer(own[0], np.float16).astype(np.float32)
+        else:
+            x = captioner.read(image)[None]
+            query = retrieval.pooled_vectors(captioner.features(x)).astype(np.float32)[0]  # (C,)
+        ids, sims = [], []
+        cur = con.execute("SELECT p.id, p.data FROM pooled p JOIN vectors v ON v.id = p.id WHERE v.model = ?",
+                          (captioner.fingerprint,))
+        while rows := cur.fetchmany(10_000):  # a block at a time: memory stays flat however large the library
+            ids.append(np.fromiter((r[0] for r in rows), np.int64, len(rows)))
+            block = np.frombuffer(b"".join(r[1] for r in rows), np.float16).reshape(len(rows), -1)
+            sims.append(block.astype(np.float32) @ query)
+        ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        sims = np.concatenate(sims) if sims else np.zeros(0, np.float32)
+        best = np.argsort(-sims, kind="stable")[:limit]
+        return Found(_hits(con, [(int(ids[i]), float(sims[i])) for i in best]), "like", len(ids),
+                     _note([], left_out, len(ids), captioner.source))
+
+
+def _check(limit: int, mode: str) -> None:
+    if not 1 <= limit <= MAX_LIMIT:
+        raise LibraryError(f"the limit must be 1 to {MAX_LIMIT:,}, not {limit}")
+    if mode not in MODES:
+        raise LibraryError(f"unknown search mode {mode!r}; choose from {', '.join(MODES)}")
+
+
+def _keyword(con: sqlite3.Connection, text: str, limit: int) -> Found:
+    scores = keyword_scores(con, text)
+    best = heapq.nlargest(limit, scores.items(), key=lambda item: item[1])
+    return Found(_hits(con, best), "keyword", len(scores))
+
+
+def keyword_scores(con: sqlite3.Connection, text: str) -> dict[int, float]:
+    """BM25 score of every photo the words of `text` match (higher is better), by photo id."""
+    query = fts_query(text)
+    if not query:
+        return {}
+    return dict(con.execute("SELECT rowid, -bm25(photos_fts, 1.0, 0.3) FROM photos_fts WHERE photos_fts MATCH ?",
+                            (query,)))
+
+
+def _hits(con: sqlite3.Connection, ranked: list[tuple[int, float]]) -> list[dict]:
+    info = by_id(con, "SELECT id, path, caption FROM photos WHERE id IN ({})", [i for i, _ in ranked])
+    return [{"id": i, "path": info[i][0], "caption": info[i][1], "score": round(s, 4)} for i, s in ranked if i in info]
+
+
+class ModelView:
+    """The photos of a library as one model indexed them, for model search: their expected word
+    counts held in memory (stage 1: 384 bytes a photo), their features read on demand (stage 2)."""
+
+    def __init__(self, con: sqlite3.Connection, captioner):
+        from captioner import retrieval
+
+        self.con, self.captioner = con, captioner
+        rows = table_rows(con, "SELECT id, words FROM vectors WHERE model = ? ORDER BY id", (captioner.fingerprint,))
+        photos = con.execute("SELECT count(*) FROM photos").fetchone()[0]
+        self.source = captioner.source
+        self.ids = np.array([r[0] for r in rows], np.int64)  # sorted
+        self.word_ids, self.counts = retrieval.unpack_words([r[1] for r in rows])
+        self.left_out = photos - len(rows)  # indexed by another model (or before model search)
+
+    def query(self, text: str) -> tuple[list[int], list[str]]:
+        """`text` -> tokens [<start>, w1 .. wn, <end>] (unknown words as <unk>) and the unknown words."""
+        vocab = self.captioner.vocab
+        words = tokenize(text)[: self.captioner.model.cfg.max_len]
+        return vocab.encode(" ".join(words)), [w for w in dict.fromkeys(words) if w not in vocab.stoi]
+
+    def note(self, unknown: list[str]) -> str | None:
+        return _note(unknown, self.left_out, len(self.ids), self.source)
+
+    def features(self, ids: np.ndarray):
+        """The stored features of photos `ids` (in that order) -> a float tensor (M, ...)."""
+        from captioner import retrieval
+
+        rows = by_id(self.con, "SELECT id, data FROM features WHERE id IN ({})", ids)
+        blobs = {i: row[0] for i, row in rows.items()}
+        cfg = self.captioner.model.cfg
+        cells = (len(next(iter(blobs.values()))) - 8) // cfg.feat_dim if blobs else 1
+        shape = (cfg.feat_dim,) if self.captioner.model.decoder.feature_kind == "pooled" else (cells, cfg.feat_dim)
+        return retrieval.unpack_features([blobs[int(i)] for i in ids], shape)
+
+
+def _note(unknown: list[str], left_out: int, ranked: int, source: str) -> str | None:
+    """What the user should know about a model search: unknown words, photos it could not rank."""
+    notes = []
+    if unknown:
+        notes.append(f"words the model does not know, read as <unk>: {', '.join(map(repr, unknown))}")
+    if left_out and not ranked:
+        notes.append(f"no photo was indexed by this model ({source}), so only the words of the captions were "
+                     "searched: run captioner index again with it to search by meaning")
+    elif left_out:
+        notes.append(f"{left_out} photos indexed by another model (or by an older captioner) are left out: run "
+                     "captioner index again")
+    return "; ".join(notes) or None
+
+
+def rank(con: sqlite3.Connection, view: ModelView, text: str, modes: Sequence[str] = ("hybrid",),
+         limit: int = 1) -> dict[str, list[tuple[int, float]]]:
+    """Every photo of `view` for the query `text`, best first, as (id, score), for each of `modes`
+    ("model", "hybrid"). Stage 1 (retrieval.word_scores, plus KEYWORD_WEIGHT_FIRST * BM25 in hybrid)
+    picks the best max(RERANK, limit); those are ordered by
+
+        log p(query | photo) + WORDS_WEIGHT * stage-1 word score  [+ KEYWORD_WEIGHT * BM25 in hybrid]
+
+    divided by the query's length (a score per word, for people to read), and the other photos follow
+    in stage-1 order with their stage-1 score. The decoder scores each photo once for all the modes."""
+    from captioner import retrieval
+
+    cap = view.captioner
+    tokens, _ = view.query(text)
+    content = [w for w in tokenize(text) if w not in STOPWORDS and w in cap.vocab.stoi]
+    words = retrieval.word_scores(view.word_ids, view.counts, list(dict.fromkeys(cap.vocab.stoi[w] for w in content)))
+    bm = np.zeros(len(view.ids), np.float32)
+    if "hybrid" in modes:
+        for pid, score in keyword_scores(con, text).items():
+            at = np.searchsorted(view.ids, pid)
+            if at < len(view.ids) and view.ids[at] == pid:
+                bm[at] = score
+    stage1, chosen = {}, {}
+    for mode in modes:
+        stage1[mode] = words + KEYWORD_WEIGHT_FIRST * bm if mode == "hybrid" else words
+        chosen[mode] = np.argsort(-stage1[mode], kind="stable")
+    take = max(retrieval.RERANK, limit)
+    scored = np.unique(np.concatenate([chosen[m][:take] for m in modes]))  # positions in view.ids
+    logp = retrieval.query_logprob(cap.model.decoder, view.features(view.ids[scored]).to(cap.device), tokens)
+    logp = dict(zip(scored.tolist(), logp.cpu().numpy().tolist()))
+    length = len(tokens) - 1  # the words and <end>
+    out = {}
+    for mode in modes:
+        top = chosen[mode][:take]
+        final = np.array([logp[i] for i in top]) + WORDS_WEIGHT * words[top]
+        if mode == "hybrid":
+            final += KEYWORD_WEIGHT * bm[top]
+        best = np.argsort(-final, kind="stable")
+        out[mode] = ([(int(view.ids[top[i]]), float(final[i] / length)) for i in best]
+                     + [(int(view.ids[i]), float(stage1[mode][i])) for i in chosen[mode][take:]])
+    return out
