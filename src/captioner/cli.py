@@ -468,7 +468,7 @@ def cmd_search(a: argparse.Namespace) -> int:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     from captioner.api import Captioner
-    from captioner.server.app import serve
+    from captioner.server.protocol import serve
 
     serve(Captioner.load(a.model, a.device, a.precision), a.db, a.host, a.port, allowed_hosts=a.allowed_host,
           header_timeout=a.header_timeout, max_upload_mb=a.max_upload_mb, batch_wait_ms=a.batch_wait_ms)

@@ -24,6 +24,11 @@ class ImageError(CaptionerError):
     """An image that cannot be used; the message names the file and the reason."""
 
 
+class ImageTooLarge(ImageError):
+    """An image over a pixel limit (more pixels than allowed, or a decompression bomb): the server's
+    413, where any other unreadable image is a 415."""
+
+
 class ModelError(CaptionerError):
     """A model folder that cannot be used; one line naming the folder and the problem."""
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from captioner.errors import ImageError
+from captioner.errors import ImageError, ImageTooLarge
 
 if TYPE_CHECKING:
     from torchvision.transforms import v2 as T
@@ -72,7 +72,7 @@ def open_rgb(source: str | Path | bytes | Image.Image | np.ndarray, max_pixels: 
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 img = Image.open(stream, formats=allowed_formats())
                 if img.width * img.height > max_pixels:
-                    raise ImageError(f"{name}: {img.width}x{img.height} is more than {max_pixels:,} pixels")
+                    raise ImageTooLarge(f"{name}: {img.width}x{img.height} is more than {max_pixels:,} pixels")
                 if min_size and img.format in ("JPEG", "MPO"):
                     img.draft(img.mode, (min_size, min_size))  # a scale, never a colour conversion
                 img.load()
@@ -81,7 +81,7 @@ def open_rgb(source: str | Path | bytes | Image.Image | np.ndarray, max_pixels: 
         except (PermissionError, IsADirectoryError) as e:
             raise ImageError(f"{name}: cannot be read ({e.strerror.lower()})") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageError(f"{name}: declares more pixels than {max_pixels:,} (a decompression bomb?)") from None
+            raise ImageTooLarge(f"{name}: declares more pixels than {max_pixels:,} (a decompression bomb?)") from None
         except UnidentifiedImageError as e:
             if _is_heif(source) and not _register_heif():
                 raise ImageError(f"{name}: a HEIC/HEIF photo; reading these needs pillow-heif "
