@@ -251,7 +251,7 @@ def test_clashing_options_are_a_config_error(tmp_path, shapes):
 
 
 def test_user_mistakes_are_one_line_but_bugs_keep_their_traceback(monkeypatch, capsys):
-    from captioner import cli
+    from captioner.cli import commands as cli
 
     def mistake(a):
         raise ConfigError("--words must be 1 or more")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import numpy as np
 
 from captioner.data.vocab import tokenize
 from captioner.errors import LibraryError
-from captioner.library.store import MAX_LIMIT, by_id, reading, table_rows
+from captioner.library.store import MAX_LIMIT, by_id, indexed_by, reading, table_rows
 from captioner.names import DEFAULT_SEARCH_MODE, SEARCH_MODES
 
 # Words too common in captions to say anything about a photo; dropped from queries.
@@ -75,6 +75,26 @@ def search(db: Path, text: str, limit: int = 20, *, mode: str = "keyword", capti
             found.note = (f"the model knows none of the words {', '.join(map(repr, unknown))}: "
                           "searched the captions' words instead")
         return found
+
+
+def find(db: Path, text: str | None = None, like=None, *, mode: str = DEFAULT_MODE, limit: int = 20,
+         load: Callable[[str | None], object]) -> Found:
+    """What `captioner search` runs: photos for the words `text` (by `mode`), or like the photo `like`.
+    The model is loaded (`load(source)`, source: the model named in the library) only when the search
+    needs it, and before anything of torch for a database that is missing or not a library. A library
+    indexed before search by meaning has nothing for the model to rank: it is searched by keywords,
+    and the note says why."""
+    source, vectors = indexed_by(db)
+    note = None
+    if like is None and mode != "keyword" and not vectors:  # empty, or made before model search
+        mode = "keyword"
+        if source:
+            note = "this library was indexed before search by meaning: run captioner index again to use the model"
+    captioner = load(source) if like is not None or mode != "keyword" else None
+    found = (similar(db, like, limit, captioner=captioner) if like is not None
+             else search(db, text, limit, mode=mode, captioner=captioner))
+    found.note = found.note or note
+    return found
 
 
 def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None = None) -> Found:

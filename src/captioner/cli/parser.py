@@ -1,28 +1,18 @@
-"""Command line: argument parsing only; each subcommand calls one function elsewhere.
+"""The command line's parser: every subcommand's options, their types and help.
 
-Nothing that imports torch is imported at the top: `--help`, `--version`, `search` and argument
-errors answer at once; each command imports what it needs.
-
-User mistakes (missing files, bad data, bad model folders) end in one line on stderr and exit
-status 2, never a traceback.
+Nothing here imports torch: `--help`, `--version` and argument errors answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
-import json
-import os
-import sys
-import warnings
 from dataclasses import MISSING, fields
 from pathlib import Path
 
 from captioner import __version__, decoding
 from captioner.data.records import LAYOUTS
 from captioner.decoding import Decoding
-from captioner.errors import CaptionerError, CaptionerWarning, ConfigError, DataError
-from captioner.files import path_text
+from captioner.errors import ConfigError
 from captioner.names import (
     DECODERS,
     DEFAULT_SEARCH_MODE,
@@ -34,24 +24,6 @@ from captioner.names import (
     shipped_model_dir,
 )
 from captioner.train.config import TrainConfig
-
-# Mistakes a user can make and fix: one line, exit status 2. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (CaptionerError, FileNotFoundError, NotADirectoryError, PermissionError)
-# ... and what a disk can say: full, read-only, over quota (permission denied is a PermissionError, above).
-# What was written is complete or cleaned up: see files.atomic_write.
-DISK_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
-
-
-def _one_line_warnings() -> None:
-    """Our warnings as one line each; those of torch and others keep their own form (file and line)."""
-    default = warnings.formatwarning
-
-    def format_warning(message, category, *rest, **kw) -> str:
-        if issubclass(category, CaptionerWarning):
-            return f"captioner: warning: {message}\n"
-        return default(message, category, *rest, **kw)
-
-    warnings.formatwarning = format_warning
 
 
 def _count(low: int):
@@ -80,9 +52,6 @@ def _checked(check):
             raise argparse.ArgumentTypeError(str(e)) from None
     parse.__name__ = check.__name__  # argparse names the type in its messages
     return parse
-
-
-# -- option groups shared by several commands -----------------------------------------------------
 
 
 def _model_option(p: argparse.ArgumentParser) -> None:
@@ -120,7 +89,7 @@ def _data_options(p: argparse.ArgumentParser, required: bool) -> None:
                    help="use only the first N images (train: of the train split only; val is limited by --val-images)")
 
 
-def _decoding(a: argparse.Namespace, model_cfg) -> Decoding:
+def decoding_from(a: argparse.Namespace, model_cfg) -> Decoding:
     """The one decoding a command uses: the model's own settings, changed where the options say."""
     return Decoding.for_model(model_cfg, beam_size=a.beam_size, length_norm=a.length_norm,
                               block_trigrams=a.block_trigrams)
@@ -331,288 +300,3 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _evaluate_parser(sub)
     return ap
-
-
-def _images(paths: list[Path], recursive: bool) -> list[Path]:
-    from captioner.data.images import list_images
-
-    missing = [p for p in paths if not p.exists()]
-    if missing:
-        raise DataError(f"{missing[0]}: no such file" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    found = list_images(paths, recursive=recursive)
-    if not found:
-        hint = "" if recursive else " (without --no-recursive, sub-folders are looked in too)"
-        raise DataError(f"no images found in {', '.join(map(str, paths))}{hint}")
-    return found
-
-
-_CONTROL = {9: "\\t", 10: "\\n", 13: "\\r"}  # tab, newline, carriage return in a file name, shown escaped
-
-
-def _report_failures(failed: list[str]) -> None:
-    for e in failed:
-        print(f"captioner: skipped {e}", file=sys.stderr)
-    if failed:
-        print(f"captioner: {len(failed)} file(s) could not be read and were skipped", file=sys.stderr)
-
-
-def cmd_caption(a: argparse.Namespace) -> int:
-    from captioner.api import Captioner
-    from captioner.distributed import Dist
-
-    if a.nproc > 1 and not a.out:
-        raise DataError("--nproc N needs --out FILE: the processes merge their captions into it")
-    if a.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _torchrun(a.nproc, a.argv)
-    paths = _images(a.paths, a.recursive)
-    if a.out:
-        from captioner.batch import caption_to_file
-
-        dist, device = Dist.from_env(a.device)
-        try:
-            cap = Captioner.load(a.model, str(device), a.precision)
-            if a.attention_map:
-                cap.require_attention()  # before the work, not after it
-            decoding = _decoding(a, cap.model.cfg)
-            r = caption_to_file(cap, paths, a.out, batch_size=a.batch_size, progress=not a.quiet, dist=dist,
-                                decoding=decoding, force=a.force)
-        finally:
-            dist.close()
-        if not dist.main:
-            return 0
-        _report_failures(r.failed)
-        print(f"{r.captioned} captioned, {r.skipped} already in {a.out}, {len(r.failed)} unreadable; "
-              f"{r.seconds:.1f}s{f', {dist.world} processes' if dist.world > 1 else ''}", file=sys.stderr)
-        _attention_maps(a, cap, paths, decoding)
-        return 1 if r.failed and not (r.captioned or r.skipped) else 0
-    cap = Captioner.load(a.model, a.device, a.precision)
-    if a.attention_map:
-        cap.require_attention()
-    decoding = _decoding(a, cap.model.cfg)
-    failed = []
-    for path, result, error in cap.caption_files(paths, a.batch_size, decoding):
-        if error:
-            failed.append(error)
-            continue
-        if a.json:
-            obj = {"image": path_text(path), "caption": result["caption"]}
-            if len(result["alternatives"]) > 1:
-                obj["alternatives"] = result["alternatives"]
-            print(json.dumps(obj), flush=True)
-        else:  # one line per photo, whatever its name holds
-            print(f"{path_text(path).translate(_CONTROL)}\t{result['caption']}", flush=True)
-    _report_failures(failed)
-    _attention_maps(a, cap, paths, decoding)
-    return 1 if failed and len(failed) == len(paths) else 0
-
-
-def _attention_maps(a: argparse.Namespace, cap, paths: list[Path], decoding: Decoding) -> None:
-    if a.attention_map:
-        from captioner.viz import draw_attention_maps
-
-        for _, png in draw_attention_maps(cap, paths, a.attention_map, decoding):
-            print(f"attention map: {png}", file=sys.stderr)
-
-
-def cmd_index(a: argparse.Namespace) -> int:
-    from captioner.api import Captioner
-    from captioner.library import index_folders
-
-    for p in a.folders:
-        if not p.is_dir():
-            raise DataError(f"{p}: no such folder")
-    cap = Captioner.load(a.model, a.device, a.precision)
-    r = index_folders(cap, a.folders, a.db, batch_size=a.batch_size, progress=not a.quiet,
-                      decoding=_decoding(a, cap.model.cfg))
-    _report_failures(r.failed)
-    print(f"{a.db}: {r.captioned} captioned, {r.unchanged} unchanged, {r.touched} touched, {r.removed} removed, "
-          f"{len(r.failed)} unreadable; {r.seconds:.1f}s", file=sys.stderr)
-    return 0
-
-
-def cmd_search(a: argparse.Namespace) -> int:
-    from captioner.library import indexed_by, search, similar
-
-    if (a.query is None) == (a.like is None):
-        raise ConfigError("give words to look for, or --like PHOTO (not both)")
-    if a.like is not None and not a.like.is_file():
-        raise DataError(f"{a.like}: no such file")
-    source, vectors = indexed_by(a.db)  # before torch loads: a database that is missing or not ours fails at once
-    cap, mode, note = None, a.mode, None
-    if a.like is None and mode != "keyword" and not vectors:  # empty, or made before model search
-        mode = "keyword"
-        if source:
-            note = "this library was indexed before search by meaning: run captioner index again to use the model"
-    if a.like is not None or mode != "keyword":
-        from captioner.api import Captioner
-
-        cap = Captioner.load(a.model or source, a.device, a.precision)
-    found = (similar(a.db, a.like, a.limit, captioner=cap) if a.like is not None
-             else search(a.db, a.query, a.limit, mode=mode, captioner=cap))
-    found.note = found.note or note
-    if found.note:
-        print(f"captioner: note: {found.note}", file=sys.stderr)
-    hits = found.hits
-    for h in hits:
-        if a.json:
-            print(json.dumps({"path": h["path"], "caption": h["caption"], "score": h["score"]}))
-        else:
-            print(f"{h['score']:.2f}\t{h['path'].translate(_CONTROL)}\t{h['caption']}")
-    if not hits and not a.json:
-        print(f"no photo in {a.db} matches {a.query!r}", file=sys.stderr)
-    elif len(hits) < found.total and not a.json:
-        what = "matching photos" if found.mode == "keyword" else "photos"
-        print(f"the best {len(hits)} of {found.total} {what} ({found.mode}; --limit N for more)", file=sys.stderr)
-    return 0
-
-
-def cmd_serve(a: argparse.Namespace) -> int:
-    from captioner.api import Captioner
-    from captioner.server.protocol import serve
-
-    serve(Captioner.load(a.model, a.device, a.precision), a.db, a.host, a.port, allowed_hosts=a.allowed_host,
-          header_timeout=a.header_timeout, max_upload_mb=a.max_upload_mb, batch_wait_ms=a.batch_wait_ms)
-    return 0
-
-
-def cmd_train(a: argparse.Namespace) -> int:
-    try:
-        if a.nproc > 1 and "WORLD_SIZE" not in os.environ:
-            return _torchrun(a.nproc, a.argv)
-        from captioner.train import fit
-
-        result = fit(TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig)}))
-    except KeyboardInterrupt:
-        _how_to_continue(a)
-        return 130
-    print(_closing_line(result, a))
-    return 0
-
-
-def _closing_line(result: dict, a: argparse.Namespace) -> str:
-    """What was trained, scored as the model will caption: with the decoding chosen on val."""
-    folders = f"model folders in {a.out}/best and {a.out}/last"
-    if not result.get("history"):
-        return f"no epoch was trained (--epochs {a.epochs}); nothing new was saved in {a.out}"
-    d = result.get("decoding")
-    if not d:
-        return f"best val CIDEr-D {result['best_CIDEr']:.3f}; {folders}"
-    how = Decoding.from_json(d).describe()
-    picked = "greedy" if a.val_beam_size == 1 else f"beam {a.val_beam_size}"
-    return (f"best epoch {result['best_epoch']}: val CIDEr-D {d['CIDEr']:.3f} with its decoding ({how}; "
-            f"{result['best_CIDEr']:.3f} {picked}, which picked the epoch); {folders}")
-
-
-def _how_to_continue(a: argparse.Namespace) -> None:
-    """After Ctrl-C: which epoch's checkpoint is saved, and the command that continues from it."""
-    import shlex
-
-    from captioner.train.checkpoint import CHECKPOINT, saved_epoch
-
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    epoch = saved_epoch(a.out)
-    if not epoch:
-        print("captioner: interrupted before the first epoch was saved; nothing to resume", file=sys.stderr)
-        return
-    argv = [x for x in a.argv if x not in ("--overwrite", "--resume")] + ["--resume"]
-    print(f"captioner: interrupted; the checkpoint after epoch {epoch} is in {a.out / CHECKPOINT}. Continue with:\n"
-          f"  captioner {shlex.join(argv)}", file=sys.stderr)
-
-
-def cmd_evaluate(a: argparse.Namespace) -> int:
-    from captioner.evaluate import evaluate
-    from captioner.metrics import format_scores
-    from captioner.model.folder import model_dir, read_config
-
-    model = model_dir(a.model)
-    if a.task == "retrieval":
-        from captioner.evaluate import retrieval
-
-        r = retrieval(a.model, a.data, a.split, layout=a.layout, images=a.images, db=a.db, device=a.device,
-                      precision=a.precision, skip_missing=a.skip_missing, max_images=a.max_images)
-        print(f"{r['images']} {a.split} photos, {r['queries']} queries (each reference caption; its own photo is "
-              f"the answer):")
-        for mode, m in r["modes"].items():
-            star = " (default)" if mode == r["default_mode"] else ""
-            print(f"  {mode + star:18s} R@1 {m['R@1']:5.1f}%  R@5 {m['R@5']:5.1f}%  R@10 {m['R@10']:5.1f}%  "
-                  f"median rank {m['median_rank']:g}")
-        if a.json:
-            print(json.dumps(r))
-        return 0
-    r = evaluate(model, a.data, a.split, layout=a.layout, images=a.images, decoding=_decoding(a, read_config(model)),
-                 device=a.device, precision=a.precision, cache_dir=a.cache_dir, out=a.out,
-                 skip_missing=a.skip_missing, max_images=a.max_images, meteor=not a.no_meteor)
-    print(f"{r['images']} {a.split} images, beam {r['beam_size']}: {format_scores(r)}")
-    if a.json:
-        print(json.dumps(r))
-    return 0
-
-
-def cmd_embeddings(a: argparse.Namespace) -> int:
-    from captioner.model.folder import load_model
-    from captioner.viz import nearest_words, word_map, word_vectors
-
-    model, vocab = load_model(a.model)
-    vectors = word_vectors(model, a.layer)
-    word_map(vectors, vocab.itos, a.out, a.words, a.method,
-             f"{a.method.upper()} of the {a.layer} word vectors ({a.model or 'shipped model'})")
-    for word in a.neighbours:
-        near = ", ".join(f"{w} {s:.2f}" for w, s in nearest_words(vectors, vocab.itos, word))
-        print(f"{word}: {near}")
-    print(f"word map: {a.out}", file=sys.stderr)
-    return 0
-
-
-def cmd_export(a: argparse.Namespace) -> int:
-    from captioner.export import export_model
-    from captioner.model.folder import model_dir
-
-    out = export_model(model_dir(a.model), a.out, a.format)
-    print(f"{a.format} export of {a.model or 'the shipped model'}: {out}", file=sys.stderr)
-    return 0
-
-
-COMMANDS = {"caption": cmd_caption, "index": cmd_index, "search": cmd_search, "serve": cmd_serve,
-            "train": cmd_train, "evaluate": cmd_evaluate, "embeddings": cmd_embeddings, "export": cmd_export}
-
-
-def _torchrun(nproc: int, argv: list[str]) -> int:
-    """Start `nproc` processes of this command on this machine with torch's own launcher."""
-    import subprocess
-
-    rest, skip = [], False
-    for arg in argv:  # everything but --nproc
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            rest.append(arg)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "captioner", *rest]
-    return subprocess.call(cmd)
-
-
-def main(argv: list[str] | None = None) -> int:
-    _one_line_warnings()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv
-    try:
-        return COMMANDS[args.command](args)
-    except USER_ERRORS as e:
-        print(f"captioner: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        if e.errno not in DISK_ERRORS:
-            raise
-        print(f"captioner: error: {e.filename or 'writing'}: {e.strerror}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("captioner: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
