@@ -52,7 +52,7 @@ def test_a_caption_alone_in_its_length_bucket_trains(tmp_path, shapes):
     data.write_text("\n".join(lines + [json.dumps(lonely)]) + "\n")
     for p in shapes.parent.glob("*.png"):
         (tmp_path / p.name).symlink_to(p)
-    result = fit(TrainConfig(data=data, out=tmp_path / "run", epochs=1, max_words=30, **SMALL))
+    result = fit(TrainConfig(data=data, out=tmp_path / "run", epochs=1, max_len=30, **SMALL))
     assert len(result["history"]) == 1
 
 

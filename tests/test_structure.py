@@ -29,7 +29,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "captioner"
 
 # data -> model -> inference -> decode -> train/api -> cli/server: a module imports only from its floor or below
 FLOORS = [
-    ("base", ["errors", "files", "names", "decoding", "runtime", "distributed"]),
+    ("base", ["errors", "files", "names", "decoding", "options", "runtime", "distributed"]),
     ("data", ["data", "metrics"]),
     ("model", ["model"]),
     ("inference", ["inference"]),
@@ -209,13 +209,30 @@ def test_cli_train_defaults_are_the_config_defaults():
     assert from_cli == TrainConfig(data=Path("d"), out=Path("o"))
 
 
-def test_train_config_and_model_config_agree_on_model_defaults():
-    model_defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-    own = ("encoder_weights", "image_size")  # what a run is given, not what the model records
-    shared = [f for f in dataclasses.fields(TrainConfig) if f.name in model_defaults and f.name not in own]
+def test_the_model_options_are_declared_once():
+    """A training run's options and a model folder's config share the architecture fields by being
+    both ModelOptions, not by copying them: each field is the one declaration, default and help."""
+    from captioner.options import ModelOptions
+
+    shared = dataclasses.fields(ModelOptions)
     assert len(shared) >= 10
-    assert {f.name: f.default for f in shared} == {f.name: model_defaults[f.name] for f in shared}
-    assert TrainConfig.max_words == ModelConfig.max_len
+    for cls in (TrainConfig, ModelConfig):
+        assert issubclass(cls, ModelOptions)
+        for f in shared:
+            assert cls.__dataclass_fields__[f.name] is ModelOptions.__dataclass_fields__[f.name], (cls, f.name)
+    own = {f.name for f in dataclasses.fields(TrainConfig)} - {f.name for f in shared}
+    assert not own & {f.name for f in dataclasses.fields(ModelConfig)} - {"encoder_weights", "image_size"}
+
+
+def test_every_train_option_has_help_and_says_its_default(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata.get("help"), f.name
+        if f.default not in (None, False, dataclasses.MISSING) and f.name not in ("data", "out"):
+            shown = "[on]" if f.default is True else f"[{f.default}]"
+            assert shown in text or f.metadata.get("default_text"), f.name
 
 
 def test_the_torch_free_names_are_the_registries():

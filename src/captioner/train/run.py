@@ -169,10 +169,8 @@ def build_model(cfg: TrainConfig, train: list[Record], ckpt: dict | None) -> tup
             raise DataError(f"{cfg.data}: no word occurs {cfg.min_count} or more times in the "
                             f"{sum(len(r.captions) for r in train)} training captions: lower --min-count, or check "
                             "that the captions hold words (not only punctuation or numbers in another encoding)")
-        mcfg = ModelConfig.for_encoder(
-            cfg.encoder, len(vocab), cfg.image_size, decoder=cfg.decoder, head=cfg.head, rnn=cfg.rnn,
-            embed_dim=cfg.embed_dim, hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers, dropout=cfg.dropout,
-            attention_dim=cfg.attention_dim, alpha_c=cfg.alpha_c, max_len=cfg.max_words)
+        architecture = {k: v for k, v in cfg.model_options().items() if k != "encoder"}  # options.ModelOptions
+        mcfg = ModelConfig.for_encoder(cfg.encoder, len(vocab), cfg.image_size, **architecture)
         model = CaptionModel.create(mcfg, cfg.encoder_weights)
         mcfg.encoder_weights = "default" if cfg.encoder_weights == "default" else "folder"
     model.encoder.requires_grad_(bool(cfg.fine_tune_encoder))
