@@ -131,7 +131,7 @@ def greedy(decoder, feats: torch.Tensor, bos: int, eos: int, max_len: int,
     """Take the most likely word at each step; at most `max_len` words, then <end>. Whether
     captions have ended is asked every `check_every` steps (InferencePlan.check_every); then
     the ended ones leave the batch (the steps after cost only the others; `drop_finished=False`
-    keeps them, as before, for comparison), and the search stops when none is left. The steps an
+    keeps them, for comparison), and the search stops when none is left. The steps an
     ended caption runs before that change nothing."""
     B = feats.shape[0]
     banned = _on(banned, feats.device)
@@ -177,7 +177,7 @@ def beam_search(decoder, feats: torch.Tensor, bos: int, eos: int, max_len: int, 
 
     An image that holds K finished captions leaves the batch (`decoder.keep_images`): its results
     are stored and the steps after cost only the images still searched (`drop_finished=False`
-    keeps it to the end, as before, for comparison). In a batch of 32 Flickr8k photos the last
+    keeps it to the end, for comparison). In a batch of 32 Flickr8k photos the last
     image needs about 16 steps and the average one 11, so a third of the decoder's work went to
     images already done.
 

@@ -37,7 +37,7 @@ def draft_size(image_size: int) -> int:
     inputs: twice that. libjpeg decodes at 1/2, 1/4 or 1/8 scale far faster than at full size (a
     12-megapixel photo 104-123 -> 14-15 ms; bench.py bigjpeg), and the resize to image_size then averages at least 2x2
     decoded pixels into each input pixel: within one grey level of the full decode's input. Photos
-    already under twice the size (Flickr8k's) decode at full size, exactly as before."""
+    already under twice the size (Flickr8k's) decode at full size."""
     return 2 * image_size
 
 

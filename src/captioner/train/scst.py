@@ -99,10 +99,10 @@ class SelfCritical:
 
     reward: CiderD  # CIDEr-D against the training references
     references: list[list[list[int]]]  # token ids of every caption of each training image
-    samples: int = 5  # captions sampled per image
-    baseline: str = "mean"  # "mean" of the other samples, or "greedy"
-    max_len: int = 20
-    xe_weight: float = 0.0  # weight of a cross-entropy term on one reference per image (0: pure SCST)
+    samples: int  # captions sampled per image (TrainConfig.samples)
+    baseline: str  # "mean" of the other samples, or "greedy" (TrainConfig.baseline)
+    max_len: int  # the longest caption sampled (the model's)
+    xe_weight: float  # weight of a cross-entropy term on one reference per image, 0: pure SCST (TrainConfig.scst_xe)
 
 
 def scst_one_epoch(model, vocab: Vocabulary, feats, sc: SelfCritical, optimizer, plan: InferencePlan,
