@@ -24,6 +24,20 @@ from captioner.options import NATURAL, POSITIVE, flag, whole
 from captioner.train.config import TrainConfig
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """States each option's default after its help, in brackets, from the option itself (so it cannot
+    drift from what the option does): none for options without one, or whose help already says.
+    Descriptions are kept as written (the model card's path on a line of its own)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (text and not text.endswith("]") and default not in (None, False, [], argparse.SUPPRESS)
+                and action.option_strings):
+            text += " [on]" if default is True else f" [{default}]"
+        return text
+
+
 def _checked(check):
     """An argparse type from one of decoding.py's checks: its one-line ConfigError becomes argparse's
     usage error, before anything is loaded."""
@@ -41,7 +55,7 @@ def _model_option(p: argparse.ArgumentParser) -> None:
 
 
 def _machine_options(p: argparse.ArgumentParser, inference: bool = True) -> None:
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     help = "autocast precision; auto = bf16 on CPUs with native bf16, fp16/bf16 on CUDA, else fp32"
     if inference:
         help += ("; int8 (CPU only): the decoder's weights in 8 bits, one photo 1.3-1.4x faster, batches "
@@ -79,7 +93,7 @@ def decoding_from(a: argparse.Namespace, model_cfg) -> Decoding:
 
 def _caption_parser(sub) -> None:
     p = sub.add_parser(
-        "caption", help="caption images or folders of images", formatter_class=argparse.RawDescriptionHelpFormatter,
+        "caption", help="caption images or folders of images",
         epilog="Without --model: the shipped model, trained on Flickr8k (research use) for everyday photos\n"
                "of people, dogs and outdoor scenes; outside that world it errs (a cat or a cup of coffee\n"
                "comes out as a dog). What it can and cannot do, its model card:\n"
@@ -88,8 +102,8 @@ def _caption_parser(sub) -> None:
     _model_option(p)
     p.add_argument("--json", action="store_true", help='one JSON object per line: {"image", "caption"}')
     p.add_argument("-r", "--recursive", action=argparse.BooleanOptionalAction, default=True,
-                   help="look for images in sub-folders too, as index does (default; --no-recursive: only the "
-                        "folders named)")
+                   help="look for images in sub-folders too, as index does (--no-recursive: only the folders "
+                        "named)")
     p.add_argument("--out", type=Path, metavar="FILE",
                    help="write to FILE (.jsonl or .csv) instead of the terminal; a re-run skips images already "
                         "there with the same content")
@@ -110,11 +124,11 @@ def _caption_parser(sub) -> None:
 def _embeddings_parser(sub) -> None:
     p = sub.add_parser("embeddings", help="draw a 2-D map of the model's word embeddings (PNG)")
     _model_option(p)
-    p.add_argument("--out", type=Path, default=Path("words.png"), help="the PNG to write (default: words.png)")
-    p.add_argument("--words", type=POSITIVE, default=150, help="how many of the most frequent words (default 150)")
+    p.add_argument("--out", type=Path, default=Path("words.png"), help="the PNG to write")
+    p.add_argument("--words", type=POSITIVE, default=150, help="how many of the most frequent words")
     p.add_argument("--method", choices=("pca", "tsne"), default="pca", help="tsne needs scikit-learn")
     p.add_argument("--layer", choices=("output", "input"), default="output",
-                   help="output: each word's row of the last layer (default; clusters by meaning); "
+                   help="output: each word's row of the last layer (clusters by meaning); "
                         "input: the embedding fed to the LSTM")
     p.add_argument("--neighbours", nargs="*", default=[], metavar="WORD",
                    help="also print the 5 nearest words to each WORD (cosine similarity)")
@@ -123,7 +137,7 @@ def _embeddings_parser(sub) -> None:
 def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="export a model as ONNX or TorchScript graphs (start + one decoder step)")
     _model_option(p)
-    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="file format (default onnx)")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="file format")
     p.add_argument("--out", type=Path, required=True, help="the folder to write")
 
 
@@ -141,14 +155,14 @@ def _index_parser(sub) -> None:
 def _search_parser(sub) -> None:
     p = sub.add_parser("search", help="find photos in a database by what they show (or by an example photo)")
     p.add_argument("query", nargs="?", help='words to look for, e.g. "dog running on the beach"')
-    p.add_argument("--db", type=Path, required=True)
+    p.add_argument("--db", type=Path, required=True, help="the photo library (made by captioner index)")
     p.add_argument("--mode", choices=SEARCH_MODES, default=DEFAULT_SEARCH_MODE,
-                   help=f"how photos are ranked (default {DEFAULT_SEARCH_MODE}, the best on Flickr8k val): "
+                   help=f"how photos are ranked ({DEFAULT_SEARCH_MODE} ranked best on Flickr8k val): "
                         "'keyword' matches the words of their captions (instant; no model loaded); 'model' asks "
                         "the captioning model how well the words describe each photo; 'hybrid' adds the two")
     p.add_argument("--like", type=Path, metavar="PHOTO", help="instead of words: photos that look like this one")
     p.add_argument("--model", help="the model that indexed the library (default: the one named in it)")
-    p.add_argument("--limit", type=whole(1), default=20, help="how many photos at most (default 20)")
+    p.add_argument("--limit", type=whole(1), default=20, help="how many photos at most")
     p.add_argument("--json", action="store_true", help='one JSON object per line, best first: {"path", "caption", '
                                                         '"score"}')
     _machine_options(p)
@@ -158,19 +172,19 @@ def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="web page and REST API: caption uploads, search a library")
     _model_option(p)
     p.add_argument("--db", type=Path, help="photo library made by 'captioner index' (enables search)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help="also answer to this host name (repeatable; '*': any). By default only this machine's own "
                         "names and IP addresses are answered to, so that no web page elsewhere can read the "
                         "library through a browser (DNS rebinding)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, metavar="MB",
-                   help="largest upload accepted, per file (default 20; a request holds at most 16 files)")
+                   help="largest upload accepted, per file (a request holds at most 16 files)")
     p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="close connections that take longer to send a request's headers (default 10)")
+                   help="close connections that take longer to send a request's headers")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, metavar="MS",
                    help="caption requests that arrive together in one model call, waiting at most this long "
-                        "for one still uploading (default 5; 0: each request on its own)")
+                        "for one still uploading (0: each request on its own)")
     _machine_options(p)
 
 
@@ -241,4 +255,6 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub)
     _train_parser(sub)
     _evaluate_parser(sub)
+    for parser in sub.choices.values():
+        parser.formatter_class = _Help
     return ap
