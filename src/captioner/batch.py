@@ -26,9 +26,10 @@ import io
 import json
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -36,6 +37,9 @@ from captioner.decoding import Decoding
 from captioner.distributed import Dist
 from captioner.errors import ConfigError
 from captioner.files import atomic_write, path_text, readable_digest
+
+if TYPE_CHECKING:
+    from captioner.api import Captioner
 
 FIELDS = ("image", "sha1", "caption")
 FORMULA = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet cell a formula
@@ -47,6 +51,7 @@ class BatchReport:
     skipped: int = 0  # already in the file with the same content
     failed: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    processes: int = 1  # that captioned it together
 
 
 def _read_existing(out: Path) -> list[dict]:
@@ -210,3 +215,27 @@ def caption_to_file(captioner, paths: Sequence[Path], out: Path, *, batch_size: 
         dist.barrier()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def caption_files_to(paths: Sequence[Path], out: Path, model: str | Path | None, device: str = "auto",
+                     precision: str = "auto", *, decoding: Callable | None = None, attention: bool = False,
+                     **kw) -> tuple[BatchReport | None, Captioner, Decoding]:
+    """`captioner caption --out`: load the model (None: the shipped one) on this process's device,
+    caption `paths` into `out` with this process's share when torchrun started several (each on its
+    own GPU, or sharing the CPU), and merge. `decoding(cfg)` gives the decoding from the model's
+    config (default: the model's own); `attention`: refuse a model without attention maps before
+    the work, not after it; `kw`: caption_to_file's. Returns (the report, or None on a process other
+    than the first; the captioner; the decoding)."""
+    from captioner.api import Captioner
+
+    dist, dev = Dist.from_env(device)
+    try:
+        cap = Captioner.load(model, str(dev), precision)
+        if attention:
+            cap.require_attention()
+        chosen = decoding(cap.model.cfg) if decoding else cap.decoding
+        report = caption_to_file(cap, paths, out, dist=dist, decoding=chosen, **kw)
+    finally:
+        dist.close()
+    report.processes = dist.world
+    return (report if dist.main else None), cap, chosen

@@ -45,7 +45,6 @@ def _report_failures(failed: list[str]) -> None:
 
 def cmd_caption(a: argparse.Namespace) -> int:
     from captioner.api import Captioner
-    from captioner.distributed import Dist
 
     if a.nproc > 1 and not a.out:
         raise DataError("--nproc N needs --out FILE: the processes merge their captions into it")
@@ -53,23 +52,16 @@ def cmd_caption(a: argparse.Namespace) -> int:
         return _torchrun(a.nproc, a.argv)
     paths = _images(a.paths, a.recursive)
     if a.out:
-        from captioner.batch import caption_to_file
+        from captioner.batch import caption_files_to
 
-        dist, device = Dist.from_env(a.device)
-        try:
-            cap = Captioner.load(a.model, str(device), a.precision)
-            if a.attention_map:
-                cap.require_attention()  # before the work, not after it
-            decoding = decoding_from(a, cap.model.cfg)
-            r = caption_to_file(cap, paths, a.out, batch_size=a.batch_size, progress=not a.quiet, dist=dist,
-                                decoding=decoding, force=a.force)
-        finally:
-            dist.close()
-        if not dist.main:
+        r, cap, decoding = caption_files_to(paths, a.out, a.model, a.device, a.precision, batch_size=a.batch_size,
+                                            progress=not a.quiet, force=a.force, attention=bool(a.attention_map),
+                                            decoding=lambda cfg: decoding_from(a, cfg))
+        if r is None:  # another process's share, merged by process 0
             return 0
         _report_failures(r.failed)
         print(f"{r.captioned} captioned, {r.skipped} already in {a.out}, {len(r.failed)} unreadable; "
-              f"{r.seconds:.1f}s{f', {dist.world} processes' if dist.world > 1 else ''}", file=sys.stderr)
+              f"{r.seconds:.1f}s{f', {r.processes} processes' if r.processes > 1 else ''}", file=sys.stderr)
         _attention_maps(a, cap, paths, decoding)
         return 1 if r.failed and not (r.captioned or r.skipped) else 0
     cap = Captioner.load(a.model, a.device, a.precision)
