@@ -94,6 +94,23 @@ def test_no_import_cycles():
             visit(m, [m])
 
 
+def test_no_module_over_450_lines_and_no_function_over_80():
+    """A file a newcomer can read in one sitting, a function on one screen (docstrings aside)."""
+    long = []
+    for path in SRC.rglob("*.py"):
+        text = path.read_text()
+        if len(text.splitlines()) > 450:
+            long.append(f"{path.relative_to(SRC)}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = node.body[0]
+                doc = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                lines = node.end_lineno - (first.end_lineno + 1 if doc else node.lineno) + 1
+                if lines > 80:
+                    long.append(f"{path.relative_to(SRC)}: {node.name}() {lines} lines")
+    assert not long, long
+
+
 # -- the decoder contract -------------------------------------------------------------------------
 
 

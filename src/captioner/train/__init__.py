@@ -3,6 +3,7 @@
     config.py      TrainConfig: every option, with the defaults of `captioner train --help`
     data.py        records -> splits -> cached features and caption ids (TrainData)
     epoch.py       train_one_epoch(), validate(), choose_decoding()
+    steps.py       what every training loop shares: the loss, the optimiser's steps, the meter
     scst.py        the self-critical stage: CIDEr-D reward, one SCST epoch
     checkpoint.py  RunState, checkpoint.pt, metrics.csv
     run.py         fit(): prepare data, build model and optimiser, resume, loop over epochs, finish
