@@ -1,4 +1,4 @@
-"""Turn a trained model folder into the shipped one: fp16 weights, the chosen decoding.
+"""Turn a trained model folder into the shipped one: fp16 weights, the chosen decoding (decoding.json).
 
     python scripts/ship_model.py runs/att512_scst_xe/best --length-norm 1.5
 
@@ -28,6 +28,8 @@ def main() -> None:
     args = ap.parse_args()
 
     model, vocab = load_model(args.model)
+    model.decoding = model.decoding.changed(beam_size=args.beam_size, length_norm=args.length_norm,
+                                            block_trigrams=args.block_trigrams)  # decoding.json
     card = args.out / "MODEL_CARD.md"
     card_text = card.read_text(encoding="utf-8") if card.is_file() else None
     save_model(model, vocab, args.out, half=True)  # replaces the folder: keep its model card
@@ -36,17 +38,9 @@ def main() -> None:
         print(f"{card}: kept; update its figures for the new model")
     path = args.out / "config.json"
     cfg = json.loads(path.read_text())
-    if args.beam_size is not None:
-        cfg["beam_size"] = args.beam_size
-    if args.length_norm is not None:
-        cfg["length_norm"] = args.length_norm
-    if args.block_trigrams is not None:
-        cfg["block_trigrams"] = args.block_trigrams
     cfg.setdefault("extra", {})["shipped"] = f"from {args.model}, weights in fp16. {args.note}".strip()
     path.write_text(json.dumps(cfg, indent=2) + "\n")
-    print(f"{args.out}: beam {cfg['beam_size']}, length norm {cfg['length_norm']}, "
-          f"trigrams {'blocked' if cfg.get('block_trigrams') else 'allowed'}")
-
+    print(f"{args.out}: {model.decoding.describe()}")
 
 if __name__ == "__main__":
     main()

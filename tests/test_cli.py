@@ -44,16 +44,16 @@ def test_caption_beam_json_has_alternatives(trained, shapes, capsys):
 
 
 def test_trigram_blocking_follows_the_model_unless_the_options_say():
-    """The shipped model blocks repeated trigrams by default (config.json); --no-block-trigrams and
+    """The shipped model blocks repeated trigrams by default (decoding.json); --no-block-trigrams and
     --block-trigrams change only that setting."""
     from captioner.cli.parser import build_parser, decoding_from
-    from captioner.model.network import ModelConfig
+    from captioner.decoding import Decoding
 
-    cfg = ModelConfig(vocab_size=10, beam_size=5, length_norm=1.5, block_trigrams=True)
+    cfg = Decoding(beam_size=5, length_norm=1.5, block_trigrams=True)  # a model's own
     parse = build_parser().parse_args
     assert decoding_from(parse(["caption", "x.jpg"]), cfg).block_trigrams
     assert not decoding_from(parse(["caption", "x.jpg", "--no-block-trigrams"]), cfg).block_trigrams
-    plain = ModelConfig(vocab_size=10, beam_size=3)
+    plain = Decoding(beam_size=3)
     assert decoding_from(parse(["index", "x", "--db", "y", "--block-trigrams"]), plain).block_trigrams
     assert decoding_from(parse(["evaluate", "--data", "d"]), cfg) == decoding_from(parse(["caption", "x.jpg"]), cfg)
 

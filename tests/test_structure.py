@@ -305,20 +305,50 @@ def test_user_mistakes_are_one_line_but_bugs_keep_their_traceback(monkeypatch, c
 
 
 def test_decoding_value():
-    cfg = ModelConfig(vocab_size=10, beam_size=3, length_norm=1.5, max_len=16)
-    assert Decoding.for_model(cfg) == Decoding(3, 1.5, False, 16)
-    assert Decoding.for_model(cfg, beam_size=1, block_trigrams=True) == Decoding(1, 1.5, True, 16)
-    blocking = ModelConfig(vocab_size=10, beam_size=5, length_norm=1.5, block_trigrams=True)  # the shipped kind
-    assert Decoding.for_model(blocking).block_trigrams
-    assert not Decoding.for_model(blocking, block_trigrams=False).block_trigrams
+    own = Decoding(3, 1.5, False, 16)  # a model's own: its decoding.json, with config.json's max_len
+    assert own.changed() == Decoding(3, 1.5, False, 16)
+    assert own.changed(beam_size=1, block_trigrams=True) == Decoding(1, 1.5, True, 16)
+    blocking = Decoding(5, 1.5, True)  # the shipped kind
+    assert blocking.changed().block_trigrams
+    assert not blocking.changed(block_trigrams=False).block_trigrams
     with pytest.raises(ValueError, match="block_trigrams must be true or false"):
         ModelConfig.from_json({"vocab_size": 10, "block_trigrams": "yes"})
-    assert not ModelConfig.from_json({"vocab_size": 10}).block_trigrams  # a config.json from before the key
+    cfg, older = ModelConfig.split_json({"vocab_size": 10})  # a config.json from before the key
+    assert not Decoding.from_json({**older, "max_len": cfg.max_len}).block_trigrams
     with pytest.raises(dataclasses.FrozenInstanceError):
         Decoding().beam_size = 2
     for bad in (0, -1):
         with pytest.raises(ConfigError, match="beam size"):
             Decoding(beam_size=bad)
+
+
+def test_a_model_folder_keeps_its_decoding_in_decoding_json_and_older_folders_still_load(trained, shapes, tmp_path,
+                                                                                         capsys):
+    """decoding.json beside config.json (like a generation config); a folder written before it, with
+    the settings in config.json, loads with the same decoding and the same fingerprint (a photo
+    library it indexed stays its own); a damaged decoding.json is one line."""
+    import json
+    import shutil
+
+    from captioner.model.folder import read_decoding
+
+    new = tmp_path / "new"
+    shutil.copytree(trained / "best", new)
+    saved = json.loads((new / "decoding.json").read_text())
+    assert set(saved) == {"beam_size", "length_norm", "block_trigrams"}
+    assert not {"beam_size", "length_norm", "block_trigrams"} & set(json.loads((new / "config.json").read_text()))
+    old = tmp_path / "old"
+    shutil.copytree(new, old)
+    (old / "decoding.json").unlink()
+    cfg = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({**cfg, **saved, "beam_size": 2}))
+    a, b = Captioner.load(new, device="cpu"), Captioner.load(old, device="cpu")
+    assert b.decoding == read_decoding(old) == a.decoding.replace(beam_size=2)
+    (old / "config.json").write_text(json.dumps({**cfg, **saved}))
+    assert Captioner.load(old, device="cpu").fingerprint == a.fingerprint
+    (new / "decoding.json").write_text('{"beam_size": 3, "beam": 5}')
+    assert main(["caption", str(sorted(shapes.parent.glob("*.png"))[0]), "--model", str(new)]) == 2
+    assert "bad decoding.json (unknown keys ['beam'])" in capsys.readouterr().err
 
 
 def _record_searches(monkeypatch) -> list[tuple[Decoding, bool]]:

@@ -45,7 +45,7 @@ class Captioner:
         cfg = model.cfg
         self.transform = eval_transform(cfg.image_size, cfg.mean, cfg.std)
         self.draft_size = draft_size(cfg.image_size)  # big JPEGs decode at a reduced scale: see open_rgb
-        self.decoding = Decoding.for_model(cfg)  # the model's own
+        self.decoding = model.decoding  # the model's own (its folder's decoding.json)
         self.batch_size = plan.batch_size  # images per batch unless a caller says
 
     @property
@@ -144,7 +144,10 @@ class Captioner:
     def fingerprint(self) -> str:
         """Names this exact model (weights, vocabulary, config): a photo library keeps it beside what
         the model computed, so that two models' numbers are never mixed."""
-        h = hashlib.sha1(json.dumps(self.model.cfg.to_json(), sort_keys=True).encode())
+        # the config and the decoding as one JSON object, as config.json held both before decoding.json:
+        # a library indexed then keeps its fingerprint
+        h = hashlib.sha1(json.dumps({**self.model.cfg.to_json(), **self.model.decoding.saved()},
+                                    sort_keys=True).encode())
         h.update("\n".join(self.vocab.itos).encode())
         for name, t in sorted(self.model.state_dict().items()):
             h.update(name.encode())

@@ -222,8 +222,8 @@ def caption_files_to(paths: Sequence[Path], out: Path, model: str | Path | None,
                      **kw) -> tuple[BatchReport | None, Captioner, Decoding]:
     """`captioner caption --out`: load the model (None: the shipped one) on this process's device,
     caption `paths` into `out` with this process's share when torchrun started several (each on its
-    own GPU, or sharing the CPU), and merge. `decoding(cfg)` gives the decoding from the model's
-    config (default: the model's own); `attention`: refuse a model without attention maps before
+    own GPU, or sharing the CPU), and merge. `decoding(own)` gives the decoding from the model's
+    own (default: that one); `attention`: refuse a model without attention maps before
     the work, not after it; `kw`: caption_to_file's. Returns (the report, or None on a process other
     than the first; the captioner; the decoding)."""
     from captioner.api import Captioner
@@ -233,7 +233,7 @@ def caption_files_to(paths: Sequence[Path], out: Path, model: str | Path | None,
         cap = Captioner.load(model, str(dev), precision)
         if attention:
             cap.require_attention()
-        chosen = decoding(cap.model.cfg) if decoding else cap.decoding
+        chosen = decoding(cap.decoding) if decoding else cap.decoding
         report = caption_to_file(cap, paths, out, dist=dist, decoding=chosen, **kw)
     finally:
         dist.close()

@@ -1,10 +1,11 @@
 """`Decoding`: the settings of a search, one frozen, validated value (no torch, so the command line
 can check its options before anything is loaded).
 
-It comes from the model's config.json (the decoding chosen on val at the end of training), with the
-caller's changes (`--beam-size` & co., the API's arguments), and is passed to everything that
-captions (decode.caption_features). Each limit is declared here once; the command line's option
-types and help, ModelConfig's checks and the search all read it from here.
+A model folder keeps its own in decoding.json (chosen on val at the end of training; like a
+generation config beside a model's config); callers change it (`--beam-size` & co., the API's
+arguments), and pass it to everything that captions (decode.caption_features). Each limit is
+declared here once; the command line's option types and help, the model folder's checks and the
+search all read it from here.
 """
 
 from __future__ import annotations
@@ -42,16 +43,6 @@ class Decoding:
             raise ConfigError(f"the longest caption must be 1 to {MAX_WORDS} words, not {self.max_len!r}")
 
     @classmethod
-    def for_model(cls, cfg, beam_size: int | None = None, length_norm: float | None = None,
-                  block_trigrams: bool | None = None, max_len: int | None = None) -> Decoding:
-        """The model's own decoding (config.json, chosen on val at the end of training), with each
-        setting that is not None replaced."""
-        return cls(beam_size=cfg.beam_size if beam_size is None else beam_size,
-                   length_norm=cfg.length_norm if length_norm is None else length_norm,
-                   block_trigrams=cfg.block_trigrams if block_trigrams is None else block_trigrams,
-                   max_len=cfg.max_len if max_len is None else max_len)
-
-    @classmethod
     def from_json(cls, data: dict) -> Decoding:
         """A decoding from a dict that holds its fields (a row of choose_decoding, a saved result);
         other keys (scores) are ignored, missing ones take the defaults."""
@@ -60,6 +51,16 @@ class Decoding:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+    def saved(self) -> dict:
+        """What a model folder's decoding.json holds: all but the longest caption, which is the
+        model's own (config.json's max_len: training left longer captions out)."""
+        return {k: v for k, v in self.to_json().items() if k != "max_len"}
+
+    def changed(self, **changes) -> Decoding:
+        """This decoding with each setting in `changes` that is not None replaced (the caller's
+        options over the model's own)."""
+        return self.replace(**{k: v for k, v in changes.items() if v is not None})
 
     def replace(self, **changes) -> Decoding:
         return dataclasses.replace(self, **changes)

@@ -56,7 +56,7 @@ def cmd_caption(a: argparse.Namespace) -> int:
 
         r, cap, decoding = caption_files_to(paths, a.out, a.model, a.device, a.precision, batch_size=a.batch_size,
                                             progress=not a.quiet, force=a.force, attention=bool(a.attention_map),
-                                            decoding=lambda cfg: decoding_from(a, cfg))
+                                            decoding=lambda own: decoding_from(a, own))
         if r is None:  # another process's share, merged by process 0
             return 0
         _report_failures(r.failed)
@@ -67,7 +67,7 @@ def cmd_caption(a: argparse.Namespace) -> int:
     cap = Captioner.load(a.model, a.device, a.precision)
     if a.attention_map:
         cap.require_attention()
-    decoding = decoding_from(a, cap.model.cfg)
+    decoding = decoding_from(a, cap.decoding)
     failed = []
     for path, result, error in cap.caption_files(paths, a.batch_size, decoding):
         if error:
@@ -102,7 +102,7 @@ def cmd_index(a: argparse.Namespace) -> int:
             raise DataError(f"{p}: no such folder")
     cap = Captioner.load(a.model, a.device, a.precision)
     r = index_folders(cap, a.folders, a.db, batch_size=a.batch_size, progress=not a.quiet,
-                      decoding=decoding_from(a, cap.model.cfg))
+                      decoding=decoding_from(a, cap.decoding))
     _report_failures(r.failed)
     print(f"{a.db}: {r.captioned} captioned, {r.unchanged} unchanged, {r.touched} touched, {r.removed} removed, "
           f"{len(r.failed)} unreadable; {r.seconds:.1f}s", file=sys.stderr)
@@ -196,7 +196,7 @@ def _how_to_continue(a: argparse.Namespace) -> None:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from captioner.evaluate import evaluate
     from captioner.metrics import format_scores
-    from captioner.model.folder import model_dir, read_config
+    from captioner.model.folder import model_dir, read_decoding
 
     model = model_dir(a.model)
     if a.task == "retrieval":
@@ -214,7 +214,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             print(json.dumps(r))
         return 0
     r = evaluate(model, a.data, a.split, layout=a.layout, images=a.images,
-                 decoding=decoding_from(a, read_config(model)), device=a.device, precision=a.precision,
+                 decoding=decoding_from(a, read_decoding(model)), device=a.device, precision=a.precision,
                  cache_dir=a.cache_dir, out=a.out, skip_missing=a.skip_missing, max_images=a.max_images,
                  meteor=not a.no_meteor)
     print(f"{r['images']} {a.split} images, beam {r['beam_size']}: {format_scores(r)}")

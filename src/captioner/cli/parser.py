@@ -85,10 +85,9 @@ def _data_options(p: argparse.ArgumentParser, required: bool) -> None:
                    help="use only the first N images (train: of the train split only; val is limited by --val-images)")
 
 
-def decoding_from(a: argparse.Namespace, model_cfg) -> Decoding:
-    """The one decoding a command uses: the model's own settings, changed where the options say."""
-    return Decoding.for_model(model_cfg, beam_size=a.beam_size, length_norm=a.length_norm,
-                              block_trigrams=a.block_trigrams)
+def decoding_from(a: argparse.Namespace, own: Decoding) -> Decoding:
+    """The one decoding a command uses: the model's own (`own`), changed where the options say."""
+    return own.changed(beam_size=a.beam_size, length_norm=a.length_norm, block_trigrams=a.block_trigrams)
 
 
 def _caption_parser(sub) -> None:

@@ -1,4 +1,9 @@
-"""A model is a folder: ``config.json`` + ``vocab.json`` + ``model.safetensors``. Never a pickle.
+"""A model is a folder: ``config.json`` + ``vocab.json`` + ``model.safetensors`` + ``decoding.json``.
+Never a pickle.
+
+``decoding.json`` holds how the model captions unless told otherwise (beam size, length
+normalisation, trigram blocking, chosen on val at the end of training). Folders written before it
+existed kept those settings in config.json: they are read from there.
 
 The weights file holds the decoder (``decoder.*``) and, unless the encoder is rebuilt from its
 own offline source (the frozen default), the encoder too (``encoder.*``).
@@ -14,13 +19,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from captioner.data.vocab import Vocabulary
-from captioner.errors import ModelError
+from captioner.decoding import Decoding
+from captioner.errors import ConfigError, ModelError
 from captioner.files import atomic_folder, complete_folder
 from captioner.model.encoder import EncoderError, build_backbone, weights_digest
 from captioner.model.network import CaptionModel, ModelConfig, build_decoder
 from captioner.names import SHIPPED, shipped_model_dir
 
-CONFIG, VOCAB, WEIGHTS = "config.json", "vocab.json", "model.safetensors"
+CONFIG, VOCAB, WEIGHTS, DECODING = "config.json", "vocab.json", "model.safetensors", "decoding.json"
 
 
 def model_dir(folder: str | Path | None) -> Path:
@@ -42,6 +48,7 @@ def save_model(model: CaptionModel, vocab: Vocabulary, folder: Path, *, half: bo
              for k, v in state.items()}
     with atomic_folder(folder) as tmp:
         (tmp / CONFIG).write_text(json.dumps(cfg.to_json(), indent=2), encoding="utf-8")
+        (tmp / DECODING).write_text(json.dumps(model.decoding.saved(), indent=2), encoding="utf-8")
         vocab.save(tmp / VOCAB)
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
     return folder
@@ -59,6 +66,7 @@ def load_model(folder: str | Path | None, device: torch.device | str = "cpu") ->
                     "arbitrary code") if pickles else ""
             raise ModelError(f"{folder}: missing {name}{hint}")
     cfg = read_config(folder)
+    decoding = read_decoding(folder)
     try:
         vocab = Vocabulary.load(folder / VOCAB)
     except (ValueError, TypeError, KeyError, RecursionError) as e:
@@ -79,6 +87,7 @@ def load_model(folder: str | Path | None, device: torch.device | str = "cpu") ->
     except EncoderError as e:
         raise ModelError(f"{folder}: {e}") from None
     model = CaptionModel(cfg, encoder)
+    model.decoding = decoding
     parts = [("decoder", model.decoder)] + ([("encoder", model.encoder)] if in_folder else [])
     for prefix, module in parts:
         sub = {k[len(prefix) + 1:]: v.float() if v.is_floating_point() else v
@@ -114,8 +123,31 @@ def _check_shapes(folder: Path, cfg: ModelConfig) -> None:
 
 
 def read_config(folder: str | Path | None) -> ModelConfig:
-    """A model folder's config.json alone (its decoding settings, sizes), without loading weights."""
+    """A model folder's config.json alone (its sizes), without loading weights."""
+    return _read_config(complete_folder(model_dir(folder)))[0]
+
+
+def read_decoding(folder: str | Path | None) -> Decoding:
+    """How a model folder captions unless told otherwise, without loading weights: its
+    decoding.json, or for a folder written before it, the settings its config.json held."""
     folder = complete_folder(model_dir(folder))
+    cfg, older = _read_config(folder)
+    path = folder / DECODING
+    if not path.is_file():
+        return Decoding.from_json({**older, "max_len": cfg.max_len})
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        unknown = set(data) - set(Decoding().saved())
+        if unknown:  # max_len too: the longest caption is the model's (config.json)
+            raise ValueError(f"unknown keys {sorted(unknown)}")
+        return Decoding.from_json({**data, "max_len": cfg.max_len})
+    except (ValueError, TypeError, ConfigError, RecursionError) as e:
+        raise ModelError(f"{folder}: bad {DECODING} ({e})") from None
+
+
+def _read_config(folder: Path) -> tuple[ModelConfig, dict]:
     path = folder / CONFIG
     if not path.is_file():
         raise ModelError(f"{folder}: not a model folder (no {CONFIG})")
@@ -123,6 +155,6 @@ def read_config(folder: str | Path | None) -> ModelConfig:
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
-        return ModelConfig.from_json(data)
+        return ModelConfig.split_json(data)
     except (ValueError, TypeError, KeyError, RecursionError) as e:
         raise ModelError(f"{folder}: bad config.json ({e})") from None

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
-from captioner.decoding import MAX_BEAM, MAX_LENGTH_NORM
+from captioner.decoding import MAX_BEAM, MAX_LENGTH_NORM, Decoding
 from captioner.errors import ConfigError
 from captioner.model.attention import AttentionDecoder
 from captioner.model.base import Decoder
@@ -24,8 +24,8 @@ DECODERS: dict[str, type[Decoder]] = {
 
 @dataclass(kw_only=True)
 class ModelConfig(ModelOptions):
-    """A model folder's config.json: the architecture (ModelOptions, declared there), what it was
-    built for (vocabulary, encoder and its input), and the decoding chosen on val."""
+    """A model folder's config.json: the architecture (ModelOptions, declared there) and what it was
+    built for (vocabulary, encoder and its input). Its decoding is its own file (decoding.json)."""
 
     vocab_size: int = field(metadata={"help": "words in the vocabulary", "low": 5, "high": 1_000_000})
     # "default": rebuilt from its pretrained source at load (frozen, never changed); "folder": stored in
@@ -35,10 +35,6 @@ class ModelConfig(ModelOptions):
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     feat_dim: int = option(1280, "the encoder's channels", low=1, high=8192)
-    # the decoding this model does by default, chosen on val at the end of training
-    beam_size: int = option(1, "beam size (1 = greedy)", low=1, high=MAX_BEAM)
-    length_norm: float = option(0.0, "length normalisation", low=0.0, high=MAX_LENGTH_NORM)
-    block_trigrams: bool = False  # never repeat a word trigram within a caption
     extra: dict = field(default_factory=dict)  # free-form notes (training command, scores)
 
     @classmethod
@@ -52,17 +48,27 @@ class ModelConfig(ModelOptions):
 
     @classmethod
     def from_json(cls, data: dict) -> ModelConfig:
+        return cls.split_json(data)[0]
+
+    @classmethod
+    def split_json(cls, data: dict) -> tuple[ModelConfig, dict]:
+        """config.json -> (the config, checked; the decoding settings an older config.json held,
+        also checked: {} for a folder that keeps them in decoding.json)."""
+        data = dict(data)
+        older = {f.name: data.pop(f.name) for f in fields(_OlderDecoding) if f.name in data}
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown config keys {sorted(unknown)}")
-        data = dict(data)
         for k in ("mean", "std"):
             if isinstance(data.get(k), list):
                 data[k] = tuple(data[k])
         cfg = cls(**data)
+        check_ranges(_OlderDecoding(**older))  # wrong types fail here too, with the key
+        if type(older.get("block_trigrams", False)) is not bool:
+            raise ValueError(f"block_trigrams must be true or false, not {older['block_trigrams']!r}")
         cfg.check()
-        return cfg
+        return cfg, older
 
     def check(self) -> None:
         """Refuse values no model can have (a config.json edited by hand, damaged, or hostile), with
@@ -74,10 +80,17 @@ class ModelConfig(ModelOptions):
             if not (isinstance(v, tuple) and len(v) == 3 and all(type(x) in (int, float) and 0 < abs(x) < 1e3
                                                                     or (key == "mean" and x == 0) for x in v)):
                 raise ValueError(f"{key} must be three finite numbers (std above 0), not {v!r}")
-        if type(self.block_trigrams) is not bool:
-            raise ValueError(f"block_trigrams must be true or false, not {self.block_trigrams!r}")
         if not isinstance(self.extra, dict):
             raise ValueError(f"extra must be an object, not {self.extra!r}")
+
+
+@dataclass(kw_only=True)
+class _OlderDecoding:
+    """The decoding settings config.json held before decoding.json, with their declared ranges."""
+
+    beam_size: int = option(1, "beam size (1 = greedy)", low=1, high=MAX_BEAM)
+    length_norm: float = option(0.0, "length normalisation", low=0.0, high=MAX_LENGTH_NORM)
+    block_trigrams: bool = False  # never repeat a word trigram
 
 
 def build_decoder(cfg: ModelConfig) -> Decoder:
@@ -94,6 +107,8 @@ class CaptionModel(nn.Module):
         self.cfg = cfg
         self.encoder = encoder
         self.decoder: Decoder = build_decoder(cfg)
+        # how it captions unless told otherwise: its folder's decoding.json, chosen on val at the end of training
+        self.decoding = Decoding(max_len=cfg.max_len)
 
     @classmethod
     def create(cls, cfg: ModelConfig, encoder_weights: str | None = "default") -> CaptionModel:

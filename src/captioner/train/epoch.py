@@ -138,8 +138,7 @@ def choose_decoding(folder: Path, feats: FeatureRows, scorer: metrics.Scorer, pl
         rows.append({"beam_size": beam_size, "length_norm": length_norm, "block_trigrams": block,
                      "BLEU-4": round(s["BLEU-4"], 4), "CIDEr": round(s["CIDEr"], 4)})
     best = max(rows, key=lambda r: r["CIDEr"])
-    model.cfg.beam_size, model.cfg.length_norm = best["beam_size"], best["length_norm"]
-    model.cfg.block_trigrams = best["block_trigrams"]
+    model.decoding = Decoding.from_json({**best, "max_len": model.cfg.max_len})
     model.cfg.extra = {**model.cfg.extra, "decoding_on_val": rows}
     save_model(model, vocab, folder, half=half)
     return rows

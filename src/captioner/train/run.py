@@ -153,9 +153,10 @@ def build_model(cfg: TrainConfig, train: list[Record], ckpt: dict | None) -> tup
     """The model to train: resumed from the checkpoint (its own config, vocabulary and weights),
     started from a model folder (`cfg.init`), or new, with a vocabulary from the training captions."""
     if ckpt:
-        mcfg = ModelConfig.from_json(ckpt["config"])
+        mcfg, older = ModelConfig.split_json(ckpt["config"])  # older checkpoints: the decoding in the config
         vocab = Vocabulary(ckpt["vocab"][4:])
         model = CaptionModel.create(mcfg, "none" if mcfg.encoder_weights == "folder" else "default")
+        model.decoding = Decoding.from_json({**older, **ckpt.get("decoding", {}), "max_len": mcfg.max_len})
         model.decoder.load_state_dict(ckpt["decoder"])
         if "encoder" in ckpt:
             model.encoder.load_state_dict(ckpt["encoder"])
@@ -285,7 +286,8 @@ def save_run(out: Path, cfg: TrainConfig, model: CaptionModel, vocab: Vocabulary
     write_metrics(out, run.history)
     plot_curves(out / "curves.png", run.history)
     state = {"decoder": model.decoder.state_dict(), **opt.state_dict(), "args": cfg.to_json(),
-             "data": data.fingerprint, "vocab": vocab.itos, "config": model.cfg.to_json(), **run.to_checkpoint()}
+             "data": data.fingerprint, "vocab": vocab.itos, "config": model.cfg.to_json(),
+             "decoding": model.decoding.saved(), **run.to_checkpoint()}
     if model.cfg.encoder_weights == "folder":
         state["encoder"] = model.encoder.state_dict()
     save_checkpoint(out / CHECKPOINT, state)
