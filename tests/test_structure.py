@@ -241,6 +241,15 @@ def test_the_model_options_are_declared_once():
     assert not own & {f.name for f in dataclasses.fields(ModelConfig)} - {"encoder_weights", "image_size"}
 
 
+def test_every_option_of_every_command_has_help():
+    import argparse
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [(name, a.option_strings or a.dest) for name, parser in sub.choices.items() for a in parser._actions
+               if not a.help and not isinstance(a, argparse._HelpAction)]
+    assert not missing, missing
+
+
 def test_every_train_option_has_help_and_says_its_default(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])

@@ -142,7 +142,7 @@ def _export_parser(sub) -> None:
 
 def _index_parser(sub) -> None:
     p = sub.add_parser("index", help="caption every photo under folders into a searchable SQLite database")
-    p.add_argument("folders", nargs="+", type=Path)
+    p.add_argument("folders", nargs="+", type=Path, help="folders of photos (sub-folders too)")
     p.add_argument("--db", type=Path, required=True, help="the database file (created when missing)")
     _model_option(p)
     p.add_argument("--batch-size", type=POSITIVE, help="images per batch (default: 64 on a CPU, 256 on a GPU)")
@@ -227,7 +227,7 @@ def _evaluate_parser(sub) -> None:
                                          "search (recall at 1, 5, 10)")
     _model_option(p)
     _data_options(p, required=True)
-    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--split", default="val", choices=["train", "val", "test"], help="which of the dataset's splits")
     p.add_argument("--task", choices=("captions", "retrieval"), default="captions",
                    help="'captions' (default): caption every image and score the captions against the references; "
                         "'retrieval': index the split's photos and search for each reference caption, reporting "
@@ -236,7 +236,7 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--db", type=Path, help="retrieval: keep the photo library here (default: a temporary one)")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs Java and takes a while)")
     p.add_argument("--out", type=Path, help="write captions.json (COCO results) and metrics.json here")
-    p.add_argument("--cache-dir", type=Path)
+    p.add_argument("--cache-dir", type=Path, help="feature cache (default: $CAPTIONER_CACHE, else ~/.cache/captioner)")
     p.add_argument("--json", action="store_true", help="print the scores as one JSON object on the last line")
     _decoding_options(p)
     _machine_options(p)
