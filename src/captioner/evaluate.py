@@ -47,7 +47,8 @@ def evaluate(model_dir: Path, data: Path, split: str = "val", *, layout: str | N
         Path(out).mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    feats, ok, errors = cached_features(cap.model, [r.image for r in chosen], cap.plan, cache_dir, progress=progress)
+    feats, ok, errors = cached_features(cap.model, [r.image for r in chosen], cap.plan, cache_dir, progress=progress,
+                                        encoder=cap.encoder)  # the copy Captioner.load made
     if errors:
         print(f"{len(errors)} unreadable images left out (first: {errors[0]})")
     keep = np.flatnonzero(ok)

@@ -40,17 +40,19 @@ def default_cache_dir() -> Path:
 
 @torch.no_grad()
 def extract_features(model, paths: Sequence[Path], plan: InferencePlan, *, batch_size: int = 32, workers: int = 1,
-                     out: np.ndarray | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                     out: np.ndarray | None = None, progress: bool = True, encoder: torch.nn.Module | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Run the model's encoder over images as `plan` runs it (InferencePlan.encode). Returns
     (features fp16 (N, ...), ok mask (N,), errors). Where the plan says so (CUDA), the device decodes
-    the plain JPEGs (see data/jpeg.image_batches)."""
+    the plain JPEGs (see data/jpeg.image_batches). `encoder`: the copy the plan made already
+    (InferencePlan.encoder_for; a loaded Captioner's), else one is made here."""
     cfg = model.cfg
     paths = list(paths)
     loader = image_batches(paths, cfg.image_size, cfg.mean, cfg.std, plan.device, batch_size=batch_size,
                            workers=workers, jpegs_on_device=plan.jpegs_on_device)
     ok = np.zeros(len(paths), dtype=bool)
     errors: list[str] = []
-    encoder = plan.encoder_for(model)  # a faster copy; the model's own encoder is left as it came
+    encoder = encoder or plan.encoder_for(model)  # a faster copy; the model's own encoder is left as it came
     bar = tqdm(total=len(paths), desc="features", unit="img", disable=not progress, leave=False)
     for idx, x, _, errs in loader:
         errors += errs

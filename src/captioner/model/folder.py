@@ -65,8 +65,8 @@ def load_model(folder: str | Path | None, device: torch.device | str = "cpu") ->
             hint = (f"; found {pickles[0]}, a pickle, which captioner never loads because unpickling can run "
                     "arbitrary code") if pickles else ""
             raise ModelError(f"{folder}: missing {name}{hint}")
-    cfg = read_config(folder)
-    decoding = read_decoding(folder)
+    cfg, older = _read_config(folder)  # config.json read once, for both
+    decoding = _read_decoding(folder, cfg, older)
     try:
         vocab = Vocabulary.load(folder / VOCAB)
     except (ValueError, TypeError, KeyError, RecursionError) as e:
@@ -131,7 +131,10 @@ def read_decoding(folder: str | Path | None) -> Decoding:
     """How a model folder captions unless told otherwise, without loading weights: its
     decoding.json, or for a folder written before it, the settings its config.json held."""
     folder = complete_folder(model_dir(folder))
-    cfg, older = _read_config(folder)
+    return _read_decoding(folder, *_read_config(folder))
+
+
+def _read_decoding(folder: Path, cfg: ModelConfig, older: dict) -> Decoding:
     path = folder / DECODING
     if not path.is_file():
         return Decoding.from_json({**older, "max_len": cfg.max_len})
