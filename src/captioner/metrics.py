@@ -15,10 +15,6 @@ import tempfile
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
-from pycocoevalcap.bleu.bleu import Bleu
-from pycocoevalcap.cider.cider import Cider
-from pycocoevalcap.rouge.rouge import Rouge
-
 from captioner.data.vocab import CJK
 from captioner.errors import DataError
 
@@ -107,6 +103,12 @@ class Scorer:
         hyps = tokenize_all({k: [v] for k, v in hypotheses.items()}, self.java)
         # pycocoevalcap asserts a non-empty hypothesis; an empty caption scores as one unknown word.
         hyps = {k: [v[0] if v[0].strip() else "<empty>"] for k, v in hyps.items()}
+
+        # Imported here, not at the top: training steps and captioning import this module (for the
+        # Scorer type) and must not need pycocoevalcap, whose Java jars make it 100 MB.
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.rouge.rouge import Rouge
 
         out: dict = {"tokenizer": self.tokenizer}
         bleu, _ = Bleu(4).compute_score(refs, hyps, verbose=0)
