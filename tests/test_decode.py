@@ -283,3 +283,110 @@ def test_attention_searches_give_the_same_captions_with_and_without_dropping_fin
             b = beam_search(dec, feats, BOS, EOS, 12, beam, norm, block, drop_finished=False)
         assert torch.equal(a.tokens, b.tokens)
         assert torch.allclose(a.logprob, b.logprob, atol=1e-5) and torch.allclose(a.score, b.score, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# constrained beam search (words each caption must say)
+
+
+def exhaustive_constrained(table_b: torch.Tensor, max_len: int, sets, length_norm: float = 0.0):
+    """Best caption of one image that says a word of every set, by enumerating every sequence."""
+    logp = table_b.log_softmax(-1)
+    V = table_b.shape[0]
+    best, best_score = None, -float("inf")
+    for n in range(max_len + 1):
+        for words in itertools.product(range(3, V), repeat=n):
+            if not all(any(w in s for w in words) for s in sets):
+                continue
+            seq = [BOS, *words, EOS]
+            lp = sum(float(logp[a, b]) for a, b in zip(seq, seq[1:]))
+            s = lp / (n + 1) ** length_norm if length_norm else lp
+            if s > best_score:
+                best, best_score = list(words), s
+    return best
+
+
+class MarkovByImage(Markov):
+    """Markov, its image named by the feature (searches of a subset of the batch keep their tables)."""
+
+    def start(self, feats):
+        return feats[:, 0].long()
+
+
+class Vocab:
+    start, end, pad, unk = BOS, EOS, 0, 0
+
+    def __init__(self, size):
+        self.size = size
+
+    def __len__(self):
+        return self.size
+
+
+@pytest.mark.parametrize("length_norm", [0.0, 1.0])
+def test_wide_constrained_beam_finds_the_exhaustive_best(length_norm):
+    from captioner.decode import search
+    from captioner.decoding import Decoding
+
+    g = torch.Generator().manual_seed(3)
+    B, V, L = 4, 7, 3
+    table = torch.randn(B, V, V, generator=g) * 2
+    table[:, :, 0] = table[:, :, BOS] = -1e4
+    sets = [[{4}], [{5, 6}], [{3}, {6}], []]  # one set, a disjunction, two sets, none
+    d = Decoding(beam_size=(V - 3) ** L + 1, length_norm=length_norm, max_len=L)
+    hyp = search(MarkovByImage(table), torch.arange(B)[:, None].float(), Vocab(V), d, constraints=sets)
+    for b in range(B):
+        words = [t for t in hyp.tokens[b, 0].tolist() if t != EOS]
+        assert words == exhaustive_constrained(table[b], L, sets[b], length_norm)
+        assert all(any(w in s for w in words) for s in sets[b])
+
+
+def test_no_constraint_gives_exactly_the_unconstrained_search():
+    from captioner.decode import search
+    from captioner.decoding import Decoding
+
+    torch.manual_seed(4)
+    dec = ShowTellDecoder(vocab_size=30, feat_dim=16, embed_dim=8, hidden_dim=16).eval()
+    feats = torch.randn(6, 16)
+    for d in (Decoding(beam_size=1, max_len=10), Decoding(beam_size=4, length_norm=1.0, block_trigrams=True,
+                                                          max_len=10)):
+        plain = search(dec, feats, Vocab(30), d)
+        empty = search(dec, feats, Vocab(30), d, constraints=[[] for _ in range(6)])
+        assert torch.equal(plain.tokens, empty.tokens) and torch.equal(plain.score, empty.score)
+        mixed = search(dec, feats, Vocab(30), d, constraints=[[], [{7}], [], [{8, 9}, {10}], [], []])
+        for b in (0, 2, 4, 5):  # images without constraints: as searched alone
+            assert torch.equal(mixed.tokens[b], plain.tokens[b])
+        for b, sets in ((1, [{7}]), (3, [{8, 9}, {10}])):
+            words = mixed.tokens[b, 0].tolist()
+            assert all(any(w in s for w in words) for s in sets)
+            assert mixed.score[b, 0] <= plain.score[b, 0] + 1e-6  # a constraint can only cost
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_constrained_search_with_blocking_batches_and_dropping(every):
+    from captioner.decode import search
+    from captioner.decoding import Decoding
+
+    torch.manual_seed(5)
+    dec = ShowTellDecoder(vocab_size=40, feat_dim=16, embed_dim=8, hidden_dim=16).eval()
+    feats = torch.randn(5, 16)
+    sets = [[{11}], [{12, 13}], [{14}], [{15}], [{16}, {17}]]
+    d = Decoding(beam_size=3, length_norm=1.5, block_trigrams=True, max_len=12)
+    batched = search(dec, feats, Vocab(40), d, constraints=sets, check_every=every)
+    kept = search(dec, feats, Vocab(40), d, constraints=sets, drop_finished=False)
+    assert torch.equal(batched.tokens, kept.tokens)
+    for i in range(5):
+        one = search(dec, feats[i:i + 1], Vocab(40), d, constraints=sets[i:i + 1])
+        assert torch.equal(one.tokens[0], batched.tokens[i])
+        words = batched.tokens[i, 0].tolist()
+        assert all(any(w in s for w in words) for s in sets[i])
+
+
+def test_too_many_constraints_are_refused():
+    from captioner.decode import search
+    from captioner.decoding import Decoding
+    from captioner.errors import ConfigError
+
+    dec = ShowTellDecoder(vocab_size=30, feat_dim=16, embed_dim=8, hidden_dim=16).eval()
+    with pytest.raises(ConfigError, match="at most 3"):
+        search(dec, torch.randn(1, 16), Vocab(30), Decoding(beam_size=2), constraints=[[{5}, {6}, {7}, {8}]])
