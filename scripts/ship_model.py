@@ -24,12 +24,16 @@ def main() -> None:
     ap.add_argument("--length-norm", type=float, default=None, help="default length normalisation")
     ap.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction, default=None,
                     help="never repeat a word trigram (default: the folder's own)")
+    ap.add_argument("--tag-threshold", type=float, default=None,
+                    help="tag guidance: the caption says confident tags' words, 0 = off (default: the folder's own)")
+    ap.add_argument("--tag-words", type=int, default=None, help="tag guidance: at most this many words a caption")
     ap.add_argument("--note", default="", help="stored in config.json under extra.shipped")
     args = ap.parse_args()
 
     model, vocab = load_model(args.model)
     model.decoding = model.decoding.changed(beam_size=args.beam_size, length_norm=args.length_norm,
-                                            block_trigrams=args.block_trigrams)  # decoding.json
+                                            block_trigrams=args.block_trigrams, tag_threshold=args.tag_threshold,
+                                            tag_words=args.tag_words)  # decoding.json
     card = args.out / "MODEL_CARD.md"
     card_text = card.read_text(encoding="utf-8") if card.is_file() else None
     save_model(model, vocab, args.out, half=True)  # replaces the folder: keep its model card

@@ -111,7 +111,7 @@ def test_errors_skip_gives_none_in_place_with_a_warning(cap, photo, tmp_path):
 def test_details_give_the_alternatives_and_scores(cap, photo):
     d = cap.caption(photo, beam_size=3, details=True)
     assert d["caption"] == cap.caption(photo, beam_size=3)
-    assert set(d) == {"caption", "logprob", "score", "alternatives"} and len(d["alternatives"]) == 3
+    assert set(d) == {"caption", "logprob", "score", "alternatives", "tags"} and len(d["alternatives"]) == 3
     assert d["alternatives"][0] == {k: d[k] for k in ("caption", "logprob", "score")}
     assert [a["score"] for a in d["alternatives"]] == sorted((a["score"] for a in d["alternatives"]), reverse=True)
     buf = io.BytesIO()

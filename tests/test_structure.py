@@ -33,7 +33,7 @@ FLOORS = [
     ("data", ["data", "metrics"]),
     ("model", ["model"]),
     ("inference", ["inference"]),
-    ("decode", ["decode", "retrieval"]),
+    ("decode", ["decode", "retrieval", "tags"]),
     ("work", ["train", "evaluate", "api", "batch", "library", "export", "viz"]),
     ("front", ["cli", "server", "__init__", "__main__"]),
 ]
@@ -406,8 +406,9 @@ def test_attention_caption_is_the_printed_caption(attention_model, shapes, monke
 
 
 def test_every_caller_takes_the_one_road(trained, shapes, monkeypatch):
-    """The API and evaluation decode through decode.caption_features (training's validation too:
-    see test_a_third_decoder_is_one_class_and_one_registry_line)."""
+    """The API and evaluation decode through decode.caption_features (evaluation by way of
+    Captioner.caption_features, which adds the tags; training's validation too: see
+    test_a_third_decoder_is_one_class_and_one_registry_line)."""
     calls, real = [], decode_module.caption_features
 
     def spy(*args, **kw):
@@ -418,7 +419,7 @@ def test_every_caller_takes_the_one_road(trained, shapes, monkeypatch):
     import captioner.evaluate
     import captioner.train.epoch
 
-    for module in (captioner.api, captioner.evaluate, captioner.train.epoch):
+    for module in (captioner.api, captioner.train.epoch):
         monkeypatch.setattr(module, "caption_features", spy)
     cap = Captioner.load(trained / "best", device="cpu")
     cap.caption(sorted(shapes.parent.glob("*.png"))[:2])

@@ -21,6 +21,7 @@ from captioner.errors import CaptionerWarning, ConfigError, ImageError, ModelErr
 from captioner.inference.plan import InferencePlan
 from captioner.model.folder import load_model, model_dir
 from captioner.names import SHIPPED, shipped_model_dir
+from captioner.tags import Tagger, pooled
 
 ImageLike = str | Path | bytes | Image.Image | np.ndarray
 
@@ -70,7 +71,7 @@ class Captioner:
 
     def caption(self, images: ImageLike | Sequence[ImageLike], beam_size: int | None = None,
                 decoding: Decoding | None = None, *, batch_size: int | None = None, errors: str = "raise",
-                details: bool = False) -> str | dict | None | list[str | dict | None]:
+                details: bool = False, guided: bool = True) -> str | dict | None | list[str | dict | None]:
         """Caption one image -> its caption, or a list of images -> a list in the same order.
 
         An image is a path, the bytes of a file, a PIL image, or a numpy array of uint8 pixels
@@ -82,8 +83,11 @@ class Captioner:
         `errors="raise"` stops at the first image that cannot be read (an ImageError naming it);
         `errors="skip"` gives None in its place and a CaptionerWarning with the reason.
         `details=True` gives dicts instead of strings: {"caption", "logprob", "score",
-        "alternatives": [{"caption", "logprob", "score"}, ...]} (the beams, best first), or
-        {"caption": None, "error": reason} for a skipped image.
+        "alternatives": [{"caption", "logprob", "score"}, ...] (the beams, best first), "tags":
+        [{"word", "score"}, ...] (what the encoder recognises, tags.py), and "disagrees" when the
+        caption names an animal the encoder does not see}, or {"caption": None, "error": reason}
+        for a skipped image. `guided=False` leaves the tags out of the search (they are still
+        reported): the caption the language model alone prefers.
         """
         if errors not in ("raise", "skip"):
             raise ConfigError(f"errors must be 'raise' or 'skip', not {errors!r}")
@@ -94,6 +98,8 @@ class Captioner:
         decoding = decoding or self.decoding
         if beam_size is not None:
             decoding = decoding.replace(beam_size=beam_size)
+        if not guided:
+            decoding = decoding.replace(tag_threshold=0.0)
         results: list = []
         for start in range(0, len(batch), batch_size):
             tensors, read, failed = [], [], {}
@@ -133,12 +139,95 @@ class Captioner:
         (see decode.caption_features), with `features`: also "features", the encoder's output for
         that image (a float tensor on the CPU; what the photo library stores)."""
         feats = self.features(x)
-        results = caption_features(self.model.decoder, self.vocab, feats, decoding or self.decoding, self.plan,
-                                   batch_size=x.shape[0])
+        results = self.caption_features(feats, decoding, self.tag_probs(x, feats))
         if features:
             for r, f in zip(results, feats.float().cpu()):
                 r["features"] = f
         return results
+
+    def caption_features(self, feats: torch.Tensor, decoding: Decoding | None = None,
+                         probs: torch.Tensor | None = None) -> list[dict]:
+        """The decoder's input (B, ...) -> results (see decode.caption_features), each with "tags"
+        ([{"word", "score"}], tags.py) and, when the caption names an animal the encoder does not
+        see, "disagrees" ({"caption_says", "encoder_sees", "score"}). `probs`: the encoder's ImageNet
+        class probabilities (tag_probs); without them they are computed from `feats` when those are
+        the pretrained encoder's (else no tags). With a guided decoding, the confident tags' words
+        are words the caption must say."""
+        decoding = decoding or self.decoding
+        if probs is None and self.tagger is not None and not self.tags_need_own_pass:
+            probs = self.tagger.probs(pooled(feats.to(self.device)))
+        results = caption_features(self.model.decoder, self.vocab, feats, decoding, self.plan,
+                                   batch_size=feats.shape[0])
+        if probs is not None and decoding.guided:
+            self._guide(results, feats, decoding, probs)
+        if probs is not None:
+            for r, t, row in zip(results, self.tagger.tags(probs), probs):
+                r["tags"] = t
+                if flag := self.tagger.disagreement(r["caption"], row):
+                    r["disagrees"] = flag
+        return results
+
+    def _guide(self, results: list[dict], feats: torch.Tensor, decoding: Decoding, probs: torch.Tensor) -> None:
+        """Caption again, as constrained search, the images whose caption misses a word of a confident
+        tag, so that it says it. A caption that already says them stays as it is: a constrained
+        search keeps other beams and can end elsewhere (on coco240 that cost what it gained,
+        docs/EXPERIMENTS.md)."""
+        wanted = self.tagger.constraints(probs, self.vocab, decoding.tag_threshold, decoding.tag_words)
+        missing = []
+        for r, sets in zip(results, wanted):
+            said = {self.vocab.stoi.get(w) for w in r["caption"].split()}
+            missing.append([ids for ids in sets if not ids & said])
+        again = [i for i, sets in enumerate(missing) if sets]
+        if not again:
+            return
+        rows = torch.tensor(again)
+        redone = caption_features(self.model.decoder, self.vocab, feats[rows], decoding, self.plan,
+                                  batch_size=len(again), constraints=[missing[i] for i in again])
+        for i, r in zip(again, redone):
+            results[i] = r
+
+    @functools.cached_property
+    def tagger(self) -> Tagger | None:
+        """The encoder's ImageNet classifier and its words (tags.py), or None for an encoder without one."""
+        tagger = Tagger.for_encoder(self.model.cfg.encoder)
+        return tagger.to(self.device) if tagger else None
+
+    @property
+    def tags_need_own_pass(self) -> bool:
+        """Whether the encoder was trained in captioning, so that its features no longer fit the
+        ImageNet classifier: tags then come from the pretrained encoder, run again."""
+        return self.model.cfg.encoder_weights != "default"
+
+    @functools.cached_property
+    def _pretrained_encoder(self) -> torch.nn.Module:
+        from captioner.model.encoder import build_backbone, fold_batchnorm
+
+        return fold_batchnorm(build_backbone(self.model.cfg.encoder, "default")).to(self.device).eval()
+
+    @torch.no_grad()
+    def tag_probs(self, x: torch.Tensor, feats: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Preprocessed images (B, 3, S, S) -> the encoder's ImageNet class probabilities (B, 1000),
+        from `feats` (this model's features of `x`) when its encoder is the pretrained one, else from
+        the pretrained encoder run on `x`. None when the encoder has no classifier."""
+        if self.tagger is None:
+            return None
+        if self.tags_need_own_pass:
+            with self.plan.encoder_autocast():
+                feats = self._pretrained_encoder(x.to(self.device)).mean(dim=(2, 3))  # (B, C): global average pool
+        elif feats is None:
+            feats = self.features(x)
+        return self.tagger.probs(pooled(feats))
+
+    def tag_probs_of_files(self, paths: Sequence[Path]) -> torch.Tensor:
+        """tag_probs of image files (B, 1000), read as caption_files reads them (for evaluation from
+        cached features when the tags need their own pass); an unreadable file gets a row of zeros."""
+        out = torch.zeros(len(paths), 1000, device=self.device)
+        cfg = self.model.cfg
+        for idx, x, _, _ in image_batches(list(paths), cfg.image_size, cfg.mean, cfg.std, self.device,
+                                          batch_size=self.batch_size, workers=0, jpegs_on_device=False):
+            if x is not None:
+                out[torch.as_tensor(idx, device=self.device)] = self.tag_probs(x)
+        return out
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -167,8 +256,9 @@ class Captioner:
         caption is the one `caption()` gives with the same decoding."""
         m, v = self.model, self.vocab
         self.require_attention()
-        feats = self.features(self.read(image)[None])  # (1, P, C)
-        caption = caption_features(m.decoder, v, feats, decoding or self.decoding, self.plan)[0]["caption"]
+        x = self.read(image)[None]
+        feats = self.features(x)  # (1, P, C)
+        caption = self.caption_features(feats, decoding, self.tag_probs(x, feats))[0]["caption"]
         ids = [v.stoi[w] for w in caption.split()]
         tokens = torch.tensor([[v.start, *ids]], device=self.device)  # the words as inputs, <start> first
         with self.plan.decoder_autocast(1):  # as the search ran

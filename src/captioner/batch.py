@@ -199,6 +199,7 @@ def caption_to_file(captioner, paths: Sequence[Path], out: Path, *, batch_size: 
             entry = {"image": path_text(path), "sha1": sha1, "caption": result["caption"]}
             if len(result["alternatives"]) > 1:
                 entry["alternatives"] = result["alternatives"]
+            entry |= {k: result[k] for k in ("tags", "disagrees") if k in result}  # JSONL only (CSV: FIELDS)
             if writer:
                 _write_csv_rows(writer, [entry])
             else:

@@ -19,6 +19,7 @@ from captioner.errors import ConfigError
 MAX_BEAM = 100  # wider beams score no better and need memory in proportion (100,000 asked for 10 GB)
 MAX_LENGTH_NORM = 10.0  # logprob / length**10 already ranks by length alone
 MAX_WORDS = 1000  # the longest caption a search may be asked for
+MAX_TAG_WORDS = 3  # words one caption may be asked to say: the search keeps 2**3 sets of beams
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,10 @@ class Decoding:
     length_norm: float = 0.0  # rank finished beams by logprob / length**length_norm (0 = off)
     block_trigrams: bool = False  # never repeat a word trigram within a caption
     max_len: int = 20  # longest caption, in words
+    # tag guidance (tags.py): the caption must say the words of the encoder's ImageNet tags that score
+    # at least tag_threshold (0 = off), at most tag_words of them
+    tag_threshold: float = 0.0
+    tag_words: int = 2
 
     def __post_init__(self):
         for name in ("beam_size", "length_norm"):  # text is the command line's to convert, not a value's
@@ -41,6 +46,14 @@ class Decoding:
             raise ConfigError(f"blocking repeated trigrams is true or false, not {self.block_trigrams!r}")
         if type(self.max_len) is not int or not 1 <= self.max_len <= MAX_WORDS:
             raise ConfigError(f"the longest caption must be 1 to {MAX_WORDS} words, not {self.max_len!r}")
+        tag_threshold(self.tag_threshold)
+        if type(self.tag_words) is not int or not 1 <= self.tag_words <= MAX_TAG_WORDS:
+            raise ConfigError(f"tag words must be 1 to {MAX_TAG_WORDS}, not {self.tag_words!r}")
+
+    @property
+    def guided(self) -> bool:
+        """Whether confident tags become words the caption must say."""
+        return self.tag_threshold > 0
 
     @classmethod
     def from_json(cls, data: dict) -> Decoding:
@@ -54,8 +67,10 @@ class Decoding:
 
     def saved(self) -> dict:
         """What a model folder's decoding.json holds: all but the longest caption, which is the
-        model's own (config.json's max_len: training left longer captions out)."""
-        return {k: v for k, v in self.to_json().items() if k != "max_len"}
+        model's own (config.json's max_len: training left longer captions out). Tag guidance only
+        when on, so a folder from before it keeps its fingerprint (Captioner.fingerprint)."""
+        skip = {"max_len"} | (set() if self.guided else {"tag_threshold", "tag_words"})
+        return {k: v for k, v in self.to_json().items() if k not in skip}
 
     def changed(self, **changes) -> Decoding:
         """This decoding with each setting in `changes` that is not None replaced (the caller's
@@ -67,10 +82,11 @@ class Decoding:
 
     def describe(self) -> str:
         """'greedy' or 'beam 3, length norm 1.0' (for logs and config notes)."""
+        tags = f", tag words >= {self.tag_threshold:g} (at most {self.tag_words})" if self.guided else ""
         if self.beam_size == 1:
-            return "greedy"
-        return f"beam {self.beam_size}, length norm {self.length_norm}" + (", no repeated trigrams"
-                                                                          if self.block_trigrams else "")
+            return "greedy" + tags
+        return (f"beam {self.beam_size}, length norm {self.length_norm}"
+                + (", no repeated trigrams" if self.block_trigrams else "") + tags)
 
 
 def beam_size(value) -> int:
@@ -96,4 +112,17 @@ def length_norm(value) -> float:
             raise ConfigError(f"length normalisation must be a number, not {value!r}") from None
     if type(value) not in (int, float) or not (math.isfinite(value) and 0 <= value <= MAX_LENGTH_NORM):
         raise ConfigError(f"length normalisation must be a number from 0 (off) to {MAX_LENGTH_NORM:g}, not {value!r}")
+    return float(value)
+
+
+def tag_threshold(value) -> float:
+    """`value` as a tag guidance threshold (0 = off, up to 1), else a one-line ConfigError. Also the
+    command line's type for --tag-threshold."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"tag threshold must be a number, not {value!r}") from None
+    if type(value) not in (int, float) or not (math.isfinite(value) and 0 <= value <= 1):
+        raise ConfigError(f"tag threshold must be a number from 0 (off) to 1, not {value!r}")
     return float(value)

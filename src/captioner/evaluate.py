@@ -16,7 +16,6 @@ from tqdm import tqdm
 from captioner import library, metrics
 from captioner.api import Captioner
 from captioner.data.records import check_images, load_records, split_records
-from captioner.decode import caption_features
 from captioner.decoding import Decoding
 from captioner.errors import DataError
 from captioner.files import atomic_write, path_text
@@ -55,7 +54,12 @@ def evaluate(model_dir: Path, data: Path, split: str = "val", *, layout: str | N
     chosen = [chosen[i] for i in keep]
     feats = torch.from_numpy(np.asarray(feats[keep]))
     decoding = decoding or cap.decoding
-    hyps = [r["caption"] for r in caption_features(cap.model.decoder, cap.vocab, feats, decoding, cap.plan, batch_size)]
+    probs = None  # the tags' class probabilities, when they cannot come from these features
+    if cap.tagger is not None and cap.tags_need_own_pass and decoding.guided:
+        probs = cap.tag_probs_of_files([r.image for r in chosen])
+    hyps = [r["caption"] for i in range(0, len(feats), batch_size)
+            for r in cap.caption_features(feats[i:i + batch_size].to(cap.device), decoding,
+                                          None if probs is None else probs[i:i + batch_size])]
     ids = image_ids([r.image for r in chosen])
     scores = metrics.score({k: r.captions for k, r in zip(ids, chosen)}, dict(zip(ids, hyps)), meteor=meteor)
     result = {k: (round(scores[k], 4) if scores[k] is not None else None) for k in metrics.KEYS}

@@ -77,6 +77,7 @@ def cmd_caption(a: argparse.Namespace) -> int:
             obj = {"image": path_text(path), "caption": result["caption"]}
             if len(result["alternatives"]) > 1:
                 obj["alternatives"] = result["alternatives"]
+            obj |= {k: result[k] for k in ("tags", "disagrees") if k in result}
             print(json.dumps(obj), flush=True)
         else:  # one line per photo, whatever its name holds
             print(f"{path_text(path).translate(_CONTROL)}\t{result['caption']}", flush=True)

@@ -72,6 +72,11 @@ def _decoding_options(p: argparse.ArgumentParser) -> None:
                         "(default: the model's own setting)")
     p.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction,
                    help="never repeat a word trigram within a caption (default: the model's own setting)")
+    p.add_argument("--tag-threshold", type=_checked(decoding.tag_threshold), metavar="P",
+                   help="the caption must say the words of the encoder's ImageNet tags scoring at least P, 0 = off "
+                        "(default: the model's own setting)")
+    p.add_argument("--no-tags", action="store_true",
+                   help="caption without tag guidance (tags are still reported with --json)")
 
 
 def _data_options(p: argparse.ArgumentParser, required: bool) -> None:
@@ -87,7 +92,8 @@ def _data_options(p: argparse.ArgumentParser, required: bool) -> None:
 
 def decoding_from(a: argparse.Namespace, own: Decoding) -> Decoding:
     """The one decoding a command uses: the model's own (`own`), changed where the options say."""
-    return own.changed(beam_size=a.beam_size, length_norm=a.length_norm, block_trigrams=a.block_trigrams)
+    return own.changed(beam_size=a.beam_size, length_norm=a.length_norm, block_trigrams=a.block_trigrams,
+                       tag_threshold=0.0 if a.no_tags else a.tag_threshold)
 
 
 def _caption_parser(sub) -> None:

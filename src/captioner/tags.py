@@ -1,0 +1,167 @@
+"""Tags: what the encoder's ImageNet classifier recognises in a photo, as the words people use.
+
+EfficientNet-Lite's weights come with their 1000-class ImageNet classifier (a linear layer over the
+pooled features the captioner computes anyway), so naming what the encoder sees costs one small
+matrix product, not a second pass. assets/imagenet_words.json (scripts/imagenet_words.py, from
+WordNet 3.0) gives each class its everyday words ("Egyptian cat" -> cat) and the words above it
+("feline", "animal"). A word's score is the probability of all the classes it names: "cat" sums
+Egyptian cat, tabby and tiger cat, "animal" every animal class.
+
+Tags serve three ends: they are reported with every caption; confident ones become words the
+caption must say (constrained beam search, decode.search), so a photo of a cat is no longer "a
+brown dog"; and the photo library indexes them with their hypernyms for search.
+
+With an encoder fine-tuned in captioning (encoder_weights "folder"), its features are no longer
+the ones the classifier was trained on: the tags then come from the pretrained encoder run again
+on the same images (Captioner does this), so they stay right at the cost of a second pass.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+
+from captioner.errors import ModelError
+
+TABLE = Path(__file__).parent / "assets" / "imagenet_words.json"
+SHOWN = 0.1  # the least score a tag is reported with
+NEAR_ZERO = 0.02  # a caption's animal word below this, while a tag is confident, disagrees with the encoder
+
+
+@functools.cache
+def table() -> dict:
+    """The class -> words table (assets/imagenet_words.json)."""
+    try:
+        data = json.loads(TABLE.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{TABLE}: the ImageNet word table cannot be read ({e}); reinstall captioner") from None
+    if len(data.get("classes", ())) != 1000:
+        raise ModelError(f"{TABLE}: expected 1000 ImageNet classes")
+    return data
+
+
+class Tagger:
+    """The encoder's ImageNet classifier and the words of its classes.
+
+    probs(pooled) -> class probabilities; tags(probs) -> the words to show; terms(probs) -> the
+    words to index (tags and hypernyms); constraints(probs, vocab, ...) -> the words a caption must
+    say; disagreement(caption, probs) -> when the caption names an animal the encoder does not see."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        data = table()
+        self.weight, self.bias = weight.float(), bias.float()  # (1000, C), (1000,)
+        self.classes = data["classes"]
+        self.forms: dict[str, list[str]] = data["forms"]
+        self.words = sorted({w for c in self.classes for w in c["words"]})  # what is shown
+        self.terms = sorted({w for c in self.classes for w in c["words"] + c["hypernyms"]})  # what is indexed
+        self._shown = self._membership(self.words, lambda c: c["words"])
+        self._indexed = self._membership(self.terms, lambda c: c["words"] + c["hypernyms"])
+        self._word_index = {w: i for i, w in enumerate(self.words)}
+        self.animals = {w for w in self.words  # words whose every class is an animal
+                        if all("animal" in c["hypernyms"] for c in self.classes if w in c["words"])}
+
+    def _membership(self, vocab: list[str], words_of) -> torch.Tensor:
+        """(1000, W) 0/1: class k is named by word w (so probs @ it sums the classes of each word)."""
+        index = {w: i for i, w in enumerate(vocab)}
+        m = torch.zeros(len(self.classes), len(vocab))
+        for k, c in enumerate(self.classes):
+            m[k, [index[w] for w in words_of(c)]] = 1.0
+        return m
+
+    @classmethod
+    def for_encoder(cls, name: str) -> Tagger | None:
+        """The tagger of the ImageNet weights of encoder `name`, or None when they hold no classifier
+        captioner can read (the torchvision encoders' files are user-given)."""
+        if not name.startswith("tf_efficientnet_lite"):
+            return None
+        from captioner.model.encoder import imagenet_classifier
+
+        weight, bias = imagenet_classifier(name)
+        return cls(weight, bias)
+
+    def to(self, device: torch.device) -> Tagger:
+        self.weight, self.bias = self.weight.to(device), self.bias.to(device)
+        self._shown, self._indexed = self._shown.to(device), self._indexed.to(device)
+        return self
+
+    def probs(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled features (B, C) of the pretrained encoder -> class probabilities (B, 1000), fp32."""
+        return torch.softmax(pooled.float() @ self.weight.T + self.bias, dim=-1)
+
+    def word_scores(self, probs: torch.Tensor) -> torch.Tensor:
+        """(B, 1000) -> (B, len(words)): each shown word's score, the probability of its classes."""
+        return (probs @ self._shown).clamp_(max=1.0)
+
+    def tags(self, probs: torch.Tensor, floor: float = SHOWN, top: int = 5) -> list[list[dict]]:
+        """The words to show for each image, best first: [{"word": "cat", "score": 0.96}, ...],
+        at most `top`, each at least `floor`."""
+        scores = self.word_scores(probs).cpu()
+        out = []
+        for row in scores:
+            best = row.topk(min(top, len(self.words)))
+            out.append([{"word": self.words[i], "score": round(float(s), 3)}
+                        for s, i in zip(best.values.tolist(), best.indices.tolist()) if s >= floor])
+        return out
+
+    def terms_of(self, probs: torch.Tensor, floor: float = SHOWN) -> list[dict[str, float]]:
+        """What the library indexes: every word and hypernym scoring at least `floor` ({"cat": 0.96,
+        "feline": 0.97, "animal": 0.99, ...}), per image."""
+        scores = (probs @ self._indexed).clamp_(max=1.0).cpu()
+        out = []
+        for row in scores:
+            keep = (row >= floor).nonzero().squeeze(1).tolist()
+            out.append({self.terms[i]: round(float(row[i]), 3) for i in keep})
+        return out
+
+    def constraints(self, probs: torch.Tensor, vocab, threshold: float, most: int) -> list[list[set[int]]]:
+        """For each image, at most `most` sets of caption-word ids, one word of each to be said: for
+        each confident class, best first, the forms of its words that the caption vocabulary has
+        ("cat", "cats"), when its best word scores at least `threshold` and names something the
+        sets before did not."""
+        scores = self.word_scores(probs).cpu()
+        order = probs.topk(10, dim=-1).indices.cpu().tolist()  # a word scoring >= 0.1 has a class in the top 10
+        out = []
+        for b, classes in enumerate(order):
+            sets: list[set[int]] = []
+            for k in classes:
+                if len(sets) >= most:
+                    break
+                words = [w for w in self.classes[k]["words"] if " " not in w]
+                if not words or max(float(scores[b, self._word_index[w]]) for w in words) < threshold:
+                    continue
+                ids = {i for w in words for form in self.forms.get(w, [w]) if (i := vocab.stoi.get(form)) is not None}
+                if ids and not any(ids & s for s in sets):
+                    sets.append(ids)
+            out.append(sets)
+        return out
+
+    def disagreement(self, caption: str, probs_row: torch.Tensor, confident: float = 0.5) -> dict | None:
+        """When the caption names an animal the encoder gives almost no chance to (under NEAR_ZERO)
+        while it is confident (>= `confident`) of something else: {"caption_says": "dog",
+        "encoder_sees": "cat", "score": 0.96}. Else None."""
+        scores = self.word_scores(probs_row[None])[0].cpu()
+        top = int(scores.argmax())
+        if float(scores[top]) < confident:
+            return None
+        for word in caption.split():
+            singular = self._singular(word)
+            if singular in self.animals and float(scores[self._word_index[singular]]) < NEAR_ZERO:
+                return {"caption_says": word, "encoder_sees": self.words[top], "score": round(float(scores[top]), 3)}
+        return None
+
+    @functools.cached_property
+    def _plural_of(self) -> dict[str, str]:
+        return {forms[1]: w for w, forms in self.forms.items() if len(forms) > 1}
+
+    def _singular(self, word: str) -> str:
+        return word if word in self._word_index else self._plural_of.get(word, word)
+
+
+def pooled(feats: torch.Tensor) -> torch.Tensor:
+    """What the decoder takes, (B, C) or (B, P, C) -> the classifier's input (B, C): the mean over
+    positions, as the network's own global average pooling."""
+    return feats.mean(dim=1) if feats.dim() == 3 else feats
+

@@ -1,0 +1,131 @@
+"""ImageNet tags (tags.py, assets/imagenet_words.json): the class-to-words table, the words and
+scores a photo gets, the words guidance asks a caption to say, and tags wherever a caption goes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from captioner.tags import Tagger, table
+
+NAMES = {c["name"]: k for k, c in enumerate(table()["classes"])}
+
+
+@pytest.fixture(scope="module")
+def tagger() -> Tagger:
+    t = table()
+    return Tagger(torch.zeros(len(t["classes"]), 8), torch.zeros(len(t["classes"])))
+
+
+def probs_of(**named: float) -> torch.Tensor:
+    """Class probabilities (1, 1000) with the named classes (underscores for spaces) as given."""
+    p = torch.zeros(1, 1000)
+    for name, value in named.items():
+        p[0, NAMES[name.replace("_", " ")]] = value
+    return p
+
+
+def test_every_class_has_words_and_hypernyms_that_end_at_the_root():
+    data = table()
+    assert len(data["classes"]) == 1000 and len({c["id"] for c in data["classes"]}) == 1000
+    for c in data["classes"]:
+        assert c["words"] and all(w and w == w.lower() for w in c["words"]), c
+        assert c["hypernyms"][-1] == "entity" or "entity" in c["hypernyms"], c  # the chain reaches the root
+        for w in c["words"] + c["hypernyms"]:
+            assert w in data["forms"] and data["forms"][w][0] == w
+    by_name = {c["name"]: c for c in data["classes"]}
+    assert "cat" in by_name["Egyptian cat"]["words"] and "animal" in by_name["Egyptian cat"]["hypernyms"]
+    assert "coffee" in by_name["espresso"]["words"]
+    assert "dog" in by_name["Tibetan terrier"]["words"]
+    assert data["forms"]["cat"] == ["cat", "cats"] and data["forms"]["mouse"] == ["mouse", "mice"]
+
+
+def test_a_word_scores_the_probability_of_all_its_classes(tagger):
+    p = probs_of(Egyptian_cat=0.8, tabby=0.1, tiger_cat=0.05, espresso=0.05)
+    tags = tagger.tags(p)[0]
+    assert tags[0]["word"] == "cat" and tags[0]["score"] == pytest.approx(0.95, abs=1e-3)
+    assert [t["word"] for t in tags][:2] == ["cat", "egyptian cat"]
+    assert all(t["score"] >= 0.1 for t in tags)
+    terms = tagger.terms_of(p)[0]
+    assert terms["animal"] == pytest.approx(0.95, abs=1e-3) and terms["feline"] >= 0.95 - 1e-3
+    assert "coffee" not in terms  # 0.05: under the floor
+
+
+class Vocab:
+    def __init__(self, words):
+        self.itos = ["<pad>", "<start>", "<end>", "<unk>", *words]
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+
+
+def test_confident_tags_become_sets_of_caption_words(tagger):
+    vocab = Vocab(["a", "cat", "cats", "dog", "coffee", "on", "table"])
+    p = torch.cat([probs_of(Egyptian_cat=0.7, tabby=0.2), probs_of(espresso=0.9), probs_of(tripod=0.95),
+                   probs_of(Egyptian_cat=0.2)])
+    sets = tagger.constraints(p, vocab, threshold=0.5, most=2)
+    cat, cats, coffee = vocab.stoi["cat"], vocab.stoi["cats"], vocab.stoi["coffee"]
+    assert sets[0] == [{cat, cats}]  # Egyptian cat and tabby name the same word: one set
+    assert sets[1] == [{coffee}]  # "espresso" is not a caption word; "coffee" is
+    assert sets[2] == []  # "tripod": the vocabulary lacks it
+    assert sets[3] == []  # not confident
+
+
+def test_a_caption_naming_an_animal_the_encoder_does_not_see_is_flagged(tagger):
+    p = probs_of(Egyptian_cat=0.8, tabby=0.15)[0]
+    flag = tagger.disagreement("a brown dog is playing with a yellow toy", p)
+    assert flag == {"caption_says": "dog", "encoder_sees": "cat", "score": pytest.approx(0.95, abs=1e-3)}
+    assert tagger.disagreement("two dogs play with a cat", p)["caption_says"] == "dogs"
+    assert tagger.disagreement("a cat on a sofa", p) is None
+    assert tagger.disagreement("a brown dog", probs_of(Egyptian_cat=0.3)[0]) is None  # not confident
+
+
+def test_the_shipped_encoder_names_the_readme_examples():
+    from captioner.model.encoder import imagenet_classifier
+
+    weight, bias = imagenet_classifier("tf_efficientnet_lite0")
+    assert weight.shape == (1000, 1280) and bias.shape == (1000,)
+
+
+def test_tags_travel_with_every_caption_and_guidance_can_be_turned_off(trained, shapes, tmp_path, capsys):
+    from captioner import Captioner
+    from captioner.cli import main
+
+    cap = Captioner.load(trained / "best", device="cpu", precision="fp32")
+    img = next(shapes.parent.glob("*.png"))
+    r = cap.caption(img, details=True)
+    assert isinstance(r["tags"], list) and all({"word", "score"} == set(t) for t in r["tags"])
+    assert cap.caption(img, details=True, guided=False)["tags"] == r["tags"]  # still reported
+    out = tmp_path / "caps.jsonl"
+    assert main(["caption", str(img), "--model", str(trained / "best"), "--out", str(out), "--device", "cpu",
+                 "--precision", "fp32"]) == 0
+    entry = json.loads(out.read_text().splitlines()[0])
+    assert entry["tags"] == r["tags"]
+    assert main(["caption", str(img), "--model", str(trained / "best"), "--out", str(out), "--device", "cpu",
+                 "--precision", "fp32"]) == 0
+    assert [json.loads(x)["tags"] for x in out.read_text().splitlines()] == [r["tags"]]  # a re-run keeps them
+    capsys.readouterr()
+    assert main(["caption", str(img), "--model", str(trained / "best"), "--json", "--no-tags", "--device", "cpu",
+                 "--precision", "fp32"]) == 0
+    assert json.loads(capsys.readouterr().out)["tags"] == r["tags"]
+
+
+def test_guidance_makes_the_caption_say_a_confident_tag(trained, shapes, monkeypatch):
+    """The tiny model's shapes are not ImageNet's: let the tags ask for a shape word the caption
+    does not say, and the guided caption says it; a caption that says it already stays as it was."""
+    from captioner import Captioner
+
+    cap = Captioner.load(trained / "best", device="cpu", precision="fp32")
+    shapes_words = [w for w in ("square", "circle", "triangle") if w in cap.vocab.stoi]
+    guided = cap.decoding.replace(tag_threshold=0.5, beam_size=3)
+    img = next(p for p in sorted(shapes.parent.glob("*.png"))
+               if shapes_words[0] not in cap.caption(p, decoding=guided, guided=False))
+    plain = cap.caption(img, decoding=guided, guided=False)
+    said = next(w for w in plain.split() if w in shapes_words)
+    for word, expected in ((shapes_words[0], None), (said, plain)):
+        monkeypatch.setattr(cap.tagger, "constraints", lambda probs, vocab, threshold, most, w=word: [
+            [{vocab.stoi[w]}] for _ in range(probs.shape[0])])
+        got = cap.caption(img, decoding=guided)
+        assert word in got.split()
+        if expected is not None:
+            assert got == expected
