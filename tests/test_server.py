@@ -53,6 +53,7 @@ def test_schema_types_every_answer_and_error_and_docs_need_no_network(client):
     assert search["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/SearchResponse")
     assert {"total", "results"} <= set(schemas["SearchResponse"]["properties"])
     assert set(schemas["Alternative"]["properties"]) == {"caption", "logprob", "score"}
+    assert set(schemas["Tag"]["properties"]) == {"word", "score"} and "tags" in schemas["CaptionResult"]["properties"]
     assert "image/jpeg" in schema["paths"]["/api/thumb/{photo_id}"]["get"]["responses"]["200"]["content"]
     page = client.get("/docs")
     assert page.status_code == 200 and "/static/docs.js" in page.text
@@ -66,6 +67,7 @@ def test_caption_one_and_many(client):
     assert r.status_code == 200
     body = r.json()
     assert body["results"][0]["filename"] == "red.png" and body["results"][0]["caption"]
+    assert all({"word", "score"} == set(t) for t in body["results"][0]["tags"])  # what the encoder recognises
     assert body["seconds"] >= 0
     files = [("file", (f"{i}.png", png_bytes((30, 60 * i, 200)), "image/png")) for i in range(3)]
     files.append(("file", ("notes.txt", b"hello", "text/plain")))

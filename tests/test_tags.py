@@ -129,3 +129,76 @@ def test_guidance_makes_the_caption_say_a_confident_tag(trained, shapes, monkeyp
         assert word in got.split()
         if expected is not None:
             assert got == expected
+
+
+@pytest.mark.slow
+def test_keyword_search_finds_the_examples_by_their_tags(tmp_path):
+    """The issue's check, with the shipped model: "cat", "coffee" and "animal" in a library of
+    examples/ find the right photos, "animal" by a hypernym the caption does not say."""
+    from pathlib import Path
+
+    from captioner import Captioner
+    from captioner.library import index_folders, search
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    db = tmp_path / "lib.db"
+    index_folders(Captioner.load(device="cpu"), [examples], db, progress=False)
+    for query, photo in (("cat", "chelsea.jpg"), ("coffee", "coffee.jpg"), ("animal", "chelsea.jpg"),
+                         ("tripod", "camera.jpg"), ("espresso", "coffee.jpg")):
+        hits = search(db, query, mode="keyword").hits
+        assert hits and Path(hits[0]["path"]).name == photo, (query, hits)
+
+
+def test_a_library_from_before_tags_still_searches(tmp_path):
+    import sqlite3
+
+    from captioner.library import connect, search
+
+    db = tmp_path / "old.db"
+    con = connect(db)
+    con.execute("INSERT INTO photos (path, sha1, size, mtime, caption, model, indexed_at) "
+                "VALUES ('/p/cat.jpg', 'x', 1, 1.0, 'a cat on a sofa', 'shipped', 0)")
+    con.execute("INSERT INTO photos_fts (rowid, caption, alternatives) VALUES (1, 'a cat on a sofa', '')")
+    con.execute("DROP TABLE terms")
+    con.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")  # as schema 2 left it
+    con.commit()
+    con.close()
+    hits = search(db, "cat", mode="keyword").hits
+    assert [h["path"] for h in hits] == ["/p/cat.jpg"]
+    assert "terms" not in {r[0] for r in sqlite3.connect(db).execute("SELECT name FROM sqlite_master")}  # unchanged
+
+
+def test_tags_survive_the_librarys_reindex(trained, shapes, tmp_path):
+    from captioner import Captioner
+    from captioner.library import index_folders, search
+
+    cap = Captioner.load(trained / "best", device="cpu", precision="fp32")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in sorted(shapes.parent.glob("*.png"))[:3]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    db = tmp_path / "lib.db"
+    index_folders(cap, [folder], db, progress=False)
+
+    def terms() -> dict:
+        import sqlite3
+
+        with sqlite3.connect(db) as con:
+            return {(w, i): s for w, i, s in con.execute("SELECT word, id, score FROM terms")}
+
+    first = terms()
+    assert first and all(0 < s <= 1 for s in first.values())
+    word = max(first, key=first.get)[0]
+    assert search(db, word, mode="keyword").hits  # a photo found by a tag word
+    index_folders(cap, [folder], db, progress=False)  # nothing changed: kept as they are
+    assert terms() == first
+    victim = sorted(folder.iterdir())[0]
+    victim.write_bytes(sorted(shapes.parent.glob("*.png"))[5].read_bytes())  # changed: captioned again
+    index_folders(cap, [folder], db, progress=False)
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        photos = {i for (i,) in con.execute("SELECT id FROM photos")}
+    after = terms()
+    assert {i for _, i in after} == photos and len(photos) == 3  # the old photo's terms went with it
+    assert {k: v for k, v in after.items() if k[1] in {i for _, i in first}} != first  # one photo's are new

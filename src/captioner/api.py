@@ -135,14 +135,19 @@ class Captioner:
     @torch.no_grad()
     def caption_tensor(self, x: torch.Tensor, decoding: Decoding | None = None, features: bool = False
                        ) -> list[dict]:
-        """Preprocessed images (B, 3, S, S) -> [{"caption", "logprob", "score", "alternatives": [...]}]
-        (see decode.caption_features), with `features`: also "features", the encoder's output for
-        that image (a float tensor on the CPU; what the photo library stores)."""
+        """Preprocessed images (B, 3, S, S) -> [{"caption", "logprob", "score", "alternatives": [...],
+        "tags": [...]}] (see caption_features), with `features`: also "features", the encoder's output
+        for that image (a float tensor on the CPU), and "terms", its tags with their hypernyms
+        (tags.Tagger.terms_of): what the photo library stores."""
         feats = self.features(x)
-        results = self.caption_features(feats, decoding, self.tag_probs(x, feats))
+        probs = self.tag_probs(x, feats)
+        results = self.caption_features(feats, decoding, probs)
         if features:
             for r, f in zip(results, feats.float().cpu()):
                 r["features"] = f
+            if probs is not None:
+                for r, terms in zip(results, self.tagger.terms_of(probs)):
+                    r["terms"] = terms  # the tags and their hypernyms, for search
         return results
 
     def caption_features(self, feats: torch.Tensor, decoding: Decoding | None = None,

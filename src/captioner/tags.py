@@ -107,13 +107,14 @@ class Tagger:
         return out
 
     def terms_of(self, probs: torch.Tensor, floor: float = SHOWN) -> list[dict[str, float]]:
-        """What the library indexes: every word and hypernym scoring at least `floor` ({"cat": 0.96,
-        "feline": 0.97, "animal": 0.99, ...}), per image."""
+        """What the library indexes: every word and hypernym scoring at least `floor`, and its
+        plural ({"cat": 0.96, "cats": 0.96, "feline": 0.97, "animal": 0.99, ...}), per image."""
         scores = (probs @ self._indexed).clamp_(max=1.0).cpu()
         out = []
         for row in scores:
             keep = (row >= floor).nonzero().squeeze(1).tolist()
-            out.append({self.terms[i]: round(float(row[i]), 3) for i in keep})
+            out.append({form: round(float(row[i]), 3) for i in keep for form in self.forms.get(self.terms[i],
+                                                                                               [self.terms[i]])})
         return out
 
     def constraints(self, probs: torch.Tensor, vocab, threshold: float, most: int) -> list[list[set[int]]]:

@@ -40,6 +40,11 @@ MODES, DEFAULT_MODE = SEARCH_MODES, DEFAULT_SEARCH_MODE  # hybrid ranked best on
 WORDS_WEIGHT = 0.4
 KEYWORD_WEIGHT_FIRST = 1.0
 KEYWORD_WEIGHT = 0.2
+# A query word that is one of a photo's tags (store.py's terms) adds TAG_WEIGHT x the tag's score
+# to the photo's BM25, and TAG_WEIGHT_MODEL x it to the model modes' final score (beside
+# log p(query | photo)); both chosen on Flickr8k val (docs/EXPERIMENTS.md).
+TAG_WEIGHT = 8.0
+TAG_WEIGHT_MODEL = 4.0
 
 
 @dataclass
@@ -148,12 +153,31 @@ def _keyword(con: sqlite3.Connection, text: str, limit: int) -> Found:
 
 
 def keyword_scores(con: sqlite3.Connection, text: str) -> dict[int, float]:
-    """BM25 score of every photo the words of `text` match (higher is better), by photo id."""
+    """Score of every photo the words of `text` match (higher is better), by photo id: the BM25 of
+    its captions, plus TAG_WEIGHT x the score of each query word (or two-word phrase) that is one of
+    its tags or their hypernyms ("animal" finds the cat)."""
     query = fts_query(text)
     if not query:
         return {}
-    return dict(con.execute("SELECT rowid, -bm25(photos_fts, 1.0, 0.3) FROM photos_fts WHERE photos_fts MATCH ?",
-                            (query,)))
+    scores = dict(con.execute("SELECT rowid, -bm25(photos_fts, 1.0, 0.3) FROM photos_fts WHERE photos_fts MATCH ?",
+                              (query,)))
+    for pid, tag in tag_scores(con, text).items():
+        scores[pid] = scores.get(pid, 0.0) + TAG_WEIGHT * tag
+    return scores
+
+
+def tag_scores(con: sqlite3.Connection, text: str) -> dict[int, float]:
+    """The summed scores of the query's words and two-word phrases among each photo's terms."""
+    words = [w for w in tokenize(text) if w not in STOPWORDS]
+    phrases = list(dict.fromkeys(words + [f"{a} {b}" for a, b in zip(words, words[1:])]))
+    if not phrases:
+        return {}
+    rows = table_rows(con, f"SELECT id, score FROM terms WHERE word IN ({', '.join('?' * len(phrases))})",
+                      tuple(phrases))
+    out: dict[int, float] = {}
+    for pid, score in rows:
+        out[pid] = out.get(pid, 0.0) + score
+    return out
 
 
 def _hits(con: sqlite3.Connection, ranked: list[tuple[int, float]]) -> list[dict]:
@@ -217,8 +241,11 @@ def rank(con: sqlite3.Connection, view: ModelView, text: str, modes: Sequence[st
     ("model", "hybrid"). Stage 1 (retrieval.word_scores, plus KEYWORD_WEIGHT_FIRST * BM25 in hybrid)
     picks the best max(RERANK, limit); those are ordered by
 
-        log p(query | photo) + WORDS_WEIGHT * stage-1 word score  [+ KEYWORD_WEIGHT * BM25 in hybrid]
+        log p(query | photo) + WORDS_WEIGHT * stage-1 word score + TAG_WEIGHT_MODEL * tag score
+            [+ KEYWORD_WEIGHT * BM25 in hybrid]
 
+    (the tag score: tag_scores; in hybrid it is in the BM25 too, keyword_scores; in "model" mode
+    stage 1 adds TAG_WEIGHT * it)
     divided by the query's length (a score per word, for people to read), and the other photos follow
     in stage-1 order with their stage-1 score. The decoder scores each photo once for all the modes."""
     from captioner import retrieval
@@ -227,15 +254,15 @@ def rank(con: sqlite3.Connection, view: ModelView, text: str, modes: Sequence[st
     tokens, _ = view.query(text)
     content = [w for w in tokenize(text) if w not in STOPWORDS and w in cap.vocab.stoi]
     words = retrieval.word_scores(view.word_ids, view.counts, list(dict.fromkeys(cap.vocab.stoi[w] for w in content)))
-    bm = np.zeros(len(view.ids), np.float32)
-    if "hybrid" in modes:
-        for pid, score in keyword_scores(con, text).items():
+    bm, tags = np.zeros(len(view.ids), np.float32), np.zeros(len(view.ids), np.float32)
+    for scores, into in ((keyword_scores(con, text) if "hybrid" in modes else {}, bm), (tag_scores(con, text), tags)):
+        for pid, score in scores.items():
             at = np.searchsorted(view.ids, pid)
             if at < len(view.ids) and view.ids[at] == pid:
-                bm[at] = score
+                into[at] = score
     stage1, chosen = {}, {}
     for mode in modes:
-        stage1[mode] = words + KEYWORD_WEIGHT_FIRST * bm if mode == "hybrid" else words
+        stage1[mode] = words + (KEYWORD_WEIGHT_FIRST * bm if mode == "hybrid" else TAG_WEIGHT * tags)
         chosen[mode] = np.argsort(-stage1[mode], kind="stable")
     take = max(retrieval.RERANK, limit)
     scored = np.unique(np.concatenate([chosen[m][:take] for m in modes]))  # positions in view.ids
@@ -245,7 +272,7 @@ def rank(con: sqlite3.Connection, view: ModelView, text: str, modes: Sequence[st
     out = {}
     for mode in modes:
         top = chosen[mode][:take]
-        final = np.array([logp[i] for i in top]) + WORDS_WEIGHT * words[top]
+        final = np.array([logp[i] for i in top]) + WORDS_WEIGHT * words[top] + TAG_WEIGHT_MODEL * tags[top]
         if mode == "hybrid":
             final += KEYWORD_WEIGHT * bm[top]
         best = np.argsort(-final, kind="stable")

@@ -13,6 +13,9 @@ One file, readable with the ``sqlite3`` shell:
     pooled(id, data)                        its pooled feature, unit length (search by example photo)
     features(id, data)                      the encoder's output, 8-bit (read for the photos re-ranked)
         (three tables, so that a scan of the small rows never walks the large ones' pages)
+    terms(word, id, score)                  what the encoder's ImageNet classifier recognises in photo `id`
+        (tags.py): each tag word and hypernym ("cat", "feline", "animal") and its plural, with its
+        score; keyword search adds them to the captions' BM25
     failures(path, size, mtime, error)      files that could not be read, and why
     meta(key, value)                        schema version
 """
@@ -28,8 +31,9 @@ from pathlib import Path
 
 from captioner.errors import LibraryError
 
-SCHEMA_VERSION = "2"
-READABLE_SCHEMAS = ("1", "2")  # 1: before model search (no vectors); opened for indexing, it becomes 2
+SCHEMA_VERSION = "3"
+# 1: before model search (no vectors), 2: before tags (no terms); opened for indexing, either becomes 3
+READABLE_SCHEMAS = ("1", "2", "3")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS photos (
     id INTEGER PRIMARY KEY,
@@ -46,6 +50,9 @@ CREATE VIRTUAL TABLE IF NOT EXISTS photos_fts USING fts5(caption, alternatives, 
 CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY, model TEXT NOT NULL, words BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS pooled (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS features (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS terms (word TEXT NOT NULL, id INTEGER NOT NULL, score REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS terms_by_word ON terms (word);
+CREATE INDEX IF NOT EXISTS terms_by_id ON terms (id);
 CREATE TABLE IF NOT EXISTS failures (
     path TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
@@ -87,7 +94,7 @@ def connect(db: Path, create: bool = True) -> sqlite3.Connection:
         con.execute("PRAGMA journal_mode=WAL")  # readers (the web page) never block the indexer
         con.execute("PRAGMA synchronous=NORMAL")
         con.executescript(SCHEMA)
-        con.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))  # 1 -> 2: vectors added
+        con.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))  # tables added above
         con.commit()
         return con
     except sqlite3.DatabaseError as e:
@@ -152,6 +159,8 @@ def write_batch(con: sqlite3.Connection, rows: list[tuple], failures: list[tuple
             con.execute("INSERT INTO vectors (id, model, words) VALUES (?, ?, ?)", (cur.lastrowid, model, words))
             con.execute("INSERT INTO pooled (id, data) VALUES (?, ?)", (cur.lastrowid, pooled))
             con.execute("INSERT INTO features (id, data) VALUES (?, ?)", (cur.lastrowid, features))
+            con.executemany("INSERT INTO terms (word, id, score) VALUES (?, ?, ?)",
+                            [(w, cur.lastrowid, score) for w, score in result.get("terms", {}).items()])
             con.execute("DELETE FROM failures WHERE path = ?", (path,))
         for path, st, error in failures:
             con.execute("INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?)", (path, st.st_size, st.st_mtime, error))
@@ -159,7 +168,7 @@ def write_batch(con: sqlite3.Connection, rows: list[tuple], failures: list[tuple
 
 def delete_photo(con: sqlite3.Connection, pid: int) -> None:
     con.execute("DELETE FROM photos_fts WHERE rowid = ?", (pid,))
-    for table in ("vectors", "pooled", "features"):
+    for table in ("vectors", "pooled", "features", "terms"):
         con.execute(f"DELETE FROM {table} WHERE id = ?", (pid,))
     con.execute("DELETE FROM photos WHERE id = ?", (pid,))
 
@@ -168,7 +177,7 @@ def table_rows(con: sqlite3.Connection, sql: str, args: tuple = ()) -> list:
     try:
         return con.execute(sql, args).fetchall()
     except sqlite3.OperationalError as e:
-        if "no such table" in str(e):  # schema 1: made before model search
+        if "no such table" in str(e):  # schema 1 or 2: made before model search or tags
             return []
         raise
 
