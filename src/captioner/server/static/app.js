@@ -53,6 +53,16 @@ async function captionFile(file, c) {
     c.caption.className = "caption";
     c.caption.textContent = result.caption;
     c.meta.textContent = `${file.name} · ${data.seconds.toFixed(2)} s`;
+    if (result.tags && result.tags.length) {  // what the encoder's ImageNet classifier recognises
+      const tags = el("p", { className: "tags", ariaLabel: "what the encoder recognises" });
+      for (const t of result.tags) tags.append(el("span", { className: "tag", textContent: `${t.word} ${t.score.toFixed(2)}` }));
+      c.body.append(tags);
+    }
+    if (result.disagrees) {
+      const d = result.disagrees;
+      c.body.append(el("p", { className: "disagrees",
+        textContent: `The caption says “${d.caption_says}”, but the encoder sees ${d.encoder_sees} (${d.score.toFixed(2)}): this photo may be outside what the model learned.` }));
+    }
     if (result.alternatives && result.alternatives.length > 1) {
       const list = el("ol", { ariaLabel: "other captions the model considered" });
       for (const alt of result.alternatives.slice(1)) list.append(el("li", { textContent: alt.caption }));
