@@ -2,6 +2,7 @@
 
     python scripts/tag_guidance.py --data ../shared/datasets/coco240 --split test
     python scripts/tag_guidance.py --data ../shared/datasets/flickr8k --split val --thresholds 0.5 0.7
+    python scripts/tag_guidance.py --data ../shared/datasets/flickr8k --split val --cost   # what guidance costs
 
 Features are computed once (the feature cache); each row re-runs only the search. Prints one row
 per setting: how many captions the tags changed, CIDEr-D, BLEU-4, METEOR, ROUGE-L (docs/EXPERIMENTS.md
@@ -35,7 +36,13 @@ def main() -> None:
     ap.add_argument("--most", type=int, nargs="+", default=[1, 2], help="constraint sets per caption")
     ap.add_argument("--beams", type=int, nargs="+", help="beam sizes (default: the model's own)")
     ap.add_argument("--no-meteor", action="store_true")
+    ap.add_argument("--cost", action="store_true",
+                    help="instead, time guidance at the model's own setting against none, fp32 and bf16: one photo "
+                         "(examples/chelsea.jpg, which it changes, and grace_hopper.jpg, which it does not; p50 of 25, "
+                         "twice in turns) and `caption --out` over 500 photos of the split (twice in turns)")
     args = ap.parse_args()
+    if args.cost:
+        return cost(args)
 
     cap = Captioner.load(args.model, precision=args.precision)
     tagger = Tagger.for_encoder(cap.model.cfg.encoder).to(cap.device)
@@ -65,6 +72,41 @@ def main() -> None:
             print(f"| {beam} | {threshold or 'off'} | {most if threshold else '-'} | "
                   f"{sum(a != b for a, b in zip(hyps, base))} | {s['CIDEr']:.4f} | {s['BLEU-4']:.4f} | {meteor} | "
                   f"{s['ROUGE-L']:.4f} | {seconds:.1f} |", flush=True)
+
+def cost(args) -> None:
+    import statistics
+    import tempfile
+
+    from captioner.batch import caption_to_file
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    paths = [r.image for r in check_images(split_records(load_records(args.data), args.split))][:500]
+    for precision in ("fp32", "bf16"):
+        cap = Captioner.load(args.model, precision=precision)
+        unguided = cap.decoding.replace(tag_threshold=0.0)
+        for photo in ("chelsea.jpg", "grace_hopper.jpg"):
+            p50: dict[bool, list[float]] = {False: [], True: []}
+            for guided in (False, True, False, True):
+                for _ in range(3):
+                    cap.caption(examples / photo, guided=guided)
+                lat = []
+                for _ in range(25):
+                    t0 = time.perf_counter()
+                    cap.caption(examples / photo, guided=guided)
+                    lat.append((time.perf_counter() - t0) * 1000)
+                p50[guided].append(statistics.median(lat))
+            print(f"{precision} {photo}: p50 {min(p50[False]):.1f} ms without guidance, {min(p50[True]):.1f} ms with "
+                  f"({min(p50[True]) / min(p50[False]):.2f}x)", flush=True)
+        rates: dict[bool, list[float]] = {False: [], True: []}
+        for guided in (False, True, False, True):
+            with tempfile.TemporaryDirectory() as tmp:
+                t0 = time.perf_counter()
+                caption_to_file(cap, paths, Path(tmp) / "out.jsonl", progress=False,
+                                decoding=cap.decoding if guided else unguided)
+                rates[guided].append(len(paths) / (time.perf_counter() - t0))
+        print(f"{precision} caption --out, {len(paths)} photos: {max(rates[False]):.1f} photos/s without guidance, "
+              f"{max(rates[True]):.1f} with ({max(rates[True]) / max(rates[False]):.2f}x)", flush=True)
+
 
 if __name__ == "__main__":
     main()
