@@ -36,13 +36,16 @@ class Markov:
         return rows.view(-1, k)[images].view(-1)
 
 
-def exhaustive_best(table_b: torch.Tensor, max_len: int, length_norm: float = 0.0):
-    """Best caption of one image by enumerating every word sequence (words = ids >= 3)."""
+def exhaustive_best(table_b: torch.Tensor, max_len: int, length_norm: float = 0.0, sets=()):
+    """Best caption of one image by enumerating every word sequence (words = ids >= 3); with
+    `sets`, the best of those that say a word of every set (constrained search's answer)."""
     logp = table_b.log_softmax(-1)
     V = table_b.shape[0]
     best, best_score = None, -float("inf")
     for n in range(max_len + 1):
         for words in itertools.product(range(3, V), repeat=n):
+            if not all(any(w in s for w in words) for s in sets):
+                continue
             seq = [BOS, *words, EOS]
             lp = sum(float(logp[a, b]) for a, b in zip(seq, seq[1:]))
             s = lp / (n + 1) ** length_norm if length_norm else lp
@@ -289,23 +292,6 @@ def test_attention_searches_give_the_same_captions_with_and_without_dropping_fin
 # constrained beam search (words each caption must say)
 
 
-def exhaustive_constrained(table_b: torch.Tensor, max_len: int, sets, length_norm: float = 0.0):
-    """Best caption of one image that says a word of every set, by enumerating every sequence."""
-    logp = table_b.log_softmax(-1)
-    V = table_b.shape[0]
-    best, best_score = None, -float("inf")
-    for n in range(max_len + 1):
-        for words in itertools.product(range(3, V), repeat=n):
-            if not all(any(w in s for w in words) for s in sets):
-                continue
-            seq = [BOS, *words, EOS]
-            lp = sum(float(logp[a, b]) for a, b in zip(seq, seq[1:]))
-            s = lp / (n + 1) ** length_norm if length_norm else lp
-            if s > best_score:
-                best, best_score = list(words), s
-    return best
-
-
 class MarkovByImage(Markov):
     """Markov, its image named by the feature (searches of a subset of the batch keep their tables)."""
 
@@ -337,7 +323,7 @@ def test_wide_constrained_beam_finds_the_exhaustive_best(length_norm):
     hyp = search(MarkovByImage(table), torch.arange(B)[:, None].float(), Vocab(V), d, constraints=sets)
     for b in range(B):
         words = [t for t in hyp.tokens[b, 0].tolist() if t != EOS]
-        assert words == exhaustive_constrained(table[b], L, sets[b], length_norm)
+        assert words == exhaustive_best(table[b], L, length_norm, sets[b])
         assert all(any(w in s for w in words) for s in sets[b])
 
 
