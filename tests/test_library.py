@@ -156,6 +156,25 @@ def test_caption_cli_out_file(trained, photos, tmp_path, capsys):
     assert len(out.read_text().splitlines()) == 12
 
 
+def test_a_caption_out_rerun_with_nothing_to_do_loads_no_model(trained, photos, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "c.jsonl"
+    good = [str(p) for p in sorted(photos.rglob("*.png"))]
+    args = ["caption", *good, "--out", str(out), "--model", str(trained / "best"), "--quiet"]
+    assert main(args) == 0
+    first = out.read_text()
+
+    def no_load(*a, **kw):
+        raise AssertionError("the model was loaded for nothing")
+
+    monkeypatch.setattr(Captioner, "load", no_load)
+    capsys.readouterr()
+    assert main(args) == 0
+    assert f"0 captioned, {len(good)} already in" in capsys.readouterr().err and out.read_text() == first
+    Image.new("RGB", (96, 96), (20, 30, 220)).save(good[0])  # changed: now there is work, and a model
+    with pytest.raises(AssertionError, match="loaded for nothing"):
+        main(args)
+
+
 def test_search_works_while_an_index_run_is_writing(cap, photos, tmp_path):
     import sqlite3
 

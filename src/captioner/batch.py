@@ -24,6 +24,7 @@ import csv
 import glob
 import io
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -34,12 +35,12 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from captioner.decoding import Decoding
-from captioner.distributed import Dist
 from captioner.errors import ConfigError
 from captioner.files import atomic_write, path_text, readable_digest
 
 if TYPE_CHECKING:
     from captioner.api import Captioner
+    from captioner.distributed import Dist  # imports torch: not for a re-run with nothing to do
 
 FIELDS = ("image", "sha1", "caption")
 FORMULA = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet cell a formula
@@ -160,6 +161,8 @@ def caption_to_file(captioner, paths: Sequence[Path], out: Path, *, batch_size: 
     batch_size = batch_size or captioner.batch_size
     if out.suffix.lower() not in (".jsonl", ".csv"):
         raise ConfigError(f"{out}: the output must end in .jsonl or .csv")
+    from captioner.distributed import Dist
+
     dist = dist or Dist()
     if not force and not written_by_us(out):  # every process sees the same file: the same answer
         raise ConfigError(f"{out}: already exists and was not written by captioner caption (what it holds would be "
@@ -218,16 +221,32 @@ def caption_to_file(captioner, paths: Sequence[Path], out: Path, *, batch_size: 
     return report
 
 
+def _all_done(paths: Sequence[Path], out: Path) -> bool:
+    """Whether `out` (a file captioner wrote) already holds every one of `paths` with its content
+    unchanged, so that caption_to_file would caption nothing."""
+    if out.suffix.lower() not in (".jsonl", ".csv") or not out.is_file() or not written_by_us(out):
+        return False  # caption_to_file says what is wrong with it, or there is work
+    if _part_files(out):
+        return False  # parts of an interrupted run of several processes, to fold in
+    done = {e["image"]: e["sha1"] for e in _read_existing(out)}
+    return all(done.get(path_text(p)) and done[path_text(p)] == readable_digest(p) for p in paths)
+
+
 def caption_files_to(paths: Sequence[Path], out: Path, model: str | Path | None, device: str = "auto",
                      precision: str = "auto", *, decoding: Callable | None = None, attention: bool = False,
-                     **kw) -> tuple[BatchReport | None, Captioner, Decoding]:
+                     **kw) -> tuple[BatchReport | None, Captioner | None, Decoding | None]:
     """`captioner caption --out`: load the model (None: the shipped one) on this process's device,
     caption `paths` into `out` with this process's share when torchrun started several (each on its
     own GPU, or sharing the CPU), and merge. `decoding(own)` gives the decoding from the model's
     own (default: that one); `attention`: refuse a model without attention maps before
     the work, not after it; `kw`: caption_to_file's. Returns (the report, or None on a process other
-    than the first; the captioner; the decoding)."""
+    than the first; the captioner; the decoding). When `out` already holds every photo unchanged,
+    nothing is loaded: (the report, None, None)."""
+    if "WORLD_SIZE" not in os.environ and not attention and not kw.get("force") and _all_done(paths, Path(out)):
+        # a re-run with nothing left: said at once, without the seconds torch and a model take to load
+        return BatchReport(skipped=len(paths)), None, None
     from captioner.api import Captioner
+    from captioner.distributed import Dist
 
     dist, dev = Dist.from_env(device)
     try:

@@ -44,8 +44,6 @@ def _report_failures(failed: list[str]) -> None:
 
 
 def cmd_caption(a: argparse.Namespace) -> int:
-    from captioner.api import Captioner
-
     if a.nproc > 1 and not a.out:
         raise DataError("--nproc N needs --out FILE: the processes merge their captions into it")
     if a.nproc > 1 and "WORLD_SIZE" not in os.environ:
@@ -64,6 +62,8 @@ def cmd_caption(a: argparse.Namespace) -> int:
               f"{r.seconds:.1f}s{f', {r.processes} processes' if r.processes > 1 else ''}", file=sys.stderr)
         _attention_maps(a, cap, paths, decoding)
         return 1 if r.failed and not (r.captioned or r.skipped) else 0
+    from captioner.api import Captioner  # torch: not for a re-run of --out with nothing to do
+
     cap = Captioner.load(a.model, a.device, a.precision)
     if a.attention_map:
         cap.require_attention()
