@@ -190,3 +190,25 @@ def test_search_works_while_an_index_run_is_writing(cap, photos, tmp_path):
     finally:
         writer.execute("ROLLBACK")
         writer.close()
+
+
+def test_queries_are_bounded_possessives_match_and_ids_past_sqlite_are_no_photo(cap, photos, tmp_path):
+    """Issue 32, items 2, 21 and 10: a 10 MB query took minutes, "dog's" found nothing in any mode,
+    and /api/search/like/9223372036854775808 was an OverflowError."""
+    from captioner.errors import LibraryError
+    from captioner.library import similar
+
+    db = tmp_path / "lib.sqlite"
+    index_folders(cap, [photos], db, progress=False)
+    with pytest.raises(LibraryError, match="bytes long: at most 1,000"):
+        search(db, "dog " * 5000, mode="hybrid", captioner=cap)
+    with pytest.raises(LibraryError, match="101 words: at most 100"):
+        search(db, " ".join(["dog"] * 101), mode="keyword")
+    word = next(w for w in ("circle", "square", "triangle") if search(db, w, mode="keyword").hits)
+    for mode in ("keyword", "model", "hybrid"):
+        plain = search(db, word, mode=mode, captioner=cap).hits
+        owned = search(db, f"the {word}'s colour", mode=mode, captioner=cap).hits
+        assert owned and {h["id"] for h in owned[:3]} & {h["id"] for h in plain[:3]}, mode
+    for bad in (2**63, 2**70, 0, -1):
+        with pytest.raises(LibraryError, match="no photo"):
+            similar(db, None, 5, captioner=cap, photo_id=bad)

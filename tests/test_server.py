@@ -260,3 +260,34 @@ def test_batching_server_answers_concurrent_uploads_each_with_its_own_caption(li
         assert got[name].status_code == 200 and got[name].json()["results"][0]["caption"] == want, name
     assert got["notes.png"].status_code == 415 and "notes.png" in got["notes.png"].json()["detail"]
     assert got["empty.png"].status_code == 415
+
+
+def test_a_photo_id_past_sqlites_integers_is_not_found(client):
+    for pid in ("9223372036854775808", "99999999999999999999999"):
+        r = client.get(f"/api/search/like/{pid}")
+        assert r.status_code == 404 and "no photo" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("option,value", [("--batch-wait-ms", "inf"), ("--batch-wait-ms", "1e13"),
+                                          ("--batch-wait-ms", "-1"), ("--max-upload-mb", "nan"),
+                                          ("--max-upload-mb", "inf"), ("--max-upload-mb", "0"),
+                                          ("--max-upload-mb", "-1"), ("--header-timeout", "nan"),
+                                          ("--header-timeout", "inf"), ("--header-timeout", "-1")])
+def test_every_server_option_is_checked_before_anything_starts(option, value, capsys):
+    """Issue 32, item 17: an infinite batch wait killed the batcher thread; inf/nan upload sizes were
+    tracebacks at start, and 0 or -1 refused every upload."""
+    from captioner.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", option, value])
+    assert e.value.code == 2 and option in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting", [{"batch_wait_ms": float("inf")}, {"max_upload_mb": float("nan")},
+                                     {"max_upload_mb": 0}, {"queue_timeout": -1}, {"max_batch": 0}])
+def test_create_app_checks_its_settings(setting):
+    from captioner.errors import ConfigError
+    from captioner.server.app import create_app
+
+    with pytest.raises(ConfigError, match=next(iter(setting))):
+        create_app(None, **setting)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from captioner.decoding import MAX_WORDS
@@ -44,6 +45,21 @@ def whole(low: int):
 
 
 POSITIVE, NATURAL = whole(1), whole(0)
+
+
+def between(low: float, high: float, *, low_included: bool = True):
+    """An argparse type: a finite number from `low` to `high` (NaN, infinity and the rest refused
+    in one line: `serve --batch-wait-ms inf` once killed the batcher thread)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (math.isfinite(value) and (low <= value if low_included else low < value) and value <= high):
+            side = "from" if low_included else "above"
+            raise argparse.ArgumentTypeError(f"must be a number {side} {low:g} to {high:g}, not {text}")
+        return value
+    return parse
 
 
 def flag(f: dataclasses.Field) -> str:

@@ -20,7 +20,7 @@ from captioner.names import (
     SEARCH_MODES,
     shipped_model_dir,
 )
-from captioner.options import NATURAL, POSITIVE, flag, whole
+from captioner.options import NATURAL, POSITIVE, between, flag, whole
 from captioner.train.config import TrainConfig
 
 
@@ -183,11 +183,11 @@ def _serve_parser(sub) -> None:
                    help="also answer to this host name (repeatable; '*': any). By default only this machine's own "
                         "names and IP addresses are answered to, so that no web page elsewhere can read the "
                         "library through a browser (DNS rebinding)")
-    p.add_argument("--max-upload-mb", type=float, default=20.0, metavar="MB",
+    p.add_argument("--max-upload-mb", type=between(0, 1000, low_included=False), default=20.0, metavar="MB",
                    help="largest upload accepted, per file (a request holds at most 16 files)")
-    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+    p.add_argument("--header-timeout", type=between(0, 3600, low_included=False), default=10.0, metavar="SECONDS",
                    help="close connections that take longer to send a request's headers")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, metavar="MS",
+    p.add_argument("--batch-wait-ms", type=between(0, 1000), default=5.0, metavar="MS",
                    help="caption requests that arrive together in one model call, waiting at most this long "
                         "for one still uploading (0: each request on its own)")
     _machine_options(p)

@@ -21,14 +21,21 @@ from captioner.errors import LibraryError
 from captioner.library.store import MAX_LIMIT, by_id, indexed_by, reading, table_rows
 from captioner.names import DEFAULT_SEARCH_MODE, SEARCH_MODES
 
+MAX_QUERY_BYTES, MAX_QUERY_WORDS = 1000, 100  # a query longer than a paragraph is refused (one line)
 # Words too common in captions to say anything about a photo; dropped from queries.
 STOPWORDS = frozenset("a an the of on in at to and or with is are be by for from its it this that there".split())
+
+
+def query_words(text: str) -> list[str]:
+    """The words of a query as captions hold them: tokenized, a possessive's "'s" dropped ("dog's"
+    -> "dog": captions say "a dog 's ball" or "the dog", and FTS5 would read "dog's" as "dog s")."""
+    return [w[:-2] if w.endswith("'s") else w for w in tokenize(text)]
 
 
 def fts_query(text: str) -> str:
     """User words -> an FTS5 query: every word may match (OR), BM25 ranks photos that match more
     and rarer words first. Common words are dropped unless nothing else is left."""
-    words = tokenize(text)
+    words = query_words(text)
     kept = [w for w in words if w not in STOPWORDS] or words
     return " OR ".join(f'"{w}"' for w in dict.fromkeys(kept))
 
@@ -63,6 +70,7 @@ def search(db: Path, text: str, limit: int = 20, *, mode: str = "keyword", capti
     """Photos for the words `text`, best first, ranked by `mode` (see MODES and the module
     docstring). "model" and "hybrid" need the `captioner` that indexed the library."""
     _check(limit, mode)
+    _check_query(text)
     with reading(db) as con:
         if mode == "keyword":
             return _keyword(con, text, limit)
@@ -117,6 +125,8 @@ def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None
             raise LibraryError(f"{db}: no photo in it was indexed by this model ({captioner.source}): run captioner "
                                "index again with it to search by example photo")
         if photo_id is not None:
+            if not 0 < photo_id < 2**63:  # past SQLite's integers: no such photo, not an OverflowError
+                raise LibraryError(f"no photo {photo_id} in the library")
             own = con.execute("SELECT p.data FROM pooled p JOIN vectors v ON v.id = p.id WHERE p.id = ? AND "
                               "v.model = ?", (photo_id, captioner.fingerprint)).fetchone()
             if not own:
@@ -137,6 +147,16 @@ def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None
         best = np.argsort(-sims, kind="stable")[:limit]
         return Found(_hits(con, [(int(ids[i]), float(sims[i])) for i in best]), "like", len(ids),
                      _note([], left_out, len(ids), captioner.source))
+
+
+def _check_query(text: str) -> None:
+    """A one-line LibraryError for a query no one types: a 10 MB one took 168 s in hybrid mode."""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_QUERY_BYTES:
+        raise LibraryError(f"the query is {size:,} bytes long: at most {MAX_QUERY_BYTES:,} are searched")
+    words = len(tokenize(text))
+    if words > MAX_QUERY_WORDS:
+        raise LibraryError(f"the query has {words:,} words: at most {MAX_QUERY_WORDS} are searched")
 
 
 def _check(limit: int, mode: str) -> None:
@@ -168,7 +188,7 @@ def keyword_scores(con: sqlite3.Connection, text: str) -> dict[int, float]:
 
 def tag_scores(con: sqlite3.Connection, text: str) -> dict[int, float]:
     """The summed scores of the query's words and two-word phrases among each photo's terms."""
-    words = [w for w in tokenize(text) if w not in STOPWORDS]
+    words = [w for w in query_words(text) if w not in STOPWORDS]
     phrases = list(dict.fromkeys(words + [f"{a} {b}" for a, b in zip(words, words[1:])]))
     if not phrases:
         return {}
@@ -203,7 +223,7 @@ class ModelView:
     def query(self, text: str) -> tuple[list[int], list[str]]:
         """`text` -> tokens [<start>, w1 .. wn, <end>] (unknown words as <unk>) and the unknown words."""
         vocab = self.captioner.vocab
-        words = tokenize(text)[: self.captioner.model.cfg.max_len]
+        words = query_words(text)[: self.captioner.model.cfg.max_len]
         return vocab.encode(" ".join(words)), [w for w in dict.fromkeys(words) if w not in vocab.stoi]
 
     def note(self, unknown: list[str]) -> str | None:
@@ -252,7 +272,7 @@ def rank(con: sqlite3.Connection, view: ModelView, text: str, modes: Sequence[st
 
     cap = view.captioner
     tokens, _ = view.query(text)
-    content = [w for w in tokenize(text) if w not in STOPWORDS and w in cap.vocab.stoi]
+    content = [w for w in query_words(text) if w not in STOPWORDS and w in cap.vocab.stoi]
     words = retrieval.word_scores(view.word_ids, view.counts, list(dict.fromkeys(cap.vocab.stoi[w] for w in content)))
     bm, tags = np.zeros(len(view.ids), np.float32), np.zeros(len(view.ids), np.float32)
     for scores, into in ((keyword_scores(con, text) if "hybrid" in modes else {}, bm), (tag_scores(con, text), tags)):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -36,7 +37,7 @@ from fastapi.staticfiles import StaticFiles
 
 from captioner import __version__
 from captioner.data.images import open_rgb
-from captioner.errors import ImageError, ImageTooLarge, LibraryError
+from captioner.errors import ConfigError, ImageError, ImageTooLarge, LibraryError
 from captioner.library import photo_path, search, similar
 from captioner.names import DEFAULT_SEARCH_MODE, SEARCH_MODES
 from captioner.server.batcher import Batcher
@@ -64,6 +65,10 @@ def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0
     Caption requests that are ready together are captioned in one model call of at most `max_batch`
     images, waiting at most `batch_wait_ms` for requests still reading their uploads
     (server/batcher.py); 0 captions each request on its own."""
+    _check_settings(max_upload_mb=(max_upload_mb, 0, 1000), queue_timeout=(queue_timeout, 0, 3600),
+                    batch_wait_ms=(batch_wait_ms, -1e-9, 1000), max_pixels=(max_pixels, 0, 1e10),
+                    max_request_pixels=(max_request_pixels, 0, 1e11), max_files=(max_files, 0, 10_000),
+                    max_batch=(max_batch, 0, 10_000))
     app = FastAPI(title="captioner", version=__version__, docs_url=None, redoc_url=None,  # theirs need a CDN
                   description="Caption photos with a CNN + LSTM model, and search a captioned photo library. "
                               "Every error is JSON {\"detail\": \"...\"}.")
@@ -117,6 +122,16 @@ def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+def _check_settings(**settings: tuple[float, float, float]) -> None:
+    """Each setting (value, low, high) a finite number above low and at most high, else a one-line
+    ConfigError: an infinite batch wait once killed the batcher thread, 0 MB refused every upload."""
+    for name, (value, low, high) in settings.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                math.isfinite(value) and low < value <= high):
+            least = "from 0" if low < 0 else f"above {low:g}"
+            raise ConfigError(f"{name} must be a number {least} and at most {high:g}, not {value!r}")
 
 
 class _Service:
