@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
     ap.add_argument("--most", type=int, nargs="+", default=[1, 2], help="constraint sets per caption")
     ap.add_argument("--beams", type=int, nargs="+", help="beam sizes (default: the model's own)")
+    ap.add_argument("--borrow", action="store_true", help="tag words the vocabulary lacks borrow the nearest it has")
     ap.add_argument("--no-meteor", action="store_true")
     ap.add_argument("--cost", action="store_true",
                     help="instead, time guidance at the model's own setting against none, fp32 and bf16: one photo "
@@ -61,7 +62,7 @@ def main() -> None:
         plain = cap.decoding.replace(beam_size=beam, tag_threshold=0.0)
         base = None
         for threshold, most in [(0.0, 2)] + list(itertools.product(args.thresholds, args.most)):
-            decoding = plain.replace(tag_threshold=threshold, tag_words=most)
+            decoding = plain.replace(tag_threshold=threshold, tag_words=most, tag_borrow=args.borrow)
             t0 = time.perf_counter()
             hyps = [r["caption"] for i in range(0, len(feats), 100)  # as `captioner evaluate` runs it
                     for r in cap.caption_features(feats[i:i + 100], decoding, probs[i:i + 100])]

@@ -71,6 +71,18 @@ def test_confident_tags_become_sets_of_caption_words(tagger):
     assert sets[3] == []  # not confident
 
 
+def test_a_tag_word_the_vocabulary_lacks_borrows_the_nearest_it_has(tagger):
+    vocab = Vocab(["a", "horse", "horses", "dog", "cat", "in", "field"])
+    borrowed = tagger.borrowed(vocab)
+    assert borrowed["zebra"] == "horse"  # both equines
+    assert "horse" not in borrowed and "dog" not in borrowed  # only words the vocabulary lacks
+    p = probs_of(zebra=0.95)
+    assert tagger.wanted(p, vocab, 0.5, 1) == [[]]  # not unless asked
+    ((ids, swaps),) = tagger.wanted(p, vocab, 0.5, 1, borrow=True)[0]
+    horse, horses = vocab.stoi["horse"], vocab.stoi["horses"]
+    assert ids == {horse, horses} and swaps == {horse: "zebra", horses: "zebras"}
+
+
 def test_a_caption_naming_an_animal_the_encoder_does_not_see_is_flagged(tagger):
     p = probs_of(Egyptian_cat=0.8, tabby=0.15)[0]
     flag = tagger.disagreement("a brown dog is playing with a yellow toy", p)
@@ -123,8 +135,8 @@ def test_guidance_makes_the_caption_say_a_confident_tag(trained, shapes, monkeyp
     plain = cap.caption(img, decoding=guided, guided=False)
     said = next(w for w in plain.split() if w in shapes_words)
     for word, expected in ((shapes_words[0], None), (said, plain)):
-        monkeypatch.setattr(cap.tagger, "constraints", lambda probs, vocab, threshold, most, w=word: [
-            [{vocab.stoi[w]}] for _ in range(probs.shape[0])])
+        monkeypatch.setattr(cap.tagger, "wanted", lambda probs, vocab, threshold, most, borrow=False, w=word: [
+            [({vocab.stoi[w]}, {})] for _ in range(probs.shape[0])])
         got = cap.caption(img, decoding=guided)
         assert word in got.split()
         if expected is not None:
@@ -202,3 +214,18 @@ def test_tags_survive_the_librarys_reindex(trained, shapes, tmp_path):
     after = terms()
     assert {i for _, i in after} == photos and len(photos) == 3  # the old photo's terms went with it
     assert {k: v for k, v in after.items() if k[1] in {i for _, i in first}} != first  # one photo's are new
+
+
+def test_a_borrowed_word_is_written_as_the_tag(trained, shapes, monkeypatch):
+    """Guidance with borrowing: the search says the vocabulary's word, the caption the tag's."""
+    from captioner import Captioner
+
+    cap = Captioner.load(trained / "best", device="cpu", precision="fp32")
+    word = next(w for w in ("circle", "square", "triangle") if w in cap.vocab.stoi)
+    img = sorted(shapes.parent.glob("*.png"))[0]
+    monkeypatch.setattr(cap.tagger, "wanted", lambda probs, vocab, threshold, most, borrow=False: [
+        [({vocab.stoi[word]}, {vocab.stoi[word]: "rhombus"})] for _ in range(probs.shape[0])])
+    d = cap.decoding.replace(tag_threshold=0.5, beam_size=3, tag_borrow=True)
+    got = cap.caption(img, decoding=d, details=True)
+    assert "rhombus" in got["caption"].split() and word not in got["caption"].split()
+    assert got["alternatives"][0]["caption"] == got["caption"]

@@ -176,20 +176,34 @@ class Captioner:
         """Caption again, as constrained search, the images whose caption misses a word of a confident
         tag, so that it says it. A caption that already says them stays as it is: a constrained
         search keeps other beams and can end elsewhere (on coco240 that cost what it gained,
-        docs/EXPERIMENTS.md)."""
-        wanted = self.tagger.constraints(probs, self.vocab, decoding.tag_threshold, decoding.tag_words)
+        docs/EXPERIMENTS.md). With `decoding.tag_borrow`, a tag word the vocabulary lacks is asked for
+        as the word it borrows, which is then written as the tag's ("horse" -> "zebra": Tagger.wanted)."""
+        wanted = self.tagger.wanted(probs, self.vocab, decoding.tag_threshold, decoding.tag_words, decoding.tag_borrow)
         missing = []
         for r, sets in zip(results, wanted):
             said = {self.vocab.stoi.get(w) for w in r["caption"].split()}
-            missing.append([ids for ids in sets if not ids & said])
+            missing.append([ids for ids, _ in sets if not ids & said])
         again = [i for i, sets in enumerate(missing) if sets]
-        if not again:
-            return
-        rows = torch.tensor(again)
-        redone = caption_features(self.model.decoder, self.vocab, feats[rows], decoding, self.plan,
-                                  batch_size=len(again), constraints=[missing[i] for i in again])
-        for i, r in zip(again, redone):
-            results[i] = r
+        if again:
+            rows = torch.tensor(again)
+            redone = caption_features(self.model.decoder, self.vocab, feats[rows], decoding, self.plan,
+                                      batch_size=len(again), constraints=[missing[i] for i in again])
+            for i, r in zip(again, redone):
+                results[i] = r
+        for r, sets in zip(results, wanted):
+            swaps = {k: v for _, sw in sets for k, v in sw.items()}
+            if swaps:
+                for alt in [r, *r["alternatives"]]:
+                    alt["caption"] = self._swap(alt["caption"], swaps)
+
+    def _swap(self, caption: str, swaps: dict[int, str]) -> str:
+        """`caption` with its first word whose id is in `swaps` written as swaps says."""
+        words = caption.split()
+        for j, w in enumerate(words):
+            if self.vocab.stoi.get(w) in swaps:
+                words[j] = swaps[self.vocab.stoi[w]]
+                return " ".join(words)
+        return caption
 
     @functools.cached_property
     def tagger(self) -> Tagger | None:

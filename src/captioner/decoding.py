@@ -35,6 +35,7 @@ class Decoding:
     # at least tag_threshold (0 = off), at most tag_words of them
     tag_threshold: float = 0.0
     tag_words: int = 2
+    tag_borrow: bool = False  # a tag word the vocabulary lacks is said as the nearest word it has (tags.py)
 
     def __post_init__(self):
         for name in ("beam_size", "length_norm"):  # text is the command line's to convert, not a value's
@@ -47,6 +48,8 @@ class Decoding:
         if type(self.max_len) is not int or not 1 <= self.max_len <= MAX_WORDS:
             raise ConfigError(f"the longest caption must be 1 to {MAX_WORDS} words, not {self.max_len!r}")
         tag_threshold(self.tag_threshold)
+        if type(self.tag_borrow) is not bool:
+            raise ConfigError(f"borrowing tag words is true or false, not {self.tag_borrow!r}")
         if type(self.tag_words) is not int or not 1 <= self.tag_words <= MAX_TAG_WORDS:
             raise ConfigError(f"tag words must be 1 to {MAX_TAG_WORDS}, not {self.tag_words!r}")
 
@@ -69,7 +72,7 @@ class Decoding:
         """What a model folder's decoding.json holds: all but the longest caption, which is the
         model's own (config.json's max_len: training left longer captions out). Tag guidance only
         when on, so a folder from before it keeps its fingerprint (Captioner.fingerprint)."""
-        skip = {"max_len"} | (set() if self.guided else {"tag_threshold", "tag_words"})
+        skip = {"max_len"} | (set() if self.guided else {"tag_threshold", "tag_words", "tag_borrow"})
         return {k: v for k, v in self.to_json().items() if k not in skip}
 
     def changed(self, **changes) -> Decoding:
@@ -82,7 +85,8 @@ class Decoding:
 
     def describe(self) -> str:
         """'greedy' or 'beam 3, length norm 1.0' (for logs and config notes)."""
-        tags = f", tag words >= {self.tag_threshold:g} (at most {self.tag_words})" if self.guided else ""
+        tags = (f", tag words >= {self.tag_threshold:g} (at most {self.tag_words}"
+                + (", borrowed when missing)" if self.tag_borrow else ")")) if self.guided else ""
         if self.beam_size == 1:
             return "greedy" + tags
         return (f"beam {self.beam_size}, length norm {self.length_norm}"

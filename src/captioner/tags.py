@@ -29,6 +29,7 @@ from captioner.errors import ModelError
 TABLE = Path(__file__).parent / "assets" / "imagenet_words.json"
 SHOWN = 0.1  # the least score a tag is reported with
 NEAR_ZERO = 0.02  # a caption's animal word below this, while a tag is confident, disagrees with the encoder
+BORROW_LEVELS = 3  # hypernym levels searched for a word to borrow (zebra: equine, 1 level up)
 
 
 @functools.cache
@@ -60,6 +61,7 @@ class Tagger:
         self._shown = self._membership(self.words, lambda c: c["words"])
         self._indexed = self._membership(self.terms, lambda c: c["words"] + c["hypernyms"])
         self._word_index = {w: i for i, w in enumerate(self.words)}
+        self._borrowed: dict[int, dict[str, str]] = {}  # by vocabulary: see borrowed()
         self.animals = {w for w in self.words  # words whose every class is an animal
                         if all("animal" in c["hypernyms"] for c in self.classes if w in c["words"])}
 
@@ -118,15 +120,28 @@ class Tagger:
         return out
 
     def constraints(self, probs: torch.Tensor, vocab, threshold: float, most: int) -> list[list[set[int]]]:
-        """For each image, at most `most` sets of caption-word ids, one word of each to be said: for
-        each confident class, best first, the forms of its words that the caption vocabulary has
-        ("cat", "cats"), when its best word scores at least `threshold` and names something the
-        sets before did not."""
+        """For each image, at most `most` sets of caption-word ids, one word of each to be said (see
+        `wanted`, without the words it writes in place of borrowed ones)."""
+        return [[ids for ids, _ in sets] for sets in self.wanted(probs, vocab, threshold, most)]
+
+    def wanted(self, probs: torch.Tensor, vocab, threshold: float, most: int, borrow: bool = False
+               ) -> list[list[tuple[set[int], dict[int, str]]]]:
+        """For each image, at most `most` (set of caption-word ids, swaps): for each confident class,
+        best first, the forms of its words that the caption vocabulary has ("cat", "cats"), when its
+        best word scores at least `threshold` and names something the sets before did not.
+
+        With `borrow`, a class none of whose words the vocabulary has (zebra, for a model trained on
+        Flickr8k) borrows the nearest word it has in WordNet (`borrowed`: zebra -> horse, both equines): the
+        set is the borrowed word's forms, and `swaps` maps each of their ids to the word to write in
+        its place ({id of "horse": "zebra", id of "horses": "zebras"}). The language model then
+        places the word where it would place "horse", as deep compositional captioning does by
+        copying the nearer word's weights (Hendricks et al. 2016), without changing the model."""
         scores = self.word_scores(probs).cpu()
         order = probs.topk(10, dim=-1).indices.cpu().tolist()  # a word scoring >= 0.1 has a class in the top 10
+        borrowed = self.borrowed(vocab) if borrow else {}
         out = []
         for b, classes in enumerate(order):
-            sets: list[set[int]] = []
+            sets: list[tuple[set[int], dict[int, str]]] = []
             for k in classes:
                 if len(sets) >= most:
                     break
@@ -134,9 +149,45 @@ class Tagger:
                 if not words or max(float(scores[b, self._word_index[w]]) for w in words) < threshold:
                     continue
                 ids = {i for w in words for form in self.forms.get(w, [w]) if (i := vocab.stoi.get(form)) is not None}
-                if ids and not any(ids & s for s in sets):
-                    sets.append(ids)
+                swaps: dict[int, str] = {}
+                if not ids and (w := next((w for w in words if w in borrowed), None)):
+                    source = borrowed[w]
+                    for form, own in zip(self.forms.get(source, [source]), self.forms.get(w, [w])):
+                        if (i := vocab.stoi.get(form)) is not None:
+                            ids.add(i)
+                            swaps[i] = own
+                if ids and not any(ids & s for s, _ in sets):
+                    sets.append((ids, swaps))
             out.append(sets)
+        return out
+
+    def borrowed(self, vocab) -> dict[str, str]:
+        """Each one-word tag word the caption vocabulary lacks -> the word it has that is nearest in
+        WordNet: a word of another class under the nearest shared hypernym, the most frequent in
+        training if several (vocabularies list words by frequency). Within BORROW_LEVELS levels;
+        beyond that, none (better no word than "object")."""
+        key = id(vocab)
+        if key in self._borrowed:
+            return self._borrowed[key]
+        # a hypernym is named by its words and the three above it: "vessel" alone is both a boat's
+        # and a basin's, (vessel, watercraft, craft, vehicle) only a boat's
+        def above(c: dict, i: int) -> tuple[str, ...]:
+            return tuple(c["hypernyms"][i:i + 4])
+
+        under: dict[tuple[str, ...], list[int]] = {}  # hypernym -> the classes under it
+        for k, c in enumerate(self.classes):
+            for i in range(len(c["hypernyms"])):
+                under.setdefault(above(c, i), []).append(k)
+        known = [[w for w in c["words"] if " " not in w and w in vocab.stoi] for c in self.classes]
+        out = {}
+        for c in self.classes:
+            for w in (w for w in c["words"] if " " not in w and w not in vocab.stoi and w not in out):
+                for i in range(min(BORROW_LEVELS, len(c["hypernyms"]))):
+                    near = [v for k in under.get(above(c, i), ()) for v in known[k]]
+                    if near:
+                        out[w] = min(near, key=vocab.stoi.get)
+                        break
+        self._borrowed[key] = out
         return out
 
     def disagreement(self, caption: str, probs_row: torch.Tensor, confident: float = 0.5) -> dict | None:

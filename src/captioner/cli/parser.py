@@ -75,6 +75,9 @@ def _decoding_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tag-threshold", type=_checked(decoding.tag_threshold), metavar="P",
                    help="the caption must say the words of the encoder's ImageNet tags scoring at least P, 0 = off "
                         "(default: the model's own setting)")
+    p.add_argument("--tag-borrow", action=argparse.BooleanOptionalAction,
+                   help="a confident tag word the vocabulary lacks (zebra) is said where the model would say the "
+                        "nearest word it has in WordNet (horse) (default: the model's own setting)")
     p.add_argument("--no-tags", action="store_true",
                    help="caption without tag guidance (tags are still reported with --json)")
 
@@ -93,7 +96,7 @@ def _data_options(p: argparse.ArgumentParser, required: bool) -> None:
 def decoding_from(a: argparse.Namespace, own: Decoding) -> Decoding:
     """The one decoding a command uses: the model's own (`own`), changed where the options say."""
     return own.changed(beam_size=a.beam_size, length_norm=a.length_norm, block_trigrams=a.block_trigrams,
-                       tag_threshold=0.0 if a.no_tags else a.tag_threshold)
+                       tag_threshold=0.0 if a.no_tags else a.tag_threshold, tag_borrow=a.tag_borrow)
 
 
 def _caption_parser(sub) -> None:
