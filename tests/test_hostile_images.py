@@ -128,3 +128,60 @@ def test_a_batch_job_carries_on_and_reports_every_bad_file(trained, tmp_path):
     assert report.captioned == len(good)
     assert sorted(e.split(":")[0].rsplit("/", 1)[-1] for e in report.failed) == ["bomb.png", "cut.jpg", "text.jpg",
                                                                                  "zero.jpg"]
+
+
+def test_a_tree_1200_folders_deep_and_an_unreadable_folder_are_walked(tmp_path, monkeypatch):
+    """Issue 32, items 11 and 12: a RecursionError, and [Errno 13] ending `index`."""
+    import os
+
+    from captioner.data.images import list_images
+    from captioner.errors import CaptionerWarning
+
+    deep = tmp_path / "deep"
+    here = deep
+    deep.mkdir()
+    for _ in range(1200):  # one level at a time: Path.mkdir(parents=True) recurses too
+        here = here / "d"
+        os.mkdir(here)
+    Image.new("RGB", (8, 8)).save(here / "bottom.png")
+    Image.new("RGB", (8, 8)).save(deep / "top.png")
+    assert [p.name for p in list_images([deep])] == ["bottom.png", "top.png"]
+    assert [p.name for p in list_images([deep], recursive=False)] == ["top.png"]
+
+    locked = tmp_path / "mixed" / "locked"
+    locked.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(locked / "hidden.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "mixed" / "open.png")
+    real = os.scandir
+
+    def scandir(path):  # the tests run as root, for whom chmod 000 locks nothing
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.warns(CaptionerWarning, match="locked: cannot be read .Permission denied."):
+        found = list_images([tmp_path / "mixed"])
+    assert [p.name for p in found] == ["open.png"]
+
+
+def test_a_named_pipe_is_skipped_never_waited_on(tmp_path):
+    """Issue 32, item 13: `caption --out` of a FIFO by name hung for ever."""
+    import os
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    with pytest.raises(ImageError, match="pipe.jpg: not a regular file"):
+        open_rgb(fifo)
+    from captioner.files import readable_digest
+
+    assert readable_digest(fifo) is None
+    from captioner.data.images import list_images
+
+    assert [p.name for p in list_images([tmp_path])] == ["ok.png"]  # inside a folder: not an image file
+    run = subprocess.run([sys.executable, "-m", "captioner", "caption", str(fifo), "--out", str(tmp_path / "c.jsonl"),
+                          "--quiet"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "not a regular file" in run.stderr, run.stderr[-2000:]

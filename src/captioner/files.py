@@ -8,10 +8,12 @@ moment leaves either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,8 @@ from captioner.errors import ConfigError
 
 def file_digest(path: str | Path) -> str:
     """SHA-1 of a file's bytes (names a photo's content in caches, output files and the library)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe would block the read forever, a device never end
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
     h = hashlib.sha1()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

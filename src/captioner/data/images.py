@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from captioner.errors import ImageError, ImageTooLarge
+from captioner.errors import CaptionerWarning, ImageError, ImageTooLarge
 
 if TYPE_CHECKING:
     from torchvision.transforms import v2 as T
@@ -61,8 +62,8 @@ def open_rgb(source: str | Path | bytes | Image.Image | np.ndarray, max_pixels: 
         else:
             name = name or str(source)
             path = Path(source)
-            if not path.is_file():
-                raise ImageError(f"{name}: no such file")
+            if not path.is_file():  # never opened: a named pipe would block the read forever
+                raise ImageError(f"{name}: {'not a regular file' if path.exists() else 'no such file'}")
             if path.stat().st_size == 0:
                 raise ImageError(f"{name}: empty file")
             stream = path
@@ -220,15 +221,44 @@ def train_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]) 
 
 
 def list_images(paths: list[str | Path], recursive: bool = True) -> list[Path]:
-    """Files named directly, plus image files found inside named folders (sorted)."""
+    """Files named directly, plus image files found inside named folders (sorted). A sub-folder
+    that cannot be read is named in a CaptionerWarning and skipped, never the end of the job."""
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            pattern = "**/*" if recursive else "*"
-            out += sorted(f for f in p.glob(pattern) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            out += sorted(f for f in _files_under(p, recursive) if f.suffix.lower() in IMAGE_SUFFIXES)
         else:
             out.append(p)
     return out
+
+
+def _files_under(folder: Path, recursive: bool) -> Iterator[Path]:
+    """The regular files in `folder` (and its sub-folders, followed through links, each once), walked
+    with a list rather than recursion: a tree 1,200 levels deep ended in a RecursionError."""
+    stack, seen = [folder], set()
+    while stack:
+        here = stack.pop()
+        try:
+            st = here.stat()
+            key = (st.st_dev, st.st_ino)
+            if key in seen:  # a link back up the tree
+                continue
+            seen.add(key)
+            with os.scandir(here) as it:
+                entries = list(it)
+        except OSError as e:
+            warnings.warn(f"{here}: cannot be read ({e.strerror or e}); its photos are left out",
+                          CaptionerWarning, stacklevel=3)
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir():
+                    if recursive:
+                        stack.append(Path(entry.path))
+                elif entry.is_file():
+                    yield Path(entry.path)
+            except OSError:
+                continue  # vanished, or a link that cannot be followed
 
 
 class ImageDataset:
