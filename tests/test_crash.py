@@ -86,3 +86,20 @@ def test_interrupted_feature_extraction_is_never_used(tmp_path, shapes, monkeypa
     assert ok.all() and not errors and f.shape[0] == len(paths)
     again, _, _ = features_module.cached_features(model, paths, FP32_CPU, tmp_path, progress=False)
     assert isinstance(again, np.memmap) and np.array_equal(np.asarray(again), np.asarray(f))
+
+
+def test_a_killed_writers_temporary_is_cleared_at_the_next_write(tmp_path):
+    """Issue 32, item 16: a killed checkpoint write left `.checkpoint.pt.<pid>.tmp` behind for good."""
+    from captioner.files import atomic_write
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a process that has ended
+    stale = tmp_path / f".checkpoint.pt.{dead}.tmp"
+    live = tmp_path / f".checkpoint.pt.{os.getppid()}.tmp"  # a writer still running
+    other = tmp_path / f".metrics.csv.{dead}.tmp"  # another file's: not this write's business
+    for f in (stale, live, other):
+        f.write_bytes(b"half a checkpoint")
+    with atomic_write(tmp_path / "checkpoint.pt", "wb") as f:
+        f.write(b"whole")
+    assert (tmp_path / "checkpoint.pt").read_bytes() == b"whole"
+    assert not stale.exists() and live.exists() and other.exists()

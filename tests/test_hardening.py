@@ -503,6 +503,14 @@ def test_a_damaged_feature_cache_is_extracted_again_and_a_nan_loss_stops_trainin
     with pytest.warns(CaptionerWarning, match="damaged feature cache entry"):
         again = fit(TrainConfig(out=tmp_path / "two", **cfg))
     assert again["history"][0]["train_loss"] == pytest.approx(first["history"][0]["train_loss"], rel=1e-4)
+    for npy in (tmp_path / "cache" / "features").glob("*.npy"):  # four bytes of the header changed (issue 32,
+        data = bytearray(npy.read_bytes())                        # item 14: a tokenize.TokenError on every re-run)
+        at = data.index(b"'descr'")
+        data[at:at + 4] = b"(((("
+        npy.write_bytes(bytes(data))
+    with pytest.warns(CaptionerWarning, match="damaged feature cache entry"):
+        third = fit(TrainConfig(out=tmp_path / "header", **cfg))
+    assert third["history"][0]["train_loss"] == pytest.approx(first["history"][0]["train_loss"], rel=1e-4)
 
     monkeypatch.setattr(epoch_module, "caption_loss", lambda logits, targets, pad: logits.sum() * float("nan"))
     with pytest.raises(TrainingError, match="the loss became nan at epoch 1, batch 1"):

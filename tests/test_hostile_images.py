@@ -138,15 +138,22 @@ def test_a_tree_1200_folders_deep_and_an_unreadable_folder_are_walked(tmp_path, 
     from captioner.errors import CaptionerWarning
 
     deep = tmp_path / "deep"
-    here = deep
+    levels = [deep]
     deep.mkdir()
     for _ in range(1200):  # one level at a time: Path.mkdir(parents=True) recurses too
-        here = here / "d"
-        os.mkdir(here)
-    Image.new("RGB", (8, 8)).save(here / "bottom.png")
-    Image.new("RGB", (8, 8)).save(deep / "top.png")
-    assert [p.name for p in list_images([deep])] == ["bottom.png", "top.png"]
-    assert [p.name for p in list_images([deep], recursive=False)] == ["top.png"]
+        levels.append(levels[-1] / "d")
+        os.mkdir(levels[-1])
+    try:
+        Image.new("RGB", (8, 8)).save(levels[-1] / "bottom.png")
+        Image.new("RGB", (8, 8)).save(deep / "top.png")
+        assert [p.name for p in list_images([deep])] == ["bottom.png", "top.png"]
+        assert [p.name for p in list_images([deep], recursive=False)] == ["top.png"]
+    finally:  # removed here, level by level: pytest's later clean-up (shutil.rmtree) would recurse 1,200 deep
+        for level in reversed(levels):
+            for f in level.iterdir():
+                if f.is_file():
+                    f.unlink()
+            level.rmdir()
 
     locked = tmp_path / "mixed" / "locked"
     locked.mkdir(parents=True)

@@ -64,6 +64,7 @@ def atomic_write(path: str | Path, mode: str = "w", **open_kw) -> Iterator[IO]:
     if "b" not in mode:
         open_kw.setdefault("encoding", "utf-8")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    _clear_stale_temporaries(path)
     try:
         with open(tmp, mode, **open_kw) as f:
             yield f
@@ -72,6 +73,25 @@ def atomic_write(path: str | Path, mode: str = "w", **open_kw) -> Iterator[IO]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _clear_stale_temporaries(path: Path) -> None:
+    """Remove the temporaries of `path` that writers killed mid-write left (.NAME.<pid>.tmp whose
+    process is gone): a killed checkpoint write left one for good. A live writer's is kept."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:-4]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # another user's process, or one this system cannot ask about: leave its file
+    return True
 
 
 @contextlib.contextmanager

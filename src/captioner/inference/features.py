@@ -128,7 +128,8 @@ def _sound(entry: Path, count: int) -> bool:
                 info.get("sha1") == _checksum(feats):
             return True
         problem = "its features do not match their checksum"
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except Exception as e:  # whatever a damaged file makes its readers raise: numpy's header parser, for
+        # one, raises its tokenizer's tokenize.TokenError or SyntaxError; any of them means "extract again"
         problem = f"it cannot be read ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
     warnings.warn(f"{entry}.npy: damaged feature cache entry ({problem}); extracting the features again",
                   CaptionerWarning, stacklevel=3)
