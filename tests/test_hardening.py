@@ -665,6 +665,8 @@ def test_a_hostile_vocab_json_is_one_line(trained, shapes, tmp_path, capsys, tex
     (["caption", "x.jpg", "--batch-size", "0"], "must be 1 or more, not 0"),
     (["evaluate", "--data", "d", "--max-images", "-1"], "must be 0 or more, not -1"),
     (["serve", "--port", "99999"], "--port must be 1 to 65535"),
+    (["caption", "x.jpg", "--attention-map", "a.txt"], "a.txt: must end in .png"),  # issue 32, item 15:
+    (["embeddings", "--out", "w.xyz"], "w.xyz: must end in .png"),  # "Format not supported" tracebacks
 ])
 def test_odd_numbers_are_one_line_errors(tmp_path, monkeypatch, capsys, photos, args, message):
     from captioner.library import connect

@@ -64,6 +64,14 @@ def _machine_options(p: argparse.ArgumentParser, inference: bool = True) -> None
                    help=help)
 
 
+def png_path(text: str) -> Path:
+    """An argparse type: a path ending in .png (the plots are PNGs; another name ended, after the
+    work, in matplotlib's "Format not supported" traceback)."""
+    if Path(text).suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"{text}: must end in .png (the image written is a PNG)")
+    return Path(text)
+
+
 def _decoding_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam-size", type=_checked(decoding.beam_size),
                    help=f"1 = greedy, at most {decoding.MAX_BEAM} (default: the model's own setting)")
@@ -122,7 +130,7 @@ def _caption_parser(sub) -> None:
     p.add_argument("--nproc", type=POSITIVE, default=1,
                    help="with --out: caption in N processes on this machine, each its share of the images "
                         "(same as: torchrun --nproc-per-node N -m captioner caption ...)")
-    p.add_argument("--attention-map", type=Path, metavar="PNG",
+    p.add_argument("--attention-map", type=png_path, metavar="PNG",
                    help="draw where an attention model looked for each word (one image: this file; several: "
                         "PNG-<image name>.png)")
     _decoding_options(p)
@@ -132,7 +140,7 @@ def _caption_parser(sub) -> None:
 def _embeddings_parser(sub) -> None:
     p = sub.add_parser("embeddings", help="draw a 2-D map of the model's word embeddings (PNG)")
     _model_option(p)
-    p.add_argument("--out", type=Path, default=Path("words.png"), help="the PNG to write")
+    p.add_argument("--out", type=png_path, default=Path("words.png"), help="the PNG to write")
     p.add_argument("--words", type=POSITIVE, default=150, help="how many of the most frequent words")
     p.add_argument("--method", choices=("pca", "tsne"), default="pca", help="tsne needs scikit-learn")
     p.add_argument("--layer", choices=("output", "input"), default="output",
