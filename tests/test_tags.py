@@ -81,6 +81,9 @@ def test_a_tag_word_the_vocabulary_lacks_borrows_the_nearest_it_has(tagger):
     ((ids, swaps),) = tagger.wanted(p, vocab, 0.5, 1, borrow=True)[0]
     horse, horses = vocab.stoi["horse"], vocab.stoi["horses"]
     assert ids == {horse, horses} and swaps == {horse: "zebra", horses: "zebras"}
+    unborrowed = tagger.unborrowed(vocab)  # how a caption is read back as the words the search said
+    assert unborrowed["zebra"] == "horse" and unborrowed["zebras"] == "horses"
+    assert tagger.borrowed(vocab) is borrowed  # worked out once per vocabulary
 
 
 def test_a_caption_naming_an_animal_the_encoder_does_not_see_is_flagged(tagger):

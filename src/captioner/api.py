@@ -278,7 +278,8 @@ class Captioner:
         x = self.read(image)[None]
         feats = self.features(x)  # (1, P, C)
         caption = self.caption_features(feats, decoding, self.tag_probs(x, feats))[0]["caption"]
-        ids = [v.stoi[w] for w in caption.split()]
+        said = self.tagger.unborrowed(v) if self.tagger and (decoding or self.decoding).tag_borrow else {}
+        ids = [v.stoi[said.get(w, w)] for w in caption.split()]  # a borrowed word as the search said it
         tokens = torch.tensor([[v.start, *ids]], device=self.device)  # the words as inputs, <start> first
         with self.plan.decoder_autocast(1):  # as the search ran
             alpha = m.decoder.attention_maps(feats.float(), tokens)  # (1, T, P)

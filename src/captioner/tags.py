@@ -61,7 +61,7 @@ class Tagger:
         self._shown = self._membership(self.words, lambda c: c["words"])
         self._indexed = self._membership(self.terms, lambda c: c["words"] + c["hypernyms"])
         self._word_index = {w: i for i, w in enumerate(self.words)}
-        self._borrowed: dict[int, dict[str, str]] = {}  # by vocabulary: see borrowed()
+        self._borrowed: tuple[object, dict[str, str]] | None = None  # (vocabulary, its borrowed())
         self.animals = {w for w in self.words  # words whose every class is an animal
                         if all("animal" in c["hypernyms"] for c in self.classes if w in c["words"])}
 
@@ -166,9 +166,8 @@ class Tagger:
         WordNet: a word of another class under the nearest shared hypernym, the most frequent in
         training if several (vocabularies list words by frequency). Within BORROW_LEVELS levels;
         beyond that, none (better no word than "object")."""
-        key = id(vocab)
-        if key in self._borrowed:
-            return self._borrowed[key]
+        if self._borrowed is not None and self._borrowed[0] is vocab:
+            return self._borrowed[1]
         # a hypernym is named by its words and the three above it: "vessel" alone is both a boat's
         # and a basin's, (vessel, watercraft, craft, vehicle) only a boat's
         def above(c: dict, i: int) -> tuple[str, ...]:
@@ -187,8 +186,14 @@ class Tagger:
                     if near:
                         out[w] = min(near, key=vocab.stoi.get)
                         break
-        self._borrowed[key] = out
+        self._borrowed = (vocab, out)
         return out
+
+    def unborrowed(self, vocab) -> dict[str, str]:
+        """The other way: each form of a borrowed word, as a caption writes it, -> the vocabulary's
+        word the search said ("zebras" -> "horses"), to read a caption back as the model's words."""
+        return {own: theirs for w, source in self.borrowed(vocab).items()
+                for own, theirs in zip(self.forms.get(w, [w]), self.forms.get(source, [source]))}
 
     def disagreement(self, caption: str, probs_row: torch.Tensor, confident: float = 0.5) -> dict | None:
         """When the caption names an animal the encoder gives almost no chance to (under NEAR_ZERO)
