@@ -1,6 +1,8 @@
-"""Turn a trained model folder into the shipped one: fp16 weights, the chosen decoding (decoding.json).
+"""Turn a trained model folder into the shipped one: fp16 weights, the chosen decoding (decoding.json),
+and its search space (embedding.json + embedding.safetensors) when it has one.
 
     python scripts/ship_model.py runs/att512_scst_xe/best --length-norm 1.5
+    python scripts/ship_model.py runs/space/best --space-only   # add a space trained for the shipped model
 
 writes src/captioner/assets/model (or --out). Only JSON and safetensors are read and written.
 """
@@ -11,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from captioner.model.folder import load_model, save_model
+from captioner.model.folder import load_model, load_space, read_config, save_model, save_space
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "captioner" / "assets" / "model"
 
@@ -28,7 +30,18 @@ def main() -> None:
                     help="tag guidance: the caption says confident tags' words, 0 = off (default: the folder's own)")
     ap.add_argument("--tag-words", type=int, default=None, help="tag guidance: at most this many words a caption")
     ap.add_argument("--note", default="", help="stored in config.json under extra.shipped")
+    ap.add_argument("--space-only", action="store_true",
+                    help="copy only the folder's search space into --out, whose model it must fit (captioner train "
+                         "--space-only --init shipped made it); the rest of --out is left as it is")
     args = ap.parse_args()
+    if args.space_only:
+        space = load_space(args.model, read_config(args.out))
+        if space is None:
+            raise SystemExit(f"{args.model}: no search space (embedding.json) to ship")
+        save_space(space, args.out)
+        print(f"{args.out}: search space from {args.model} ({space.cfg.dim} dimensions, fp16)")
+        return
+    space = load_space(args.model, read_config(args.model))
 
     model, vocab = load_model(args.model)
     model.decoding = model.decoding.changed(beam_size=args.beam_size, length_norm=args.length_norm,
@@ -37,6 +50,8 @@ def main() -> None:
     card = args.out / "MODEL_CARD.md"
     card_text = card.read_text(encoding="utf-8") if card.is_file() else None
     save_model(model, vocab, args.out, half=True)  # replaces the folder: keep its model card
+    if space is not None:
+        save_space(space, args.out)
     if card_text is not None:
         card.write_text(card_text, encoding="utf-8")
         print(f"{card}: kept; update its figures for the new model")

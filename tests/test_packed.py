@@ -15,7 +15,7 @@ from captioner.inference import packed
 from captioner.inference.packed import PackedGRUCell, PackedLinear, PackedLSTMCell, packable_dtypes, packed_decoder
 from captioner.inference.plan import InferencePlan
 from captioner.model.attention import AttentionDecoder
-from captioner.model.folder import load_model
+from captioner.model.folder import load_model, load_space
 
 pytestmark = pytest.mark.skipif(not packable_dtypes(), reason="this torch cannot pack weights for oneDNN")
 BF16 = torch.bfloat16 in packable_dtypes()
@@ -107,7 +107,8 @@ def test_captioning_gives_the_captions_and_fingerprint_of_the_plain_decoder(trai
     assert isinstance(cap.model.decoder.out, PackedLinear)
     model, vocab = load_model(trained / "best", torch.device("cpu"))  # the decoder as trained
     plan = InferencePlan(torch.device("cpu"), precision)
-    plain = Captioner(model, vocab, plan, encoder=plan.encoder_for(model))  # the decoder left unprepared
+    space = load_space(trained / "best", model.cfg, vocab.pad)
+    plain = Captioner(model, vocab, plan, encoder=plan.encoder_for(model), space=space)  # the decoder left unprepared
     assert type(plain.model.decoder.out) is nn.Linear and plain.fingerprint == cap.fingerprint
     images = [r.image for r in load_records(shapes) if r.split == "val"][:12]
     for beam in (1, 3):

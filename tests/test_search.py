@@ -216,9 +216,14 @@ def test_evaluate_retrieval_on_the_shapes(trained, shapes, tmp_path, capsys):
                  "--split", "val", "--max-images", "12", "--json"]) == 0
     out = capsys.readouterr().out
     r = json.loads(out.strip().splitlines()[-1])
-    assert r["images"] == 12 and r["queries"] == 60 and set(r["modes"]) == {"keyword", "model", "hybrid"}
+    assert r["images"] == 12 and r["queries"] == 60 and set(r["modes"]) == {"keyword", "embedding", "model", "hybrid"}
     assert r["default_mode"] == "hybrid" and r["R@1"] == r["modes"]["hybrid"]["R@1"]
     # every photo is a different combination and the model learned them: its own photo comes first
     assert r["modes"]["model"]["R@1"] == 100.0 and r["modes"]["model"]["median_rank"] == 1
     assert "R@10" in r and "median_rank" in r
     assert "keyword" in out and "(default)" in out
+    # the search space, both ways: each photo finds its own captions among the 60
+    assert r["modes"]["embedding"]["R@1"] >= 50 and r["image_to_text"]["R@1"] >= 50
+    both = [r["modes"]["hybrid"][k] + r["image_to_text"][k] for k in ("R@1", "R@5", "R@10")]
+    assert r["rsum"] == pytest.approx(sum(both))
+    assert "image to text" in out

@@ -32,8 +32,9 @@ def test_tiny_model_learns_to_caption_held_out_images(trained, shapes):
 
 def test_run_folder_contents(trained):
     for name in ("best", "last"):
-        assert sorted(p.name for p in (trained / name).iterdir()) == ["config.json", "decoding.json",
-                                                                        "model.safetensors", "vocab.json"]
+        assert sorted(p.name for p in (trained / name).iterdir()) == [
+            "config.json", "decoding.json", "embedding.json", "embedding.safetensors", "model.safetensors",
+            "vocab.json"]
     rows = list(csv.DictReader((trained / "metrics.csv").open()))
     assert len(rows) == 15 and float(rows[-1]["CIDEr"]) > float(rows[0]["CIDEr"])
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])

@@ -19,7 +19,7 @@ from captioner.decode import caption_features
 from captioner.decoding import Decoding
 from captioner.errors import CaptionerWarning, ConfigError, ImageError, ModelError
 from captioner.inference.plan import InferencePlan
-from captioner.model.folder import load_model, model_dir
+from captioner.model.folder import load_model, load_space, model_dir
 from captioner.names import SHIPPED, shipped_model_dir
 from captioner.tags import Tagger, pooled
 
@@ -39,8 +39,10 @@ class Captioner:
     settings from its config.json apply (`self.decoding`).
     """
 
-    def __init__(self, model, vocab, plan: InferencePlan, source: str = "", encoder: torch.nn.Module | None = None):
+    def __init__(self, model, vocab, plan: InferencePlan, source: str = "", encoder: torch.nn.Module | None = None,
+                 space=None):
         self.model, self.vocab, self.plan = model, vocab, plan
+        self.space = space  # the folder's joint image-sentence space (model/embedding.py), or None
         self.encoder = model.encoder if encoder is None else encoder  # what features() runs (load: a faster copy)
         self.source = source  # where the model came from: its folder, or "shipped"
         cfg = model.cfg
@@ -64,8 +66,9 @@ class Captioner:
         caption on `device` at `precision` (or as `plan` says: see inference/plan.py)."""
         plan = plan or InferencePlan.resolve(device, precision)
         model, vocab = load_model(model_dir(path), plan.device)
+        space = load_space(model_dir(path), model.cfg, vocab.pad, plan.device)
         encoder = plan.prepare(model)
-        return cls(model, vocab, plan, str(path) if path else SHIPPED, encoder)
+        return cls(model, vocab, plan, str(path) if path else SHIPPED, encoder, space)
 
     # -- captioning ------------------------------------------------------------------------------
 
@@ -131,6 +134,49 @@ class Captioner:
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Preprocessed images (B, 3, S, S) -> what the decoder takes (see CaptionModel.features)."""
         return self.plan.encode(self.model, x, self.encoder)
+
+    # -- the search space ------------------------------------------------------------------------
+
+    def require_space(self) -> None:
+        """Raise a one-line ModelError unless the model folder has a search space."""
+        if self.space is None:
+            raise ModelError(f"this model ({self.source}) has no search space (embedding.json): add one with "
+                             f"captioner train --space-only --init {self.source} --data DATA --out FOLDER")
+
+    @torch.no_grad()
+    def embed(self, images: ImageLike | Sequence[ImageLike], batch_size: int | None = None) -> np.ndarray:
+        """Images (as `caption` takes them, one or a list) -> their points in the search space,
+        unit vectors (N, D) float32, one row per image: the dot product of two rows, or of a row
+        and an `embed_text` row, says how well they match. Raises an ImageError naming an image
+        that cannot be read."""
+        self.require_space()
+        _, items = one_or_many(images)
+        out = []
+        for start in range(0, len(items), batch_size or self.batch_size):
+            part = items[start:start + (batch_size or self.batch_size)]
+            x = torch.stack([self.read(im) for im in part]).to(self.device)
+            out.append(self.embed_features(self.features(x)))
+        return np.concatenate(out) if out else np.zeros((0, self.space.cfg.dim), np.float32)
+
+    @torch.no_grad()
+    def embed_features(self, feats: torch.Tensor) -> np.ndarray:
+        """Encoder features (B, ...) -> points in the search space (B, D) float32 (see `embed`)."""
+        self.require_space()
+        return self.space.images(feats.to(self.device)).float().cpu().numpy()
+
+    @torch.no_grad()
+    def embed_text(self, texts: str | Sequence[str]) -> np.ndarray:
+        """Sentences -> their points in the search space, unit vectors (N, D) float32 (see `embed`).
+        Words the vocabulary lacks are left out; a sentence with none it knows is a row of zeros,
+        which matches nothing."""
+        self.require_space()
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        v, cut = self.vocab, self.model.cfg.max_len
+        rows = [torch.tensor([i for i in v.encode(t, cut)[1:-1] if i != v.unk] or [v.pad]) for t in texts]
+        if not rows:
+            return np.zeros((0, self.space.cfg.dim), np.float32)
+        tokens = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=v.pad).to(self.device)
+        return self.space.texts(tokens).float().cpu().numpy()
 
     @torch.no_grad()
     def caption_tensor(self, x: torch.Tensor, decoding: Decoding | None = None, features: bool = False
@@ -260,6 +306,11 @@ class Captioner:
         for name, t in sorted(self.model.state_dict().items()):
             h.update(name.encode())
             h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        if self.space is not None:  # a library indexed before the space was added gets its vectors again
+            h.update(json.dumps(self.space.cfg.to_json(), sort_keys=True).encode())
+            for name, t in sorted(self.space.state_dict().items()):
+                h.update(name.encode())
+                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:20]
 
     def require_attention(self) -> None:

@@ -96,6 +96,11 @@ def retrieval(model_dir: Path | None, data: Path, split: str = "val", *, layout:
     own photo. Returns R@1, R@5, R@10 (percent of queries whose photo is in the first 1, 5, 10) and
     the median rank for each of `modes`, and those of the default mode at the top level.
 
+    With a model that has a search space, also image-to-text: each photo ranks all the captions by
+    the space's cosine, and is found by the best of its own ("image_to_text", R@K and median rank),
+    and "rsum", the six R@K of the default mode's text-to-image and this added, as the retrieval
+    papers report them. ("embedding" is measured only for such a model.)
+
     Photos a mode cannot tell apart (those no keyword matches, say) share their ranks: each gets the
     mean of the places they fill, so no mode gains from the order of the files."""
     t0 = time.perf_counter()
@@ -105,6 +110,8 @@ def retrieval(model_dir: Path | None, data: Path, split: str = "val", *, layout:
         raise DataError(f"{data}: no images in the {split!r} split")
     chosen = check_images(chosen, skip_missing)[: max_images or None]
     cap = Captioner.load(model_dir, device, precision)
+    if cap.space is None:
+        modes = tuple(m for m in modes if m != "embedding")
     with tempfile.TemporaryDirectory(prefix="captioner-retrieval-") as tmp:
         db = Path(db) if db else Path(tmp) / "library.db"
         report = index_folders(cap, [], db, batch_size=batch_size, progress=progress,
@@ -125,13 +132,37 @@ def retrieval(model_dir: Path | None, data: Path, split: str = "val", *, layout:
                     ranks["keyword"].append(rank_of(ranked, pid, len(photo), len(ranked)))
                 if model_modes:
                     for mode, ranked in library.rank(con, view, text, model_modes).items():
-                        ranks[mode].append(rank_of(ranked, pid, len(photo), min(RERANK, len(ranked))))
+                        scored = len(ranked) if mode == "embedding" else min(RERANK, len(ranked))
+                        ranks[mode].append(rank_of(ranked, pid, len(photo), scored))
+            image_to_text = _image_to_text(con, cap, queries) if cap.space is not None and queries else None
     result = {"images": len(photo), "queries": len(queries), "split": split, "model": str(model_dir or "shipped"),
               "default_mode": DEFAULT_MODE, "modes": {m: recall(r) for m, r in ranks.items()}}
     if DEFAULT_MODE in result["modes"]:
         result |= result["modes"][DEFAULT_MODE]
+    if image_to_text is not None:
+        result["image_to_text"] = image_to_text
+        if DEFAULT_MODE in result["modes"]:
+            result["rsum"] = round(sum(result["modes"][DEFAULT_MODE][k] + image_to_text[k]
+                                       for k in ("R@1", "R@5", "R@10")), 2)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
+
+
+def _image_to_text(con, cap: Captioner, queries: list[tuple[int, str]]) -> dict:
+    """Each photo ranks every query caption by the cosine of their points in the search space (the
+    photo's as the library stores it); R@K and median rank of the best of its own captions."""
+    from captioner.library.search import query_words
+    from captioner.library.store import by_id
+    from captioner.train.embedding import recall_both, retrieval_ranks
+
+    ids = sorted({pid for pid, _ in queries})
+    rows = by_id(con, "SELECT id, data FROM space WHERE id IN ({})", ids)
+    img = torch.from_numpy(np.stack([np.frombuffer(rows[i][0], np.float16) for i in ids]).astype(np.float32))
+    txt = torch.from_numpy(np.concatenate([cap.embed_text([" ".join(query_words(t)) for _, t in queries[i:i + 512]])
+                                           for i in range(0, len(queries), 512)]))
+    where = {pid: i for i, pid in enumerate(ids)}
+    _, i2t = retrieval_ranks(img, txt, torch.tensor([where[pid] for pid, _ in queries]))
+    return recall_both(i2t, i2t)["image_to_text"]
 
 
 def rank_of(ranked: list[tuple[int, float]], target: int, total: int, scored: int) -> float:

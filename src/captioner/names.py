@@ -25,7 +25,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 INFERENCE_PRECISIONS = (*PRECISIONS, "int8")
 
 # library.search: how photos are ranked; hybrid ranked best on Flickr8k val (README)
-SEARCH_MODES = ("keyword", "model", "hybrid")
+SEARCH_MODES = ("keyword", "embedding", "model", "hybrid")
 DEFAULT_SEARCH_MODE = "hybrid"
 
 # --model shipped, --init shipped: the model folder that comes inside the package

@@ -204,13 +204,19 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         from captioner.evaluate import retrieval
 
         r = retrieval(a.model, a.data, a.split, layout=a.layout, images=a.images, db=a.db, device=a.device,
-                      precision=a.precision, skip_missing=a.skip_missing, max_images=a.max_images)
+                      precision=a.precision, skip_missing=a.skip_missing, max_images=a.max_images,
+                      modes=tuple(dict.fromkeys(a.modes)))
         print(f"{r['images']} {a.split} photos, {r['queries']} queries (each reference caption; its own photo is "
               f"the answer):")
         for mode, m in r["modes"].items():
             star = " (default)" if mode == r["default_mode"] else ""
             print(f"  {mode + star:18s} R@1 {m['R@1']:5.1f}%  R@5 {m['R@5']:5.1f}%  R@10 {m['R@10']:5.1f}%  "
                   f"median rank {m['median_rank']:g}")
+        if "image_to_text" in r:
+            m = r["image_to_text"]
+            print(f"image to text (each photo searches the {r['queries']} captions by the search space, found by the "
+                  f"best of its own): R@1 {m['R@1']:.1f}%  R@5 {m['R@5']:.1f}%  R@10 {m['R@10']:.1f}%  median rank "
+                  f"{m['median_rank']:g}" + (f"; rsum {r['rsum']:.1f}" if "rsum" in r else ""))
         if a.json:
             print(json.dumps(r))
         return 0

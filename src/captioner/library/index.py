@@ -139,10 +139,12 @@ def _remove_missing(con: sqlite3.Connection, roots: Sequence[Path], present: set
     return len(photos)
 
 
-def _vectors(captioner, rows: list[tuple]) -> list[tuple[bytes, bytes, bytes]]:
-    """(features, pooled, words) blobs for each captioned photo of a batch (see retrieval.py)."""
+def _vectors(captioner, rows: list[tuple]) -> list[tuple[bytes, bytes, bytes, bytes | None]]:
+    """(features, pooled, words, point in the search space or None) blobs for each captioned photo
+    of a batch (see retrieval.py and model/embedding.py)."""
     if not rows:
         return []
+    import numpy as np
     import torch
 
     from captioner import retrieval
@@ -150,5 +152,7 @@ def _vectors(captioner, rows: list[tuple]) -> list[tuple[bytes, bytes, bytes]]:
     feats = torch.stack([result["features"] for *_, result in rows])
     ids, counts = retrieval.expected_words(captioner.model.decoder, feats.to(captioner.device), captioner.vocab,
                                            max_len=captioner.model.cfg.max_len)
+    points = ([p.astype(np.float16).tobytes() for p in captioner.embed_features(feats)] if captioner.space is not None
+              else [None] * len(rows))
     return list(zip(retrieval.pack_features(feats), [p.tobytes() for p in retrieval.pooled_vectors(feats)],
-                    retrieval.pack_words(ids, counts)))
+                    retrieval.pack_words(ids, counts), points))

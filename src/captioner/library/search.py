@@ -1,9 +1,13 @@
-"""Search: photos for words, by three modes (`MODES`), and photos like a photo.
+"""Search: photos for words, by four modes (`MODES`), and photos like a photo.
 
 "keyword" matches the words of the captions (BM25, instant, exact for names and rare words);
-"model" ranks by the captioning model itself (retrieval.py); "hybrid" adds the keyword score to the
-model's. Measured on Flickr8k val (README), hybrid ranks best and is the default of the command
-line, the API and the page.
+"embedding" ranks by the model's search space alone (model/embedding.py: the cosine of the query's
+point and each photo's, no decoder call); "model" ranks by the captioning model itself
+(retrieval.py); "hybrid" adds them up: the space picks the candidates, and the captioner's
+log p(query | photo), the space's cosine, the keyword and tag scores order them (`rank`). Measured
+on Flickr8k val (README), hybrid ranks best and is the default of the command line, the API and
+the page. A model without a search space (or a library indexed before it) searches as before:
+hybrid is then the model's score plus the keyword score.
 """
 
 from __future__ import annotations
@@ -52,6 +56,12 @@ KEYWORD_WEIGHT = 0.2
 # log p(query | photo)); both chosen on Flickr8k val (docs/EXPERIMENTS.md).
 TAG_WEIGHT = 8.0
 TAG_WEIGHT_MODEL = 4.0
+# With a search space, hybrid's stage 1 is SPACE_WEIGHT_FIRST x the cosine of the query's point and
+# the photo's, plus the stage-1 word score and KEYWORD_WEIGHT_FIRST x BM25 as without one; stage 2
+# adds SPACE_WEIGHT x the cosine to the sum of `rank`. Chosen on Flickr8k val (docs/EXPERIMENTS.md).
+SPACE_WEIGHT_FIRST = 20.0
+SPACE_WEIGHT = 20.0
+SPACE_BLOCK = 65_536  # photos' points read and scored at a time: memory stays flat in any library
 
 
 @dataclass
@@ -78,9 +88,13 @@ def search(db: Path, text: str, limit: int = 20, *, mode: str = "keyword", capti
             raise LibraryError(f"{mode} search needs the model that indexed the library")
         view = ModelView(con, captioner)
         tokens, unknown = view.query(text)
+        note = None
+        if mode == "embedding" and not view.has_space():
+            mode, note = "hybrid", view.space_note()
         if len(view.ids) and any(t != captioner.vocab.unk for t in tokens[1:-1]):
             ranked = rank(con, view, text, (mode,), limit)[mode]
-            return Found(_hits(con, ranked[:limit]), mode, len(view.ids), view.note(unknown))
+            notes = "; ".join(n for n in (note, view.note(unknown)) if n) or None
+            return Found(_hits(con, ranked[:limit]), mode, len(view.ids), notes)
         found = _keyword(con, text, limit)  # nothing this model can rank, or no word it knows: the keywords can
         if not len(view.ids):
             found.note = view.note([])
@@ -112,11 +126,13 @@ def find(db: Path, text: str | None = None, like=None, *, mode: str = DEFAULT_MO
 
 def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None = None) -> Found:
     """Photos that look like `image` (a path, bytes, PIL image or array), or like the library's
-    photo `photo_id`: the cosine similarity of their stored pooled features to its own, best first
-    (the photo itself, if it is in the library, comes first)."""
+    photo `photo_id`, best first (the photo itself, if it is in the library, comes first): the
+    cosine of their points in the model's search space and its own, or, for a model without one,
+    of their mean encoder features."""
     from captioner import retrieval
 
     _check(limit, "model")
+    table = "space" if captioner.space is not None else "pooled"
     with reading(db) as con:
         ranked = table_rows(con, "SELECT count(*) FROM vectors WHERE model = ?", (captioner.fingerprint,))
         ranked = ranked[0][0] if ranked else 0
@@ -127,16 +143,17 @@ def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None
         if photo_id is not None:
             if not 0 < photo_id < 2**63:  # past SQLite's integers: no such photo, not an OverflowError
                 raise LibraryError(f"no photo {photo_id} in the library")
-            own = con.execute("SELECT p.data FROM pooled p JOIN vectors v ON v.id = p.id WHERE p.id = ? AND "
+            own = con.execute(f"SELECT p.data FROM {table} p JOIN vectors v ON v.id = p.id WHERE p.id = ? AND "
                               "v.model = ?", (photo_id, captioner.fingerprint)).fetchone()
             if not own:
                 raise LibraryError(f"no photo {photo_id} in the library indexed by this model")
             query = np.frombuffer(own[0], np.float16).astype(np.float32)
         else:
-            x = captioner.read(image)[None]
-            query = retrieval.pooled_vectors(captioner.features(x)).astype(np.float32)[0]  # (C,)
+            feats = captioner.features(captioner.read(image)[None].to(captioner.device))
+            query = (captioner.embed_features(feats)[0] if table == "space"
+                     else retrieval.pooled_vectors(feats).astype(np.float32)[0])  # (D,)
         ids, sims = [], []
-        cur = con.execute("SELECT p.id, p.data FROM pooled p JOIN vectors v ON v.id = p.id WHERE v.model = ?",
+        cur = con.execute(f"SELECT p.id, p.data FROM {table} p JOIN vectors v ON v.id = p.id WHERE v.model = ?",
                           (captioner.fingerprint,))
         while rows := cur.fetchmany(10_000):  # a block at a time: memory stays flat however large the library
             ids.append(np.fromiter((r[0] for r in rows), np.int64, len(rows)))
@@ -229,6 +246,33 @@ class ModelView:
     def note(self, unknown: list[str]) -> str | None:
         return _note(unknown, self.left_out, len(self.ids), self.source)
 
+    def has_space(self) -> bool:
+        """Whether the photos have points in the model's search space: every photo this model indexed
+        has one when the model has a space (its fingerprint covers the space)."""
+        return self.captioner.space is not None and len(self.ids) > 0
+
+    def space_note(self) -> str:
+        """Why a search could not use the search space."""
+        if self.captioner.space is None:
+            return (f"the model ({self.source}) has no search space, so the embedding could not rank: add one "
+                    f"with captioner train --space-only --init {self.source}")
+        return "no photo was indexed by this model: run captioner index again"
+
+    def space_scores(self, query: np.ndarray) -> np.ndarray:
+        """The cosine of every photo's point in the search space and `query` (D,), in the order of
+        `ids` (0 for a photo without one), read SPACE_BLOCK photos at a time: memory stays flat
+        however large the library."""
+        out = np.zeros(len(self.ids), np.float32)
+        query = np.asarray(query, np.float32)
+        cur = self.con.execute("SELECT id, data FROM space ORDER BY id")
+        while rows := cur.fetchmany(SPACE_BLOCK):
+            ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+            block = np.frombuffer(b"".join(r[1] for r in rows), np.float16).reshape(len(rows), -1)
+            at = np.minimum(np.searchsorted(self.ids, ids), max(len(self.ids) - 1, 0))
+            mine = self.ids[at] == ids if len(self.ids) else np.zeros(len(ids), bool)  # the others: another model's
+            out[at[mine]] = block[mine].astype(np.float32) @ query
+        return out
+
     def features(self, ids: np.ndarray):
         """The stored features of photos `ids` (in that order) -> a float tensor (M, ...)."""
         from captioner import retrieval
@@ -258,43 +302,64 @@ def _note(unknown: list[str], left_out: int, ranked: int, source: str) -> str | 
 def rank(con: sqlite3.Connection, view: ModelView, text: str, modes: Sequence[str] = ("hybrid",),
          limit: int = 1) -> dict[str, list[tuple[int, float]]]:
     """Every photo of `view` for the query `text`, best first, as (id, score), for each of `modes`
-    ("model", "hybrid"). Stage 1 (retrieval.word_scores, plus KEYWORD_WEIGHT_FIRST * BM25 in hybrid)
-    picks the best max(RERANK, limit); those are ordered by
+    ("embedding", "model", "hybrid").
 
-        log p(query | photo) + WORDS_WEIGHT * stage-1 word score + TAG_WEIGHT_MODEL * tag score
-            [+ KEYWORD_WEIGHT * BM25 in hybrid]
+    "embedding": the cosine of the query's point in the search space and each photo's, alone.
+    "model" and "hybrid" rank in two stages. Stage 1 scores every photo:
 
-    (the tag score: tag_scores; in hybrid it is in the BM25 too, keyword_scores; in "model" mode
-    stage 1 adds TAG_WEIGHT * it)
-    divided by the query's length (a score per word, for people to read), and the other photos follow
-    in stage-1 order with their stage-1 score. The decoder scores each photo once for all the modes."""
+        model    retrieval.word_scores + TAG_WEIGHT * tag score
+        hybrid   retrieval.word_scores + KEYWORD_WEIGHT_FIRST * BM25 [+ SPACE_WEIGHT_FIRST * cosine]
+
+    and the best max(RERANK, limit) of it are ordered by
+
+        log p(query | photo) + WORDS_WEIGHT * word score + TAG_WEIGHT_MODEL * tag score
+            [+ KEYWORD_WEIGHT * BM25 + SPACE_WEIGHT * cosine in hybrid]
+
+    (the tag score: tag_scores; in hybrid it is in the BM25 too, keyword_scores; the cosine where the
+    model has a search space and the library holds its points) divided by the query's length (a
+    score per word, for people to read); the other photos follow in stage-1 order with their stage-1
+    score. The decoder scores each photo once for all the modes."""
     from captioner import retrieval
 
     cap = view.captioner
     tokens, _ = view.query(text)
+    n = len(view.ids)
+    cosine = None
+    if view.has_space() and {"embedding", "hybrid"} & set(modes):
+        cosine = view.space_scores(cap.embed_text(" ".join(query_words(text)))[0])
+    out: dict[str, list[tuple[int, float]]] = {}
+    if "embedding" in modes:
+        if cosine is None:
+            raise LibraryError("embedding search needs a model with a search space and a library indexed by it")
+        best = np.argsort(-cosine, kind="stable")
+        out["embedding"] = [(int(view.ids[i]), float(cosine[i])) for i in best]
+    modes = [m for m in modes if m != "embedding"]
+    if not modes:
+        return out
     content = [w for w in query_words(text) if w not in STOPWORDS and w in cap.vocab.stoi]
     words = retrieval.word_scores(view.word_ids, view.counts, list(dict.fromkeys(cap.vocab.stoi[w] for w in content)))
-    bm, tags = np.zeros(len(view.ids), np.float32), np.zeros(len(view.ids), np.float32)
+    bm, tags = np.zeros(n, np.float32), np.zeros(n, np.float32)
     for scores, into in ((keyword_scores(con, text) if "hybrid" in modes else {}, bm), (tag_scores(con, text), tags)):
         for pid, score in scores.items():
             at = np.searchsorted(view.ids, pid)
-            if at < len(view.ids) and view.ids[at] == pid:
+            if at < n and view.ids[at] == pid:
                 into[at] = score
+    space = cosine if cosine is not None else np.zeros(n, np.float32)
     stage1, chosen = {}, {}
     for mode in modes:
-        stage1[mode] = words + (KEYWORD_WEIGHT_FIRST * bm if mode == "hybrid" else TAG_WEIGHT * tags)
+        stage1[mode] = (words + KEYWORD_WEIGHT_FIRST * bm + SPACE_WEIGHT_FIRST * space if mode == "hybrid"
+                        else words + TAG_WEIGHT * tags)
         chosen[mode] = np.argsort(-stage1[mode], kind="stable")
     take = max(retrieval.RERANK, limit)
     scored = np.unique(np.concatenate([chosen[m][:take] for m in modes]))  # positions in view.ids
     logp = retrieval.query_logprob(cap.model.decoder, view.features(view.ids[scored]).to(cap.device), tokens)
     logp = dict(zip(scored.tolist(), logp.cpu().numpy().tolist()))
     length = len(tokens) - 1  # the words and <end>
-    out = {}
     for mode in modes:
         top = chosen[mode][:take]
         final = np.array([logp[i] for i in top]) + WORDS_WEIGHT * words[top] + TAG_WEIGHT_MODEL * tags[top]
         if mode == "hybrid":
-            final += KEYWORD_WEIGHT * bm[top]
+            final += KEYWORD_WEIGHT * bm[top] + SPACE_WEIGHT * space[top]
         best = np.argsort(-final, kind="stable")
         out[mode] = ([(int(view.ids[top[i]]), float(final[i] / length)) for i in best]
                      + [(int(view.ids[i]), float(stage1[mode][i])) for i in chosen[mode][take:]])

@@ -10,7 +10,11 @@ One file, readable with the ``sqlite3`` shell:
     vectors(id, model, words)               per photo (id = photos.id), the model's expected word
         counts (see retrieval.py), read for every photo at every model search; `model` is the
         fingerprint of the model that made them, so two models' numbers are never mixed
-    pooled(id, data)                        its pooled feature, unit length (search by example photo)
+    pooled(id, data)                        its pooled feature, unit length (search by example photo
+                                            with a model that has no search space)
+    space(id, data)                         its point in the model's search space (model/embedding.py),
+                                            float16, unit length: stage 1 of every search by meaning,
+                                            read in blocks; none for a model without a space
     features(id, data)                      the encoder's output, 8-bit (read for the photos re-ranked)
         (three tables, so that a scan of the small rows never walks the large ones' pages)
     terms(word, id, score)                  what the encoder's ImageNet classifier recognises in photo `id`
@@ -31,9 +35,10 @@ from pathlib import Path
 
 from captioner.errors import LibraryError
 
-SCHEMA_VERSION = "3"
-# 1: before model search (no vectors), 2: before tags (no terms); opened for indexing, either becomes 3
-READABLE_SCHEMAS = ("1", "2", "3")
+SCHEMA_VERSION = "4"
+# 1: before model search (no vectors), 2: before tags (no terms), 3: before the search space (no space);
+# opened for indexing, each becomes 4
+READABLE_SCHEMAS = ("1", "2", "3", "4")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS photos (
     id INTEGER PRIMARY KEY,
@@ -50,6 +55,7 @@ CREATE VIRTUAL TABLE IF NOT EXISTS photos_fts USING fts5(caption, alternatives, 
 CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY, model TEXT NOT NULL, words BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS pooled (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS features (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS space (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS terms (word TEXT NOT NULL, id INTEGER NOT NULL, score REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS terms_by_word ON terms (word);
 CREATE INDEX IF NOT EXISTS terms_by_id ON terms (id);
@@ -140,12 +146,12 @@ def reading(db: Path) -> Iterator[sqlite3.Connection]:
 
 
 def write_batch(con: sqlite3.Connection, rows: list[tuple], failures: list[tuple], source: str,
-                 vectors: list[tuple[bytes, bytes, bytes]], model: str) -> None:
+                 vectors: list[tuple[bytes, bytes, bytes, bytes | None]], model: str) -> None:
     """One transaction: upsert captioned photos (their full-text rows and vectors, made by the model
     with fingerprint `model`, loaded from `source`) and failures."""
     now = time.time()
     with con:
-        for (path, st, sha1, result), (features, pooled, words) in zip(rows, vectors, strict=True):
+        for (path, st, sha1, result), (features, pooled, words, point) in zip(rows, vectors, strict=True):
             alts = result.get("alternatives", [])[1:]
             prev = con.execute("SELECT id FROM photos WHERE path = ?", (path,)).fetchone()
             if prev:
@@ -159,6 +165,8 @@ def write_batch(con: sqlite3.Connection, rows: list[tuple], failures: list[tuple
             con.execute("INSERT INTO vectors (id, model, words) VALUES (?, ?, ?)", (cur.lastrowid, model, words))
             con.execute("INSERT INTO pooled (id, data) VALUES (?, ?)", (cur.lastrowid, pooled))
             con.execute("INSERT INTO features (id, data) VALUES (?, ?)", (cur.lastrowid, features))
+            if point is not None:
+                con.execute("INSERT INTO space (id, data) VALUES (?, ?)", (cur.lastrowid, point))
             con.executemany("INSERT INTO terms (word, id, score) VALUES (?, ?, ?)",
                             [(w, cur.lastrowid, score) for w, score in result.get("terms", {}).items()])
             con.execute("DELETE FROM failures WHERE path = ?", (path,))
@@ -168,7 +176,7 @@ def write_batch(con: sqlite3.Connection, rows: list[tuple], failures: list[tuple
 
 def delete_photo(con: sqlite3.Connection, pid: int) -> None:
     con.execute("DELETE FROM photos_fts WHERE rowid = ?", (pid,))
-    for table in ("vectors", "pooled", "features", "terms"):
+    for table in ("vectors", "pooled", "features", "space", "terms"):
         con.execute(f"DELETE FROM {table} WHERE id = ?", (pid,))
     con.execute("DELETE FROM photos WHERE id = ?", (pid,))
 

@@ -1,4 +1,5 @@
-"""A model is a folder: ``config.json`` + ``vocab.json`` + ``model.safetensors`` + ``decoding.json``.
+"""A model is a folder: ``config.json`` + ``vocab.json`` + ``model.safetensors`` + ``decoding.json``,
+and optionally its search space: ``embedding.json`` + ``embedding.safetensors`` (model/embedding.py).
 Never a pickle.
 
 ``decoding.json`` holds how the model captions unless told otherwise (beam size, length
@@ -7,6 +8,10 @@ existed kept those settings in config.json: they are read from there.
 
 The weights file holds the decoder (``decoder.*``) and, unless the encoder is rebuilt from its
 own offline source (the frozen default), the encoder too (``encoder.*``).
+
+The search space is trained after the decoder, over the same encoder's features and vocabulary,
+and added to the folder (`save_space`); a folder without it captions and searches as before
+(`load_space` gives None).
 """
 
 from __future__ import annotations
@@ -16,17 +21,19 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from captioner.data.vocab import Vocabulary
 from captioner.decoding import Decoding
 from captioner.errors import ConfigError, ModelError
-from captioner.files import atomic_folder, complete_folder
+from captioner.files import atomic_folder, atomic_write, complete_folder
+from captioner.model.embedding import EmbeddingConfig, JointEmbedding
 from captioner.model.encoder import EncoderError, build_backbone, weights_digest
 from captioner.model.network import CaptionModel, ModelConfig, build_decoder
 from captioner.names import SHIPPED, shipped_model_dir
 
 CONFIG, VOCAB, WEIGHTS, DECODING = "config.json", "vocab.json", "model.safetensors", "decoding.json"
+SPACE_CONFIG, SPACE_WEIGHTS = "embedding.json", "embedding.safetensors"
 
 
 def model_dir(folder: str | Path | None) -> Path:
@@ -101,6 +108,53 @@ def load_model(folder: str | Path | None, device: torch.device | str = "cpu") ->
     if in_folder:  # name the exact weights, so the feature cache can never mix two encoders
         encoder.identity = f"{cfg.encoder}:weights:{weights_digest(encoder)}"
     return model.to(device).eval(), vocab
+
+
+def save_space(space: JointEmbedding, folder: Path, *, half: bool = True) -> None:
+    """Add (or replace) the search space of the model folder `folder`: the weights first, then
+    embedding.json, which says a space is there, so a kill between the two leaves the folder as it
+    was. Stored in float16 unless `half` is False (the vectors it makes are float16 anyway)."""
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in space.state_dict().items()}
+    with atomic_write(Path(folder) / SPACE_WEIGHTS, "wb") as f:
+        f.write(save(state, metadata={"format": "pt"}))
+    with atomic_write(Path(folder) / SPACE_CONFIG) as f:
+        f.write(json.dumps(space.cfg.to_json(), indent=2))
+
+
+def load_space(folder: str | Path | None, cfg: ModelConfig, pad: int = 0,
+               device: torch.device | str = "cpu") -> JointEmbedding | None:
+    """The search space of a model folder, in eval mode, or None when it has none (embedding.json
+    absent). It must fit the caption model `cfg` (its vocabulary and encoder channels)."""
+    folder = complete_folder(model_dir(folder))
+    if not (folder / SPACE_CONFIG).is_file():
+        return None
+    try:
+        data = json.loads((folder / SPACE_CONFIG).read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        scfg = EmbeddingConfig.from_json(data)
+    except (ValueError, TypeError, RecursionError) as e:
+        raise ModelError(f"{folder}: bad {SPACE_CONFIG} ({e})") from None
+    if (scfg.vocab_size, scfg.feat_dim) != (cfg.vocab_size, cfg.feat_dim):
+        raise ModelError(f"{folder}: {SPACE_CONFIG} is for {scfg.vocab_size} words and {scfg.feat_dim} channels, the "
+                         f"model has {cfg.vocab_size} and {cfg.feat_dim}")
+    if not (folder / SPACE_WEIGHTS).is_file():
+        raise ModelError(f"{folder}: {SPACE_CONFIG} is there but {SPACE_WEIGHTS} is missing")
+    try:
+        state = load_file(str(folder / SPACE_WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"{folder}: {SPACE_WEIGHTS} is not a readable safetensors file ({e})") from None
+    space = JointEmbedding(scfg, pad)
+    want = {k: tuple(v.shape) for k, v in space.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    if want != have:
+        key = next(k for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k))
+        raise ModelError(f"{folder}: {SPACE_WEIGHTS} does not fit {SPACE_CONFIG} ({key} should be "
+                         f"{list(want[key]) if key in want else 'absent'} but is "
+                         f"{list(have[key]) if key in have else 'missing'})")
+    space.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return space.to(device).eval()
 
 
 def _check_shapes(folder: Path, cfg: ModelConfig) -> None:

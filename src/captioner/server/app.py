@@ -46,8 +46,10 @@ from captioner.server.schema import CaptionResponse, Health, SearchResponse, err
 
 STATIC = Path(__file__).parent / "static"
 LIMIT = Annotated[int, Query(ge=1, le=200)]  # photos one search answers with
-MODE = Annotated[Literal[SEARCH_MODES], Query(description="keyword: the words of the captions; model: how well the "
-                                              "captioning model says the words describe each photo; hybrid: both")]
+MODE = Annotated[Literal[SEARCH_MODES], Query(description="keyword: the words of the captions; embedding: the "
+                                              "words and each photo compared in the model's search space; model: how "
+                                              "well the captioning model says the words describe each photo; hybrid: "
+                                              "all of them added up")]
 
 
 def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0, max_pixels: int = 40_000_000,

@@ -77,6 +77,12 @@ class TrainConfig(ModelOptions):
     scst_xe: float = option(0.0, "also train on one reference caption per image with this cross-entropy weight; "
                             "keeps captions from growing short and generic (--scst)", metavar="WEIGHT")
 
+    # the search space (model/embedding.py), trained after the decoder on the same cached features
+    space_epochs: int = option(10, "then train the model's search space (a joint image-sentence embedding) for N "
+                               "epochs and add it to best/ and last/ (0: none)", metavar="N", type=NATURAL)
+    space_only: bool = option(False, "with --init: add a search space to that model (decoder unchanged), written "
+                              "with it to OUT/best")
+
     # validation and output
     val_beam_size: int = option(1, "decode val with this beam (length norm 1.0) to pick the best epoch (1: greedy)")
     half: bool = option(False, "store model folders in fp16")
@@ -122,6 +128,12 @@ class TrainConfig(ModelOptions):
             raise ConfigError("--freeze-stages and --encoder-warmup must be 0 or more")
         if self.max_images < 0 or self.val_images < 0:
             raise ConfigError("--max-images and --val-images must be 0 (all) or more")
+        if self.space_only and not self.init:
+            raise ConfigError("--space-only adds a search space to the model given by --init; name one")
+        if self.space_only and (self.fine_tune_encoder or self.scst):
+            raise ConfigError("--space-only trains the search space alone; leave out --fine-tune-encoder and --scst")
+        if self.space_only and not self.space_epochs:
+            raise ConfigError("--space-only needs --space-epochs 1 or more")
         if self.epochs < 0 or self.batch_size < 1 or self.accum < 1 or self.val_beam_size < 1:
             raise ConfigError("--epochs must be 0 or more, and --batch-size, --accum and --val-beam-size 1 or more")
 
@@ -129,7 +141,7 @@ class TrainConfig(ModelOptions):
     # is (what the data holds is checked by its fingerprint)
     RESUMABLE_CHANGES = ("data", "out", "layout", "images", "skip_missing", "epochs", "patience", "resume",
                          "overwrite", "half", "device", "precision", "cache_dir", "feature_batch_size", "workers",
-                         "quiet")
+                         "quiet", "space_epochs")
 
     # what only a fine-tuning run reads: a run with a frozen encoder resumes whatever they say (a run
     # started before --freeze-bn became the default must still resume)

@@ -7,7 +7,8 @@
                         several processes
     resume              optimiser, scheduler and RunState from checkpoint.pt
     loop over epochs    train (cross-entropy or self-critical), validate, keep the best, checkpoint
-    finish              choose the best model's decoding on val
+    finish              choose the best model's decoding on val; train its search space
+                        (train/embedding.py) on the same features and add it to best/ and last/
 
 Cross-entropy by default; with `cfg.scst`, self-critical training (see scst.py), usually from a
 cross-entropy model given as `cfg.init`. The best model by val CIDEr-D and the last one are
@@ -96,6 +97,12 @@ def _fit(cfg: TrainConfig, out: Path, dist: Dist, device: torch.device) -> dict:
     data = prepare_data(cfg, model, vocab, splits, plan, dist)
     log(f"{data.summary(vocab, model.cfg.max_len)}, {'self-critical, ' if cfg.scst else ''}device {device}, "
         f"precision {plan.precision}{f', {dist.world} processes' if dist.world > 1 else ''}")
+    if cfg.space_only:  # the --init model as it is, with a search space added
+        space = None
+        if dist.main:
+            save_model(model, vocab, out / "best", half=cfg.half)
+            space = _add_space(cfg, [out / "best"], data, log)
+        return {"best_CIDEr": None, "best_epoch": 0, "history": [], "decoding": None, "space": space}
 
     opt = Optimisation.build(cfg, model, data, dist, device)
     run = RunState()
@@ -119,7 +126,23 @@ def _fit(cfg: TrainConfig, out: Path, dist: Dist, device: torch.device) -> dict:
         log("decoding of the best model on val: " + "; ".join(
             f"{_describe(r)}: CIDEr-D {r['CIDEr']:.3f}" for r in rows))
         chosen = max(rows, key=lambda r: r["CIDEr"])
-    return {"best_CIDEr": run.best, "best_epoch": run.best_epoch, "history": run.history, "decoding": chosen}
+    space = None
+    if cfg.space_epochs and run.best_epoch and dist.main:
+        if cfg.fine_tune_encoder:  # the cached features are the old encoder's
+            log(f"no search space: it is trained on a frozen encoder's features; add one with captioner train "
+                f"--space-only --init {out / 'best'} --data {cfg.data} --out FOLDER")
+        else:
+            space = _add_space(cfg, [out / "best", out / "last"], data, log)
+    return {"best_CIDEr": run.best, "best_epoch": run.best_epoch, "history": run.history, "decoding": chosen,
+            "space": space}
+
+
+def _add_space(cfg: TrainConfig, folders: list[Path], data: TrainData, log) -> dict:
+    """Train the search space on the run's cached features and add it to `folders` -> its val R@K."""
+    from captioner.train.embedding import add_space
+
+    return add_space(folders, (data.train_feats, data.train_caps), (data.val_feats, data.val_caps), cfg.space_epochs,
+                     seed=cfg.seed, progress=not cfg.quiet, log=log)["val"]
 
 
 def _describe(row: dict) -> str:

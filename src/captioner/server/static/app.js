@@ -90,7 +90,8 @@ async function captionFiles(fileList) {
 
 function showHits(data) {
   const shown = data.results.length;
-  const what = data.mode === "keyword" ? "match" : data.mode === "like" ? "compared" : "ranked by the model";
+  const what = data.mode === "keyword" ? "match" : data.mode === "like" ? "compared"
+    : data.mode === "embedding" ? "ranked by the search space" : "ranked by the model";
   let info = !data.total ? "no photo matches"
     : shown < data.total ? `${data.total} photos ${what}; the best ${shown} are shown`
     : `${data.total} photo${data.total === 1 ? "" : "s"} ${what}`;

@@ -1,0 +1,128 @@
+"""The joint image-sentence space of search: a photo and a sentence that describes it map to nearby
+unit vectors, so "which photos show this?" is one matrix product over vectors stored at index time.
+
+Two small towers over what the captioner already has:
+
+    image side   the encoder's features (B, P, C) (or pooled (B, C)) -> pooled over the grid (mean,
+                 or a learned attention over the cells) -> Linear + a residual MLP -> (B, D), unit length
+    text side    a caption's tokens (B, T) -> word vectors (initialised from the captioner's own) ->
+                 a bidirectional GRU, mean over the words (or the mean word vector alone: "bag") ->
+                 Linear -> (B, D), unit length
+
+trained with a contrastive loss over a batch of (photo, caption) pairs: each caption's own photo
+must score above the batch's other photos, and each photo's caption above the other captions
+(InfoNCE with a learned temperature, or VSE++'s hinge on the hardest negative). What was tried and
+measured is in docs/EXPERIMENTS.md; the defaults here are the winners.
+
+The space lives in its own files of the model folder (embedding.json + embedding.safetensors, see
+model/folder.py): trained after the decoder on the same cached features, it is a second opinion
+beside the captioner's log p(query | photo), and a folder without it captions and searches as before.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from captioner.options import check_ranges, option
+
+POOLS = ("mean", "attention")
+TEXTS = ("gru", "bag")
+LOSSES = ("infonce", "hardest")
+
+
+@dataclass(kw_only=True)
+class EmbeddingConfig:
+    """embedding.json: the space's sizes and how it was trained (checked like config.json)."""
+
+    vocab_size: int = option(5, "words in the vocabulary (the caption model's)", low=5, high=1_000_000)
+    feat_dim: int = option(1280, "the encoder's channels", low=1, high=8192)
+    dim: int = option(256, "dimensions of the joint space (a stored photo is dim x 2 bytes)", low=8, high=4096)
+    word_dim: int = option(512, "word vectors of the text side", low=8, high=4096)
+    pool: str = option("attention", "how the image side pools the encoder's grid", choices=POOLS)
+    text: str = option("gru", "the text side: a bidirectional GRU, or the mean word vector", choices=TEXTS)
+    loss: str = option("infonce", "contrastive loss: InfoNCE (learned temperature) or VSE++ hardest-negative "
+                       "hinge", choices=LOSSES)
+    margin: float = option(0.2, "the hinge's margin (loss 'hardest')", low=0.0, high=2.0)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> EmbeddingConfig:
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)}")
+        cfg = cls(**data)
+        check_ranges(cfg, choices={"pool": POOLS, "text": TEXTS, "loss": LOSSES})
+        return cfg
+
+
+class JointEmbedding(nn.Module):
+    """images(feats) and texts(tokens) -> unit vectors (B, dim) whose dot product ranks matches."""
+
+    def __init__(self, cfg: EmbeddingConfig, pad: int = 0):
+        super().__init__()
+        self.cfg, self.pad = cfg, pad
+        C, D = cfg.feat_dim, cfg.dim
+        # image side
+        self.cell_score = nn.Linear(C, 1) if cfg.pool == "attention" else None  # a weight per grid cell
+        self.image_norm = nn.LayerNorm(C)  # Lite0's features are 0..6 with a few large channels
+        self.image_linear = nn.Linear(C, D)
+        self.image_mlp = nn.Sequential(nn.Linear(C, D), nn.ReLU(), nn.Linear(D, D))  # added to the linear map
+        # text side
+        self.words = nn.Embedding(cfg.vocab_size, cfg.word_dim, padding_idx=pad)
+        if cfg.text == "gru":
+            self.rnn = nn.GRU(cfg.word_dim, D, batch_first=True, bidirectional=True)
+            self.text_linear = nn.Linear(2 * D, D)
+        else:
+            self.rnn = None
+            self.text_linear = nn.Linear(cfg.word_dim, D)
+        # InfoNCE's temperature, learned (as log of its inverse: CLIP starts at 1/0.07), kept at most 100
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def images(self, feats: torch.Tensor) -> torch.Tensor:
+        """Encoder features (B, P, C) or pooled (B, C) -> unit vectors (B, D)."""
+        x = self.image_norm(feats.float())
+        if x.dim() == 3:
+            if self.cell_score is not None:
+                weights = self.cell_score(x).softmax(dim=1)  # (B, P, 1)
+                x = (weights * x).sum(dim=1)  # (B, C)
+            else:
+                x = x.mean(dim=1)
+        return F.normalize(self.image_linear(x) + self.image_mlp(x), dim=-1)
+
+    def texts(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T), padded with `pad` (<start>/<end> may be there) -> unit vectors (B, D).
+        A row of padding alone gets a zero vector (it matches nothing)."""
+        mask = (tokens != self.pad).unsqueeze(-1).float()  # (B, T, 1)
+        x = self.words(tokens)  # (B, T, W)
+        if self.rnn is not None:
+            lengths = mask.sum(dim=1).squeeze(-1).clamp(min=1).long().cpu()
+            packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            out, _ = self.rnn(packed)
+            x, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])  # (B, T, 2D)
+        pooled = (x * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # mean over the words
+        return F.normalize(self.text_linear(pooled), dim=-1) * (mask.sum(dim=1) > 0)
+
+    def loss(self, img: torch.Tensor, txt: torch.Tensor, same: torch.Tensor | None = None) -> torch.Tensor:
+        """Contrastive loss of a batch of pairs: img (B, D) and txt (B, D), row i of each a match.
+        `same` (B,): an id of each row's photo, so that two captions of one photo in a batch are not
+        each other's negatives."""
+        sims = img @ txt.t()  # (B, B): photo i, caption j
+        B = sims.shape[0]
+        positive = torch.eye(B, dtype=torch.bool, device=sims.device)
+        other = ~(same[:, None] == same[None, :]) if same is not None else ~positive
+        if self.cfg.loss == "infonce":
+            logits = (sims * self.log_scale.clamp(max=math.log(100)).exp()).masked_fill(~(other | positive), -1e4)
+            target = torch.arange(B, device=sims.device)
+            return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        diag = sims.diagonal()
+        masked = sims.masked_fill(~other, -1e4)
+        caption_side = (self.cfg.margin - diag[:, None] + masked).clamp(min=0).max(dim=1).values  # per photo
+        photo_side = (self.cfg.margin - diag[None, :] + masked).clamp(min=0).max(dim=0).values  # per caption
+        return (caption_side + photo_side).mean()

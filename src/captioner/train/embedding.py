@@ -1,0 +1,150 @@
+"""Training the joint image-sentence space (model/embedding.py) on cached encoder features, and
+measuring it both ways: captions -> photos and photos -> captions, by R@K as the retrieval papers
+report them (each caption's one right photo; a photo is found by the best of its captions).
+
+Plain functions, as the decoder's training: `fit` runs the epochs and keeps the best on val by rsum,
+`retrieval_ranks` / `recall_both` measure.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from captioner.model.embedding import EmbeddingConfig, JointEmbedding
+from captioner.model.folder import load_model, save_space
+from captioner.train.data import Captions, FeatureRows
+from captioner.train.steps import Meter
+
+
+def word_rows(tokens: list[torch.Tensor], start: int, end: int, pad: int) -> torch.Tensor:
+    """Captions as [<start>, w1 .. wn, <end>] id tensors -> (B, T) word ids, padded with `pad`:
+    the text side reads the words alone."""
+    words = [t[(t != start) & (t != end)] for t in tokens]
+    return torch.nn.utils.rnn.pad_sequence(words, batch_first=True, padding_value=pad) if words else torch.zeros(0, 1)
+
+
+@torch.no_grad()
+def embed_rows(fn, items, batch: int = 512) -> torch.Tensor:
+    """`fn` over `items` (a tensor or FeatureRows) `batch` rows at a time -> (N, D) float32."""
+    out = [fn(items[i:i + batch]).float() for i in range(0, len(items), batch)]
+    return torch.cat(out) if out else torch.zeros(0, 1)
+
+
+def retrieval_ranks(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """img (N, D), txt (M, D) unit vectors, owner (M,) the photo of each caption ->
+    (each caption's rank of its photo among the N (1 = first), (M,); each photo's best rank of its own
+    captions among the M, (N,)). Rivals tied with the right answer share its places (the mean rank),
+    as in evaluate.rank_of: a caption with no known word (a row of zeros) ranks in the middle, not first."""
+    sims = txt @ img.t()  # (M, N)
+    own = sims.gather(1, owner[:, None])  # (M, 1)
+    t2i = (sims > own).sum(dim=1) + 1 + ((sims == own).sum(dim=1) - 1) / 2
+    sims_t = sims.t()  # (N, M)
+    i2t = torch.full((img.shape[0],), float(txt.shape[0] + 1))
+    for i in range(img.shape[0]):
+        mine = (owner == i).nonzero().squeeze(1)
+        if len(mine):
+            best = sims_t[i, mine].max()
+            i2t[i] = (sims_t[i] > best).sum() + 1 + ((sims_t[i] == best).sum() - 1) / 2
+    return t2i.double().numpy(), i2t.double().numpy()
+
+
+def recall_both(t2i: np.ndarray, i2t: np.ndarray) -> dict:
+    """Ranks both ways -> R@1/5/10 and median rank of each (percent), and rsum (their six R@K)."""
+    out = {}
+    for name, r in (("text_to_image", t2i), ("image_to_text", i2t)):
+        r = np.asarray(r, np.float64)
+        out[name] = {f"R@{k}": round(float((r <= k).mean() * 100), 2) for k in (1, 5, 10)} | {
+            "median_rank": float(np.median(r))}
+    out["rsum"] = round(sum(v for side in ("text_to_image", "image_to_text")
+                            for k, v in out[side].items() if k.startswith("R@")), 2)
+    return out
+
+
+def evaluate_space(space: JointEmbedding, feats: FeatureRows, caps: Captions, start: int, end: int) -> dict:
+    """R@K both ways over the val photos `feats` and their captions `caps`."""
+    space.eval()
+    img = embed_rows(space.images, feats)
+    txt = embed_rows(space.texts, word_rows(caps.tokens, start, end, space.pad))
+    return recall_both(*retrieval_ranks(img, txt, caps.image))
+
+
+def fit(space: JointEmbedding, train: tuple[FeatureRows, Captions], val: tuple[FeatureRows, Captions], *,
+        start: int, end: int, epochs: int = 20, batch_size: int = 128, lr: float = 2e-4, seed: int = 0,
+        progress: bool = True, log=print) -> dict:
+    """Train `space` for `epochs` over every training caption (each with its photo), Adam at `lr`
+    with a cosine decay, and keep the weights of the epoch with the best val rsum. Returns
+    {"best_epoch", "val": that epoch's recall_both, "history": [(epoch, loss, rsum), ...]}."""
+    feats, caps = train
+    gen = torch.Generator().manual_seed(seed)
+    words = word_rows(caps.tokens, start, end, space.pad)  # (N, T)
+    n = len(caps.tokens)
+    steps_per_epoch = max(1, n // batch_size)
+    opt = torch.optim.AdamW(space.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / (epochs * steps_per_epoch)))))
+    best, best_state, history = None, None, []
+    for epoch in range(1, epochs + 1):
+        space.train()
+        order = torch.randperm(n, generator=gen)
+        batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(steps_per_epoch)]
+        meter = Meter(batches, f"space epoch {epoch}", total=len(batches), progress=progress)
+        t0 = time.perf_counter()
+        for idx in meter:
+            rows = caps.image[idx]
+            w = words[idx]
+            w = w[:, : int((w != space.pad).sum(dim=1).max())]  # drop all-padding columns
+            loss = space.loss(space.images(feats[rows.numpy()]), space.texts(w), same=rows)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(space.parameters(), 2.0)
+            opt.step()
+            sched.step()
+            meter.add("loss", loss.item() * len(idx), len(idx))
+            meter.show(len(idx), "captions/s", loss=".3f")
+        scores = evaluate_space(space, val[0], val[1], start, end)
+        history.append((epoch, round(meter.mean("loss"), 4), scores["rsum"]))
+        log(f"space epoch {epoch}: loss {meter.mean('loss'):.4f}, val rsum {scores['rsum']:.1f} (text->image R@1 "
+            f"{scores['text_to_image']['R@1']:.1f}), {time.perf_counter() - t0:.0f} s")
+        if best is None or scores["rsum"] > best[1]["rsum"]:
+            best = (epoch, scores)
+            best_state = {k: v.detach().clone() for k, v in space.state_dict().items()}
+    if best_state is not None:
+        space.load_state_dict(best_state)
+    space.eval()
+    return {"best_epoch": best[0] if best else 0, "val": best[1] if best else None, "history": history}
+
+
+def new_space(cfg: EmbeddingConfig, pad: int, word_vectors: torch.Tensor | None = None,
+              seed: int = 0) -> JointEmbedding:
+    """A space to train, its word vectors copied from the captioner's (V, E) when given and sized alike."""
+    torch.manual_seed(seed)
+    space = JointEmbedding(cfg, pad)
+    if word_vectors is not None and tuple(word_vectors.shape) == tuple(space.words.weight.shape):
+        with torch.no_grad():
+            space.words.weight.copy_(word_vectors)
+    return space
+
+
+def add_space(folders: list[Path], train: tuple[FeatureRows, Captions], val: tuple[FeatureRows, Captions],
+              epochs: int, *, seed: int = 0, progress: bool = True, log=print) -> dict:
+    """Train the search space of the model in `folders[0]` on cached features and captions (the
+    (FeatureRows, Captions) of each split) and add it to every folder of `folders` (they share its
+    encoder and vocabulary: a run's best/ and last/). Returns `fit`'s result."""
+    model, vocab = load_model(folders[0])
+    words = model.decoder.word_vectors("input")  # (V, E): the text side starts from the captioner's words
+    cfg = EmbeddingConfig(vocab_size=len(vocab), feat_dim=model.cfg.feat_dim, word_dim=words.shape[1])
+    space = new_space(cfg, vocab.pad, words, seed=seed)
+    result = fit(space, train, val, start=vocab.start, end=vocab.end, epochs=epochs, seed=seed, progress=progress,
+                 log=log)
+    for folder in folders:
+        save_space(space, folder)
+    t2i, i2t = result["val"]["text_to_image"], result["val"]["image_to_text"]
+    log(f"search space: best at epoch {result['best_epoch']} of {epochs}: val text->image R@1/5/10 "
+        f"{t2i['R@1']:.1f}/{t2i['R@5']:.1f}/{t2i['R@10']:.1f}, image->text {i2t['R@1']:.1f}/{i2t['R@5']:.1f}/"
+        f"{i2t['R@10']:.1f}; added to {', '.join(str(f) for f in folders)}")
+    return result

@@ -1,0 +1,227 @@
+"""The search space (model/embedding.py): it learns, measures both ways, saves and loads with the
+model folder, is indexed and searched, and a folder or library without it still works."""
+
+import json
+import shutil
+import sqlite3
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from captioner import Captioner
+from captioner.errors import LibraryError, ModelError
+from captioner.library import index_folders, search, similar
+from captioner.model.embedding import EmbeddingConfig, JointEmbedding
+from captioner.model.folder import SPACE_CONFIG, SPACE_WEIGHTS, load_space, read_config, save_space
+from captioner.train.data import Captions, FeatureRows
+from captioner.train.embedding import fit, recall_both, retrieval_ranks, word_rows
+
+
+@pytest.fixture
+def cap(trained):
+    return Captioner.load(trained / "best", device="cpu")
+
+
+@pytest.fixture
+def photos(tmp_path, shapes):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in sorted(p for p in shapes.parent.glob("*.png") if p.stem.endswith("_4"))[:12]:
+        Image.open(p).save(folder / p.name)
+    return folder
+
+
+def truth(name: str) -> str:
+    c, s, b, _ = name.split("_")
+    return f"a {c} {s} on a {b} background"
+
+
+def test_the_trained_model_has_a_space_that_ranks_held_out_captions(trained, cap, photos):
+    """`captioner train` adds the space to best/ and last/; on photos it was not trained on, each
+    one's true description finds it first far more often than chance (1 in 12)."""
+    for sub in ("best", "last"):
+        assert (trained / sub / SPACE_CONFIG).is_file() and (trained / sub / SPACE_WEIGHTS).is_file()
+    files = sorted(photos.glob("*.png"))
+    img = cap.embed(files)
+    txt = cap.embed_text([truth(f.stem) for f in files])
+    assert img.shape == txt.shape == (12, cap.space.cfg.dim)
+    assert np.allclose(np.linalg.norm(img, axis=1), 1, atol=1e-3)
+    t2i, i2t = retrieval_ranks(torch.from_numpy(img), torch.from_numpy(txt), torch.arange(12))
+    assert (t2i == 1).mean() >= 0.5 and (i2t == 1).mean() >= 0.5, (t2i, i2t)
+    assert cap.embed(files[0]).shape == (1, cap.space.cfg.dim)  # one image -> one row
+    assert not cap.embed_text("zxqv").any()  # no known word: matches nothing
+
+
+def test_retrieval_ranks_both_ways_by_hand():
+    """Three photos, four captions (photo 0 has two): each caption's rank of its photo, each
+    photo's best rank of its own captions, and rsum as the papers add it."""
+    img = torch.eye(3)
+    txt = torch.tensor([[1.0, 0, 0], [0, 0.2, 1], [0, 1, 0], [0.9, 0.1, 0]])  # captions 1 and 3 are wrong
+    owner = torch.tensor([0, 0, 1, 2])
+    t2i, i2t = retrieval_ranks(img, txt, owner)
+    assert t2i.tolist() == [1, 3, 1, 3]  # caption 3 is nearer photos 0 and 1 than its own
+    assert i2t.tolist() == [1, 1, 3]  # photo 2's own caption: after caption 1, tied with 0 and 2 (places 2-4)
+    assert retrieval_ranks(img, torch.zeros(1, 3), torch.tensor([1]))[0].tolist() == [2]  # no words: the middle
+    r = recall_both(t2i, i2t)
+    assert r["text_to_image"]["R@1"] == 50 and r["image_to_text"]["R@1"] == pytest.approx(66.67)
+    assert r["rsum"] == pytest.approx(50 + 100 + 100 + 66.67 + 100 + 100)
+
+
+@pytest.mark.parametrize("text,pool,loss", [("gru", "attention", "infonce"), ("bag", "mean", "hardest")])
+def test_every_variant_learns_and_training_is_repeatable(text, pool, loss):
+    """Synthetic pairs whose features carry their caption's words: every variant learns to match
+    them (R@1 far above chance), and the same seed gives the same weights, bit for bit (a killed
+    run's space is trained again from the start, to the same result)."""
+    gen = torch.Generator().manual_seed(0)
+    n, vocab, feat = 64, 24, 16
+    words = torch.randint(4, vocab, (n, 3), generator=gen)
+    basis = torch.randn(vocab, feat, generator=gen)
+    feats = torch.relu(basis[words].sum(dim=1)[:, None, :] + 0.1 * torch.randn(n, 4, feat, generator=gen))
+    tokens = [torch.tensor([1, *w.tolist(), 2]) for w in words]
+    caps = Captions(tokens, torch.arange(n), [5] * n)
+    rows = FeatureRows(feats.half().numpy(), list(range(n)))
+    cfg = EmbeddingConfig(vocab_size=vocab, feat_dim=feat, dim=16, word_dim=16, text=text, pool=pool, loss=loss)
+
+    def train():
+        torch.manual_seed(0)
+        space = JointEmbedding(cfg)
+        result = fit(space, (rows, caps), (rows, caps), start=1, end=2, epochs=25, batch_size=16, lr=3e-3,
+                     progress=False, log=lambda *a: None)
+        return space, result
+
+    space, result = train()
+    assert result["val"]["text_to_image"]["R@1"] >= 40, result["val"]  # chance: 1.6
+    again, _ = train()
+    for (k, a), b in zip(space.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_word_rows_drop_start_and_end():
+    rows = word_rows([torch.tensor([1, 5, 6, 2]), torch.tensor([1, 7, 2])], start=1, end=2, pad=0)
+    assert rows.tolist() == [[5, 6], [7, 0]]
+
+
+def test_a_folder_without_a_space_loads_and_says_so(trained, tmp_path):
+    folder = tmp_path / "plain"
+    shutil.copytree(trained / "best", folder)
+    (folder / SPACE_CONFIG).unlink()
+    (folder / SPACE_WEIGHTS).unlink()
+    plain = Captioner.load(folder, device="cpu")
+    assert plain.space is None and plain.caption(np.zeros((96, 96, 3), np.uint8))
+    with pytest.raises(ModelError, match="no search space.*--space-only"):
+        plain.embed_text("a red circle")
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda f: (f / SPACE_WEIGHTS).unlink(), "embedding.safetensors is missing"),
+    (lambda f: (f / SPACE_WEIGHTS).write_bytes(b"junk"), "not a readable safetensors"),
+    (lambda f: (f / SPACE_CONFIG).write_text("[1]"), "bad embedding.json"),
+    (lambda f: (f / SPACE_CONFIG).write_text(json.dumps(
+        {**json.loads((f / SPACE_CONFIG).read_text()), "dim": 12})), "does not fit embedding.json"),
+    (lambda f: (f / SPACE_CONFIG).write_text(json.dumps(
+        {**json.loads((f / SPACE_CONFIG).read_text()), "vocab_size": 7})), "is for 7 words"),
+    (lambda f: (f / SPACE_CONFIG).write_text(json.dumps(
+        {**json.loads((f / SPACE_CONFIG).read_text()), "pool": "max"})), "pool must be one of"),
+])
+def test_a_damaged_space_is_a_one_line_model_error(trained, tmp_path, damage, message):
+    folder = tmp_path / "m"
+    shutil.copytree(trained / "best", folder)
+    damage(folder)
+    with pytest.raises(ModelError, match=message) as e:
+        load_space(folder, read_config(folder))
+    assert "\n" not in str(e.value)
+
+
+def test_save_space_round_trips_and_changes_the_fingerprint(trained, tmp_path, cap):
+    folder = tmp_path / "m"
+    shutil.copytree(trained / "best", folder)
+    before = Captioner.load(folder, device="cpu").fingerprint
+    space = load_space(folder, read_config(folder))
+    with torch.no_grad():
+        space.image_linear.bias.add_(0.5)
+    save_space(space, folder)
+    again = load_space(folder, read_config(folder))
+    assert torch.equal(again.image_linear.bias, space.image_linear.bias.half().float())
+    assert Captioner.load(folder, device="cpu").fingerprint != before
+
+
+# -- the library ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def library(cap, photos, tmp_path):
+    db = tmp_path / "lib.sqlite"
+    index_folders(cap, [photos], db, batch_size=5, progress=False)
+    return db
+
+
+def test_index_stores_a_point_per_photo(cap, library, photos):
+    con = sqlite3.connect(library)
+    rows = con.execute("SELECT s.id, s.data FROM space s JOIN photos p ON p.id = s.id").fetchall()
+    assert len(rows) == 12 and all(len(d) == 2 * cap.space.cfg.dim for _, d in rows)
+    assert con.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0] == "4"
+    stored = np.frombuffer(rows[0][1], np.float16).astype(np.float32)
+    path = con.execute("SELECT path FROM photos WHERE id = ?", (rows[0][0],)).fetchone()[0]
+    assert np.abs(stored - cap.embed(path)[0]).max() < 2e-3  # float16 of what embed() gives
+
+
+def test_embedding_mode_finds_photos_by_their_description(cap, library, photos):
+    hits = 0
+    for f in sorted(photos.glob("*.png")):
+        found = search(library, truth(f.stem), 3, mode="embedding", captioner=cap)
+        assert found.mode == "embedding" and found.note is None
+        hits += found.hits[0]["path"].endswith(f.name)
+    assert hits >= 6  # chance: 1
+
+
+def test_hybrid_with_only_the_space_weighed_is_the_embedding_order(cap, library, monkeypatch):
+    """Fusion with every other weight at zero gives exactly the embedding mode's order, and with the
+    space's weights at zero exactly hybrid's order without a space."""
+    mod = sys.modules["captioner.library.search"]
+    query = "a red circle on a blue background"
+    embedding = [h["id"] for h in search(library, query, 12, mode="embedding", captioner=cap).hits]
+    for name, value in (("WORDS_WEIGHT", 0.0), ("TAG_WEIGHT_MODEL", 0.0), ("KEYWORD_WEIGHT", 0.0),
+                        ("KEYWORD_WEIGHT_FIRST", 0.0)):
+        monkeypatch.setattr(mod, name, value)
+    monkeypatch.setattr("captioner.retrieval.query_logprob",
+                        lambda decoder, feats, tokens: torch.zeros(feats.shape[0]))  # log p weighed 0
+    fused = [h["id"] for h in search(library, query, 12, mode="hybrid", captioner=cap).hits]
+    assert fused == embedding
+    monkeypatch.undo()
+
+    for name in ("SPACE_WEIGHT", "SPACE_WEIGHT_FIRST"):
+        monkeypatch.setattr(mod, name, 0.0)
+    with_zero = search(library, query, 12, mode="hybrid", captioner=cap).hits
+    monkeypatch.setattr(cap, "space", None)  # as a model without a space ranks
+    without = search(library, query, 12, mode="hybrid", captioner=cap)
+    assert [h["id"] for h in with_zero] == [h["id"] for h in without.hits]
+
+
+def test_a_library_indexed_without_the_space_still_searches_and_says_what_it_lacks(trained, photos, tmp_path):
+    folder = tmp_path / "plain"
+    shutil.copytree(trained / "best", folder)
+    (folder / SPACE_CONFIG).unlink()
+    plain = Captioner.load(folder, device="cpu")
+    db = tmp_path / "old.sqlite"
+    index_folders(plain, [photos], db, batch_size=6, progress=False)
+    assert sqlite3.connect(db).execute("SELECT count(*) FROM space").fetchone()[0] == 0
+    found = search(db, "a red circle", 5, mode="embedding", captioner=plain)
+    assert found.mode == "hybrid" and "no search space" in found.note and found.hits
+    assert search(db, "a red circle", 5, mode="hybrid", captioner=plain).hits
+    with_space = Captioner.load(trained / "best", device="cpu")  # another fingerprint: index again
+    found = search(db, "a red circle", 5, mode="embedding", captioner=with_space)
+    assert found.mode == "keyword" and "index again" in found.note
+
+
+def test_search_by_example_goes_through_the_space(cap, library, photos):
+    target = sorted(photos.glob("*.png"))[2]
+    found = similar(library, target, 3, captioner=cap)
+    assert found.hits[0]["path"].endswith(target.name) and found.hits[0]["score"] == pytest.approx(1, abs=2e-3)
+    own = found.hits[0]["id"]
+    assert similar(library, None, 3, captioner=cap, photo_id=own).hits[0]["id"] == own
+    with pytest.raises(LibraryError, match="no photo 999"):
+        similar(library, None, 3, captioner=cap, photo_id=999)
