@@ -225,3 +225,18 @@ def test_search_by_example_goes_through_the_space(cap, library, photos):
     assert similar(library, None, 3, captioner=cap, photo_id=own).hits[0]["id"] == own
     with pytest.raises(LibraryError, match="no photo 999"):
         similar(library, None, 3, captioner=cap, photo_id=999)
+
+
+def test_the_best_few_are_the_first_of_the_whole_ranking(cap, library):
+    """What a search shows (the best `limit`, found without ranking every photo) is the head of
+    the ranking evaluate measures, in every mode."""
+    from captioner.library import ModelView, rank, reading
+
+    with reading(library) as con:
+        view = ModelView(con, cap)
+        for query in ("a red circle", "green square on a yellow background", "blue"):
+            whole = rank(con, view, query, ("embedding", "model", "hybrid"))
+            for limit in (1, 3, 12):
+                head = rank(con, view, query, ("embedding", "model", "hybrid"), limit, every=False)
+                for mode in head:
+                    assert head[mode][:limit] == whole[mode][:limit], (query, mode, limit)

@@ -12,6 +12,7 @@ hybrid is then the model's score plus the keyword score.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -92,7 +93,7 @@ def search(db: Path, text: str, limit: int = 20, *, mode: str = "keyword", capti
         if mode == "embedding" and not view.has_space():
             mode, note = "hybrid", view.space_note()
         if len(view.ids) and any(t != captioner.vocab.unk for t in tokens[1:-1]):
-            ranked = rank(con, view, text, (mode,), limit)[mode]
+            ranked = rank(con, view, text, (mode,), limit, every=False)[mode]
             notes = "; ".join(n for n in (note, view.note(unknown)) if n) or None
             return Found(_hits(con, ranked[:limit]), mode, len(view.ids), notes)
         found = _keyword(con, text, limit)  # nothing this model can rank, or no word it knows: the keywords can
@@ -223,19 +224,36 @@ def _hits(con: sqlite3.Connection, ranked: list[tuple[int, float]]) -> list[dict
 
 
 class ModelView:
-    """The photos of a library as one model indexed them, for model search: their expected word
-    counts held in memory (stage 1: 384 bytes a photo), their features read on demand (stage 2)."""
+    """The photos of a library as one model indexed them, for model search: their ids; their
+    expected word counts, read into memory when a mode needs them (stage 1 of model and hybrid: 384
+    bytes a photo); their points in the search space, read in blocks (`space_scores`); their
+    features, read for the photos stage 2 re-ranks."""
 
     def __init__(self, con: sqlite3.Connection, captioner):
-        from captioner import retrieval
-
         self.con, self.captioner = con, captioner
-        rows = table_rows(con, "SELECT id, words FROM vectors WHERE model = ? ORDER BY id", (captioner.fingerprint,))
+        rows = table_rows(con, "SELECT id FROM vectors WHERE model = ? ORDER BY id", (captioner.fingerprint,))
         photos = con.execute("SELECT count(*) FROM photos").fetchone()[0]
         self.source = captioner.source
-        self.ids = np.array([r[0] for r in rows], np.int64)  # sorted
-        self.word_ids, self.counts = retrieval.unpack_words([r[1] for r in rows])
+        self.ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))  # sorted
         self.left_out = photos - len(rows)  # indexed by another model (or before model search)
+
+    @functools.cached_property
+    def _words(self) -> tuple[np.ndarray, np.ndarray]:
+        from captioner import retrieval
+
+        rows = table_rows(self.con, "SELECT words FROM vectors WHERE model = ? ORDER BY id",
+                          (self.captioner.fingerprint,))
+        return retrieval.unpack_words([r[0] for r in rows])
+
+    @property
+    def word_ids(self) -> np.ndarray:
+        """(N, K) int32: the ids of the words each photo's expected counts keep (retrieval.py)."""
+        return self._words[0]
+
+    @property
+    def counts(self) -> np.ndarray:
+        """(N, K) float32: their expected counts."""
+        return self._words[1]
 
     def query(self, text: str) -> tuple[list[int], list[str]]:
         """`text` -> tokens [<start>, w1 .. wn, <end>] (unknown words as <unk>) and the unknown words."""
@@ -300,9 +318,9 @@ def _note(unknown: list[str], left_out: int, ranked: int, source: str) -> str | 
 
 
 def rank(con: sqlite3.Connection, view: ModelView, text: str, modes: Sequence[str] = ("hybrid",),
-         limit: int = 1) -> dict[str, list[tuple[int, float]]]:
-    """Every photo of `view` for the query `text`, best first, as (id, score), for each of `modes`
-    ("embedding", "model", "hybrid").
+         limit: int = 1, every: bool = True) -> dict[str, list[tuple[int, float]]]:
+    """Every photo of `view` for the query `text` (or, unless `every`, the best `limit`), best
+    first, as (id, score), for each of `modes` ("embedding", "model", "hybrid").
 
     "embedding": the cosine of the query's point in the search space and each photo's, alone.
     "model" and "hybrid" rank in two stages. Stage 1 scores every photo:
@@ -331,7 +349,13 @@ def rank(con: sqlite3.Connection, view: ModelView, text: str, modes: Sequence[st
     if "embedding" in modes:
         if cosine is None:
             raise LibraryError("embedding search needs a model with a search space and a library indexed by it")
-        best = np.argsort(-cosine, kind="stable")
+        if every or limit >= n:
+            best = np.argsort(-cosine, kind="stable")
+        else:  # the best `limit` of a million without sorting the million, tied ones as the stable sort takes them
+            kth = np.partition(-cosine, limit - 1)[limit - 1]
+            above = np.nonzero(-cosine < kth)[0]
+            part = np.concatenate([above, np.nonzero(-cosine == kth)[0][:limit - len(above)]])
+            best = part[np.lexsort((part, -cosine[part]))]
         out["embedding"] = [(int(view.ids[i]), float(cosine[i])) for i in best]
     modes = [m for m in modes if m != "embedding"]
     if not modes:
@@ -361,6 +385,7 @@ def rank(con: sqlite3.Connection, view: ModelView, text: str, modes: Sequence[st
         if mode == "hybrid":
             final += KEYWORD_WEIGHT * bm[top] + SPACE_WEIGHT * space[top]
         best = np.argsort(-final, kind="stable")
+        rest = chosen[mode][take:] if every else chosen[mode][take:max(take, limit)]
         out[mode] = ([(int(view.ids[top[i]]), float(final[i] / length)) for i in best]
-                     + [(int(view.ids[i]), float(stage1[mode][i])) for i in chosen[mode][take:]])
+                     + [(int(view.ids[i]), float(stage1[mode][i])) for i in rest])
     return out
