@@ -240,3 +240,21 @@ def test_the_best_few_are_the_first_of_the_whole_ranking(cap, library):
                 head = rank(con, view, query, ("embedding", "model", "hybrid"), limit, every=False)
                 for mode in head:
                     assert head[mode][:limit] == whole[mode][:limit], (query, mode, limit)
+
+
+def test_a_library_without_features_still_ranks_by_meaning(cap, photos, tmp_path, library):
+    """index --no-features keeps no encoder features, and hybrid search still finds photos by the
+    space, the words and the tags, saying that the captioning model's log p was left out."""
+    from captioner.cli import main
+
+    db = tmp_path / "small.sqlite"
+    assert main(["index", str(photos), "--db", str(db), "--model", str(cap.source), "--no-features", "--quiet"]) == 0
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT count(*) FROM features").fetchone()[0] == 0
+    assert con.execute("SELECT count(*) FROM space").fetchone()[0] == 12
+    con.close()
+    target = sorted(photos.glob("*.png"))[4]
+    found = search(db, truth(target.stem), 3, mode="hybrid", captioner=cap)
+    assert "log p" in found.note and found.mode == "hybrid"
+    assert found.hits[0]["path"].endswith(target.name)
+    assert search(library, truth(target.stem), 3, mode="hybrid", captioner=cap).note is None  # with features

@@ -103,7 +103,7 @@ def cmd_index(a: argparse.Namespace) -> int:
             raise DataError(f"{p}: no such folder")
     cap = Captioner.load(a.model, a.device, a.precision)
     r = index_folders(cap, a.folders, a.db, batch_size=a.batch_size, progress=not a.quiet,
-                      decoding=decoding_from(a, cap.decoding))
+                      decoding=decoding_from(a, cap.decoding), features=not a.no_features)
     _report_failures(r.failed)
     print(f"{a.db}: {r.captioned} captioned, {r.unchanged} unchanged, {r.touched} touched, {r.removed} removed, "
           f"{len(r.failed)} unreadable; {r.seconds:.1f}s", file=sys.stderr)

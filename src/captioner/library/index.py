@@ -39,10 +39,12 @@ class IndexReport:
 
 
 def index_folders(captioner, roots: Sequence[Path], db: Path, *, batch_size: int | None = None, progress: bool = True,
-                  decoding: Decoding | None = None, files: Sequence[Path] | None = None) -> IndexReport:
+                  decoding: Decoding | None = None, files: Sequence[Path] | None = None,
+                  features: bool = True) -> IndexReport:
     """Caption every image under `roots` into the database at `db` with `decoding` (else the
     model's own; see the module docstring). With `files`, those images instead (and no `roots`:
-    nothing is removed)."""
+    nothing is removed). `features=False` keeps no encoder features (about 63 KB a photo): the
+    searches then rank without the decoder's log p (store.py)."""
     t0 = time.perf_counter()
     roots = [Path(os.path.abspath(r)) for r in roots]  # not resolved: a photo is known by the path it is found at
     for r in roots:
@@ -50,7 +52,8 @@ def index_folders(captioner, roots: Sequence[Path], db: Path, *, batch_size: int
             raise FileNotFoundError(f"{r}: no such folder")
     con = store.connect(db)
     try:
-        return _index(captioner, roots, con, batch_size or captioner.batch_size, progress, decoding, t0, files)
+        return _index(captioner, roots, con, batch_size or captioner.batch_size, progress, decoding, t0, files,
+                      features)
     except sqlite3.DatabaseError as e:  # disk full, read-only: each batch was one transaction, so all done is kept
         raise LibraryError(f"{db}: {e}; the photos indexed so far are kept: run again to finish") from None
     finally:
@@ -58,7 +61,8 @@ def index_folders(captioner, roots: Sequence[Path], db: Path, *, batch_size: int
 
 
 def _index(captioner, roots: list[Path], con: sqlite3.Connection, batch_size: int, progress: bool,
-           decoding: Decoding | None, t0: float, files: Sequence[Path] | None = None) -> IndexReport:
+           decoding: Decoding | None, t0: float, files: Sequence[Path] | None = None,
+           features: bool = True) -> IndexReport:
     report = IndexReport()
     # the paths as found (symlinks kept): a link that is removed takes its photo out of the library
     files = [Path(os.path.abspath(f)) for f in (list_images(roots, recursive=True) if files is None else files)]
@@ -81,9 +85,9 @@ def _index(captioner, roots: list[Path], con: sqlite3.Connection, batch_size: in
             report.captioned += 1
         bar.update(1)
         if len(rows) + len(failures) >= batch_size:
-            store.write_batch(con, rows, failures, source, _vectors(captioner, rows), captioner.fingerprint)
+            store.write_batch(con, rows, failures, source, _vectors(captioner, rows, features), captioner.fingerprint)
             rows, failures = [], []
-    store.write_batch(con, rows, failures, source, _vectors(captioner, rows), captioner.fingerprint)
+    store.write_batch(con, rows, failures, source, _vectors(captioner, rows, features), captioner.fingerprint)
     bar.close()
     report.seconds = time.perf_counter() - t0
     return report
@@ -139,9 +143,10 @@ def _remove_missing(con: sqlite3.Connection, roots: Sequence[Path], present: set
     return len(photos)
 
 
-def _vectors(captioner, rows: list[tuple]) -> list[tuple[bytes, bytes, bytes, bytes | None]]:
-    """(features, pooled, words, point in the search space or None) blobs for each captioned photo
-    of a batch (see retrieval.py and model/embedding.py)."""
+def _vectors(captioner, rows: list[tuple], features: bool = True
+             ) -> list[tuple[bytes | None, bytes, bytes, bytes | None]]:
+    """(features or None, pooled, words, point in the search space or None) blobs for each
+    captioned photo of a batch (see retrieval.py and model/embedding.py)."""
     if not rows:
         return []
     import numpy as np
@@ -154,5 +159,6 @@ def _vectors(captioner, rows: list[tuple]) -> list[tuple[bytes, bytes, bytes, by
                                            max_len=captioner.model.cfg.max_len)
     points = ([p.astype(np.float16).tobytes() for p in captioner.embed_features(feats)] if captioner.space is not None
               else [None] * len(rows))
-    return list(zip(retrieval.pack_features(feats), [p.tobytes() for p in retrieval.pooled_vectors(feats)],
+    packed = retrieval.pack_features(feats) if features else [None] * len(rows)
+    return list(zip(packed, [p.tobytes() for p in retrieval.pooled_vectors(feats)],
                     retrieval.pack_words(ids, counts), points))

@@ -94,6 +94,9 @@ def search(db: Path, text: str, limit: int = 20, *, mode: str = "keyword", capti
             mode, note = "hybrid", view.space_note()
         if len(view.ids) and any(t != captioner.vocab.unk for t in tokens[1:-1]):
             ranked = rank(con, view, text, (mode,), limit, every=False)[mode]
+            if view.without_features:
+                note = ("the library keeps no encoder features (indexed with --no-features), so the captioning "
+                        "model's log p(query | photo) was left out of the ranking")
             notes = "; ".join(n for n in (note, view.note(unknown)) if n) or None
             return Found(_hits(con, ranked[:limit]), mode, len(view.ids), notes)
         found = _keyword(con, text, limit)  # nothing this model can rank, or no word it knows: the keywords can
@@ -236,6 +239,7 @@ class ModelView:
         self.source = captioner.source
         self.ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))  # sorted
         self.left_out = photos - len(rows)  # indexed by another model (or before model search)
+        self.without_features = False  # set by `rank` when a photo it re-ranked had no stored features
 
     @functools.cached_property
     def _words(self) -> tuple[np.ndarray, np.ndarray]:
@@ -292,11 +296,14 @@ class ModelView:
         return out
 
     def features(self, ids: np.ndarray):
-        """The stored features of photos `ids` (in that order) -> a float tensor (M, ...)."""
+        """The stored features of photos `ids` (in that order) -> a float tensor (M, ...), or None
+        when one of them has none (indexed with --no-features)."""
         from captioner import retrieval
 
         rows = by_id(self.con, "SELECT id, data FROM features WHERE id IN ({})", ids)
         blobs = {i: row[0] for i, row in rows.items()}
+        if len(blobs) < len(set(int(i) for i in ids)):
+            return None
         cfg = self.captioner.model.cfg
         cells = (len(next(iter(blobs.values()))) - 8) // cfg.feat_dim if blobs else 1
         shape = (cfg.feat_dim,) if self.captioner.model.decoder.feature_kind == "pooled" else (cells, cfg.feat_dim)
@@ -376,8 +383,11 @@ def rank(con: sqlite3.Connection, view: ModelView, text: str, modes: Sequence[st
         chosen[mode] = np.argsort(-stage1[mode], kind="stable")
     take = max(retrieval.RERANK, limit)
     scored = np.unique(np.concatenate([chosen[m][:take] for m in modes]))  # positions in view.ids
-    logp = retrieval.query_logprob(cap.model.decoder, view.features(view.ids[scored]).to(cap.device), tokens)
-    logp = dict(zip(scored.tolist(), logp.cpu().numpy().tolist()))
+    feats = view.features(view.ids[scored])
+    view.without_features = feats is None  # indexed with --no-features: ranked without the decoder
+    logp = (retrieval.query_logprob(cap.model.decoder, feats.to(cap.device), tokens).cpu().numpy()
+            if feats is not None else np.zeros(len(scored)))
+    logp = dict(zip(scored.tolist(), logp.tolist()))
     length = len(tokens) - 1  # the words and <end>
     for mode in modes:
         top = chosen[mode][:take]

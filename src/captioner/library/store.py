@@ -15,7 +15,8 @@ One file, readable with the ``sqlite3`` shell:
     space(id, data)                         its point in the model's search space (model/embedding.py),
                                             float16, unit length: stage 1 of every search by meaning,
                                             read in blocks; none for a model without a space
-    features(id, data)                      the encoder's output, 8-bit (read for the photos re-ranked)
+    features(id, data)                      the encoder's output, 8-bit (read for the photos re-ranked;
+                                            none with index --no-features)
         (three tables, so that a scan of the small rows never walks the large ones' pages)
     terms(word, id, score)                  what the encoder's ImageNet classifier recognises in photo `id`
         (tags.py): each tag word and hypernym ("cat", "feline", "animal") and its plural, with its
@@ -146,7 +147,7 @@ def reading(db: Path) -> Iterator[sqlite3.Connection]:
 
 
 def write_batch(con: sqlite3.Connection, rows: list[tuple], failures: list[tuple], source: str,
-                 vectors: list[tuple[bytes, bytes, bytes, bytes | None]], model: str) -> None:
+                 vectors: list[tuple[bytes | None, bytes, bytes, bytes | None]], model: str) -> None:
     """One transaction: upsert captioned photos (their full-text rows and vectors, made by the model
     with fingerprint `model`, loaded from `source`) and failures."""
     now = time.time()
@@ -164,7 +165,8 @@ def write_batch(con: sqlite3.Connection, rows: list[tuple], failures: list[tuple
                         (cur.lastrowid, result["caption"], "\n".join(a["caption"] for a in alts)))
             con.execute("INSERT INTO vectors (id, model, words) VALUES (?, ?, ?)", (cur.lastrowid, model, words))
             con.execute("INSERT INTO pooled (id, data) VALUES (?, ?)", (cur.lastrowid, pooled))
-            con.execute("INSERT INTO features (id, data) VALUES (?, ?)", (cur.lastrowid, features))
+            if features is not None:  # None: indexed with --no-features
+                con.execute("INSERT INTO features (id, data) VALUES (?, ?)", (cur.lastrowid, features))
             if point is not None:
                 con.execute("INSERT INTO space (id, data) VALUES (?, ?)", (cur.lastrowid, point))
             con.executemany("INSERT INTO terms (word, id, score) VALUES (?, ?, ?)",
