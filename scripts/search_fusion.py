@@ -102,17 +102,20 @@ def main() -> None:
                 print(f"{i + 1}/{len(queries)} queries, {left:.0f} s left", flush=True)
     targets = [t for t, _ in queries]
     base = {"logp": 1.0, "words": 0.4, "tags": 4.0, "kw": 0.2, "kw1": 1.0, "space": 0.0, "space1": 0.0}
-    grid = [base | {"space1": s1, "space": s, "logp": lp}
-            for s1, s, lp in itertools.product(SPACE_FIRST, (0, 10, 20, 30, 50, 80), (1.0, 0.5, 0.0))]
+    grid = [base | {"space1": s1, "space": s, "logp": lp, "words": ww}
+            for s1, s, lp, ww in itertools.product(SPACE_FIRST, (0, 10, 20, 30, 50, 80), (1.0, 0.5, 0.0),
+                                                   (0.2, 0.4, 0.8))]
     rows = []
     for w in grid:
         r = ranks(parts, targets, w, a.candidates)
         rows.append(((r <= 1).mean() * 100, (r <= 5).mean() * 100, (r <= 10).mean() * 100, float(np.median(r)), w))
     rows.sort(key=lambda x: (-(x[0] + x[1] + x[2]),))
     print(f"{len(queries)} queries, {len(view.ids)} photos")
-    print("R@1   R@5   R@10  median  space1 space logp")
-    for r1, r5, r10, med, w in rows[:25]:
-        print(f"{r1:5.1f} {r5:5.1f} {r10:5.1f} {med:6.1f}  {w['space1']:6g} {w['space']:5g} {w['logp']:4g}")
+    print("R@1   R@5   R@10  median  space1 space logp words")
+    shown = rows[:20] + [r for r in rows if r[4]["logp"] == 0][:3]  # and the best without log p (--no-features)
+    for r1, r5, r10, med, w in shown:
+        print(f"{r1:5.1f} {r5:5.1f} {r10:5.1f} {med:6.1f}  {w['space1']:6g} {w['space']:5g} {w['logp']:4g} "
+              f"{w['words']:5g}")
     for name, w in (("old hybrid", base), ("space alone", base | {"space1": 1000, "space": 1, "logp": 0, "words": 0,
                                                                       "tags": 0, "kw": 0})):
         r = ranks(parts, targets, w, a.candidates)

@@ -258,3 +258,22 @@ def test_a_library_without_features_still_ranks_by_meaning(cap, photos, tmp_path
     assert "log p" in found.note and found.mode == "hybrid"
     assert found.hits[0]["path"].endswith(target.name)
     assert search(library, truth(target.stem), 3, mode="hybrid", captioner=cap).note is None  # with features
+
+
+def test_space_only_adds_a_space_to_a_model_as_it_is(trained, shapes, tmp_path, capsys):
+    """train --space-only --init M copies M byte for byte and adds a space trained for it."""
+    from captioner.cli import main
+
+    plain = tmp_path / "plain"
+    shutil.copytree(trained / "best", plain)
+    for name in (SPACE_CONFIG, SPACE_WEIGHTS):
+        (plain / name).unlink()
+    out = tmp_path / "space"
+    assert main(["train", "--space-only", "--init", str(plain), "--data", str(shapes), "--out", str(out),
+                 "--space-epochs", "3", "--workers", "0", "--quiet"]) == 0
+    assert "search space added: val text->image R@1/5/10" in capsys.readouterr().out
+    for name in ("config.json", "vocab.json", "model.safetensors", "decoding.json"):
+        assert (out / "best" / name).read_bytes() == (plain / name).read_bytes(), name
+    assert Captioner.load(out / "best", device="cpu").space is not None
+    assert main(["train", "--space-only", "--data", str(shapes), "--out", str(tmp_path / "x")]) == 2
+    assert "--space-only adds a search space to the model given by --init" in capsys.readouterr().err

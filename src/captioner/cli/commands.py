@@ -166,6 +166,11 @@ def cmd_train(a: argparse.Namespace) -> int:
 def _closing_line(result: dict, a: argparse.Namespace) -> str:
     """What was trained, scored as the model will caption: with the decoding chosen on val."""
     folders = f"model folders in {a.out}/best and {a.out}/last"
+    if a.space_only and result.get("space"):
+        s = result["space"]
+        return (f"search space added: val text->image R@1/5/10 {s['text_to_image']['R@1']:.1f}/"
+                f"{s['text_to_image']['R@5']:.1f}/{s['text_to_image']['R@10']:.1f}, rsum {s['rsum']:.1f}; the model "
+                f"with it in {a.out}/best (index your photos again to search with it)")
     if not result.get("history"):
         return f"no epoch was trained (--epochs {a.epochs}); nothing new was saved in {a.out}"
     d = result.get("decoding")

@@ -17,6 +17,7 @@ and added to the folder (`save_space`); a folder without it captions and searche
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -108,6 +109,17 @@ def load_model(folder: str | Path | None, device: torch.device | str = "cpu") ->
     if in_folder:  # name the exact weights, so the feature cache can never mix two encoders
         encoder.identity = f"{cfg.encoder}:weights:{weights_digest(encoder)}"
     return model.to(device).eval(), vocab
+
+
+def copy_model(source: str | Path | None, folder: Path) -> Path:
+    """Copy the model folder `source` (or the shipped one) to `folder` as it is, byte for byte,
+    without a search space (`--space-only` then adds its own), atomically."""
+    source = complete_folder(model_dir(source))
+    with atomic_folder(folder) as tmp:
+        for name in (CONFIG, VOCAB, WEIGHTS, DECODING):
+            if (source / name).is_file():
+                shutil.copyfile(source / name, tmp / name)
+    return Path(folder)
 
 
 def save_space(space: JointEmbedding, folder: Path, *, half: bool = True) -> None:

@@ -78,7 +78,7 @@ class TrainConfig(ModelOptions):
                             "keeps captions from growing short and generic (--scst)", metavar="WEIGHT")
 
     # the search space (model/embedding.py), trained after the decoder on the same cached features
-    space_epochs: int = option(10, "then train the model's search space (a joint image-sentence embedding) for N "
+    space_epochs: int = option(6, "then train the model's search space (a joint image-sentence embedding) for N "
                                "epochs and add it to best/ and last/ (0: none)", metavar="N", type=NATURAL)
     space_only: bool = option(False, "with --init: add a search space to that model (decoder unchanged), written "
                               "with it to OUT/best")

@@ -35,7 +35,7 @@ from captioner.distributed import Dist
 from captioner.errors import ConfigError, DataError
 from captioner.inference.plan import InferencePlan
 from captioner.model.encoder import weights_digest
-from captioner.model.folder import load_model, save_model
+from captioner.model.folder import copy_model, load_model, save_model
 from captioner.model.network import CaptionModel, ModelConfig
 from captioner.runtime import encoder_memory_format, keep_freed_memory
 from captioner.train.checkpoint import (
@@ -100,7 +100,7 @@ def _fit(cfg: TrainConfig, out: Path, dist: Dist, device: torch.device) -> dict:
     if cfg.space_only:  # the --init model as it is, with a search space added
         space = None
         if dist.main:
-            save_model(model, vocab, out / "best", half=cfg.half)
+            copy_model(cfg.init, out / "best")
             space = _add_space(cfg, [out / "best"], data, log)
         return {"best_CIDEr": None, "best_epoch": 0, "history": [], "decoding": None, "space": space}
 
