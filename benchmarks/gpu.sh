@@ -3,7 +3,7 @@
 # no network: what it lacks travels in .gpu/ (git-ignored), made once on a machine with PyPI access.
 #
 #   benchmarks/gpu.sh prepare [FLICKR8K]     # here: .gpu/wheels (the packages a bare PyTorch image
-#                                            # lacks) and .gpu/flickr8k (1,000 photos), about 38 MiB
+#                                            # lacks) and .gpu/flickr8k (800 photos), about 34 MiB
 #   benchmarks/gpu.sh [--out DIR] [gpu.py options ...]     # there: installs from .gpu/wheels what
 #                                            # is missing, then measures; results in DIR/gpu.md
 #   benchmarks/gpu.sh --device cpu --data DATA --out DIR   # the same on a CPU, small sizes (CI tests it)
