@@ -655,11 +655,12 @@ QUERIES = ("a dog runs through the grass", "puppy playing outside", "two childre
            "a black dog and a white dog", "someone climbing a rock wall")
 
 
-def synthetic_library(db: Path, cap: Captioner, rows: int, seed: int = 0) -> None:
+def synthetic_library(db: Path, cap: Captioner, rows: int, seed: int = 0, features: bool = True) -> None:
     """A library of `rows` photos as `captioner index` would write it for `cap`, with synthetic
     numbers: captions of vocabulary words, features of random codes (the real size: P*C bytes),
     pooled unit vectors, expected word counts of random words, and points in the search space when
-    the model has one. Only the timing is meaningful."""
+    the model has one (and then no pooled feature, as index writes them). `features=False`: as
+    `index --no-features` writes it. Only the timing is meaningful."""
     rng = np.random.default_rng(seed)
     words = cap.vocab.itos[4:1004]
     con = connect(db)
@@ -682,7 +683,8 @@ def synthetic_library(db: Path, cap: Captioner, rows: int, seed: int = 0) -> Non
         if cap.space is not None:
             p = rng.normal(size=(n, cap.space.cfg.dim)).astype(np.float32)
             points = [q.tobytes() for q in (p / np.linalg.norm(p, axis=1, keepdims=True)).astype(np.float16)]
-        vectors = [(head + pool[(start + i) % len(pool)], pooled[i].tobytes(), w, points[i])
+        vectors = [(head + pool[(start + i) % len(pool)] if features else None,
+                    pooled[i].tobytes() if cap.space is None else None, w, points[i])
                    for i, w in enumerate(retrieval.pack_words(ids, counts))]
         write_batch(con, photos, [], "bench", vectors, cap.fingerprint)
     con.close()
@@ -699,7 +701,7 @@ def bench_search(args, device: torch.device) -> None:
         for rows in args.search_rows:
             db = Path(tmp) / f"lib{rows}.db"
             t0 = time.perf_counter()
-            synthetic_library(db, cap, rows)
+            synthetic_library(db, cap, rows, features=not args.search_no_features)
             print(f"{rows:,} synthetic rows written in {time.perf_counter() - t0:.0f} s", flush=True)
             times = {}
             for mode in modes:
@@ -711,11 +713,14 @@ def bench_search(args, device: torch.device) -> None:
                 times[mode] = statistics.median(per)
             like = [timed(lambda db=db: similar(db, example[0], 20, captioner=cap)) for _ in range(3)]
             stage1 = rows * retrieval.WORDS_KEPT * 8 / 1e6  # ids int32 + counts float32
-            lines.append(f"| {rows:,} | {db.stat().st_size / 1e9:.2f} GB | {stage1:,.0f} MB | "
+            size = db.stat().st_size
+            lines.append(f"| {rows:,} | {size / 1e9:.2f} GB ({size / rows / 1e3:.1f} KB a photo) | {stage1:,.0f} MB | "
                          + "".join(f"{times[m] * 1000:,.0f} ms | " for m in modes)
                          + f"{min(like) * 1000:,.0f} ms | {peak_rss_mb():,.0f} MB |")
             db.unlink()
-    lines += ["", f"Median over {len(QUERIES)} queries, limit 20, the model re-ranking the best "
+    written = ("Indexed as `index --no-features` writes (no encoder features: model and hybrid rank without log p). "
+               if args.search_no_features else "")
+    lines += ["", written + f"Median over {len(QUERIES)} queries, limit 20, the model re-ranking the best "
               f"{retrieval.RERANK} of stage 1; the database in the page cache (just written). Synthetic rows "
               "(random features and word counts, the real sizes): the timing is real, the ranking is not. "
               "Peak RSS is the process's high-water mark so far (model included)."]
@@ -871,6 +876,9 @@ def main() -> None:
     ap.add_argument("--finetune-images", type=int, default=300, help="train photos the finetune section trains on")
     ap.add_argument("--search-rows", type=int, nargs="+", default=[1000, 10000, 100000],
                     help="library sizes the search section times")
+    ap.add_argument("--search-no-features", action="store_true",
+                    help="search section: libraries as index --no-features writes them (for 1,000,000 photos: the "
+                         "features would take 63 GB)")
     args = ap.parse_args()
     device = pick_device(args.device)
     for name in SECTIONS if "all" in args.sections else dict.fromkeys(args.sections):

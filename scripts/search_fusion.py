@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=500, help="reference captions drawn as queries (0: all)")
     ap.add_argument("--candidates", type=int, default=100, help="photos each stage 1 of the grid re-ranks")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save", type=Path, help="also write every query's scores here (.npz), for other grids")
     a = ap.parse_args()
 
     cap = Captioner.load(a.model)
@@ -101,6 +102,9 @@ def main() -> None:
                 left = (time.perf_counter() - t0) / (i + 1) * (len(queries) - i - 1)
                 print(f"{i + 1}/{len(queries)} queries, {left:.0f} s left", flush=True)
     targets = [t for t, _ in queries]
+    if a.save:
+        np.savez_compressed(a.save, targets=np.array(targets), **{k: np.stack([c[k] for c in parts])
+                                                                 for k in parts[0]})
     base = {"logp": 1.0, "words": 0.4, "tags": 4.0, "kw": 0.2, "kw1": 1.0, "space": 0.0, "space1": 0.0}
     grid = [base | {"space1": s1, "space": s, "logp": lp, "words": ww}
             for s1, s, lp, ww in itertools.product(SPACE_FIRST, (0, 10, 20, 30, 50, 80), (1.0, 0.5, 0.0),

@@ -277,3 +277,19 @@ def test_space_only_adds_a_space_to_a_model_as_it_is(trained, shapes, tmp_path, 
     assert Captioner.load(out / "best", device="cpu").space is not None
     assert main(["train", "--space-only", "--data", str(shapes), "--out", str(tmp_path / "x")]) == 2
     assert "--space-only adds a search space to the model given by --init" in capsys.readouterr().err
+
+
+def test_the_api_searches_by_the_space_and_by_example_through_it(cap, library, photos):
+    from fastapi.testclient import TestClient
+
+    from captioner.server.app import create_app
+
+    c = TestClient(create_app(cap, library), base_url="http://localhost")
+    target = sorted(photos.glob("*.png"))[5]
+    r = c.get("/api/search", params={"q": truth(target.stem), "limit": 3, "mode": "embedding"})
+    assert r.status_code == 200 and r.json()["mode"] == "embedding", r.text
+    assert r.json()["results"][0]["path"].endswith(target.name)
+    own = r.json()["results"][0]["id"]
+    like = c.get(f"/api/search/like/{own}", params={"limit": 2}).json()
+    assert like["results"][0]["id"] == own
+    assert c.get("/api/search", params={"q": "circle", "mode": "nearest"}).status_code == 422

@@ -144,9 +144,10 @@ def _remove_missing(con: sqlite3.Connection, roots: Sequence[Path], present: set
 
 
 def _vectors(captioner, rows: list[tuple], features: bool = True
-             ) -> list[tuple[bytes | None, bytes, bytes, bytes | None]]:
-    """(features or None, pooled, words, point in the search space or None) blobs for each
-    captioned photo of a batch (see retrieval.py and model/embedding.py)."""
+             ) -> list[tuple[bytes | None, bytes | None, bytes, bytes | None]]:
+    """(features or None, pooled or None, words, point or None) blobs for each captioned photo of
+    a batch (see retrieval.py and model/embedding.py): a model with a search space stores its point
+    (512 bytes), one without it the pooled feature (2.5 KB) for search by example photo."""
     if not rows:
         return []
     import numpy as np
@@ -157,8 +158,11 @@ def _vectors(captioner, rows: list[tuple], features: bool = True
     feats = torch.stack([result["features"] for *_, result in rows])
     ids, counts = retrieval.expected_words(captioner.model.decoder, feats.to(captioner.device), captioner.vocab,
                                            max_len=captioner.model.cfg.max_len)
-    points = ([p.astype(np.float16).tobytes() for p in captioner.embed_features(feats)] if captioner.space is not None
-              else [None] * len(rows))
-    packed = retrieval.pack_features(feats) if features else [None] * len(rows)
-    return list(zip(packed, [p.tobytes() for p in retrieval.pooled_vectors(feats)],
+    none = [None] * len(rows)
+    if captioner.space is not None:
+        points, pooled = [p.astype(np.float16).tobytes() for p in captioner.embed_features(feats)], none
+    else:
+        points, pooled = none, [p.tobytes() for p in retrieval.pooled_vectors(feats)]
+    packed = retrieval.pack_features(feats) if features else none
+    return list(zip(packed, pooled,
                     retrieval.pack_words(ids, counts), points))

@@ -60,8 +60,8 @@ TAG_WEIGHT_MODEL = 4.0
 # With a search space, hybrid's stage 1 is SPACE_WEIGHT_FIRST x the cosine of the query's point and
 # the photo's, plus the stage-1 word score and KEYWORD_WEIGHT_FIRST x BM25 as without one; stage 2
 # adds SPACE_WEIGHT x the cosine to the sum of `rank`. Chosen on Flickr8k val (docs/EXPERIMENTS.md).
-SPACE_WEIGHT_FIRST = 20.0
-SPACE_WEIGHT = 20.0
+SPACE_WEIGHT_FIRST = 50.0
+SPACE_WEIGHT = 80.0
 SPACE_BLOCK = 65_536  # photos' points read and scored at a time: memory stays flat in any library
 
 

@@ -11,7 +11,7 @@ One file, readable with the ``sqlite3`` shell:
         counts (see retrieval.py), read for every photo at every model search; `model` is the
         fingerprint of the model that made them, so two models' numbers are never mixed
     pooled(id, data)                        its pooled feature, unit length (search by example photo
-                                            with a model that has no search space)
+                                            with a model that has no search space; none with one)
     space(id, data)                         its point in the model's search space (model/embedding.py),
                                             float16, unit length: stage 1 of every search by meaning,
                                             read in blocks; none for a model without a space
@@ -147,7 +147,7 @@ def reading(db: Path) -> Iterator[sqlite3.Connection]:
 
 
 def write_batch(con: sqlite3.Connection, rows: list[tuple], failures: list[tuple], source: str,
-                 vectors: list[tuple[bytes | None, bytes, bytes, bytes | None]], model: str) -> None:
+                 vectors: list[tuple[bytes | None, bytes | None, bytes, bytes | None]], model: str) -> None:
     """One transaction: upsert captioned photos (their full-text rows and vectors, made by the model
     with fingerprint `model`, loaded from `source`) and failures."""
     now = time.time()
@@ -164,7 +164,8 @@ def write_batch(con: sqlite3.Connection, rows: list[tuple], failures: list[tuple
             con.execute("INSERT INTO photos_fts (rowid, caption, alternatives) VALUES (?, ?, ?)",
                         (cur.lastrowid, result["caption"], "\n".join(a["caption"] for a in alts)))
             con.execute("INSERT INTO vectors (id, model, words) VALUES (?, ?, ?)", (cur.lastrowid, model, words))
-            con.execute("INSERT INTO pooled (id, data) VALUES (?, ?)", (cur.lastrowid, pooled))
+            if pooled is not None:  # None: the model has a search space, which --like goes through
+                con.execute("INSERT INTO pooled (id, data) VALUES (?, ?)", (cur.lastrowid, pooled))
             if features is not None:  # None: indexed with --no-features
                 con.execute("INSERT INTO features (id, data) VALUES (?, ?)", (cur.lastrowid, features))
             if point is not None:
