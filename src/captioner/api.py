@@ -306,9 +306,8 @@ class Captioner:
         for name, t in sorted(self.model.state_dict().items()):
             h.update(name.encode())
             h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-        if self.space is not None:  # a library indexed before the space was added gets its vectors again
-            h.update(json.dumps(self.space.cfg.to_json(), sort_keys=True).encode())
-            for name, t in sorted(self.space.state_dict().items()):
+        if self.space is not None:  # a library indexed before the space was added gets its points
+            for name, t in sorted(self.space.state_dict().items()):  # (the names and shapes say its architecture)
                 h.update(name.encode())
                 h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:20]

@@ -48,6 +48,8 @@ class EmbeddingConfig:
     loss: str = option("infonce", "contrastive loss: InfoNCE (learned temperature) or VSE++ hardest-negative "
                        "hinge", choices=LOSSES)
     margin: float = option(0.2, "the hinge's margin (loss 'hardest')", low=0.0, high=2.0)
+    dropout: float = option(0.0, "dropout on the pooled image and on the word vectors, in training", low=0.0,
+                            high=0.9)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -72,6 +74,7 @@ class JointEmbedding(nn.Module):
         # image side
         self.cell_score = nn.Linear(C, 1) if cfg.pool == "attention" else None  # a weight per grid cell
         self.image_norm = nn.LayerNorm(C)  # Lite0's features are 0..6 with a few large channels
+        self.drop = nn.Dropout(cfg.dropout)
         self.image_linear = nn.Linear(C, D)
         self.image_mlp = nn.Sequential(nn.Linear(C, D), nn.ReLU(), nn.Linear(D, D))  # added to the linear map
         # text side
@@ -94,13 +97,14 @@ class JointEmbedding(nn.Module):
                 x = (weights * x).sum(dim=1)  # (B, C)
             else:
                 x = x.mean(dim=1)
+        x = self.drop(x)
         return F.normalize(self.image_linear(x) + self.image_mlp(x), dim=-1)
 
     def texts(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T), padded with `pad` (<start>/<end> may be there) -> unit vectors (B, D).
         A row of padding alone gets a zero vector (it matches nothing)."""
         mask = (tokens != self.pad).unsqueeze(-1).float()  # (B, T, 1)
-        x = self.words(tokens)  # (B, T, W)
+        x = self.drop(self.words(tokens))  # (B, T, W)
         if self.rnn is not None:
             lengths = mask.sum(dim=1).squeeze(-1).clamp(min=1).long().cpu()
             packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)

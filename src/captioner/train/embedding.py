@@ -74,8 +74,8 @@ def evaluate_space(space: JointEmbedding, feats: FeatureRows, caps: Captions, st
 
 
 def fit(space: JointEmbedding, train: tuple[FeatureRows, Captions], val: tuple[FeatureRows, Captions], *,
-        start: int, end: int, epochs: int = 20, batch_size: int = 128, lr: float = 2e-4, seed: int = 0,
-        progress: bool = True, log=print) -> dict:
+        start: int, end: int, epochs: int = 20, batch_size: int = 128, lr: float = 2e-4, weight_decay: float = 1e-4,
+        seed: int = 0, progress: bool = True, log=print) -> dict:
     """Train `space` for `epochs` over every training caption (each with its photo), Adam at `lr`
     with a cosine decay, and keep the weights of the epoch with the best val rsum. Returns
     {"best_epoch", "val": that epoch's recall_both, "history": [(epoch, loss, rsum), ...]}."""
@@ -84,7 +84,7 @@ def fit(space: JointEmbedding, train: tuple[FeatureRows, Captions], val: tuple[F
     words = word_rows(caps.tokens, start, end, space.pad)  # (N, T)
     n = len(caps.tokens)
     steps_per_epoch = max(1, n // batch_size)
-    opt = torch.optim.AdamW(space.parameters(), lr=lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(space.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / (epochs * steps_per_epoch)))))
     best, best_state, history = None, None, []
