@@ -27,7 +27,8 @@ from captioner.data.records import check_images, load_records, split_records
 from captioner.files import path_text
 from captioner.library.search import STOPWORDS, query_words, tag_scores
 
-SPACE_FIRST = (0, 10, 20, 50, 1000)  # the grid's weights of the cosine in stage 1
+# the grid's stage 1: the word score + BM25 + this x the cosine, or (None) the cosine alone, as `rank`
+SPACE_FIRST = (None, 0, 10, 20, 50, 1000)
 
 
 def components(con, view, cap, text: str, candidates: int) -> dict:
@@ -44,7 +45,8 @@ def components(con, view, cap, text: str, candidates: int) -> dict:
     cosine = view.space_scores(cap.embed_text(" ".join(query_words(text)))[0])
     pool = set()
     for s1 in SPACE_FIRST:  # every stage 1 of the grid
-        pool |= set(np.argsort(-(words + bm + s1 * cosine), kind="stable")[:candidates].tolist())
+        stage1 = cosine if s1 is None else words + bm + s1 * cosine
+        pool |= set(np.argsort(-stage1, kind="stable")[:candidates].tolist())
     pool = np.array(sorted(pool))
     tokens, _ = view.query(text)
     logp = np.full(n, -np.inf, np.float32)
@@ -56,7 +58,7 @@ def ranks(parts: list[dict], targets: list[int], w: dict, rerank: int) -> np.nda
     """The rank of each query's photo under weights `w` (rank's formula; ties count against)."""
     out = []
     for c, t in zip(parts, targets):
-        stage1 = c["words"] + w["kw1"] * c["bm"] + w["space1"] * c["cosine"]
+        stage1 = c["cosine"] if w["space1"] is None else c["words"] + w["kw1"] * c["bm"] + w["space1"] * c["cosine"]
         order = np.argsort(-stage1, kind="stable")
         top = order[:rerank]
         final = (w["logp"] * c["logp"][top] + w["words"] * c["words"][top] + w["tags"] * c["tags"][top]
@@ -118,10 +120,11 @@ def main() -> None:
     print("R@1   R@5   R@10  median  space1 space logp words")
     shown = rows[:20] + [r for r in rows if r[4]["logp"] == 0][:3]  # and the best without log p (--no-features)
     for r1, r5, r10, med, w in shown:
-        print(f"{r1:5.1f} {r5:5.1f} {r10:5.1f} {med:6.1f}  {w['space1']:6g} {w['space']:5g} {w['logp']:4g} "
+        print(f"{r1:5.1f} {r5:5.1f} {r10:5.1f} {med:6.1f}  {str(w['space1']):>6} {w['space']:5g} {w['logp']:4g} "
               f"{w['words']:5g}")
-    for name, w in (("old hybrid", base), ("space alone", base | {"space1": 1000, "space": 1, "logp": 0, "words": 0,
-                                                                      "tags": 0, "kw": 0})):
+    shipped = base | {"space1": None, "space": 80}  # library/search.py's weights
+    for name, w in (("old hybrid", base), ("shipped hybrid", shipped),
+                    ("space alone", base | {"space1": None, "space": 1, "logp": 0, "words": 0, "tags": 0, "kw": 0})):
         r = ranks(parts, targets, w, a.candidates)
         print(f"{name}: R@1 {(r <= 1).mean() * 100:.1f} R@5 {(r <= 5).mean() * 100:.1f} "
               f"R@10 {(r <= 10).mean() * 100:.1f} median {np.median(r):.0f}")

@@ -111,7 +111,7 @@ def test_deleted_photos_leave_every_mode(cap, library, photos):
     gone.unlink()
     assert index_folders(cap, [photos], library, progress=False).removed == 1
     con = sqlite3.connect(library)
-    counts = [con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("vectors", "pooled", "features")]
+    counts = [con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("vectors", "space", "features")]
     assert counts == [11] * 3
     con.close()
     for mode in ("keyword", "model", "hybrid"):

@@ -180,7 +180,7 @@ def test_embedding_mode_finds_photos_by_their_description(cap, library, photos):
 
 def test_hybrid_with_only_the_space_weighed_is_the_embedding_order(cap, library, monkeypatch):
     """Fusion with every other weight at zero gives exactly the embedding mode's order, and with the
-    space's weights at zero exactly hybrid's order without a space."""
+    space's weight at zero (every photo re-ranked) exactly hybrid's order without a space."""
     mod = sys.modules["captioner.library.search"]
     query = "a red circle on a blue background"
     embedding = [h["id"] for h in search(library, query, 12, mode="embedding", captioner=cap).hits]
@@ -193,8 +193,7 @@ def test_hybrid_with_only_the_space_weighed_is_the_embedding_order(cap, library,
     assert fused == embedding
     monkeypatch.undo()
 
-    for name in ("SPACE_WEIGHT", "SPACE_WEIGHT_FIRST"):
-        monkeypatch.setattr(mod, name, 0.0)
+    monkeypatch.setattr(mod, "SPACE_WEIGHT", 0.0)
     with_zero = search(library, query, 12, mode="hybrid", captioner=cap).hits
     monkeypatch.setattr(cap, "space", None)  # as a model without a space ranks
     without = search(library, query, 12, mode="hybrid", captioner=cap)
@@ -212,6 +211,8 @@ def test_a_library_indexed_without_the_space_still_searches_and_says_what_it_lac
     found = search(db, "a red circle", 5, mode="embedding", captioner=plain)
     assert found.mode == "hybrid" and "no search space" in found.note and found.hits
     assert search(db, "a red circle", 5, mode="hybrid", captioner=plain).hits
+    example = sorted(photos.glob("*.png"))[1]  # by example photo: through the pooled features
+    assert similar(db, example, 3, captioner=plain).hits[0]["path"].endswith(example.name)
     with_space = Captioner.load(trained / "best", device="cpu")  # another fingerprint: index again
     found = search(db, "a red circle", 5, mode="embedding", captioner=with_space)
     assert found.mode == "keyword" and "index again" in found.note
