@@ -118,8 +118,8 @@ def _write(out: Path, model, vocab, fmt: str, size: int, start, step, names: lis
         "state": names, "start": vocab.start, "end": vocab.end, "banned": never_said(vocab), "max_len": cfg.max_len,
         "decoder": cfg.decoder, "rnn": cfg.rnn, "source": str(source),
         # what the graphs leave out, said where a runtime reads it
-        "not_exported": "the ImageNet classifier (tags) and tag guidance; beam search: captions are greedy and "
-                        "can differ from `captioner caption`",
+        "not_exported": "the ImageNet classifier (tags) and tag guidance; the search space (embedding.json); beam "
+                        "search: captions are greedy and can differ from `captioner caption`",
     }, indent=2) + "\n")
 
 

@@ -3,7 +3,7 @@ and by meaning.
 
     store.py    the database: schema, opening it, writing a batch, the reads searches share
     index.py    index_folders(): caption the photos under folders, incrementally
-    search.py   search() by words in three modes, similar() by example photo
+    search.py   search() by words in four modes, similar() by example photo
 """
 
 from captioner.library.index import IndexReport, index_folders

@@ -94,10 +94,9 @@ def search(db: Path, text: str, limit: int = 20, *, mode: str = "keyword", capti
             mode, note = "hybrid", view.space_note()
         if len(view.ids) and any(t != captioner.vocab.unk for t in tokens[1:-1]):
             ranked = rank(con, view, text, (mode,), limit, every=False)[mode]
-            if view.without_features:
-                note = ("the library keeps no encoder features (indexed with --no-features), so the captioning "
-                        "model's log p(query | photo) was left out of the ranking")
-            notes = "; ".join(n for n in (note, view.note(unknown)) if n) or None
+            lacks = ("the library keeps no encoder features (indexed with --no-features), so the captioning model's "
+                     "log p(query | photo) was left out of the ranking") if view.without_features else None
+            notes = "; ".join(n for n in (note, lacks, view.note(unknown)) if n) or None
             return Found(_hits(con, ranked[:limit]), mode, len(view.ids), notes)
         found = _keyword(con, text, limit)  # nothing this model can rank, or no word it knows: the keywords can
         if not len(view.ids):

@@ -2,7 +2,7 @@
 
     GET  /                  the page: drop photos to caption them; search the library
     POST /api/caption       multipart field `file`, repeatable -> captions, alternatives, tags, seconds
-    GET  /api/search?q=     photos of the library for some words, best first (&mode=keyword|model|hybrid)
+    GET  /api/search?q=     photos of the library for some words, best first (&mode=keyword|embedding|model|hybrid)
     POST /api/search/like   multipart field `file`: photos of the library that look like it
     GET  /api/search/like/{id}  photos of the library that look like its photo `id`
     GET  /api/thumb/{id}    a JPEG of a photo *in the library* (by id: no paths from clients), re-encoded
