@@ -328,3 +328,22 @@ def test_stage_one_reads_the_points_in_blocks_with_flat_memory(tmp_path, monkeyp
     assert peak < 4 * 2**20, peak  # the float32 matrix alone would be 20 MB
     assert SPACE_BLOCK >= 1024  # the shipped block: large enough that a million photos is a few dozen reads
     con.close()
+
+
+def test_hits_have_a_relevance_and_a_weak_best_says_no_good_match(cap, library, photos, monkeypatch):
+    """The space's calibration (what right answers scored on val) turns a hit's cosine into a
+    relevance; when no hit reaches NO_GOOD_MATCH the note says there is no good match."""
+    from captioner.model.embedding import EmbeddingConfig as Cfg
+
+    cal = cap.space.cfg.calibration
+    assert len(cal) == 21 and list(cal) == sorted(cal)  # measured when the fixture's model was trained
+    assert Cfg(calibration=(0.0, 0.5, 1.0)).relevance(np.array([0.25, 2.0])).tolist() == [0.25, 1.0]
+    target = sorted(photos.glob("*.png"))[7]
+    found = search(library, truth(target.stem), 3, mode="hybrid", captioner=cap)
+    assert all(0 <= h["relevance"] <= 1 for h in found.hits) and found.note is None
+    monkeypatch.setattr(cap.space.cfg, "calibration", (0.999, 0.9995, 1.0))  # as if matches scored near 1
+    found = search(library, truth(target.stem), 3, mode="embedding", captioner=cap)
+    assert found.note.startswith("no good match") and max(h["relevance"] for h in found.hits) < 0.05
+    assert "relevance" not in search(library, "circle", 3, mode="keyword").hits[0]
+    with pytest.raises(ValueError, match="calibration must be"):
+        Cfg.from_json({"calibration": [0.5, 0.1]})

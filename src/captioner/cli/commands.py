@@ -129,7 +129,8 @@ def cmd_search(a: argparse.Namespace) -> int:
     hits = found.hits
     for h in hits:
         if a.json:
-            print(json.dumps({"path": h["path"], "caption": h["caption"], "score": h["score"]}))
+            print(json.dumps({"path": h["path"], "caption": h["caption"], "score": h["score"]}
+                             | ({"relevance": h["relevance"]} if "relevance" in h else {})))
         else:
             print(f"{h['score']:.2f}\t{h['path'].translate(_CONTROL)}\t{h['caption']}")
     if not hits and not a.json:

@@ -184,7 +184,8 @@ def _search_parser(sub) -> None:
     p.add_argument("--model", help="the model that indexed the library (default: the one named in it)")
     p.add_argument("--limit", type=whole(1), default=20, help="how many photos at most")
     p.add_argument("--json", action="store_true", help='one JSON object per line, best first: {"path", "caption", '
-                                                        '"score"}')
+                                                        '"score"} and, in embedding and hybrid mode, "relevance" (0 '
+                                                        'to 1: the share of right answers on val that scored lower)')
     _machine_options(p)
 
 

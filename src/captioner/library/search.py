@@ -63,6 +63,9 @@ TAG_WEIGHT_MODEL = 4.0
 # BM25 scores added, and reads 512 bytes a photo instead of 896.
 SPACE_WEIGHT = 80.0
 SPACE_BLOCK = 65_536  # photos' points read and scored at a time: memory stays flat in any library
+# A hit's relevance (with a search space): the share of val captions whose own photo scored a lower
+# cosine (EmbeddingConfig.relevance). When no photo shown reaches NO_GOOD_MATCH, the note says so.
+NO_GOOD_MATCH = 0.05
 
 
 @dataclass
@@ -94,10 +97,12 @@ def search(db: Path, text: str, limit: int = 20, *, mode: str = "keyword", capti
             mode, note = "hybrid", view.space_note()
         if len(view.ids) and any(t != captioner.vocab.unk for t in tokens[1:-1]):
             ranked = rank(con, view, text, (mode,), limit, every=False)[mode]
+            hits = _hits(con, ranked[:limit])
+            weak = _relevance(view, hits) if mode in ("embedding", "hybrid") else None
             lacks = ("the library keeps no encoder features (indexed with --no-features), so the captioning model's "
                      "log p(query | photo) was left out of the ranking") if view.without_features else None
-            notes = "; ".join(n for n in (note, lacks, view.note(unknown)) if n) or None
-            return Found(_hits(con, ranked[:limit]), mode, len(view.ids), notes)
+            notes = "; ".join(n for n in (weak, note, lacks, view.note(unknown)) if n) or None
+            return Found(hits, mode, len(view.ids), notes)
         found = _keyword(con, text, limit)  # nothing this model can rank, or no word it knows: the keywords can
         if not len(view.ids):
             found.note = view.note([])
@@ -239,6 +244,7 @@ class ModelView:
         self.ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))  # sorted
         self.left_out = photos - len(rows)  # indexed by another model (or before model search)
         self.without_features = False  # set by `rank` when a photo it re-ranked had no stored features
+        self.cosine: np.ndarray | None = None  # set by `rank`: every photo's cosine with the query (a space)
 
     @functools.cached_property
     def _words(self) -> tuple[np.ndarray, np.ndarray]:
@@ -316,6 +322,22 @@ class ModelView:
         return retrieval.unpack_features([blobs[int(i)] for i in ids], shape)
 
 
+def _relevance(view: ModelView, hits: list[dict]) -> str | None:
+    """Give each hit its relevance (see NO_GOOD_MATCH), from the cosine `rank` left in `view`; ->
+    "no good match" when none reaches NO_GOOD_MATCH, else None."""
+    space = view.captioner.space
+    if view.cosine is None or space is None or not space.cfg.calibration or not hits:
+        return None
+    at = np.searchsorted(view.ids, [h["id"] for h in hits])
+    for h, r in zip(hits, space.cfg.relevance(view.cosine[at])):
+        h["relevance"] = round(float(r), 3)
+    best = max(h["relevance"] for h in hits)
+    if best >= NO_GOOD_MATCH:
+        return None
+    return (f"no good match: the words and these photos are further apart than {100 * (1 - NO_GOOD_MATCH):.0f}% of "
+            f"right answers were on the model's val set (best relevance {best:.2f})")
+
+
 def _note(unknown: list[str], left_out: int, ranked: int, source: str) -> str | None:
     """What the user should know about a model search: unknown words, photos it could not rank."""
     notes = []
@@ -360,6 +382,7 @@ def rank(con: sqlite3.Connection, view: ModelView, text: str, modes: Sequence[st
     cosine = None
     if view.has_space() and {"embedding", "hybrid"} & set(modes):
         cosine = view.space_scores(cap.embed_text(" ".join(query_words(text)))[0])
+    view.cosine = cosine
     out: dict[str, list[tuple[int, float]]] = {}
     if "embedding" in modes:
         if cosine is None:

@@ -52,15 +52,19 @@ class Hit(BaseModel):
     id: int
     path: str
     caption: str
-    score: float = Field(description="higher is better: BM25 relevance of the caption (keyword mode), the model's "
-                                     "log-probability of the query per word (model; hybrid adds the BM25 score), "
-                                     "or the cosine similarity of the features (like)")
+    score: float = Field(description="higher is better: BM25 relevance of the caption (keyword mode), the cosine of "
+                                     "the words and the photo in the search space (embedding), the model's "
+                                     "log-probability of the query per word (model; hybrid adds the other scores), "
+                                     "or the cosine similarity of the photos (like)")
+    relevance: float | None = Field(None, description="embedding and hybrid, with a model whose search space is "
+                                    "calibrated: the share of right answers on its val set that scored lower, 0 to 1; "
+                                    "below 0.05 the note says there is no good match")
     thumb: str = Field(description="URL of a JPEG thumbnail; add ?size=N (32-2048) for a larger one")
 
 
 class SearchResponse(BaseModel):
     query: str = Field(description="the words searched for, or the example photo's name")
-    mode: str = Field(description="how the photos were ranked: keyword, model, hybrid or like")
+    mode: str = Field(description="how the photos were ranked: keyword, embedding, model, hybrid or like")
     total: int = Field(description="how many photos match the keywords, or were ranked by the model, in all (results "
                                    "holds at most `limit` of them)")
     note: str | None = Field(None, description="what the user should know: words the model does not know, photos "

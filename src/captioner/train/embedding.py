@@ -73,6 +73,17 @@ def evaluate_space(space: JointEmbedding, feats: FeatureRows, caps: Captions, st
     return recall_both(*retrieval_ranks(img, txt, caps.image))
 
 
+@torch.no_grad()
+def calibrate(space: JointEmbedding, feats: FeatureRows, caps: Captions, start: int, end: int) -> tuple[float, ...]:
+    """The cosines of the val captions with their own photos at the 0th, 5th, ... 100th percentile:
+    what a right answer scores (EmbeddingConfig.calibration)."""
+    space.eval()
+    img = embed_rows(space.images, feats)
+    txt = embed_rows(space.texts, word_rows(caps.tokens, start, end, space.pad))
+    own = (txt * img[caps.image]).sum(dim=1).numpy()
+    return tuple(round(float(x), 4) for x in np.percentile(own, np.arange(0, 101, 5)))
+
+
 def fit(space: JointEmbedding, train: tuple[FeatureRows, Captions], val: tuple[FeatureRows, Captions], *,
         start: int, end: int, epochs: int = 20, batch_size: int = 128, lr: float = 2e-4, weight_decay: float = 1e-4,
         seed: int = 0, progress: bool = True, log=print) -> dict:
@@ -141,6 +152,7 @@ def add_space(folders: list[Path], train: tuple[FeatureRows, Captions], val: tup
     space = new_space(cfg, vocab.pad, words, seed=seed)
     result = fit(space, train, val, start=vocab.start, end=vocab.end, epochs=epochs, seed=seed, progress=progress,
                  log=log)
+    space.cfg.calibration = calibrate(space, val[0], val[1], vocab.start, vocab.end)
     for folder in folders:
         save_space(space, folder)
     t2i, i2t = result["val"]["text_to_image"], result["val"]["image_to_text"]
