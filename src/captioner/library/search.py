@@ -132,12 +132,17 @@ def find(db: Path, text: str | None = None, like=None, *, mode: str = DEFAULT_MO
     return found
 
 
-def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None = None) -> Found:
+def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None = None,
+            digest: str | None = None) -> Found:
     """Photos that look like `image` (a path, bytes, PIL image or array), or like the library's
-    photo `photo_id`, best first (the photo itself, if it is in the library, comes first): the
-    cosine of their points in the model's search space and its own, or, for a model without one,
-    of their mean encoder features."""
+    photo `photo_id`, best first: the cosine of their points in the model's search space and its
+    own, or, for a model without one, of their mean encoder features. The query photo itself is
+    left out: photo `photo_id`, and a library photo with the same bytes as `image` (a path or bytes;
+    `digest`: their SHA-1, for an `image` already decoded)."""
+    import hashlib
+
     from captioner import retrieval
+    from captioner.files import readable_digest
 
     _check(limit, "model")
     table = "space" if captioner.space is not None else "pooled"
@@ -160,6 +165,11 @@ def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None
             feats = captioner.features(captioner.read(image)[None].to(captioner.device))
             query = (captioner.embed_features(feats)[0] if table == "space"
                      else retrieval.pooled_vectors(feats).astype(np.float32)[0])  # (D,)
+        same = {photo_id} if photo_id is not None else set()
+        digest = digest or (readable_digest(image) if isinstance(image, (str, Path)) else
+                  hashlib.sha1(bytes(image)).hexdigest() if isinstance(image, (bytes, bytearray, memoryview)) else None)
+        if digest:
+            same |= {r[0] for r in con.execute("SELECT id FROM photos WHERE sha1 = ?", (digest,))}
         ids, sims = [], []
         cur = con.execute(f"SELECT p.id, p.data FROM {table} p JOIN vectors v ON v.id = p.id WHERE v.model = ?",
                           (captioner.fingerprint,))
@@ -169,6 +179,9 @@ def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None
             sims.append(block.astype(np.float32) @ query)
         ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         sims = np.concatenate(sims) if sims else np.zeros(0, np.float32)
+        if same:
+            keep = ~np.isin(ids, list(same))
+            ids, sims = ids[keep], sims[keep]
         best = np.argsort(-sims, kind="stable")[:limit]
         return Found(_hits(con, [(int(ids[i]), float(sims[i])) for i in best]), "like", len(ids),
                      _note([], left_out, len(ids), captioner.source))

@@ -22,6 +22,7 @@ Everything the page needs is served from here: it works with no network at all.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import math
 import threading
@@ -100,7 +101,7 @@ def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0
 
     @app.get("/api/search/like/{photo_id}", response_model=SearchResponse, responses=errors(404, 422, 503))
     def search_like_photo(photo_id: int, limit: LIMIT = 20) -> dict:
-        """Photos of the library that look like its photo `photo_id`, best first (itself first)."""
+        """Photos of the library that look like its photo `photo_id`, best first (itself left out)."""
         return work.like(str(photo_id), None, limit, photo_id)
 
     @app.post("/api/search/like", response_model=SearchResponse, responses=errors(404, 413, 415, 422, 503))
@@ -233,10 +234,12 @@ class _Service:
         except LibraryError as e:
             raise HTTPException(404, str(e)) from None
 
-    def like(self, query: str, image, limit: int, photo_id: int | None = None) -> dict:
-        """Photos like `image`, or like the library's photo `photo_id` (a model turn is the caller's)."""
+    def like(self, query: str, image, limit: int, photo_id: int | None = None, digest: str | None = None) -> dict:
+        """Photos like `image` (whose file's SHA-1 is `digest`), or like the library's photo
+        `photo_id`, the photo itself left out (a model turn is the caller's)."""
         try:
-            return _answer(query, similar(self.library(), image, limit, captioner=self.captioner, photo_id=photo_id))
+            return _answer(query, similar(self.library(), image, limit, captioner=self.captioner, photo_id=photo_id,
+                                          digest=digest))
         except LibraryError as e:
             raise HTTPException(404, str(e)) from None
 
@@ -250,7 +253,7 @@ class _Service:
             with self.pixels.hold(min(declared_pixels(data), self.max_pixels), self.queue_timeout):
                 img = open_rgb(data, self.max_pixels, name=name, min_size=self.captioner.draft_size)
                 with self.model_turn():
-                    return self.like(name, img, limit)
+                    return self.like(name, img, limit, digest=hashlib.sha1(data).hexdigest())
         except ImageTooLarge as e:
             raise HTTPException(413, str(e)) from None
         except ImageError as e:
