@@ -410,10 +410,7 @@ def rank(con: sqlite3.Connection, view: ModelView, text: str, modes: Sequence[st
     content = list(dict.fromkeys(cap.vocab.stoi[w] for w in content))
     bm, tags = np.zeros(n, np.float32), np.zeros(n, np.float32)
     for scores, into in ((keyword_scores(con, text) if "hybrid" in modes else {}, bm), (tag_scores(con, text), tags)):
-        for pid, score in scores.items():
-            at = np.searchsorted(view.ids, pid)
-            if at < n and view.ids[at] == pid:
-                into[at] = score
+        _scatter(view.ids, scores, into)
     stage1, chosen = {}, {}
     if "model" in modes or cosine is None:  # stage 1 by the expected words of every photo
         words = retrieval.word_scores(view.word_ids, view.counts, content)
@@ -443,6 +440,17 @@ def rank(con: sqlite3.Connection, view: ModelView, text: str, modes: Sequence[st
         out[mode] = ([(int(view.ids[top[i]]), float(final[i] / length)) for i in best]
                      + [(int(view.ids[i]), float(stage1[mode][i])) for i in rest])
     return out
+
+
+def _scatter(ids: np.ndarray, scores: dict[int, float], into: np.ndarray) -> None:
+    """into[i] = scores[ids[i]] for the ids (sorted) that `scores` has, in one vectorised pass."""
+    if not scores or not len(ids):
+        return
+    pids = np.fromiter(scores.keys(), np.int64, len(scores))
+    values = np.fromiter(scores.values(), np.float32, len(scores))
+    at = np.minimum(np.searchsorted(ids, pids), len(ids) - 1)
+    hit = ids[at] == pids
+    into[at[hit]] = values[hit]
 
 
 def _best(scores: np.ndarray, k: int | None = None) -> np.ndarray:
