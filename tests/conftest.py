@@ -29,6 +29,18 @@ def shapes(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("shapes"))
 
 
+@pytest.fixture
+def photos(tmp_path, shapes) -> Path:
+    """12 val photos of the synthetic shapes set, each a different combination (search tests)."""
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in sorted(p for p in shapes.parent.glob("*.png") if p.stem.endswith("_4"))[:12]:
+        Image.open(p).save(folder / p.name)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, shapes) -> Path:
     """The run folder of a tiny model trained on `shapes` for a few epochs."""

@@ -120,7 +120,7 @@ def test_search_cli_json(cap, photos, tmp_path, capsys):
     capsys.readouterr()
     assert main(["search", "circle", "--db", str(db), "--json", "--limit", "3"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert 1 <= len(lines) <= 3 and set(lines[0]) == {"path", "caption", "score"}
+    assert 1 <= len(lines) <= 3 and set(lines[0]) == {"path", "caption", "score", "relevance"}
     assert main(["search", "circle", "--db", str(tmp_path / "none.sqlite")]) == 2
     assert "no such database" in capsys.readouterr().err
 

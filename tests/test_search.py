@@ -18,16 +18,6 @@ from captioner.model.folder import load_model, save_model
 
 
 @pytest.fixture
-def photos(tmp_path, shapes):
-    """12 val photos of the synthetic shapes set, each a different combination."""
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for p in sorted(p for p in shapes.parent.glob("*.png") if p.stem.endswith("_4"))[:12]:
-        Image.open(p).save(folder / p.name)
-    return folder
-
-
-@pytest.fixture
 def cap(trained):
     return Captioner.load(trained / "best", device="cpu")
 

@@ -25,17 +25,6 @@ def cap(trained):
     return Captioner.load(trained / "best", device="cpu")
 
 
-@pytest.fixture
-def photos(tmp_path, shapes):
-    from PIL import Image
-
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for p in sorted(p for p in shapes.parent.glob("*.png") if p.stem.endswith("_4"))[:12]:
-        Image.open(p).save(folder / p.name)
-    return folder
-
-
 def truth(name: str) -> str:
     c, s, b, _ = name.split("_")
     return f"a {c} {s} on a {b} background"

@@ -111,7 +111,7 @@ def cmd_index(a: argparse.Namespace) -> int:
 
 
 def cmd_search(a: argparse.Namespace) -> int:
-    from captioner.library.search import find
+    from captioner.library.like import find
 
     if (a.query is None) == (a.like is None):
         raise ConfigError("give words to look for, or --like PHOTO (not both)")

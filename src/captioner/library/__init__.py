@@ -3,10 +3,12 @@ and by meaning.
 
     store.py    the database: schema, opening it, writing a batch, the reads searches share
     index.py    index_folders(): caption the photos under folders, incrementally
-    search.py   search() by words in four modes, similar() by example photo
+    search.py   search() by words in four modes
+    like.py     similar(): by example photo
 """
 
 from captioner.library.index import IndexReport, index_folders
+from captioner.library.like import similar
 from captioner.library.search import (
     DEFAULT_MODE,
     MODES,
@@ -16,7 +18,6 @@ from captioner.library.search import (
     keyword_scores,
     rank,
     search,
-    similar,
 )
 from captioner.library.store import connect, indexed_by, photo_path, reading
 

@@ -1,4 +1,4 @@
-"""Search: photos for words, by four modes (`MODES`), and photos like a photo.
+"""Search: photos for words, by four modes (`MODES`) (photos like a photo: like.py).
 
 "keyword" matches the words of the captions (BM25, instant, exact for names and rare words);
 "embedding" ranks by the model's search space alone (model/embedding.py: the cosine of the query's
@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import heapq
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import numpy as np
 
 from captioner.data.vocab import tokenize
 from captioner.errors import LibraryError
-from captioner.library.store import MAX_LIMIT, by_id, indexed_by, reading, table_rows
+from captioner.library.store import MAX_LIMIT, by_id, reading, table_rows
 from captioner.names import DEFAULT_SEARCH_MODE, SEARCH_MODES
 
 MAX_QUERY_BYTES, MAX_QUERY_WORDS = 1000, 100  # a query longer than a paragraph is refused (one line)
@@ -110,81 +110,6 @@ def search(db: Path, text: str, limit: int = 20, *, mode: str = "keyword", capti
             found.note = (f"the model knows none of the words {', '.join(map(repr, unknown))}: "
                           "searched the captions' words instead")
         return found
-
-
-def find(db: Path, text: str | None = None, like=None, *, mode: str = DEFAULT_MODE, limit: int = 20,
-         load: Callable[[str | None], object]) -> Found:
-    """What `captioner search` runs: photos for the words `text` (by `mode`), or like the photo `like`.
-    The model is loaded (`load(source)`, source: the model named in the library) only when the search
-    needs it, and before anything of torch for a database that is missing or not a library. A library
-    indexed before search by meaning has nothing for the model to rank: it is searched by keywords,
-    and the note says why."""
-    source, vectors = indexed_by(db)
-    note = None
-    if like is None and mode != "keyword" and not vectors:  # empty, or made before model search
-        mode = "keyword"
-        if source:
-            note = "this library was indexed before search by meaning: run captioner index again to use the model"
-    captioner = load(source) if like is not None or mode != "keyword" else None
-    found = (similar(db, like, limit, captioner=captioner) if like is not None
-             else search(db, text, limit, mode=mode, captioner=captioner))
-    found.note = found.note or note
-    return found
-
-
-def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None = None,
-            digest: str | None = None) -> Found:
-    """Photos that look like `image` (a path, bytes, PIL image or array), or like the library's
-    photo `photo_id`, best first: the cosine of their points in the model's search space and its
-    own, or, for a model without one, of their mean encoder features. The query photo itself is
-    left out: photo `photo_id`, and a library photo with the same bytes as `image` (a path or bytes;
-    `digest`: their SHA-1, for an `image` already decoded)."""
-    import hashlib
-
-    from captioner import retrieval
-    from captioner.files import readable_digest
-
-    _check(limit, "model")
-    table = "space" if captioner.space is not None else "pooled"
-    with reading(db) as con:
-        ranked = table_rows(con, "SELECT count(*) FROM vectors WHERE model = ?", (captioner.fingerprint,))
-        ranked = ranked[0][0] if ranked else 0
-        left_out = con.execute("SELECT count(*) FROM photos").fetchone()[0] - ranked
-        if left_out and not ranked:
-            raise LibraryError(f"{db}: no photo in it was indexed by this model ({captioner.source}): run captioner "
-                               "index again with it to search by example photo")
-        if photo_id is not None:
-            if not 0 < photo_id < 2**63:  # past SQLite's integers: no such photo, not an OverflowError
-                raise LibraryError(f"no photo {photo_id} in the library")
-            own = con.execute(f"SELECT p.data FROM {table} p JOIN vectors v ON v.id = p.id WHERE p.id = ? AND "
-                              "v.model = ?", (photo_id, captioner.fingerprint)).fetchone()
-            if not own:
-                raise LibraryError(f"no photo {photo_id} in the library indexed by this model")
-            query = np.frombuffer(own[0], np.float16).astype(np.float32)
-        else:
-            feats = captioner.features(captioner.read(image)[None].to(captioner.device))
-            query = (captioner.embed_features(feats)[0] if table == "space"
-                     else retrieval.pooled_vectors(feats).astype(np.float32)[0])  # (D,)
-        same = {photo_id} if photo_id is not None else set()
-        digest = digest or (readable_digest(image) if isinstance(image, (str, Path)) else
-                  hashlib.sha1(bytes(image)).hexdigest() if isinstance(image, (bytes, bytearray, memoryview)) else None)
-        if digest:
-            same |= {r[0] for r in con.execute("SELECT id FROM photos WHERE sha1 = ?", (digest,))}
-        ids, sims = [], []
-        cur = con.execute(f"SELECT p.id, p.data FROM {table} p JOIN vectors v ON v.id = p.id WHERE v.model = ?",
-                          (captioner.fingerprint,))
-        while rows := cur.fetchmany(10_000):  # a block at a time: memory stays flat however large the library
-            ids.append(np.fromiter((r[0] for r in rows), np.int64, len(rows)))
-            block = np.frombuffer(b"".join(r[1] for r in rows), np.float16).reshape(len(rows), -1)
-            sims.append(block.astype(np.float32) @ query)
-        ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-        sims = np.concatenate(sims) if sims else np.zeros(0, np.float32)
-        if same:
-            keep = ~np.isin(ids, list(same))
-            ids, sims = ids[keep], sims[keep]
-        best = np.argsort(-sims, kind="stable")[:limit]
-        return Found(_hits(con, [(int(ids[i]), float(sims[i])) for i in best]), "like", len(ids),
-                     _note([], left_out, len(ids), captioner.source))
 
 
 def _check_query(text: str) -> None:

@@ -103,7 +103,7 @@ def fit(space: JointEmbedding, train: tuple[FeatureRows, Captions], val: tuple[F
         space.train()
         order = torch.randperm(n, generator=gen)
         batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(steps_per_epoch)]
-        meter = Meter(batches, f"space epoch {epoch}", total=len(batches), progress=progress)
+        meter = Meter(batches, f"search space, epoch {epoch}", total=len(batches), progress=progress)
         t0 = time.perf_counter()
         for idx in meter:
             rows = caps.image[idx]
@@ -119,8 +119,8 @@ def fit(space: JointEmbedding, train: tuple[FeatureRows, Captions], val: tuple[F
             meter.show(len(idx), "captions/s", loss=".3f")
         scores = evaluate_space(space, val[0], val[1], start, end)
         history.append((epoch, round(meter.mean("loss"), 4), scores["rsum"]))
-        log(f"space epoch {epoch}: loss {meter.mean('loss'):.4f}, val rsum {scores['rsum']:.1f} (text->image R@1 "
-            f"{scores['text_to_image']['R@1']:.1f}), {time.perf_counter() - t0:.0f} s")
+        log(f"search space, epoch {epoch} of {epochs}: loss {meter.mean('loss'):.4f}, val rsum {scores['rsum']:.1f} "
+            f"(text->image R@1 {scores['text_to_image']['R@1']:.1f}), {time.perf_counter() - t0:.0f} s")
         if best is None or scores["rsum"] > best[1]["rsum"]:
             best = (epoch, scores)
             best_state = {k: v.detach().clone() for k, v in space.state_dict().items()}
