@@ -25,7 +25,7 @@ import numpy as np
 from captioner import Captioner, library, retrieval
 from captioner.data.records import check_images, load_records, split_records
 from captioner.files import path_text
-from captioner.library.search import STOPWORDS, query_words, tag_scores
+from captioner.library.search import STOPWORDS, _scatter, query_words, tag_scores
 
 # the grid's stage 1: the word score + BM25 + this x the cosine, or (None) the cosine alone, as `rank`
 SPACE_FIRST = (None, 0, 10, 20, 50, 1000)
@@ -38,10 +38,7 @@ def components(con, view, cap, text: str, candidates: int) -> dict:
     words = retrieval.word_scores(view.word_ids, view.counts, list(dict.fromkeys(cap.vocab.stoi[w] for w in content)))
     bm, tags = np.zeros(n, np.float32), np.zeros(n, np.float32)
     for scores, into in ((library.keyword_scores(con, text), bm), (tag_scores(con, text), tags)):
-        for pid, score in scores.items():
-            at = np.searchsorted(view.ids, pid)
-            if at < n and view.ids[at] == pid:
-                into[at] = score
+        _scatter(view.ids, scores, into)  # as rank does
     cosine = view.space_scores(cap.embed_text(" ".join(query_words(text)))[0])
     pool = set()
     for s1 in SPACE_FIRST:  # every stage 1 of the grid
