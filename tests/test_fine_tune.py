@@ -202,24 +202,27 @@ def step(k):  # like a training step: big activations (32-96 MB) alive together,
     return sum(float(x[0]) for x in xs)
 for k in range(10):  # the heap settles
     step(k)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for k in range(5):
+faults = []
+for k in range(9):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step(k)
-print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, sorted(faults)[len(faults) // 2])
 """
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
 def test_training_reuses_freed_memory_instead_of_faulting_it_in_again():
     """What `captioner train` asks of glibc on the CPU (runtime.keep_freed_memory): once the heap
-    has settled, a step's big tensors mostly reuse freed memory, where glibc's default maps and
-    zeroes each afresh (about 85,000 page faults of 4 KB a step here; kept: 0-1,600, as an
-    aligned block now and then still comes from new memory)."""
+    has settled, a step's big tensors reuse freed memory, where glibc's default maps and zeroes each
+    afresh (47,000-94,000 page faults of 4 KB a step here; kept: 0). The median step is compared:
+    now and then a kept step still takes a block from new memory (23,000 faults in 1 of 48 steps),
+    so a total over a few steps fails about one run in three."""
     runs = {}
     for mode in ("default", "keep"):
         out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True)
         kept, faults = out.stdout.split()
         runs[mode] = (kept, int(faults))
     assert runs["keep"][0] == "True"
-    assert runs["default"][1] > 5 * 20_000, runs
+    assert runs["default"][1] > 20_000, runs
     assert runs["keep"][1] < runs["default"][1] / 10, runs
