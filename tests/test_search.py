@@ -13,6 +13,7 @@ from captioner import Captioner, retrieval
 from captioner.cli import main
 from captioner.evaluate import rank_of, recall
 from captioner.library import index_folders, search, similar
+from captioner.library.store import point_blocks
 from captioner.model.attention import AttentionDecoder
 from captioner.model.folder import load_model, save_model
 
@@ -109,8 +110,9 @@ def test_deleted_photos_leave_every_mode(cap, library, photos):
     gone.unlink()
     assert index_folders(cap, [photos], library, progress=False).removed == 1
     con = sqlite3.connect(library)
-    counts = [con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("vectors", "space", "features")]
-    assert counts == [11] * 3
+    counts = [con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("vectors", "features")]
+    assert counts == [11] * 2
+    assert sum(len(i) for i, _ in point_blocks(con, cap.fingerprint)) == 11
     con.close()
     for mode in ("keyword", "model", "hybrid"):
         hits = search(library, truth(gone.stem), 50, mode=mode, captioner=cap).hits
@@ -119,10 +121,28 @@ def test_deleted_photos_leave_every_mode(cap, library, photos):
     assert len(like) == 11 and not any(h["path"].endswith(gone.name) for h in like)
 
 
+def test_keyword_and_tag_scores_of_some_photos_are_those_of_all(library):
+    """Hybrid with a space reads BM25 and the tags for the photos it re-ranks only: the same scores."""
+    from captioner.library.search import keyword_scores, tag_scores
+
+    con = sqlite3.connect(library)
+    ids = [r[0] for r in con.execute("SELECT id FROM photos ORDER BY id")]
+    with con:
+        con.executemany("INSERT INTO terms (word, id, score) VALUES (?, ?, ?)",
+                        [("circle", i, 0.1 * k) for k, i in enumerate(ids)] + [("red circle", ids[0], 0.5)])
+    some = ids[::3]
+    for scores in (keyword_scores, tag_scores):
+        whole = scores(con, "a red circle")
+        assert set(whole) - set(some) and set(whole) & set(some)
+        assert scores(con, "a red circle", some) == {i: s for i, s in whole.items() if i in some}
+        assert scores(con, "a red circle", []) == {}
+    con.close()
+
+
 def test_schema_1_library_is_searchable_by_keyword_and_upgraded_by_indexing(cap, library, photos):
     con = sqlite3.connect(library)
     with con:  # what a library made before model search looked like
-        for table in ("vectors", "pooled", "features"):
+        for table in ("vectors", "pooled", "features", "points"):
             con.execute(f"DROP TABLE {table}")
         con.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
     con.close()

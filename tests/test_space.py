@@ -14,6 +14,7 @@ from PIL import Image
 from captioner import Captioner
 from captioner.errors import LibraryError, ModelError
 from captioner.library import index_folders, search, similar
+from captioner.library.store import point_blocks
 from captioner.model.embedding import EmbeddingConfig, JointEmbedding
 from captioner.model.folder import SPACE_CONFIG, SPACE_WEIGHTS, load_space, read_config, save_space
 from captioner.train.data import Captions, FeatureRows
@@ -151,12 +152,76 @@ def library(cap, photos, tmp_path):
 
 def test_index_stores_a_point_per_photo(cap, library, photos):
     con = sqlite3.connect(library)
-    rows = con.execute("SELECT s.id, s.data FROM space s JOIN photos p ON p.id = s.id").fetchall()
-    assert len(rows) == 12 and all(len(d) == 2 * cap.space.cfg.dim for _, d in rows)
-    assert con.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0] == "4"
-    stored = np.frombuffer(rows[0][1], np.float16).astype(np.float32)
-    path = con.execute("SELECT path FROM photos WHERE id = ?", (rows[0][0],)).fetchone()[0]
+    blocks = list(point_blocks(con, cap.fingerprint))
+    ids = np.concatenate([i for i, _ in blocks])
+    assert len(ids) == 12 and list(ids) == sorted(ids) and all(b.shape[1] == cap.space.cfg.dim for _, b in blocks)
+    assert {r[0] for r in con.execute("SELECT id FROM photos")} == set(ids.tolist())
+    assert con.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0] == "5"
+    stored = blocks[0][1][0].astype(np.float32)
+    path = con.execute("SELECT path FROM photos WHERE id = ?", (int(ids[0]),)).fetchone()[0]
     assert np.abs(stored - cap.embed(path)[0]).max() < 2e-3  # float16 of what embed() gives
+
+
+def test_point_blocks_stay_whole_through_deletes_and_reindexing(cap, photos, tmp_path, monkeypatch):
+    """Blocks of 4 points: photos indexed in batches of 5, some deleted, some changed and indexed
+    again (a new id each, appended), one with an id below the stored ones (rewritten in order):
+    every photo keeps exactly its own point, ascending, no block over the size."""
+    from captioner.library.store import _add_points, point_of
+
+    store = sys.modules["captioner.library.store"]
+    monkeypatch.setattr(store, "POINT_BLOCK", 4)
+    db = tmp_path / "lib.sqlite"
+    index_folders(cap, [photos], db, batch_size=5, progress=False)
+    files = sorted(photos.glob("*.png"))
+    files[0].unlink()
+    files[5].unlink()
+    with Image.open(files[7]) as im:  # changed: indexed again
+        im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(files[7])
+    index_folders(cap, [photos], db, batch_size=5, progress=False)
+
+    con = sqlite3.connect(db)
+    blocks = list(point_blocks(con, cap.fingerprint))
+    ids = np.concatenate([i for i, _ in blocks])
+    assert all(len(i) <= 4 for i, _ in blocks) and list(ids) == sorted(ids) and len(ids) == 10
+    by_path = dict(con.execute("SELECT path, id FROM photos"))
+    assert set(by_path.values()) == set(ids.tolist())
+    for f in files[1:5] + files[6:]:
+        point = point_of(con, cap.fingerprint, by_path[str(f)]).astype(np.float32)
+        assert np.abs(point - cap.embed(f)[0]).max() < 2e-3, f.name
+    assert point_of(con, cap.fingerprint, 10**6) is None and point_of(con, "another model", int(ids[0])) is None
+
+    low = blocks[0][1][0].tobytes()  # an id below the stored ones: the model's blocks are rewritten in order
+    with con:
+        _add_points(con, cap.fingerprint, [int(ids[0]) - 1 if ids[0] > 1 else 0], [low])
+    again = np.concatenate([i for i, _ in point_blocks(con, cap.fingerprint)])
+    assert list(again) == sorted(again) and len(again) == 11
+    con.close()
+
+
+def test_a_schema_4_library_is_searched_as_it_is_and_moved_into_blocks_by_indexing(cap, library, photos):
+    """Schema 4 kept a point a row (space(id, data)): read-only it is searched as it is; indexing
+    moves its points into blocks in one transaction, and every search answers the same."""
+    before = {m: search(library, "a red circle", 12, mode=m, captioner=cap).hits for m in ("embedding", "hybrid")}
+    like = similar(library, sorted(photos.glob("*.png"))[0], 5, captioner=cap).hits
+    con = sqlite3.connect(library)
+    blocks = list(point_blocks(con, cap.fingerprint))
+    with con:
+        con.execute("CREATE TABLE space (id INTEGER PRIMARY KEY, data BLOB NOT NULL)")
+        for ids, block in blocks:
+            con.executemany("INSERT INTO space VALUES (?, ?)", [(int(i), p.tobytes()) for i, p in zip(ids, block)])
+        con.execute("DELETE FROM points")  # there, empty: as a move into blocks cut short leaves it
+        con.execute("UPDATE meta SET value = '4' WHERE key = 'schema'")
+    con.close()
+    for _ in range(2):  # as schema 4, then moved by indexing (nothing to caption again)
+        for mode, hits in before.items():
+            assert search(library, "a red circle", 12, mode=mode, captioner=cap).hits == hits
+        assert similar(library, sorted(photos.glob("*.png"))[0], 5, captioner=cap).hits == like
+        assert index_folders(cap, [photos], library, progress=False).unchanged == 12
+    con = sqlite3.connect(library)
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "space" not in tables and con.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0] == "5"
+    assert sum(len(i) for i, _ in point_blocks(con, cap.fingerprint)) == 12
+    con.close()
 
 
 def test_embedding_mode_finds_photos_by_their_description(cap, library, photos):
@@ -197,7 +262,7 @@ def test_a_library_indexed_without_the_space_still_searches_and_says_what_it_lac
     plain = Captioner.load(folder, device="cpu")
     db = tmp_path / "old.sqlite"
     index_folders(plain, [photos], db, batch_size=6, progress=False)
-    assert sqlite3.connect(db).execute("SELECT count(*) FROM space").fetchone()[0] == 0
+    assert sqlite3.connect(db).execute("SELECT count(*) FROM points").fetchone()[0] == 0
     found = search(db, "a red circle", 5, mode="embedding", captioner=plain)
     assert found.mode == "hybrid" and "no search space" in found.note and found.hits
     assert search(db, "a red circle", 5, mode="hybrid", captioner=plain).hits
@@ -249,7 +314,7 @@ def test_a_library_without_features_still_ranks_by_meaning(cap, photos, tmp_path
     assert main(["index", str(photos), "--db", str(db), "--model", str(cap.source), "--no-features", "--quiet"]) == 0
     con = sqlite3.connect(db)
     assert con.execute("SELECT count(*) FROM features").fetchone()[0] == 0
-    assert con.execute("SELECT count(*) FROM space").fetchone()[0] == 12
+    assert sum(len(i) for i, _ in point_blocks(con, cap.fingerprint)) == 12
     con.close()
     target = sorted(photos.glob("*.png"))[4]
     found = search(db, truth(target.stem), 3, mode="hybrid", captioner=cap)
@@ -295,36 +360,39 @@ def test_the_api_searches_by_the_space_and_by_example_through_it(cap, library, p
 
 
 def test_stage_one_reads_the_points_in_blocks_with_flat_memory(tmp_path, monkeypatch):
-    """The million-photo path at a small size: 20,000 photos' points scored in blocks give the
-    cosines of the whole matrix, and the memory held is a block's, not the library's."""
+    """The million-photo path at a small size: 20,000 photos' points, written as index writes them
+    and scored a block at a time, give the cosines of the whole matrix, and the memory held is a
+    block's, not the library's."""
     import tracemalloc
     from types import SimpleNamespace
 
     from captioner.library import ModelView, connect
-    from captioner.library.search import SPACE_BLOCK
+    from captioner.library.store import POINT_BLOCK, _add_points
 
     n, dim = 20_000, 256
     rng = np.random.default_rng(0)
     points = rng.normal(size=(n, dim)).astype(np.float16)
+    monkeypatch.setattr(sys.modules["captioner.library.store"], "POINT_BLOCK", 256)
     con = connect(tmp_path / "big.sqlite")
     with con:
         con.executemany("INSERT INTO photos (id, path, sha1, size, mtime, caption, model, indexed_at) "
                         "VALUES (?, ?, '', 0, 0, '', 'm', 0)", [(i + 1, f"/p/{i}.jpg") for i in range(n)])
         con.executemany("INSERT INTO vectors (id, model, words) VALUES (?, 'fp', x'')", [(i + 1,) for i in range(n)])
-        con.executemany("INSERT INTO space (id, data) VALUES (?, ?)",
-                        [(i + 1, p.tobytes()) for i, p in enumerate(points)])
+        for start in range(0, n, 100):  # batches of 100, as write_batch appends them
+            _add_points(con, "fp", list(range(start + 1, start + 101)),
+                        [p.tobytes() for p in points[start:start + 100]])
+    assert con.execute("SELECT count(*) FROM points").fetchone()[0] == n // 256 + 1
     fake = SimpleNamespace(fingerprint="fp", source="m", space=object())
     view = ModelView(con, fake)
     query = rng.normal(size=dim).astype(np.float32)
     whole = points.astype(np.float32) @ query
-    monkeypatch.setattr(sys.modules["captioner.library.search"], "SPACE_BLOCK", 256)
     tracemalloc.start()
     blocked = view.space_scores(query)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     np.testing.assert_allclose(blocked, whole, rtol=1e-5, atol=1e-4)
     assert peak < 4 * 2**20, peak  # the float32 matrix alone would be 20 MB
-    assert SPACE_BLOCK >= 1024  # the shipped block: large enough that a million photos is a few dozen reads
+    assert POINT_BLOCK >= 1024  # the shipped block: a million photos are a thousand rows
     con.close()
 
 

@@ -152,12 +152,15 @@ def _image_to_text(con, cap: Captioner, queries: list[tuple[int, str]]) -> dict:
     """Each photo ranks every query caption by the cosine of their points in the search space (the
     photo's as the library stores it); R@K and median rank of the best of its own captions."""
     from captioner.library.search import query_words
-    from captioner.library.store import by_id
+    from captioner.library.store import point_blocks
     from captioner.train.embedding import recall_both, retrieval_ranks
 
     ids = sorted({pid for pid, _ in queries})
-    rows = by_id(con, "SELECT id, data FROM space WHERE id IN ({})", ids)
-    img = torch.from_numpy(np.stack([np.frombuffer(rows[i][0], np.float16) for i in ids]).astype(np.float32))
+    stored = {}
+    for block_ids, block in point_blocks(con, cap.fingerprint):
+        keep = np.isin(block_ids, ids)
+        stored.update(zip(block_ids[keep].tolist(), block[keep]))
+    img = torch.from_numpy(np.stack([stored[i] for i in ids]).astype(np.float32))
     txt = torch.from_numpy(np.concatenate([cap.embed_text([" ".join(query_words(t)) for _, t in queries[i:i + 512]])
                                            for i in range(0, len(queries), 512)]))
     where = {pid: i for i, pid in enumerate(ids)}

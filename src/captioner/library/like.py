@@ -13,7 +13,7 @@ import numpy as np
 from captioner.errors import LibraryError
 from captioner.files import readable_digest
 from captioner.library.search import DEFAULT_MODE, Found, _check, _hits, _note, search
-from captioner.library.store import indexed_by, reading, table_rows
+from captioner.library.store import indexed_by, point_blocks, point_of, reading, table_rows
 
 
 def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None = None,
@@ -23,6 +23,8 @@ def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None
     own, or, for a model without one, of their mean encoder features. The query photo itself is
     left out: photo `photo_id`, and a library photo with the same bytes as `image` (a path or bytes;
     `digest`: their SHA-1, for an `image` already decoded)."""
+    import torch
+
     from captioner import retrieval
 
     _check(limit, "model")
@@ -37,11 +39,15 @@ def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None
         if photo_id is not None:
             if not 0 < photo_id < 2**63:  # past SQLite's integers: no such photo, not an OverflowError
                 raise LibraryError(f"no photo {photo_id} in the library")
-            own = con.execute(f"SELECT p.data FROM {table} p JOIN vectors v ON v.id = p.id WHERE p.id = ? AND "
-                              "v.model = ?", (photo_id, captioner.fingerprint)).fetchone()
-            if not own:
+            if table == "space":
+                own = point_of(con, captioner.fingerprint, photo_id)
+            else:
+                own = con.execute("SELECT p.data FROM pooled p JOIN vectors v ON v.id = p.id WHERE p.id = ? AND "
+                                  "v.model = ?", (photo_id, captioner.fingerprint)).fetchone()
+                own = np.frombuffer(own[0], np.float16) if own else None
+            if own is None:
                 raise LibraryError(f"no photo {photo_id} in the library indexed by this model")
-            query = np.frombuffer(own[0], np.float16).astype(np.float32)
+            query = own.astype(np.float32)
         else:
             feats = captioner.features(captioner.read(image)[None].to(captioner.device))
             query = (captioner.embed_features(feats)[0] if table == "space"
@@ -52,12 +58,10 @@ def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None
         if digest:
             same |= {r[0] for r in con.execute("SELECT id FROM photos WHERE sha1 = ?", (digest,))}
         ids, sims = [], []
-        cur = con.execute(f"SELECT p.id, p.data FROM {table} p JOIN vectors v ON v.id = p.id WHERE v.model = ?",
-                          (captioner.fingerprint,))
-        while rows := cur.fetchmany(10_000):  # a block at a time: memory stays flat however large the library
-            ids.append(np.fromiter((r[0] for r in rows), np.int64, len(rows)))
-            block = np.frombuffer(b"".join(r[1] for r in rows), np.float16).reshape(len(rows), -1)
-            sims.append(block.astype(np.float32) @ query)
+        for block_ids, block in (point_blocks(con, captioner.fingerprint) if table == "space"
+                                 else _pooled_blocks(con, captioner.fingerprint)):
+            ids.append(block_ids)  # a block at a time: memory stays flat however large the library
+            sims.append((torch.from_numpy(block.copy()).float() @ torch.from_numpy(query)).numpy())
         ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         sims = np.concatenate(sims) if sims else np.zeros(0, np.float32)
         if same:
@@ -66,6 +70,14 @@ def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None
         best = np.argsort(-sims, kind="stable")[:limit]
         return Found(_hits(con, [(int(ids[i]), float(sims[i])) for i in best]), "like", len(ids),
                      _note([], left_out, len(ids), captioner.source))
+
+
+def _pooled_blocks(con, model: str):
+    """(ids, pooled features (n, C) float16) of the photos `model` indexed, 10,000 at a time."""
+    cur = con.execute("SELECT p.id, p.data FROM pooled p JOIN vectors v ON v.id = p.id WHERE v.model = ?", (model,))
+    while rows := cur.fetchmany(10_000):
+        yield (np.fromiter((r[0] for r in rows), np.int64, len(rows)),
+               np.frombuffer(b"".join(r[1] for r in rows), np.float16).reshape(len(rows), -1))
 
 
 def find(db: Path, text: str | None = None, like=None, *, mode: str = DEFAULT_MODE, limit: int = 20,

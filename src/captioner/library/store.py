@@ -12,9 +12,12 @@ One file, readable with the ``sqlite3`` shell:
         fingerprint of the model that made them, so two models' numbers are never mixed
     pooled(id, data)                        its pooled feature, unit length (search by example photo
                                             with a model that has no search space; none with one)
-    space(id, data)                         its point in the model's search space (model/embedding.py),
-                                            float16, unit length: stage 1 of every search by meaning,
-                                            read in blocks; none for a model without a space
+    points(model, first, ids, data)         the photos' points in the model's search space (model/embedding.py),
+        float16, unit length: stage 1 of every search by meaning. Up to POINT_BLOCK photos a row (`ids`
+        int64, `data` (n, D) float16, both ascending by id; `first` <= every id of the row, above every
+        id of the model's rows before it): a million photos are a thousand rows, read in a fraction
+        of a second, where a row a photo took seconds of Python for the rows alone. None for a model
+        without a space.
     features(id, data)                      the encoder's output, 8-bit (read for the photos re-ranked;
                                             none with index --no-features)
         (three tables, so that a scan of the small rows never walks the large ones' pages)
@@ -34,12 +37,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 from captioner.errors import LibraryError
 
-SCHEMA_VERSION = "4"
-# 1: before model search (no vectors), 2: before tags (no terms), 3: before the search space (no space);
-# opened for indexing, each becomes 4
-READABLE_SCHEMAS = ("1", "2", "3", "4")
+SCHEMA_VERSION = "5"
+# 1: before model search (no vectors), 2: before tags (no terms), 3: before the search space (no points),
+# 4: a point a row (space(id, data)); opened for indexing, each becomes 5 (4's points moved into blocks)
+READABLE_SCHEMAS = ("1", "2", "3", "4", "5")
+POINT_BLOCK = 1024  # points a row of `points` holds: 512 KB of 256-d float16
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS photos (
     id INTEGER PRIMARY KEY,
@@ -56,7 +62,13 @@ CREATE VIRTUAL TABLE IF NOT EXISTS photos_fts USING fts5(caption, alternatives, 
 CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY, model TEXT NOT NULL, words BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS pooled (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS features (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS space (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS points (
+    model TEXT NOT NULL,
+    first INTEGER NOT NULL,
+    ids BLOB NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (model, first)
+);
 CREATE TABLE IF NOT EXISTS terms (word TEXT NOT NULL, id INTEGER NOT NULL, score REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS terms_by_word ON terms (word);
 CREATE INDEX IF NOT EXISTS terms_by_id ON terms (id);
@@ -101,8 +113,9 @@ def connect(db: Path, create: bool = True) -> sqlite3.Connection:
         con.execute("PRAGMA journal_mode=WAL")  # readers (the web page) never block the indexer
         con.execute("PRAGMA synchronous=NORMAL")
         con.executescript(SCHEMA)
-        con.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))  # tables added above
-        con.commit()
+        with con:  # the tables added above, schema 4's points moved: all or nothing
+            _move_schema_4_points(con)
+            con.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
         return con
     except sqlite3.DatabaseError as e:
         raise LibraryError(f"{db}: not a usable SQLite database ({e})") from None
@@ -151,6 +164,7 @@ def write_batch(con: sqlite3.Connection, rows: list[tuple], failures: list[tuple
     """One transaction: upsert captioned photos (their full-text rows and vectors, made by the model
     with fingerprint `model`, loaded from `source`) and failures."""
     now = time.time()
+    new_points: list[tuple[int, bytes]] = []
     with con:
         for (path, st, sha1, result), (features, pooled, words, point) in zip(rows, vectors, strict=True):
             alts = result.get("alternatives", [])[1:]
@@ -169,19 +183,139 @@ def write_batch(con: sqlite3.Connection, rows: list[tuple], failures: list[tuple
             if features is not None:  # None: indexed with --no-features
                 con.execute("INSERT INTO features (id, data) VALUES (?, ?)", (cur.lastrowid, features))
             if point is not None:
-                con.execute("INSERT INTO space (id, data) VALUES (?, ?)", (cur.lastrowid, point))
+                new_points.append((cur.lastrowid, point))
             con.executemany("INSERT INTO terms (word, id, score) VALUES (?, ?, ?)",
                             [(w, cur.lastrowid, score) for w, score in result.get("terms", {}).items()])
             con.execute("DELETE FROM failures WHERE path = ?", (path,))
+        if new_points:  # after the batch's deletions: every new id is above the model's stored ones
+            _add_points(con, model, [i for i, _ in new_points], [p for _, p in new_points])
         for path, st, error in failures:
             con.execute("INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?)", (path, st.st_size, st.st_mtime, error))
 
 
 def delete_photo(con: sqlite3.Connection, pid: int) -> None:
     con.execute("DELETE FROM photos_fts WHERE rowid = ?", (pid,))
-    for table in ("vectors", "pooled", "features", "space", "terms"):
+    model = con.execute("SELECT model FROM vectors WHERE id = ?", (pid,)).fetchone()
+    if model:
+        _remove_point(con, model[0], pid)
+    for table in ("vectors", "pooled", "features", "terms"):
         con.execute(f"DELETE FROM {table} WHERE id = ?", (pid,))
     con.execute("DELETE FROM photos WHERE id = ?", (pid,))
+
+
+def point_blocks(con: sqlite3.Connection, model: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The points of the photos model `model` indexed, a block at a time, ascending by id:
+    (ids (n,) int64, points (n, D) float16). A schema-4 library (a row a point) opened read-only is
+    read as it is, in blocks of POINT_BLOCK rows, and so is one whose move into blocks was cut short."""
+    if _has_table(con, "space"):  # until indexing has moved them (`points` may be there, empty)
+        yield from _schema_4_points(con, model)
+    elif _has_table(con, "points"):
+        yield from _blocks(con, model)
+
+
+def _blocks(con: sqlite3.Connection, model: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for ids, data in con.execute("SELECT ids, data FROM points WHERE model = ? ORDER BY first", (model,)):
+        ids = np.frombuffer(ids, np.int64)
+        yield ids, np.frombuffer(data, np.float16).reshape(len(ids), -1)
+
+
+def point_ids(con: sqlite3.Connection, model: str) -> np.ndarray | None:
+    """The ids of the photos model `model` has points for, ascending, from the blocks' ids alone; None
+    for a library without blocks (schema 4 or before)."""
+    if _has_table(con, "space") or not _has_table(con, "points"):
+        return None
+    rows = con.execute("SELECT ids FROM points WHERE model = ? ORDER BY first", (model,)).fetchall()
+    return np.frombuffer(b"".join(r[0] for r in rows), np.int64)
+
+
+def _schema_4_points(con: sqlite3.Connection, model: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    cur = con.execute("SELECT s.id, s.data FROM space s JOIN vectors v ON v.id = s.id WHERE v.model = ? "
+                      "ORDER BY s.id", (model,))
+    while rows := cur.fetchmany(POINT_BLOCK):
+        yield (np.fromiter((r[0] for r in rows), np.int64, len(rows)),
+               np.frombuffer(b"".join(r[1] for r in rows), np.float16).reshape(len(rows), -1))
+
+
+def point_of(con: sqlite3.Connection, model: str, pid: int) -> np.ndarray | None:
+    """Photo `pid`'s point (D,) float16 as model `model` stored it, or None."""
+    if _has_table(con, "points") and not _has_table(con, "space"):
+        block = _block_of(con, model, pid)
+        if block is None:
+            return None
+        ids, data = block[1], np.frombuffer(block[2], np.float16).reshape(len(block[1]), -1)
+        at = np.searchsorted(ids, pid)
+        return data[at] if at < len(ids) and ids[at] == pid else None
+    for ids, points in point_blocks(con, model):  # schema 4
+        if pid in ids:
+            return points[int(np.searchsorted(ids, pid))]
+    return None
+
+
+def _block_of(con: sqlite3.Connection, model: str, pid: int) -> tuple[int, np.ndarray, bytes] | None:
+    """The row of `points` that holds (or would hold) `pid`: (first, ids, data), or None."""
+    row = con.execute("SELECT first, ids, data FROM points WHERE model = ? AND first <= ? ORDER BY first DESC "
+                      "LIMIT 1", (model, pid)).fetchone()
+    return (row[0], np.frombuffer(row[1], np.int64), row[2]) if row else None
+
+
+def _add_points(con: sqlite3.Connection, model: str, ids: list[int], points: list[bytes]) -> None:
+    """Append points of photos `ids` (ascending, above every id the model has stored) to the model's
+    last block while it has room, then to new blocks."""
+    last = con.execute("SELECT first, ids, data FROM points WHERE model = ? ORDER BY first DESC LIMIT 1",
+                       (model,)).fetchone()
+    if last and ids and min(ids) <= int(np.frombuffer(last[1], np.int64).max(initial=last[0])):
+        _rewrite_points(con, model, ids, points)  # not expected (SQLite gives a new photo the highest id)
+        return
+    start = 0
+    if last and len(last[1]) // 8 < POINT_BLOCK:
+        start = POINT_BLOCK - len(last[1]) // 8
+        con.execute("UPDATE points SET ids = ?, data = ? WHERE model = ? AND first = ?",
+                    (last[1] + np.asarray(ids[:start], np.int64).tobytes(), last[2] + b"".join(points[:start]),
+                     model, last[0]))
+    for i in range(start, len(ids), POINT_BLOCK):
+        con.execute("INSERT INTO points (model, first, ids, data) VALUES (?, ?, ?, ?)",
+                    (model, ids[i], np.asarray(ids[i:i + POINT_BLOCK], np.int64).tobytes(),
+                     b"".join(points[i:i + POINT_BLOCK])))
+
+
+def _rewrite_points(con: sqlite3.Connection, model: str, ids: list[int], points: list[bytes]) -> None:
+    """The model's points and these, sorted by id into new blocks: what keeps the blocks' order if
+    an id ever arrives below the stored ones."""
+    new = {int(i): row.tobytes() for ids_, block in _blocks(con, model) for i, row in zip(ids_, block)}
+    new.update(zip(map(int, ids), points))
+    con.execute("DELETE FROM points WHERE model = ?", (model,))
+    order = sorted(new)
+    _add_points(con, model, order, [new[i] for i in order])
+
+
+def _remove_point(con: sqlite3.Connection, model: str, pid: int) -> None:
+    if not _has_table(con, "points"):
+        return
+    block = _block_of(con, model, pid)
+    if block is None or pid not in block[1]:
+        return
+    first, ids, data = block
+    keep = ids != pid
+    if not keep.any():
+        con.execute("DELETE FROM points WHERE model = ? AND first = ?", (model, first))
+        return
+    points = np.frombuffer(data, np.float16).reshape(len(ids), -1)[keep]
+    con.execute("UPDATE points SET ids = ?, data = ? WHERE model = ? AND first = ?",
+                (ids[keep].tobytes(), points.tobytes(), model, first))
+
+
+def _move_schema_4_points(con: sqlite3.Connection) -> None:
+    """A schema-4 library's points, a row each in `space`, into blocks of `points` (then dropped)."""
+    if not _has_table(con, "space"):
+        return
+    for (model,) in con.execute("SELECT DISTINCT v.model FROM space s JOIN vectors v ON v.id = s.id").fetchall():
+        for ids, points in _schema_4_points(con, model):
+            _add_points(con, model, ids.tolist(), [p.tobytes() for p in points])
+    con.execute("DROP TABLE space")
+
+
+def _has_table(con: sqlite3.Connection, name: str) -> bool:
+    return con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
 
 
 def table_rows(con: sqlite3.Connection, sql: str, args: tuple = ()) -> list:
