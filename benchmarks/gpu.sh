@@ -5,7 +5,8 @@
 #   benchmarks/gpu.sh prepare [FLICKR8K]     # here: .gpu/wheels (the packages a bare PyTorch image
 #                                            # lacks) and .gpu/flickr8k (800 photos), about 34 MiB
 #   benchmarks/gpu.sh [--out DIR] [gpu.py options ...]     # there: installs from .gpu/wheels what
-#                                            # is missing, then measures; results in DIR/gpu.md
+#                                            # is missing, then measures; results in DIR/gpu.md,
+#                                            # the servers' own output in DIR/serve-wait*.log
 #   benchmarks/gpu.sh --device cpu --data DATA --out DIR   # the same on a CPU, small sizes (CI tests it)
 #
 # The whole run stays under 8 minutes on one H200: rows shrink to --row-seconds each, and the

@@ -75,13 +75,14 @@ def one_request(url: str, k: int, photo: bytes) -> tuple[bool, float, str]:
 
 
 def run(model: str | None, clients: int, requests: int, photo: Path, batch_wait_ms: float = 5.0,
-        extra: list[str] = ()) -> dict:
-    """One server (`captioner serve ... *extra`) under load -> the row's figures."""
+        extra: list[str] = (), log: Path | None = None) -> dict:
+    """One server (`captioner serve ... *extra`, its output kept in `log` when given) under load ->
+    the row's figures."""
     from captioner.server.background import serve_in_background
 
     data = photo.read_bytes()
     args = (["--model", model] if model else []) + ["--batch-wait-ms", str(batch_wait_ms), *extra]
-    with serve_in_background(*args) as server:
+    with serve_in_background(*args, log=log) as server:
         for _ in range(5):  # warm-up: the first requests load lazily initialised parts
             one_request(server.url, 0, data)
         rss = [rss_mb(server.pid)]

@@ -31,3 +31,15 @@ def test_gpu_script_runs_every_section_on_the_cpu(trained, shapes, tmp_path):
     failed = [line.split("|")[3].strip() for line in server.splitlines() if line.startswith("| o")]
     assert failed == ["0", "0"]
     assert (tmp_path / "out" / "gpu.log").is_file()
+    assert "Uvicorn running" in (tmp_path / "out" / "serve-wait5.log").read_text()  # the server's own output
+
+
+def test_a_server_that_does_not_start_says_what_it_printed(tmp_path):
+    """The GPU run's server section once failed as "did not start" with its output thrown away."""
+    from captioner.server.background import serve_in_background
+
+    log = tmp_path / "serve.log"
+    with pytest.raises(RuntimeError, match=r"exited with code 2\); it printed:\n.*not a model folder"):
+        with serve_in_background("--model", str(tmp_path / "missing"), timeout=60, log=log):
+            pass
+    assert "not a model folder" in log.read_text()
