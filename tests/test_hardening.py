@@ -789,3 +789,18 @@ def test_zero_epochs_claims_no_model_folders(shapes, tmp_path, capsys):
     assert main(["train", "--data", str(shapes), "--out", str(tmp_path / "run"), "--epochs", "0", "--max-images",
                  "10", "--val-images", "2", "--image-size", "64", "--workers", "0", "--quiet"]) == 0
     assert "no epoch was trained (--epochs 0); nothing new was saved" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_train_never_replaces_a_best_or_last_folder_of_the_users(shapes, tmp_path, capsys, overwrite):
+    """Saving a model swaps best/ and last/ out whole: a folder of those names that captioner did not
+    write (no config.json) is refused before anything is trained, and its files stay."""
+    out = tmp_path / "photos"
+    (out / "best").mkdir(parents=True)
+    (out / "best" / "holiday.jpg").write_bytes(b"the best photo")
+    assert main(["train", "--data", str(shapes), "--out", str(out), "--epochs", "1", "--max-images", "10",
+                 "--val-images", "2", "--image-size", "64", "--workers", "0", "--quiet", *overwrite]) == 2
+    err = capsys.readouterr().err
+    assert "best: holds files captioner did not write" in err and "choose another --out" in err
+    assert [p.name for p in (out / "best").iterdir()] == ["holiday.jpg"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "best"]  # the lock of the refused run only

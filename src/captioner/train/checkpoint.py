@@ -103,6 +103,12 @@ def run_folder(out: Path, resume: bool, overwrite: bool) -> Iterator[None]:
     (`resume`), replaced (`overwrite`: its run files are removed first), or refused."""
     out.mkdir(parents=True, exist_ok=True)
     with locked(out, "training"):
+        for name in RUN_FOLDERS:  # saving a model replaces these folders whole: never a folder of the user's
+            folder = out / name
+            if folder.exists() and not (folder / "config.json").is_file() and (
+                    not folder.is_dir() or any(folder.iterdir())):
+                raise ConfigError(f"{folder}: holds files captioner did not write (it is not a model folder), and "
+                                  "training would replace it; choose another --out")
         if holds_a_run(out) and not resume:
             if not overwrite:
                 epochs = saved_epoch(out)
