@@ -804,3 +804,26 @@ def test_train_never_replaces_a_best_or_last_folder_of_the_users(shapes, tmp_pat
     assert "best: holds files captioner did not write" in err and "choose another --out" in err
     assert [p.name for p in (out / "best").iterdir()] == ["holiday.jpg"]
     assert sorted(p.name for p in out.iterdir()) == [".lock", "best"]  # the lock of the refused run only
+
+
+def test_two_caption_runs_never_write_one_file_at_once(photos, trained, tmp_path, capsys):
+    """Two `caption --out` runs into one file lost rows (each rewrote it under the other): the
+    second is refused while the first holds it, in one line, and the file is left to the first."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "captions.jsonl"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom captioner.files import locked_file\n"
+                               f"with locked_file({str(out)!r}, 'captioner caption run'):\n"
+                               "    print('held', flush=True)\n    time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = ["caption", str(photos), "--model", str(trained / "best"), "--out", str(out), "--quiet"]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"{out}: another captioner caption run is writing to it (process {holder.pid})" in err
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(args) == 0 and len(out.read_text().splitlines()) == 3  # the holder gone, the lock goes with it

@@ -20,6 +20,7 @@ would run as a formula (starting with = + - @) are written with a leading apostr
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import io
@@ -36,7 +37,7 @@ from tqdm import tqdm
 
 from captioner.decoding import Decoding
 from captioner.errors import ConfigError
-from captioner.files import atomic_write, path_text, readable_digest
+from captioner.files import atomic_write, locked_file, path_text, readable_digest
 
 if TYPE_CHECKING:
     from captioner.api import Captioner
@@ -164,6 +165,15 @@ def caption_to_file(captioner, paths: Sequence[Path], out: Path, *, batch_size: 
     from captioner.distributed import Dist
 
     dist = dist or Dist()
+    # process 0 holds the file for the run: a second run into it would rewrite it under the first
+    with locked_file(out, "captioner caption run") if dist.main else contextlib.nullcontext():
+        return _caption_to_file(captioner, paths, out, batch_size, progress, dist, decoding, force, workers,
+                                jpegs_on_device)
+
+
+def _caption_to_file(captioner, paths: Sequence[Path], out: Path, batch_size: int, progress: bool, dist: Dist,
+                     decoding: Decoding | None, force: bool, workers: int | None,
+                     jpegs_on_device: bool | None) -> BatchReport:
     if not force and not written_by_us(out):  # every process sees the same file: the same answer
         raise ConfigError(f"{out}: already exists and was not written by captioner caption (what it holds would be "
                           "lost); choose another --out, or add --force to replace it")

@@ -143,20 +143,34 @@ def locked(folder: str | Path, what: str) -> Iterator[None]:
     """Hold an exclusive lock on `folder` (its file ``.lock``) while the block runs, so that two
     processes never write one folder at once; a second one gets a ConfigError naming the folder.
     The lock goes with the process, however it ends (kill -9 included)."""
-    folder = Path(folder)
+    with _lock(Path(folder) / ".lock", Path(folder), what, "folder"):
+        yield
+
+
+@contextlib.contextmanager
+def locked_file(path: str | Path, what: str) -> Iterator[None]:
+    """The same for one file that is rewritten by replacing it (so its own inode cannot hold the
+    lock): the lock is the hidden file ``.NAME.lock`` beside it."""
+    path = Path(path)
+    with _lock(path.with_name(f".{path.name}.lock"), path, what, "file"):
+        yield
+
+
+@contextlib.contextmanager
+def _lock(lock: Path, shown: Path, what: str, kind: str) -> Iterator[None]:
     try:
         import fcntl
     except ImportError:  # not POSIX: no locking
         yield
         return
-    with open(folder / ".lock", "a+") as f:
+    with open(lock, "a+") as f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip()
-            raise ConfigError(f"{folder}: another {what} is writing to it{f' ({holder})' if holder else ''}; "
-                              "wait for it to finish or choose another folder") from None
+            raise ConfigError(f"{shown}: another {what} is writing to it{f' ({holder})' if holder else ''}; "
+                              f"wait for it to finish or choose another {kind}") from None
         f.seek(0)
         f.truncate()
         f.write(f"process {os.getpid()}")
