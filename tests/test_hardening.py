@@ -827,3 +827,43 @@ def test_two_caption_runs_never_write_one_file_at_once(photos, trained, tmp_path
         holder.kill()
         holder.wait()
     assert main(args) == 0 and len(out.read_text().splitlines()) == 3  # the holder gone, the lock goes with it
+
+
+def test_thumbnails_and_uploads_decode_big_jpegs_at_a_reduced_scale_within_the_budget(app_for, trained, tmp_path,
+                                                                                       monkeypatch):
+    """Thumbnails decoded library photos whole and outside the pixel budget (32 thumbnails of 48 MP
+    photos: +11.8 GB), and a 24 MP JPEG upload got 413 from a server with a 10 MP budget though it is
+    decoded at 1/8 scale. Both now hold the budget for what is decoded, at the scale the size allows."""
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from captioner import Captioner
+    from captioner.library import index_folders
+    from captioner.server.guards import PixelPool
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (6000, 4000), (40, 90, 200)).save(folder / "big.jpg", quality=80)
+    db = tmp_path / "lib.sqlite"
+    index_folders(Captioner.load(trained / "best", device="cpu"), [folder], db, progress=False)
+    held = []
+    real = PixelPool.hold
+
+    def spy(self, n, timeout):
+        held.append(n)
+        return real(self, n, timeout)
+
+    monkeypatch.setattr(PixelPool, "hold", spy)
+    client = TestClient(app_for(db, max_pixels=10_000_000), base_url="http://localhost")
+    for size, decoded in ((256, 750 * 500), (2048, 10_000_000)):  # 1/8 scale; whole (2000 < 2048): the budget
+        held.clear()
+        r = client.get(f"/api/thumb/1?size={size}")
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+        assert max(Image.open(io.BytesIO(r.content)).size) == size
+        assert held == [decoded]
+    held.clear()
+    r = client.post("/api/caption", files={"file": ("big.jpg", (folder / "big.jpg").read_bytes(), "image/jpeg")})
+    assert r.status_code == 200 and r.json()["results"][0]["caption"]
+    assert held and held[0] <= 6000 * 4000 // 16  # decoded at a reduced scale, not 24 MP

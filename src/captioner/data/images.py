@@ -47,7 +47,8 @@ def open_rgb(source: str | Path | bytes | Image.Image | np.ndarray, max_pixels: 
     """Open an image (a path, the bytes of a file, a PIL image, or an array of uint8 pixels: HxWx3
     RGB, HxWx4 RGBA or HxW grey) as RGB with EXIF orientation applied, or raise ImageError with one
     clear line naming it (`name`, else the path). With `min_size` (see draft_size) a JPEG file is
-    decoded at the smallest scale that keeps both its sides at least that."""
+    decoded at the smallest scale that keeps both its sides at least that, and `max_pixels` bounds
+    the pixels decoded at that scale."""
     if isinstance(source, np.ndarray):
         img = _from_array(source, name or "array", max_pixels)
     elif isinstance(source, Image.Image):
@@ -72,10 +73,12 @@ def open_rgb(source: str | Path | bytes | Image.Image | np.ndarray, max_pixels: 
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 img = Image.open(stream, formats=allowed_formats())
-                if img.width * img.height > max_pixels:
-                    raise ImageTooLarge(f"{name}: {img.width}x{img.height} is more than {max_pixels:,} pixels")
+                declared = img.size
                 if min_size and img.format in ("JPEG", "MPO"):
                     img.draft(img.mode, (min_size, min_size))  # a scale, never a colour conversion
+                if img.width * img.height > max_pixels:  # what is decoded counts: a 48 MP JPEG at 1/8 is 0.75 MP
+                    at = f" (decoded at {img.width}x{img.height})" if img.size != declared else ""
+                    raise ImageTooLarge(f"{name}: {declared[0]}x{declared[1]}{at} is more than {max_pixels:,} pixels")
                 img.load()
         except ImageError:
             raise

@@ -37,7 +37,7 @@ from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from captioner import __version__
-from captioner.data.images import open_rgb
+from captioner.data.images import MAX_PIXELS, open_rgb
 from captioner.errors import ConfigError, ImageError, ImageTooLarge, LibraryError
 from captioner.library import photo_path, search, similar
 from captioner.names import DEFAULT_SEARCH_MODE, SEARCH_MODES
@@ -202,7 +202,7 @@ class _Service:
                 continue
             limit = min(self.max_pixels, budget)
             try:
-                with self.pixels.hold(min(declared_pixels(data), limit), self.queue_timeout):
+                with self.pixels.hold(min(declared_pixels(data, self.captioner.draft_size), limit), self.queue_timeout):
                     img = open_rgb(data, limit, name=name, min_size=self.captioner.draft_size)
                     budget -= img.width * img.height
                     images.append((len(results), self.captioner.transform(img)))
@@ -250,7 +250,8 @@ class _Service:
         if len(data) > self.max_bytes:
             raise HTTPException(413, f"{name}: larger than {self.max_upload_mb:g} MB")
         try:
-            with self.pixels.hold(min(declared_pixels(data), self.max_pixels), self.queue_timeout):
+            with self.pixels.hold(min(declared_pixels(data, self.captioner.draft_size), self.max_pixels),
+                                  self.queue_timeout):
                 img = open_rgb(data, self.max_pixels, name=name, min_size=self.captioner.draft_size)
                 with self.model_turn():
                     return self.like(name, img, limit, digest=hashlib.sha1(data).hexdigest())
@@ -266,13 +267,17 @@ class _Service:
             raise HTTPException(404, str(e)) from None
         if path is None:
             raise HTTPException(404, f"no photo {photo_id} in the library")
+        # decoded within the same pixel budget as uploads, a JPEG at the smallest scale the size allows
+        # (32 thumbnails of 48 MP photos at once took the server from 0.8 GB to 12.6 GB, whole-size decodes)
         try:
-            img = open_rgb(path)
+            with self.pixels.hold(min(declared_pixels(path, size), self.max_pixels), self.queue_timeout):
+                img = open_rgb(path, max(self.max_pixels, MAX_PIXELS), min_size=size)
+                img.thumbnail((size, size))
+                buf = io.BytesIO()
+                img.save(buf, "JPEG", quality=85)
+                del img
         except ImageError as e:
             raise HTTPException(404, str(e)) from None
-        img.thumbnail((size, size))
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=85)
         return Response(buf.getvalue(), media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
 

@@ -12,6 +12,7 @@ import contextlib
 import io
 import ipaddress
 import threading
+from pathlib import Path
 
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse
@@ -27,15 +28,18 @@ def busy(what: str, timeout: float) -> HTTPException:
     return HTTPException(503, f"busy: no turn at {what} within {timeout:g} s; try again", headers={"Retry-After": "5"})
 
 
-def declared_pixels(data: bytes) -> int:
-    """Width x height from an image's header, without decoding it (0 when there is no header to read:
-    open_rgb then says what is wrong)."""
+def declared_pixels(data: bytes | Path, min_size: int = 0) -> int:
+    """Width x height an image (its bytes, or a file) will be decoded at, from its header, without
+    decoding it: a JPEG at the reduced scale `min_size` allows (as open_rgb decodes it), anything
+    else whole. 0 when there is no header to read: open_rgb then says what is wrong."""
     from PIL import Image
 
     from captioner.data.images import allowed_formats
 
     try:
-        with Image.open(io.BytesIO(data), formats=allowed_formats()) as im:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data, formats=allowed_formats()) as im:
+            if min_size and im.format in ("JPEG", "MPO"):
+                im.draft(im.mode, (min_size, min_size))  # the scale only: nothing is decoded
             return im.width * im.height
     except Exception:
         return 0
