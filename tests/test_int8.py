@@ -77,3 +77,25 @@ def test_int8_is_for_captioning_on_a_cpu(shapes, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--data", str(shapes), "--out", str(tmp_path / "r"), "--precision", "int8"])
     assert "invalid choice: 'int8'" in capsys.readouterr().err
+
+
+def test_a_library_indexed_at_int8_is_the_same_models_at_any_precision(trained, shapes, tmp_path, monkeypatch):
+    """int8 swaps in other decoder weights, and the fingerprint changed with them: a library indexed
+    at int8 fell back to keywords at fp32 ("no photo was indexed by this model") and switching
+    precision captioned every photo again. The fingerprint is of the weights as saved."""
+    from captioner.library import index_folders, search
+
+    monkeypatch.setattr(int8, "MIN_WEIGHTS", 0)
+    fp32 = Captioner.load(trained / "best", device="cpu", precision="fp32")
+    q = Captioner.load(trained / "best", device="cpu", precision="int8")
+    assert isinstance(q.model.decoder.out, Int8Linear) and q.fingerprint == fp32.fingerprint
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for r in [r for r in load_records(shapes) if r.split == "val"][:4]:
+        (folder / r.image.name).write_bytes(r.image.read_bytes())
+    db = tmp_path / "lib.sqlite"
+    assert index_folders(q, [folder], db, progress=False).captioned == 4
+    assert index_folders(fp32, [folder], db, progress=False).unchanged == 4
+    found = search(db, "a red circle", 4, mode="hybrid", captioner=fp32)
+    assert found.mode == "hybrid" and len(found.hits) == 4
+    assert not found.note or "indexed by this model" not in found.note

@@ -40,8 +40,9 @@ class Captioner:
     """
 
     def __init__(self, model, vocab, plan: InferencePlan, source: str = "", encoder: torch.nn.Module | None = None,
-                 space=None):
+                 space=None, fingerprint: str | None = None):
         self.model, self.vocab, self.plan = model, vocab, plan
+        self._fingerprint = fingerprint  # load's: of the weights as saved, before any fast layers swap in
         self.space = space  # the folder's joint image-sentence space (model/embedding.py), or None
         self.encoder = model.encoder if encoder is None else encoder  # what features() runs (load: a faster copy)
         self.source = source  # where the model came from: its folder, or "shipped"
@@ -67,8 +68,11 @@ class Captioner:
         plan = plan or InferencePlan.resolve(device, precision)
         model, vocab = load_model(model_dir(path), plan.device)
         space = load_space(model_dir(path), model.cfg, vocab.pad, plan.device)
+        # int8 swaps in a decoder of other weights: its fingerprint is taken first (40 ms, so only then), so
+        # that a library indexed at one precision is searched at any other
+        fingerprint = _fingerprint(model, vocab, space) if plan.precision == "int8" else None
         encoder = plan.prepare(model)
-        return cls(model, vocab, plan, str(path) if path else SHIPPED, encoder, space)
+        return cls(model, vocab, plan, str(path) if path else SHIPPED, encoder, space, fingerprint)
 
     # -- captioning ------------------------------------------------------------------------------
 
@@ -297,20 +301,9 @@ class Captioner:
     @functools.cached_property
     def fingerprint(self) -> str:
         """Names this exact model (weights, vocabulary, config): a photo library keeps it beside what
-        the model computed, so that two models' numbers are never mixed."""
-        # the config and the decoding as one JSON object, as config.json held both before decoding.json:
-        # a library indexed then keeps its fingerprint
-        h = hashlib.sha1(json.dumps({**self.model.cfg.to_json(), **self.model.decoding.saved()},
-                                    sort_keys=True).encode())
-        h.update("\n".join(self.vocab.itos).encode())
-        for name, t in sorted(self.model.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-        if self.space is not None:  # a library indexed before the space was added gets its points
-            for name, t in sorted(self.space.state_dict().items()):  # (the names and shapes say its architecture)
-                h.update(name.encode())
-                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:20]
+        the model computed, so that two models' numbers are never mixed. The weights as saved: a
+        precision (int8 included) does not change it, as it does not change what is stored."""
+        return self._fingerprint or _fingerprint(self.model, self.vocab, self.space)
 
     def require_attention(self) -> None:
         """Raise a one-line ModelError unless the model has attention maps to show."""
@@ -359,3 +352,18 @@ class Captioner:
             if x is not None:
                 for i, r in zip(idx, self.caption_tensor(x, decoding, features)):
                     yield paths[i], r, None
+
+
+def _fingerprint(model, vocab, space) -> str:
+    # the config and the decoding as one JSON object, as config.json held both before decoding.json:
+    # a library indexed then keeps its fingerprint
+    h = hashlib.sha1(json.dumps({**model.cfg.to_json(), **model.decoding.saved()}, sort_keys=True).encode())
+    h.update("\n".join(vocab.itos).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    if space is not None:  # a library indexed before the space was added gets its points
+        for name, t in sorted(space.state_dict().items()):  # (the names and shapes say its architecture)
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:20]
