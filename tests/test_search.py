@@ -246,3 +246,24 @@ def test_evaluate_retrieval_on_the_shapes(trained, shapes, tmp_path, capsys):
     both = [r["modes"]["hybrid"][k] + r["image_to_text"][k] for k in ("R@1", "R@5", "R@10")]
     assert r["rsum"] == pytest.approx(sum(both))
     assert "image to text" in out
+
+
+def test_evaluate_retrieval_never_measures_in_or_adds_to_a_library_of_other_photos(trained, shapes, library, tmp_path,
+                                                                                   capsys):
+    """`--db` keeps the split's library for the next run; a library holding other photos is refused
+    (its photos would be ranked by every query, and the split added to it for good)."""
+    con = sqlite3.connect(library)
+    before = con.execute("SELECT count(*) FROM photos").fetchone()[0]
+    con.close()
+    args = ["evaluate", "--task", "retrieval", "--data", str(shapes), "--model", str(trained / "best"),
+            "--split", "val", "--max-images", "4", "--modes", "keyword", "--json"]
+    assert main([*args, "--db", str(library)]) == 2
+    err = capsys.readouterr().err
+    assert f"{library}: holds {before} photos that are not in the 'val' split" in err
+    con = sqlite3.connect(library)
+    assert con.execute("SELECT count(*) FROM photos").fetchone()[0] == before
+    con.close()
+    kept = tmp_path / "val.sqlite"
+    for _ in range(2):  # its own library, made then reused
+        assert main([*args, "--db", str(kept)]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == 4

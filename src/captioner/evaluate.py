@@ -109,6 +109,8 @@ def retrieval(model_dir: Path | None, data: Path, split: str = "val", *, layout:
     if not chosen:
         raise DataError(f"{data}: no images in the {split!r} split")
     chosen = check_images(chosen, skip_missing)[: max_images or None]
+    if db:
+        _check_only_the_split(Path(db), chosen, split)
     cap = Captioner.load(model_dir, device, precision)
     if cap.space is None:
         modes = tuple(m for m in modes if m != "embedding")
@@ -146,6 +148,20 @@ def retrieval(model_dir: Path | None, data: Path, split: str = "val", *, layout:
                                        for k in ("R@1", "R@5", "R@10")), 2)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
+
+
+def _check_only_the_split(db: Path, chosen: list, split: str) -> None:
+    """Refuse a --db that holds photos other than the split's: each query ranks every photo in the
+    library, so the figures would not be the split's, and indexing would add the split to it for good."""
+    if not db.is_file() or db.stat().st_size == 0:
+        return
+    wanted = {path_text(Path(os.path.abspath(r.image))) for r in chosen}
+    with library.reading(db) as con:
+        others = sum(path not in wanted for (path,) in con.execute("SELECT path FROM photos"))
+    if others:
+        raise DataError(f"{db}: holds {others:,} photos that are not in the {split!r} split measured here; every "
+                        "query would rank them too. Give a new --db (it keeps the split's library for the next run), "
+                        "or none for a temporary one")
 
 
 def _image_to_text(con, cap: Captioner, queries: list[tuple[int, str]]) -> dict:
