@@ -91,3 +91,42 @@ def test_onnx_captioner_needs_no_torch(trained, shapes, tmp_path):
     bad.write_bytes(b"nope")
     r = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "x"), str(bad)], capture_output=True, text=True)
     assert r.returncode == 1 and "bad.jpg: not a readable image" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def onnx_export(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "x"
+    assert main(["export", "--model", str(trained / "best"), "--format", "onnx", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("file, edit, message", [
+    ("export.json", {"image_size": 0}, "image_size must be a whole number from 16 to 2048, not 0"),
+    ("export.json", {"image_size": 100_000}, "image_size must be a whole number from 16 to 2048"),
+    ("export.json", {"start": 10**6}, "start must be a whole number from 0 to"),
+    ("export.json", {"std": [1e-30, 1, 1]}, "std must be 3 numbers from 1e-06 to 1000"),
+    ("export.json", {"banned": [-1]}, "banned must be word ids below"),
+    ("export.json", {"max_len": "20"}, "max_len must be a whole number"),
+    ("vocab.json", {"itos": ["<pad>", "<start>", "<end>", "<unk>"]}, "vocab.json has 4 words and step.onnx scores"),
+    ("vocab.json", {"itos": "dog"}, "'itos' must be a list of at least 4 different words"),
+    ("export.json", None, "export.json: not readable JSON"),
+])
+def test_an_edited_or_damaged_onnx_export_is_one_line(onnx_export, tmp_path, file, edit, message):
+    """OnnxCaptioner trusted export.json and vocab.json: ids out of range, image_size 0 or 100,000 and a
+    short vocabulary ended in IndexError, ValueError or MemoryError. Now each is an ExportError naming it."""
+    import json
+    import shutil
+
+    from captioner.errors import ExportError
+    from captioner.export import OnnxCaptioner
+
+    folder = tmp_path / "x"
+    shutil.copytree(onnx_export, folder)
+    path = folder / file
+    if edit is None:
+        path.write_text('{"format": "onnx", ')
+    else:
+        path.write_text(json.dumps(json.loads(path.read_text()) | edit))
+    with pytest.raises(ExportError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
+        OnnxCaptioner(folder)
+    assert "\n" not in str(e.value)

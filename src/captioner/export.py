@@ -123,6 +123,47 @@ def _write(out: Path, model, vocab, fmt: str, size: int, start, step, names: lis
     }, indent=2) + "\n")
 
 
+def _read_export(folder: Path) -> tuple[dict, list[str]]:
+    """export.json and vocab.json, checked as model folders are: a damaged or edited file is one
+    ExportError naming it, never an IndexError or a huge allocation later."""
+    def load(name: str):
+        try:
+            return json.loads((folder / name).read_text(encoding="utf-8"))
+        except (ValueError, RecursionError, OSError) as e:
+            raise ExportError(f"{folder / name}: not readable JSON ({str(e)[:120]})") from None
+
+    meta, vocab = load("export.json"), load("vocab.json")
+    if not isinstance(meta, dict):
+        raise ExportError(f"{folder / 'export.json'}: not a JSON object")
+    if meta.get("format") != "onnx":
+        raise ExportError(f"{folder}: a {meta.get('format')} export, not ONNX")
+    itos = vocab.get("itos") if isinstance(vocab, dict) else None
+    if not (isinstance(itos, list) and len(itos) >= 4 and all(isinstance(w, str) for w in itos)
+            and len(set(itos)) == len(itos)):
+        raise ExportError(f"{folder / 'vocab.json'}: 'itos' must be a list of at least 4 different words")
+
+    def whole(key: str, low: int, high: int) -> int:
+        v = meta.get(key)
+        if type(v) is not int or not low <= v <= high:
+            raise ExportError(f"{folder / 'export.json'}: {key} must be a whole number from {low} to {high}, not {v!r}")
+        return v
+
+    whole("image_size", 16, 2048)
+    whole("max_len", 1, 1000)
+    whole("start", 0, len(itos) - 1)
+    whole("end", 0, len(itos) - 1)
+    for key, low in (("mean", -1e3), ("std", 1e-6)):
+        v = meta.get(key)
+        if not (isinstance(v, list) and len(v) == 3 and all(type(x) in (int, float) and low <= x <= 1e3 for x in v)):
+            raise ExportError(f"{folder / 'export.json'}: {key} must be 3 numbers from {low:g} to 1000, not {v!r}")
+    banned, state = meta.get("banned"), meta.get("state")
+    if not (isinstance(banned, list) and all(type(i) is int and 0 <= i < len(itos) for i in banned)):
+        raise ExportError(f"{folder / 'export.json'}: banned must be word ids below {len(itos)}")
+    if not (isinstance(state, list) and state and all(isinstance(n, str) for n in state)):
+        raise ExportError(f"{folder / 'export.json'}: state must be a list of the step graph's state names")
+    return meta, itos
+
+
 class OnnxCaptioner:
     """Greedy captions from an ONNX export with onnxruntime, NumPy and Pillow only (no torch).
 
@@ -143,13 +184,17 @@ class OnnxCaptioner:
         for name in ("export.json", "vocab.json", "start.onnx", "step.onnx"):
             if not (folder / name).is_file():
                 raise ExportError(f"{folder}: not an ONNX export (no {name}; make one with captioner export)")
-        self.meta = json.loads((folder / "export.json").read_text())
-        if self.meta.get("format") != "onnx":
-            raise ExportError(f"{folder}: a {self.meta.get('format')} export, not ONNX")
-        self.itos = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))["itos"]
+        self.meta, self.itos = _read_export(folder)
         opts = ort.SessionOptions()
-        self.start = ort.InferenceSession(str(folder / "start.onnx"), opts, providers=["CPUExecutionProvider"])
-        self.step = ort.InferenceSession(str(folder / "step.onnx"), opts, providers=["CPUExecutionProvider"])
+        try:
+            self.start = ort.InferenceSession(str(folder / "start.onnx"), opts, providers=["CPUExecutionProvider"])
+            self.step = ort.InferenceSession(str(folder / "step.onnx"), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's own errors: a damaged or foreign graph
+            raise ExportError(f"{folder}: the ONNX graphs cannot be loaded ({str(e).splitlines()[0][:200]})") from None
+        words = self.step.get_outputs()[0].shape[-1]
+        if isinstance(words, int) and words != len(self.itos):
+            raise ExportError(f"{folder}: vocab.json has {len(self.itos)} words and step.onnx scores {words}; "
+                              "export the model again")
 
     def preprocess(self, image, name: str | None = None) -> np.ndarray:
         """An image (path, bytes, PIL image or uint8 array) -> the model's input (3, S, S) float32."""
@@ -190,6 +235,9 @@ class OnnxCaptioner:
         for t in range(m["max_len"] + 1):
             logits, *state = self.step.run(None, {"tokens": tokens, **{f"{n}_in": s for n, s in
                                                                           zip(m["state"], state)}})
+            if logits.shape[-1] != len(self.itos):  # a graph whose size was not known until it ran
+                raise ExportError(f"vocab.json has {len(self.itos)} words and step.onnx scored {logits.shape[-1]}; "
+                                  "export the model again")
             logits[:, m["banned"]] = -np.inf
             if t == m["max_len"]:
                 tokens = np.full(len(x), m["end"], dtype=np.int64)
