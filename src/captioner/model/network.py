@@ -75,11 +75,12 @@ class ModelConfig(ModelOptions):
         the key and the value, before anything is built from them: each field's declared range and
         choices (options.py), the encoder and decoder against their live registries."""
         check_ranges(self, choices={"encoder": BACKBONES, "decoder": DECODERS, "head": HEADS})
-        for key in ("mean", "std"):
+        # pixels are 0..1: a std under 1e-3 would scale them past 1,000 (1e-30 captioned noise without a word)
+        for key, low, high in (("mean", -1e3, 1e3), ("std", 1e-3, 1e3)):
             v = getattr(self, key)
-            if not (isinstance(v, tuple) and len(v) == 3 and all(type(x) in (int, float) and 0 < abs(x) < 1e3
-                                                                    or (key == "mean" and x == 0) for x in v)):
-                raise ValueError(f"{key} must be three finite numbers (std above 0), not {v!r}")
+            if not (isinstance(v, tuple) and len(v) == 3 and all(type(x) in (int, float) and low <= x <= high
+                                                                    for x in v)):
+                raise ValueError(f"{key} must be three numbers from {low:g} to {high:g}, not {v!r}")
         if not isinstance(self.extra, dict):
             raise ValueError(f"extra must be an object, not {self.extra!r}")
 
