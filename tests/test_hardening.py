@@ -869,3 +869,31 @@ def test_thumbnails_and_uploads_decode_big_jpegs_at_a_reduced_scale_within_the_b
     r = client.post("/api/caption", files={"file": ("big.jpg", (folder / "big.jpg").read_bytes(), "image/jpeg")})
     assert r.status_code == 200 and r.json()["results"][0]["caption"]
     assert held and held[0] <= 6000 * 4000 // 16  # decoded at a reduced scale, not 24 MP
+
+
+def test_caption_out_keeps_the_rows_a_person_added(photos, trained, tmp_path):
+    """A re-run rewrites the file (changed photos' old lines go): a CSV row without a SHA-1 and a
+    JSON line past the first MiB (the part written_by_us does not read) were dropped without a word.
+    They are kept, in place."""
+    model = ["--model", str(trained / "best"), "--quiet"]
+    csv_out = tmp_path / "c.csv"
+    assert main(["caption", str(photos), "--out", str(csv_out), *model]) == 0
+    with csv_out.open("a", newline="") as f:
+        f.write("holiday/beach.jpg,,my own words for it\n")
+    second = sorted(photos.iterdir())[1]
+    second.write_bytes(second.read_bytes() + b"\0")  # changed: the file is rewritten
+    assert main(["caption", str(photos), "--out", str(csv_out), *model]) == 0
+    rows = list(csv.DictReader(csv_out.open()))
+    assert len(rows) == 4 and {"image": "holiday/beach.jpg", "sha1": "", "caption": "my own words for it"} in rows
+
+    out = tmp_path / "c.jsonl"
+    assert main(["caption", str(photos), "--out", str(out), *model]) == 0
+    others = "".join(json.dumps({"image": f"/elsewhere/{i}.jpg", "sha1": "0" * 40, "caption": "x" * 100}) + "\n"
+                     for i in range(9000))  # another folder's entries: 1.2 MB
+    with out.open("a") as f:
+        f.write(others + "my notes: the beach ones are from 2019\n")
+    first = sorted(photos.iterdir())[0]
+    first.write_bytes(first.read_bytes() + b"\0")  # changed: its old line goes, the file is rewritten
+    assert main(["caption", str(photos), "--out", str(out), *model]) == 0
+    lines = out.read_text().splitlines()
+    assert "my notes: the beach ones are from 2019" in lines and len(lines) == 3 + 9000 + 1

@@ -14,7 +14,8 @@ are folded into OUT at the next start, so their captions are not redone.
 
 A file is only ever rewritten or appended to when captioner wrote it: an existing OUT that is not
 such a file (a dataset's captions.csv, anything else) is refused unless `force` replaces it, and
-only part files of exactly the names above are folded in and deleted. CSV cells that a spreadsheet
+only part files of exactly the names above are folded in and deleted. Lines and rows a person added
+to a file captioner wrote are kept, in place, when it is rewritten. CSV cells that a spreadsheet
 would run as a formula (starting with = + - @) are written with a leading apostrophe.
 """
 
@@ -56,24 +57,33 @@ class BatchReport:
     processes: int = 1  # that captioned it together
 
 
-def _read_existing(out: Path) -> list[dict]:
-    """Complete entries already in `out` (a line cut off by an interruption is ignored)."""
+def _read_existing(out: Path, foreign: bool = False) -> list[dict]:
+    """Complete entries already in `out` (a line cut off by an interruption is ignored). With
+    `foreign`, the lines that are not our entries too, in place, as {"_line": the line} (JSONL) or
+    {"_row": the row} (CSV: a row without an image or a SHA-1), so that a rewrite keeps what a
+    person added to the file."""
     if not out.is_file():
         return []
     text = out.read_text(encoding="utf-8", errors="replace")
     if not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]  # drop a half-written last line
-    if out.suffix.lower() == ".csv":
-        rows = csv.DictReader(io.StringIO(text))
-        return [{k: _from_cell(v) for k, v in r.items()} for r in rows if r.get("image") and r.get("sha1")]
     entries = []
+    if out.suffix.lower() == ".csv":
+        for r in csv.DictReader(io.StringIO(text)):
+            if r.get("image") and r.get("sha1"):
+                entries.append({k: _from_cell(v) for k, v in r.items()})
+            elif foreign:
+                entries.append({"_row": r})
+        return entries
     for line in text.splitlines():
         try:
             obj = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            obj = None
         if isinstance(obj, dict) and obj.get("image") and obj.get("sha1"):
             entries.append(obj)
+        elif foreign and line.strip():
+            entries.append({"_line": line})
     return entries
 
 
@@ -119,14 +129,18 @@ def _write_csv_rows(writer: csv.DictWriter, entries) -> None:
 
 
 def _rewrite(out: Path, entries: list[dict]) -> None:
-    """Write `entries` as the whole file, atomically."""
+    """Write `entries` as the whole file, atomically (the lines and rows of others as they were)."""
     with atomic_write(out, newline="") as f:
         if out.suffix.lower() == ".csv":
             w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
             w.writeheader()
-            _write_csv_rows(w, entries)
+            for e in entries:
+                if "_row" in e:
+                    w.writerow(e["_row"])
+                else:
+                    _write_csv_rows(w, [e])
         else:
-            f.writelines(json.dumps(e) + "\n" for e in entries)
+            f.writelines((e["_line"] if "_line" in e else json.dumps(e)) + "\n" for e in entries)
 
 
 def _part_files(out: Path) -> list[Path]:
@@ -145,7 +159,7 @@ def _fold_parts(out: Path, order: dict[str, int] | None = None) -> None:
     entries = [e for part in parts for e in _read_existing(part)]
     if order is not None:
         entries.sort(key=lambda e: order.get(e["image"], len(order)))
-    _rewrite(out, _read_existing(out) + entries)
+    _rewrite(out, _read_existing(out, foreign=True) + entries)
     for part in parts:
         part.unlink()
 
@@ -185,10 +199,11 @@ def _caption_to_file(captioner, paths: Sequence[Path], out: Path, batch_size: in
     todo = None
     if dist.main:
         _fold_parts(out)  # what an interrupted run of several processes had finished
-        existing = _read_existing(out)
+        existing = _read_existing(out, foreign=True)  # a person's own lines and rows are kept as they are
         digests = {path_text(p): readable_digest(p) for p in paths}
-        done = {e["image"] for e in existing if e["sha1"] and digests.get(e["image"]) == e["sha1"]}
-        keep = [e for e in existing if e["image"] in done or e["image"] not in digests]
+        others = [("_line" in e or "_row" in e) for e in existing]
+        done = {e["image"] for e, other in zip(existing, others) if not other and digests.get(e["image"]) == e["sha1"]}
+        keep = [e for e, other in zip(existing, others) if other or e["image"] in done or e["image"] not in digests]
         _rewrite(out, keep)  # drops stale lines of changed files and any half-written line
         todo = [Path(p) for p in paths if path_text(p) not in done]
     todo = dist.broadcast(todo)
