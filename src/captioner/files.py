@@ -150,27 +150,40 @@ def locked(folder: str | Path, what: str) -> Iterator[None]:
 @contextlib.contextmanager
 def locked_file(path: str | Path, what: str) -> Iterator[None]:
     """The same for one file that is rewritten by replacing it (so its own inode cannot hold the
-    lock): the lock is the hidden file ``.NAME.lock`` beside it."""
+    lock): the lock is the hidden file ``.NAME.lock`` beside it, removed when the block ends."""
     path = Path(path)
-    with _lock(path.with_name(f".{path.name}.lock"), path, what, "file"):
+    with _lock(path.with_name(f".{path.name}.lock"), path, what, "file", remove=True):
         yield
 
 
 @contextlib.contextmanager
-def _lock(lock: Path, shown: Path, what: str, kind: str) -> Iterator[None]:
+def _lock(lock: Path, shown: Path, what: str, kind: str, remove: bool = False) -> Iterator[None]:
+    """`remove`: delete the lock file when done (nothing left beside the user's file). A process
+    that locked it just before it went checks that it still is the file at that path, else takes
+    the new one."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no locking
         yield
         return
-    with open(lock, "a+") as f:
+    while True:
+        f = open(lock, "a+")
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip()
+            f.close()
             raise ConfigError(f"{shown}: another {what} is writing to it{f' ({holder})' if holder else ''}; "
                               f"wait for it to finish or choose another {kind}") from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()  # removed by the holder that just finished: lock the file now at that path
+    with f:
         f.seek(0)
         f.truncate()
         f.write(f"process {os.getpid()}")
@@ -178,4 +191,6 @@ def _lock(lock: Path, shown: Path, what: str, kind: str) -> Iterator[None]:
         try:
             yield
         finally:
+            if remove:
+                lock.unlink(missing_ok=True)  # still held: no one can take it between these two lines
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)

@@ -117,7 +117,9 @@ def connect(db: Path, create: bool = True) -> sqlite3.Connection:
             _move_schema_4_points(con)
             con.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
         return con
-    except sqlite3.DatabaseError as e:
+    except sqlite3.DatabaseError as e:  # past the header check: an SQLite file damaged inside
+        if exists:
+            raise LibraryError(f"{db}: damaged database ({e}); index into a new --db") from None
         raise LibraryError(f"{db}: not a usable SQLite database ({e})") from None
 
 
