@@ -12,8 +12,8 @@ import numpy as np
 
 from captioner.errors import LibraryError
 from captioner.files import readable_digest
-from captioner.library.search import DEFAULT_MODE, Found, _check, _hits, _note, search
-from captioner.library.store import indexed_by, point_blocks, point_of, reading, table_rows
+from captioner.library.search import DEFAULT_MODE, Found, _check, _hits, _note, cosines, search
+from captioner.library.store import indexed_by, point_blocks, point_of, reading, row_blocks, table_rows
 
 
 def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None = None,
@@ -58,10 +58,13 @@ def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None
         if digest:
             same |= {r[0] for r in con.execute("SELECT id FROM photos WHERE sha1 = ?", (digest,))}
         ids, sims = [], []
-        for block_ids, block in (point_blocks(con, captioner.fingerprint) if table == "space"
-                                 else _pooled_blocks(con, captioner.fingerprint)):
-            ids.append(block_ids)  # a block at a time: memory stays flat however large the library
-            sims.append((torch.from_numpy(block.copy()).float() @ torch.from_numpy(query)).numpy())
+        blocks = (point_blocks(con, captioner.fingerprint) if table == "space" else row_blocks(con.execute(
+            "SELECT p.id, p.data FROM pooled p JOIN vectors v ON v.id = p.id WHERE v.model = ?",
+            (captioner.fingerprint,)), 10_000))
+        query = torch.from_numpy(np.asarray(query, np.float32))
+        for block_ids, block in blocks:  # a block at a time: memory stays flat however large the library
+            ids.append(block_ids)
+            sims.append(cosines(block, query))
         ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         sims = np.concatenate(sims) if sims else np.zeros(0, np.float32)
         if same:
@@ -70,14 +73,6 @@ def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None
         best = np.argsort(-sims, kind="stable")[:limit]
         return Found(_hits(con, [(int(ids[i]), float(sims[i])) for i in best]), "like", len(ids),
                      _note([], left_out, len(ids), captioner.source))
-
-
-def _pooled_blocks(con, model: str):
-    """(ids, pooled features (n, C) float16) of the photos `model` indexed, 10,000 at a time."""
-    cur = con.execute("SELECT p.id, p.data FROM pooled p JOIN vectors v ON v.id = p.id WHERE v.model = ?", (model,))
-    while rows := cur.fetchmany(10_000):
-        yield (np.fromiter((r[0] for r in rows), np.int64, len(rows)),
-               np.frombuffer(b"".join(r[1] for r in rows), np.float16).reshape(len(rows), -1))
 
 
 def find(db: Path, text: str | None = None, like=None, *, mode: str = DEFAULT_MODE, limit: int = 20,

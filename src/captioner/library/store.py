@@ -231,9 +231,13 @@ def point_ids(con: sqlite3.Connection, model: str) -> np.ndarray | None:
 
 
 def _schema_4_points(con: sqlite3.Connection, model: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    cur = con.execute("SELECT s.id, s.data FROM space s JOIN vectors v ON v.id = s.id WHERE v.model = ? "
-                      "ORDER BY s.id", (model,))
-    while rows := cur.fetchmany(POINT_BLOCK):
+    yield from row_blocks(con.execute("SELECT s.id, s.data FROM space s JOIN vectors v ON v.id = s.id "
+                                      "WHERE v.model = ? ORDER BY s.id", (model,)), POINT_BLOCK)
+
+
+def row_blocks(cur: sqlite3.Cursor, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Rows of (id, float16 vector blob) from `cur`, `size` at a time -> (ids (n,) int64, (n, D) float16)."""
+    while rows := cur.fetchmany(size):
         yield (np.fromiter((r[0] for r in rows), np.int64, len(rows)),
                np.frombuffer(b"".join(r[1] for r in rows), np.float16).reshape(len(rows), -1))
 
