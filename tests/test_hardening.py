@@ -897,3 +897,28 @@ def test_caption_out_keeps_the_rows_a_person_added(photos, trained, tmp_path):
     assert main(["caption", str(photos), "--out", str(out), *model]) == 0
     lines = out.read_text().splitlines()
     assert "my notes: the beach ones are from 2019" in lines and len(lines) == 3 + 9000 + 1
+
+
+def test_what_is_not_an_image_is_skipped_or_one_type_error(trained, photos):
+    """None, numbers, tensors and dicts in the list given to `Captioner.caption` were TypeErrors
+    from deep inside Path() (5 of 49 odd inputs), even under errors="skip". They are images that
+    cannot be read: skipped with a warning naming what was given; `images` itself not an image
+    nor a list is one TypeError saying what is accepted."""
+    import torch
+
+    from captioner import Captioner
+    from captioner.errors import CaptionerWarning, ImageError
+
+    cap = Captioner.load(trained / "best", device="cpu")
+    good = sorted(photos.iterdir())[0]
+    odd = [None, 5, 2.5, torch.zeros(3, 8, 8), {"a": 1}, [good]]
+    with pytest.warns(CaptionerWarning) as seen:
+        out = cap.caption([good, *odd], errors="skip")
+    assert isinstance(out[0], str) and out[1:] == [None] * len(odd)
+    said = [str(w.message) for w in seen]
+    assert "image 1: None is not an image" in said[0] and "image 4: a value of type torch.Tensor" in said[3]
+    with pytest.raises(ImageError, match="image 1: a value of type int is not an image"):
+        cap.caption([good, 5])
+    for bad in (None, 5, torch.zeros(2, 3, 8, 8), {"a": 1}):
+        with pytest.raises(TypeError, match="not an image or a list of images .expected a path"):
+            cap.caption(bad, errors="skip")

@@ -88,7 +88,9 @@ class Captioner:
 
         `beam_size` (1 = greedy) changes only that setting of `decoding` (default: the model's own).
         `errors="raise"` stops at the first image that cannot be read (an ImageError naming it);
-        `errors="skip"` gives None in its place and a CaptionerWarning with the reason.
+        `errors="skip"` gives None in its place and a CaptionerWarning with the reason. An item of
+        the list that is not an image (None, a number, a tensor) is such an image; `images` itself
+        neither an image nor a list of them is a TypeError, whatever `errors` says.
         `details=True` gives dicts instead of strings: {"caption", "logprob", "score",
         "alternatives": [{"caption", "logprob", "score"}, ...] (the beams, best first), "tags":
         [{"word", "score"}, ...] (what the encoder recognises, tags.py), and "disagrees" when the

@@ -53,6 +53,8 @@ def open_rgb(source: str | Path | bytes | Image.Image | np.ndarray, max_pixels: 
         img = _from_array(source, name or "array", max_pixels)
     elif isinstance(source, Image.Image):
         img = source
+    elif not isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
+        raise ImageError(f"{name or 'image'}: {_what(source)} is not an image ({ACCEPTED})")
     else:
         if isinstance(source, (bytes, bytearray, memoryview)):
             source = bytes(source)
@@ -109,9 +111,26 @@ def one_or_many(images) -> tuple[bool, list]:
     array) or many (a list or tuple of them, or an NxHxWxC array) -> (was it one, the list)."""
     if isinstance(images, np.ndarray) and images.ndim == 4:
         return False, list(images)
-    if isinstance(images, (str, Path, bytes, bytearray, memoryview, Image.Image, np.ndarray)):
+    if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray)):
         return True, [images]
-    return False, list(images)
+    is_tensor = type(images).__module__.startswith("torch")  # iterable, but by rows of pixels, not images
+    if hasattr(images, "__iter__") and not isinstance(images, (dict, set)) and not is_tensor:
+        return False, list(images)
+    raise TypeError(f"{_what(images)} is not an image or a list of images ({ACCEPTED})")
+
+
+ACCEPTED = ("expected a path, the bytes of a file, a PIL image or a numpy array of uint8 pixels; "
+            "Captioner.caption_tensor takes preprocessed tensors")
+
+
+def _what(x) -> str:
+    """How an error names a value that is not an image: 'None', 'a value of type float', 'a
+    value of type torch.Tensor'."""
+    if x is None:
+        return "None"
+    kind = type(x)
+    module = "" if kind.__module__ == "builtins" else kind.__module__.split(".")[0] + "."
+    return f"a value of type {module}{kind.__name__}"
 
 
 def image_name(image, i: int, single: bool) -> str:
