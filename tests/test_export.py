@@ -101,8 +101,8 @@ def onnx_export(trained, tmp_path_factory):
 
 
 @pytest.mark.parametrize("file, edit, message", [
-    ("export.json", {"image_size": 0}, "image_size must be a whole number from 16 to 2048, not 0"),
-    ("export.json", {"image_size": 100_000}, "image_size must be a whole number from 16 to 2048"),
+    ("export.json", {"image_size": 0}, "image_size must be a whole number from 16 to 1024, not 0"),
+    ("export.json", {"image_size": 100_000}, "image_size must be a whole number from 16 to 1024"),
     ("export.json", {"start": 10**6}, "start must be a whole number from 0 to"),
     ("export.json", {"std": [1e-30, 1, 1]}, "std must be 3 numbers from 1e-06 to 1000"),
     ("export.json", {"banned": [-1]}, "banned must be word ids below"),

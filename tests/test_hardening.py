@@ -639,6 +639,7 @@ def test_resume_refuses_other_options_or_other_data(shapes, tmp_path, capsys):
     ("extra", [1, 2], "extra must be an object"),
     ("hidden_dim", 12_000, "hidden_dim must be a whole number from 1 to 8192"),
     ("hidden_dim", 8_000, "does not fit config.json (decoder."),  # a possible size, not the weights' size
+    ("image_size", 2048, "image_size must be a whole number from 16 to 1024"),  # ran out of memory (issue 32, 19)
 ])
 def test_a_hostile_config_json_is_one_line_before_any_memory_is_spent(trained, shapes, tmp_path, capsys, key, value,
                                                                       message):
@@ -922,3 +923,55 @@ def test_what_is_not_an_image_is_skipped_or_one_type_error(trained, photos):
     for bad in (None, 5, torch.zeros(2, 3, 8, 8), {"a": 1}):
         with pytest.raises(TypeError, match="not an image or a list of images .expected a path"):
             cap.caption(bad, errors="skip")
+
+
+def test_odd_outputs_an_edited_vocabulary_a_full_disk_and_no_memory_are_one_line(photos, trained, shapes, tmp_path,
+                                                                                 monkeypatch, capsys):
+    """Each of these ended in a traceback, or (the vocabulary) in wrong words without a word said:
+    `train --out` a file, `caption --out DIR.jsonl --force` a folder, a full disk while `train`
+    saves its model, running out of memory, and a vocab.json with two words swapped."""
+    import errno
+
+    def one_line(args, message):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and err.count("\n") == 1, err
+
+    model = ["--model", str(trained / "best"), "--quiet"]
+    run = ["--data", str(shapes), "--epochs", "1", "--max-images", "10", "--val-images", "2", "--image-size", "64",
+           "--workers", "0", "--quiet", "--space-epochs", "0"]
+    (tmp_path / "notes.txt").write_text("mine")
+    one_line(["train", "--out", str(tmp_path / "notes.txt"), *run], "notes.txt: is a file; --out names the folder")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "d.jsonl").mkdir()
+    one_line(["caption", str(photos), "--out", str(tmp_path / "d.jsonl"), "--force", *model],
+             "d.jsonl: is a folder, not a file")
+
+    real = Path.write_bytes
+
+    def full(self, data):
+        if self.name == "model.safetensors":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_bytes", full)
+        one_line(["train", "--out", str(tmp_path / "run"), *run], "No space left on device")
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith((".best", ".last", "best", "last"))]
+
+    from captioner.api import Captioner
+
+    def no_memory(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
+
+    with monkeypatch.context() as m:
+        m.setattr(Captioner, "caption_files", no_memory)
+        one_line(["caption", str(photos), *model], "out of memory (DefaultCPUAllocator: can't allocate memory")
+
+    folder = tmp_path / "model"
+    shutil.copytree(trained / "best", folder)
+    vocab = json.loads((folder / "vocab.json").read_text())
+    vocab["itos"][4], vocab["itos"][5] = vocab["itos"][5], vocab["itos"][4]
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    one_line(["caption", str(photos), "--model", str(folder)], "vocab.json is not the vocabulary model.safetensors")

@@ -176,6 +176,8 @@ def caption_to_file(captioner, paths: Sequence[Path], out: Path, *, batch_size: 
     batch_size = batch_size or captioner.batch_size
     if out.suffix.lower() not in (".jsonl", ".csv"):
         raise ConfigError(f"{out}: the output must end in .jsonl or .csv")
+    if out.exists() and not out.is_file():  # --force replaces a file, never a folder
+        raise ConfigError(f"{out}: is a folder, not a file; --out names the .jsonl or .csv file to write")
     from captioner.distributed import Dist
 
     dist = dist or Dist()

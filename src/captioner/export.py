@@ -148,7 +148,7 @@ def _read_export(folder: Path) -> tuple[dict, list[str]]:
             raise ExportError(f"{folder / 'export.json'}: {key} must be a whole number from {low} to {high}, not {v!r}")
         return v
 
-    whole("image_size", 16, 2048)
+    whole("image_size", 16, 1024)  # ModelConfig's bounds (not imported: an export is read without torch)
     whole("max_len", 1, 1000)
     whole("start", 0, len(itos) - 1)
     whole("end", 0, len(itos) - 1)

@@ -54,6 +54,25 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"captioner: error: {e.filename or 'writing'}: {e.strerror}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        print(f"captioner: error: out of memory ({_first_line(e)}); fewer images at a time (--batch-size) need "
+              "less", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("captioner: interrupted", file=sys.stderr)
         return 130
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Python's MemoryError, torch's on a GPU (OutOfMemoryError, a RuntimeError) and its CPU
+    allocator's RuntimeError, which only its message tells apart."""
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or (
+        "can't allocate memory" in str(e) or "out of memory" in str(e).lower())
+
+
+def _first_line(e: BaseException) -> str:
+    """What an error says first, without torch's '[enforce fail at alloc_cpu.cpp:...]' prefix."""
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return line.split("] . ", 1)[-1][:200]

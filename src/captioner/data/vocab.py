@@ -9,6 +9,7 @@ tokens.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import unicodedata
@@ -65,6 +66,11 @@ class Vocabulary:
 
     def to_json(self) -> dict:
         return {"itos": self.itos}
+
+    def digest(self) -> str:
+        """The words in their order, hashed: saved with a model's weights, whose rows follow that order,
+        so that a vocab.json edited or swapped in from another model is caught at load."""
+        return hashlib.sha256("\n".join(self.itos).encode("utf-8")).hexdigest()[:16]
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=0, ensure_ascii=False), encoding="utf-8")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import load_file, save
 
 from captioner.data.vocab import Vocabulary
 from captioner.decoding import Decoding
@@ -58,7 +58,8 @@ def save_model(model: CaptionModel, vocab: Vocabulary, folder: Path, *, half: bo
         (tmp / CONFIG).write_text(json.dumps(cfg.to_json(), indent=2), encoding="utf-8")
         (tmp / DECODING).write_text(json.dumps(model.decoding.saved(), indent=2), encoding="utf-8")
         vocab.save(tmp / VOCAB)
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        # bytes written as any file is (safetensors' own writer reports a full disk as a SafetensorError)
+        (tmp / WEIGHTS).write_bytes(save(state, metadata={"format": "pt", "vocab": vocab.digest()}))
     return folder
 
 
@@ -81,7 +82,10 @@ def load_model(folder: str | Path | None, device: torch.device | str = "cpu") ->
         raise ModelError(f"{folder}: bad vocab.json ({e})") from None
     if len(vocab) != cfg.vocab_size:
         raise ModelError(f"{folder}: vocab.json has {len(vocab)} words but config.json says {cfg.vocab_size}")
-    _check_shapes(folder, cfg)  # before anything of the config's sizes is allocated
+    saved_with = _check_shapes(folder, cfg)  # before anything of the config's sizes is allocated
+    if saved_with.get("vocab", vocab.digest()) != vocab.digest():  # folders saved before the digest have none
+        raise ModelError(f"{folder}: vocab.json is not the vocabulary {WEIGHTS} was saved with (edited, or "
+                         "another model's); the rows of the weights would be read as other words")
     try:
         state = load_file(str(folder / WEIGHTS))
     except (SafetensorError, OSError) as e:
@@ -169,14 +173,16 @@ def load_space(folder: str | Path | None, cfg: ModelConfig, pad: int = 0,
     return space.to(device).eval()
 
 
-def _check_shapes(folder: Path, cfg: ModelConfig) -> None:
+def _check_shapes(folder: Path, cfg: ModelConfig) -> dict[str, str]:
     """Compare the decoder that config.json describes (built on the meta device: no memory) with the
     tensors the weights file declares in its header: a config asking for sizes its weights do not
-    have is refused before the model is built (hidden_dim 12000 would allocate gigabytes first)."""
+    have is refused before the model is built (hidden_dim 12000 would allocate gigabytes first).
+    Returns the header's metadata."""
     try:
         with safe_open(str(folder / WEIGHTS), framework="pt") as f:
             shapes = {k.replace("decoder.lstm.", "decoder.rnn.", 1): tuple(f.get_slice(k).get_shape())
                       for k in f.keys()}
+            metadata = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise ModelError(f"{folder}: {WEIGHTS} is not a readable safetensors file ({e})") from None
     with torch.device("meta"):
@@ -186,6 +192,7 @@ def _check_shapes(folder: Path, cfg: ModelConfig) -> None:
             have = "is missing" if key not in shapes else f"is {list(shapes[key])}"
             raise ModelError(f"{folder}: {WEIGHTS} does not fit config.json ({key} should be {list(shape)} but "
                              f"{have})")
+    return metadata
 
 
 def read_config(folder: str | Path | None) -> ModelConfig:

@@ -31,7 +31,7 @@ class ModelConfig(ModelOptions):
     # "default": rebuilt from its pretrained source at load (frozen, never changed); "folder": stored in
     # the model folder (fine-tuned, random, or loaded from a user's file)
     encoder_weights: str = option("default", "where the encoder's weights come from", choices=("default", "folder"))
-    image_size: int = option(224, "input side in pixels", low=16, high=2048)
+    image_size: int = option(224, "input side in pixels", low=16, high=1024)
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     feat_dim: int = option(1280, "the encoder's channels", low=1, high=8192)

@@ -128,6 +128,8 @@ class TrainConfig(ModelOptions):
             raise ConfigError("--freeze-stages and --encoder-warmup must be 0 or more")
         if self.max_images < 0 or self.val_images < 0:
             raise ConfigError("--max-images and --val-images must be 0 (all) or more")
+        if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ConfigError(f"{self.out}: is a file; --out names the folder the run is kept in")
         if self.space_only and not self.init:
             raise ConfigError("--space-only adds a search space to the model given by --init; name one")
         if self.space_only and (self.fine_tune_encoder or self.scst):
