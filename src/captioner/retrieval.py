@@ -105,6 +105,32 @@ def pack_words(ids: np.ndarray, counts: np.ndarray) -> list[bytes]:
     return [i.astype(np.int32).tobytes() + c.astype(np.float16).tobytes() for i, c in zip(ids, counts)]
 
 
+def sound_words(blob: bytes, vocab_size: int | None = None, max_len: int = 1000) -> bool:
+    """Whether a `pack_words` blob reads as word counts: whole (id, count) pairs, ids from 0 (below
+    `vocab_size` when given), counts finite from 0 to `max_len` + 1 (a word said at every step). A
+    byte changed in a library's row mostly breaks one of these (store.damaged_photos, search.py)."""
+    if not isinstance(blob, bytes) or not blob or len(blob) % 6:
+        return False
+    k = len(blob) // 6
+    ids = np.frombuffer(blob, np.int32, k)
+    counts = np.frombuffer(blob, np.float16, k, offset=4 * k)
+    return bool((ids >= 0).all() and (vocab_size is None or (ids < vocab_size).all())
+                and ((counts >= 0) & (counts <= max_len + 1)).all())
+
+
+def sound_features(blobs: Sequence[bytes]) -> np.ndarray:
+    """Which `pack_features` blobs read as features (B,) bool: an offset and a scale that are finite
+    and in reach of an encoder's values, and the size of the first (a byte of the header changed
+    would scale every value of the photo past anything an encoder says)."""
+    size = len(blobs[0]) if blobs else 0
+    ok = np.zeros(len(blobs), bool)
+    for i, b in enumerate(blobs):
+        if isinstance(b, bytes) and len(b) == size and size > 8:
+            lo, scale = np.frombuffer(b, np.float32, 2)
+            ok[i] = abs(lo) <= 1e4 and 0 < scale <= 1e2
+    return ok
+
+
 def unpack_words(blobs: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
     """-> ids (N, K) int32, counts (N, K) float32 (K = WORDS_KEPT of the index)."""
     if not blobs:

@@ -105,8 +105,9 @@ def cmd_index(a: argparse.Namespace) -> int:
     r = index_folders(cap, a.folders, a.db, batch_size=a.batch_size, progress=not a.quiet,
                       decoding=decoding_from(a, cap.decoding), features=not a.no_features)
     _report_failures(r.failed)
-    print(f"{a.db}: {r.captioned} captioned, {r.unchanged} unchanged, {r.touched} touched, {r.removed} removed, "
-          f"{len(r.failed)} unreadable; {r.seconds:.1f}s", file=sys.stderr)
+    damaged = f" ({r.damaged} of them damaged in the library, captioned afresh)" if r.damaged else ""
+    print(f"{a.db}: {r.captioned} captioned{damaged}, {r.unchanged} unchanged, {r.touched} touched, {r.removed} "
+          f"removed, {len(r.failed)} unreadable; {r.seconds:.1f}s", file=sys.stderr)
     return 0
 
 
@@ -134,7 +135,8 @@ def cmd_search(a: argparse.Namespace) -> int:
         else:
             print(f"{h['score']:.2f}\t{h['path'].translate(_CONTROL)}\t{h['caption']}")
     if not hits and not a.json:
-        print(f"no photo in {a.db} matches {a.query!r}", file=sys.stderr)
+        print(f"no photo in {a.db} {f'matches {a.query!r}' if a.query is not None else 'to compare with'}",
+              file=sys.stderr)
     elif len(hits) < found.total and not a.json:
         what = "matching photos" if found.mode == "keyword" else "photos"
         print(f"the best {len(hits)} of {found.total} {what} ({found.mode}; --limit N for more)", file=sys.stderr)

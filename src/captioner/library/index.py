@@ -34,6 +34,7 @@ class IndexReport:
     unchanged: int = 0
     touched: int = 0  # same bytes, new modification time
     removed: int = 0
+    damaged: int = 0  # photos whose stored search data was damaged: taken out, so captioned afresh
     failed: list[str] = field(default_factory=list)  # one line per unreadable file
     seconds: float = 0.0
 
@@ -64,6 +65,9 @@ def _index(captioner, roots: list[Path], con: sqlite3.Connection, batch_size: in
            decoding: Decoding | None, t0: float, files: Sequence[Path] | None = None,
            features: bool = True) -> IndexReport:
     report = IndexReport()
+    with con:
+        report.damaged = len(store.damaged_photos(con, captioner.fingerprint, len(captioner.vocab),
+                                                  captioner.model.cfg.max_len))
     # the paths as found (symlinks kept): a link that is removed takes its photo out of the library
     files = [Path(os.path.abspath(f)) for f in (list_images(roots, recursive=True) if files is None else files)]
     report.removed = _remove_missing(con, roots, {path_text(f) for f in files})

@@ -48,6 +48,9 @@ def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None
             if own is None:
                 raise LibraryError(f"no photo {photo_id} in the library indexed by this model")
             query = own.astype(np.float32)
+            if not abs(np.linalg.norm(query) - 1) < 0.01:  # stored unit length: a byte of it changed (NaN too)
+                raise LibraryError(f"damaged library: photo {photo_id}'s stored point is damaged; captioner index "
+                                   "over its folder captions it afresh")
         else:
             feats = captioner.features(captioner.read(image)[None].to(captioner.device))
             query = (captioner.embed_features(feats)[0] if table == "space"
@@ -57,22 +60,29 @@ def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None
                   hashlib.sha1(bytes(image)).hexdigest() if isinstance(image, (bytes, bytearray, memoryview)) else None)
         if digest:
             same |= {r[0] for r in con.execute("SELECT id FROM photos WHERE sha1 = ?", (digest,))}
-        ids, sims = [], []
-        blocks = (point_blocks(con, captioner.fingerprint) if table == "space" else row_blocks(con.execute(
+        ids, sims, lost = [], [], []  # lost: photos of damaged rows of points (store.point_blocks)
+        blocks = (point_blocks(con, captioner.fingerprint, lost) if table == "space" else row_blocks(con.execute(
             "SELECT p.id, p.data FROM pooled p JOIN vectors v ON v.id = p.id WHERE v.model = ?",
             (captioner.fingerprint,)), 10_000))
         query = torch.from_numpy(np.asarray(query, np.float32))
         for block_ids, block in blocks:  # a block at a time: memory stays flat however large the library
+            if block.shape[1] != len(query):  # a damaged row of another size
+                lost.append(len(block_ids))
+                continue
             ids.append(block_ids)
             sims.append(cosines(block, query))
         ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         sims = np.concatenate(sims) if sims else np.zeros(0, np.float32)
-        if same:
-            keep = ~np.isin(ids, list(same))
-            ids, sims = ids[keep], sims[keep]
+        sound = np.abs(sims) <= 1.01  # unit vectors: a cosine past 1 (or NaN) is a damaged point
+        lost.append(int((~sound).sum()))
+        keep = sound & ~np.isin(ids, list(same))
+        ids, sims = ids[keep], sims[keep]
         best = np.argsort(-sims, kind="stable")[:limit]
+        damage = (f"damaged library: the stored points of {sum(lost)} photos are damaged and were left out: captioner "
+                  "index over their folders captions them afresh") if sum(lost) else None
+        notes = [n for n in (damage, _note([], left_out, len(ids), captioner.source)) if n]
         return Found(_hits(con, [(int(ids[i]), float(sims[i])) for i in best]), "like", len(ids),
-                     _note([], left_out, len(ids), captioner.source))
+                     "; ".join(notes) or None)
 
 
 def find(db: Path, text: str | None = None, like=None, *, mode: str = DEFAULT_MODE, limit: int = 20,

@@ -205,29 +205,90 @@ def delete_photo(con: sqlite3.Connection, pid: int) -> None:
     con.execute("DELETE FROM photos WHERE id = ?", (pid,))
 
 
-def point_blocks(con: sqlite3.Connection, model: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def point_blocks(con: sqlite3.Connection, model: str, damaged: list[int] | None = None
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The points of the photos model `model` indexed, a block at a time, ascending by id:
-    (ids (n,) int64, points (n, D) float16). A schema-4 library (a row a point) opened read-only is
-    read as it is, in blocks of POINT_BLOCK rows, and so is one whose move into blocks was cut short."""
+    (ids (n,) int64, points (n, D) float16). A row of `points` that is damaged (`sound_block`) is
+    left out, and the number of photos it held appended to `damaged`. A schema-4 library (a row a
+    point) opened read-only is read as it is, in blocks of POINT_BLOCK rows, and so is one whose
+    move into blocks was cut short."""
     if _has_table(con, "space"):  # until indexing has moved them (`points` may be there, empty)
         yield from _schema_4_points(con, model)
     elif _has_table(con, "points"):
-        yield from _blocks(con, model)
+        yield from _blocks(con, model, damaged)
 
 
-def _blocks(con: sqlite3.Connection, model: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    for ids, data in con.execute("SELECT ids, data FROM points WHERE model = ? ORDER BY first", (model,)):
-        ids = np.frombuffer(ids, np.int64)
-        yield ids, np.frombuffer(data, np.float16).reshape(len(ids), -1)
+def _blocks(con: sqlite3.Connection, model: str, damaged: list[int] | None = None
+            ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for first, ids, data in con.execute("SELECT first, ids, data FROM points WHERE model = ? ORDER BY first",
+                                        (model,)):
+        block = sound_block(first, ids, data)
+        if block is not None:
+            yield block
+        elif damaged is not None:
+            damaged.append(max(1, len(ids) // 8))
 
 
-def point_ids(con: sqlite3.Connection, model: str) -> np.ndarray | None:
-    """The ids of the photos model `model` has points for, ascending, from the blocks' ids alone; None
-    for a library without blocks (schema 4 or before)."""
+def sound_block(first: int, ids: bytes, data: bytes) -> tuple[np.ndarray, np.ndarray] | None:
+    """A row of `points` -> (ids (n,) int64, points (n, D) float16), or None when it is damaged
+    (SQLite's pages sound, a byte of the row changed): ids not whole int64s, not rising from
+    `first`, or data not n points of one size. A point's values are checked where they are used
+    (a cosine past 1: search.py; its length: `damaged_photos`)."""
+    if not isinstance(ids, bytes) or not isinstance(data, bytes) or not ids or len(ids) % 8:
+        return None
+    ids_ = np.frombuffer(ids, np.int64)
+    n = len(ids_)
+    if not data or len(data) % (2 * n) or ids_[0] < first or (n > 1 and not (ids_[1:] > ids_[:-1]).all()):
+        return None
+    return ids_, np.frombuffer(data, np.float16).reshape(n, -1)
+
+
+def point_ids(con: sqlite3.Connection, model: str, damaged: list[int] | None = None) -> np.ndarray | None:
+    """The ids of the photos model `model` has points for, ascending, from the blocks' ids alone
+    (damaged rows left out and counted in `damaged`, as `point_blocks` does); None for a library
+    without blocks (schema 4 or before)."""
     if _has_table(con, "space") or not _has_table(con, "points"):
         return None
-    rows = con.execute("SELECT ids FROM points WHERE model = ? ORDER BY first", (model,)).fetchall()
-    return np.frombuffer(b"".join(r[0] for r in rows), np.int64)
+    parts = []
+    for first, ids in con.execute("SELECT first, ids FROM points WHERE model = ? ORDER BY first", (model,)):
+        sound = isinstance(ids, bytes) and ids and not len(ids) % 8
+        ids_ = np.frombuffer(ids, np.int64) if sound else None
+        if sound and ids_[0] >= first and (ids_[1:] > ids_[:-1]).all():
+            parts.append(ids_)
+        elif damaged is not None:
+            damaged.append(max(1, len(ids) // 8) if isinstance(ids, bytes) else 1)
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def damaged_photos(con: sqlite3.Connection, model: str, vocab_size: int | None = None, max_len: int = 1000
+                   ) -> list[int]:
+    """The photos of model `model` whose stored search data is damaged, found and taken out of the
+    library (so that indexing captions them afresh), -> their ids: every photo of a `points` row
+    that is not sound, a point that is not of unit length, word counts that are not finite counts.
+    One pass over the points (1 KB a photo) and the word counts (384 bytes); the features (63 KB)
+    are checked where a search reads them."""
+    from captioner import retrieval
+
+    bad: set[int] = set()
+    if _has_table(con, "points") and not _has_table(con, "space"):
+        rows = con.execute("SELECT first, ids, data FROM points WHERE model = ? ORDER BY first", (model,)).fetchall()
+        for k, (first, ids, data) in enumerate(rows):
+            block = sound_block(first, ids, data)
+            if block is None:  # the photos it held: every one of this model from its first id to the next row's
+                end = rows[k + 1][0] if k + 1 < len(rows) else None
+                con.execute("DELETE FROM points WHERE model = ? AND first = ?", (model, first))
+                bad.update(r[0] for r in con.execute(
+                    "SELECT id FROM vectors WHERE model = ? AND id >= ? AND (? IS NULL OR id < ?)",
+                    (model, first, end, end)))
+                continue
+            length = np.linalg.norm(block[1].astype(np.float32), axis=1)
+            bad.update(block[0][~(np.abs(length - 1) < 0.01)].tolist())  # NaN too
+    for pid, words in con.execute("SELECT id, words FROM vectors WHERE model = ?", (model,)):
+        if not retrieval.sound_words(words, vocab_size, max_len):
+            bad.add(pid)
+    for pid in sorted(bad):
+        delete_photo(con, pid)
+    return sorted(bad)
 
 
 def _schema_4_points(con: sqlite3.Connection, model: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -245,10 +306,12 @@ def row_blocks(cur: sqlite3.Cursor, size: int) -> Iterator[tuple[np.ndarray, np.
 def point_of(con: sqlite3.Connection, model: str, pid: int) -> np.ndarray | None:
     """Photo `pid`'s point (D,) float16 as model `model` stored it, or None."""
     if _has_table(con, "points") and not _has_table(con, "space"):
-        block = _block_of(con, model, pid)
-        if block is None:
+        row = con.execute("SELECT first, ids, data FROM points WHERE model = ? AND first <= ? ORDER BY first DESC "
+                          "LIMIT 1", (model, pid)).fetchone()
+        block = sound_block(*row) if row else None
+        if block is None:  # none, or damaged
             return None
-        ids, data = block[1], np.frombuffer(block[2], np.float16).reshape(len(block[1]), -1)
+        ids, data = block
         at = np.searchsorted(ids, pid)
         return data[at] if at < len(ids) and ids[at] == pid else None
     for ids, points in point_blocks(con, model):  # schema 4
@@ -258,10 +321,11 @@ def point_of(con: sqlite3.Connection, model: str, pid: int) -> np.ndarray | None
 
 
 def _block_of(con: sqlite3.Connection, model: str, pid: int) -> tuple[int, np.ndarray, bytes] | None:
-    """The row of `points` that holds (or would hold) `pid`: (first, ids, data), or None."""
+    """The row of `points` that holds (or would hold) `pid`: (first, ids, data), or None (none, or
+    damaged: indexing takes damaged rows out first, `damaged_photos`)."""
     row = con.execute("SELECT first, ids, data FROM points WHERE model = ? AND first <= ? ORDER BY first DESC "
                       "LIMIT 1", (model, pid)).fetchone()
-    return (row[0], np.frombuffer(row[1], np.int64), row[2]) if row else None
+    return (row[0], np.frombuffer(row[1], np.int64), row[2]) if row and sound_block(*row) is not None else None
 
 
 def _add_points(con: sqlite3.Connection, model: str, ids: list[int], points: list[bytes]) -> None:
