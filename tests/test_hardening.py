@@ -1045,3 +1045,4 @@ def test_a_library_damaged_inside_its_rows_is_searched_around_and_indexing_repai
     assert f"{n} captioned ({n} of them damaged in the library" in capsys.readouterr().err
     found, err = search("a red circle")
     assert len(found) == n and "damaged" not in err
+

@@ -1,3 +1,15 @@
+"""The vocabulary: words of any script, ids, and text again."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import TINY
+
+from captioner.cli import main
 from captioner.data.vocab import SPECIALS, Vocabulary, tokenize
 
 
@@ -33,3 +45,34 @@ def test_decode_stops_at_end_and_skips_pad():
 def test_encode_cuts_long_captions():
     v = Vocabulary(["a", "b"])
     assert len(v.encode("a b a b a b", max_words=3)) == 5
+
+
+@pytest.mark.slow
+def test_a_model_trained_on_chinese_captions_writes_chinese_without_spaces(shapes, tmp_path, capsys):
+    """Issue 30, item 8: a model trained on Chinese captions printed "一 只 狗" (the characters the
+    tokenizer splits, joined back with spaces). Trained on the shapes with Chinese captions, it
+    writes them as Chinese is written; its words are still the characters."""
+    from captioner.data.vocab import join_words
+
+    assert join_words(tokenize("一只狗在草地上跑")) == "一只狗在草地上跑"
+    assert join_words(tokenize("犬が dog と走る")) == "犬が dog と走る" and join_words(["a", "dog"]) == "a dog"
+    colour = {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色"}
+    shape = {"circle": "圆形", "square": "正方形", "triangle": "三角形"}
+    rows = []
+    for line in shapes.read_text().splitlines():
+        row = json.loads(line)
+        c, s, b = Path(row["image"]).stem.split("_")[:3]
+        row["image"] = str(shapes.parent / row["image"])
+        row["captions"] = [f"{colour[b]}背景上有一个{colour[c]}的{shape[s]}", f"一个{colour[c]}{shape[s]}",
+                           f"{colour[b]}的背景上画着{colour[c]}{shape[s]}"]
+        rows.append(json.dumps(row, ensure_ascii=False))
+    data = tmp_path / "captions_zh.jsonl"
+    data.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(out), "--epochs", "8", "--space-epochs", "0", *TINY]) == 0
+    capsys.readouterr()
+    photo = shapes.parent / json.loads(rows[0])["image"]
+    assert main(["caption", str(photo), "--model", str(out / "best"), "--quiet"]) == 0
+    caption = capsys.readouterr().out.strip().split("\t")[-1]
+    han = "[\u4e00-\u9fff]"
+    assert re.search(han * 2, caption) and not re.search(f"{han} {han}", caption), caption

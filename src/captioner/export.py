@@ -249,4 +249,6 @@ class OnnxCaptioner:
             done |= tokens == m["end"]
             if done.all():
                 break
-        return [" ".join(w) for w in words]
+        from captioner.data.vocab import join_words
+
+        return [join_words(w) for w in words]

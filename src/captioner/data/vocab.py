@@ -29,6 +29,21 @@ def tokenize(text: str) -> list[str]:
     return _WORD.findall(unicodedata.normalize("NFKC", text).translate(_APOSTROPHES).lower())
 
 
+_CJK_ONE = re.compile(rf"[{CJK}]")
+
+
+def join_words(words: Iterable[str]) -> str:
+    """Words -> text: spaces between words, none between two Chinese or Japanese characters (each
+    is a token, see `tokenize`): ['a', 'dog'] -> 'a dog'; ['一', '只', '狗'] -> '一只狗'. Metrics
+    split them again (metrics.py), so scores are unchanged."""
+    out: list[str] = []
+    for w in words:
+        if out and not (_CJK_ONE.fullmatch(w) and _CJK_ONE.fullmatch(out[-1][-1])):
+            out.append(" ")
+        out.append(w)
+    return "".join(out)
+
+
 class Vocabulary:
     """Word <-> id mapping. ``pad=0, start=1, end=2, unk=3``."""
 
@@ -62,7 +77,7 @@ class Vocabulary:
             if i in (self.start, self.pad):
                 continue
             words.append(self.itos[i] if 0 <= i < len(self.itos) else UNK)
-        return " ".join(words)
+        return join_words(words)
 
     def to_json(self) -> dict:
         return {"itos": self.itos}
