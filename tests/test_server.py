@@ -78,6 +78,28 @@ def test_caption_one_and_many(client):
     assert "notes.txt" in results[3]["error"]
 
 
+def test_caption_takes_the_decoding_controls_of_the_command_line(client, library):
+    """Issue 30, item 9: beam size, length normalisation, trigram blocking, tags on/off and how many
+    alternatives, checked as the command line checks them; each answer is the Python API's."""
+    cap, _ = library
+    data = png_bytes((200, 40, 40))
+    for params, change in [({}, {}), ({"beam_size": 1}, {"beam_size": 1}),
+                           ({"beam_size": 4, "length_norm": 1.5, "block_trigrams": True},
+                            {"beam_size": 4, "length_norm": 1.5, "block_trigrams": True}),
+                           ({"tags": False}, {"tag_threshold": 0.0})]:
+        r = client.post("/api/caption", params=params, files={"file": ("a.png", data, "image/png")})
+        want = cap.caption(data, decoding=cap.decoding.changed(**change), details=True)
+        got = r.json()["results"][0]
+        assert r.status_code == 200 and got["caption"] == want["caption"], params
+        assert [a["caption"] for a in got["alternatives"]] == [a["caption"] for a in want["alternatives"]]
+    r = client.post("/api/caption", params={"beam_size": 5, "alternatives": 2}, files={"file": ("a.png", data)})
+    assert r.status_code == 200 and len(r.json()["results"][0]["alternatives"]) == 2
+    for bad in ({"beam_size": 0}, {"beam_size": 101}, {"length_norm": "nan"}, {"length_norm": -1},
+                {"alternatives": -1}, {"block_trigrams": "perhaps"}):
+        r = client.post("/api/caption", params=bad, files={"file": ("a.png", data)})
+        assert r.status_code == 422 and "detail" in r.json(), bad
+
+
 @pytest.mark.parametrize("name,data,status,words", [
     ("notes.txt", b"plain text, not a picture", 415, "not a readable image"),
     ("empty.png", b"", 415, "empty"),

@@ -38,6 +38,7 @@ from fastapi.staticfiles import StaticFiles
 
 from captioner import __version__
 from captioner.data.images import MAX_PIXELS, open_rgb
+from captioner.decoding import MAX_BEAM, MAX_LENGTH_NORM, Decoding
 from captioner.errors import ConfigError, ImageError, ImageTooLarge, LibraryError
 from captioner.library import photo_path, search, similar
 from captioner.names import DEFAULT_SEARCH_MODE, SEARCH_MODES
@@ -88,10 +89,28 @@ def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0
 
     @app.post("/api/caption", response_model=CaptionResponse, response_model_exclude_none=True,
               responses=errors(413, 415, 422, 503))
-    def caption(file: Annotated[list[UploadFile], File(description="one or more images")]) -> dict:
-        """Caption the uploaded images. A file that cannot be read gets an `error` in its result and
-        the others are still captioned; only when no file can be read does the request fail."""
-        return work.caption(file)
+    def caption(file: Annotated[list[UploadFile], File(description="one or more images")],
+                beam_size: Annotated[int | None, Query(ge=1, le=MAX_BEAM, description="1: greedy; default: the "
+                                                       "model's own decoding")] = None,
+                length_norm: Annotated[float | None, Query(ge=0, le=MAX_LENGTH_NORM, description="rank finished "
+                                                           "beams by logprob / length^this")] = None,
+                block_trigrams: Annotated[bool | None, Query(description="never repeat a word trigram")] = None,
+                tags: Annotated[bool | None, Query(description="false: leave the encoder's tags out of the "
+                                                   "search (they are still reported)")] = None,
+                alternatives: Annotated[int | None, Query(ge=0, le=MAX_BEAM, description="at most this many "
+                                                          "alternatives (beams) a result; default: all")] = None,
+                ) -> dict:
+        """Caption the uploaded images, with the model's own decoding unless the query changes it
+        (the settings and checks of `captioner caption`). A file that cannot be read gets an `error`
+        in its result and the others are still captioned; only when no file can be read does the
+        request fail."""
+        try:
+            decoding = captioner.decoding.changed(beam_size=beam_size, length_norm=length_norm,
+                                                  block_trigrams=block_trigrams,
+                                                  tag_threshold=0.0 if tags is False else None)
+        except ConfigError as e:
+            raise HTTPException(422, str(e)) from None
+        return work.caption(file, decoding, alternatives)
 
     @app.get("/api/search", response_model=SearchResponse, responses=errors(404, 422, 503))
     def search_photos(q: Annotated[str, Query(min_length=1, max_length=200)], limit: LIMIT = 20,
@@ -165,7 +184,11 @@ class _Service:
         finally:
             self.lock.release()
 
-    def caption(self, files: list[UploadFile]) -> dict:
+    def caption(self, files: list[UploadFile], decoding: Decoding | None = None, alternatives: int | None = None
+                ) -> dict:
+        """Caption `files` with `decoding` (the model's own when None), each result with at most
+        `alternatives` beams (all when None)."""
+        decoding = decoding or self.captioner.decoding
         if len(files) > self.max_files:
             raise HTTPException(413, f"{len(files)} files: at most {self.max_files} per request")
         t0 = time.perf_counter()
@@ -174,17 +197,18 @@ class _Service:
         if not images:  # nothing usable: the request as a whole fails, with the first reason
             first = results[0]
             raise HTTPException(first["status"], first["error"])
-        if self.batcher:  # captioned together with the other requests ready now (server/batcher.py)
+        if self.batcher and decoding == self.captioner.decoding:  # with the other requests ready now (batcher.py)
             try:
                 out = self.batcher.submit([x for _, x in images], self.queue_timeout)
             except TimeoutError:
                 raise busy("the model", self.queue_timeout) from None
         else:
-            with self.model_turn():
-                out = self.captioner.caption_tensor(torch.stack([x for _, x in images]))
+            with self.model_turn():  # a decoding of its own: the batcher's batches share the model's
+                out = self.captioner.caption_tensor(torch.stack([x for _, x in images]), decoding)
         for (i, _), r in zip(images, out):
             results[i].update(caption=r["caption"], logprob=r["logprob"], score=r["score"],
-                              alternatives=r["alternatives"], **{k: r[k] for k in ("tags", "disagrees") if k in r})
+                              alternatives=r["alternatives"][:alternatives],
+                              **{k: r[k] for k in ("tags", "disagrees") if k in r})
         for r in results:
             r.pop("status", None)
         return {"results": results, "seconds": round(time.perf_counter() - t0, 3)}
