@@ -48,7 +48,15 @@ def cmd_caption(a: argparse.Namespace) -> int:
         raise DataError("--nproc N needs --out FILE: the processes merge their captions into it")
     if a.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _torchrun(a.nproc, a.argv)
-    paths = _images(a.paths, a.recursive)
+    from captioner.data.urls import is_url
+
+    remote = [p for p in a.paths if is_url(p) or p == "-"]
+    if remote:
+        if a.out or a.attention_map or a.nproc > 1:
+            raise DataError(f"{remote[0]}: addresses and standard input are captioned to the terminal; --out, "
+                            "--attention-map and --nproc take files (save the images first)")
+        return _caption_remote(a)
+    paths = _images([Path(p) for p in a.paths], a.recursive)
     if a.out:
         from captioner.batch import caption_files_to
 
@@ -73,17 +81,62 @@ def cmd_caption(a: argparse.Namespace) -> int:
         if error:
             failed.append(error)
             continue
-        if a.json:
-            obj = {"image": path_text(path), "caption": result["caption"]}
-            if len(result["alternatives"]) > 1:
-                obj["alternatives"] = result["alternatives"]
-            obj |= {k: result[k] for k in ("tags", "disagrees") if k in result}
-            print(json.dumps(obj), flush=True)
-        else:  # one line per photo, whatever its name holds
-            print(f"{path_text(path).translate(_CONTROL)}\t{result['caption']}", flush=True)
+        _print_caption(a, path_text(path), result)
     _report_failures(failed)
     _attention_maps(a, cap, paths, decoding)
     return 1 if failed and len(failed) == len(paths) else 0
+
+
+def _caption_remote(a: argparse.Namespace) -> int:
+    """`caption` of paths mixed with http(s) addresses (fetched: data/urls.py) and `-` (an image's
+    bytes on standard input), printed in the order given."""
+    import warnings
+
+    from captioner.api import Captioner
+    from captioner.data.images import MAX_FETCH_BYTES
+    from captioner.data.urls import is_url
+    from captioner.errors import CaptionerWarning
+
+    items, names = [], []
+    for p in a.paths:
+        if p == "-":
+            data = sys.stdin.buffer.read(MAX_FETCH_BYTES + 1)
+            if len(data) > MAX_FETCH_BYTES:
+                raise DataError(f"-: more than {MAX_FETCH_BYTES:,} bytes on standard input")
+            items.append(data)
+            names.append("-")
+        elif is_url(p):
+            items.append(p)
+            names.append(p)
+        else:
+            found = _images([Path(p)], a.recursive)
+            items += found
+            names += [path_text(f) for f in found]
+    cap = Captioner.load(a.model, a.device, a.precision)
+    decoding = decoding_from(a, cap.decoding)
+    size, failed = a.batch_size or cap.batch_size, []
+    for start in range(0, len(items), size):
+        with warnings.catch_warnings():  # a failure is reported below, as for files
+            warnings.simplefilter("ignore", CaptionerWarning)
+            results = cap.caption(items[start:start + size], decoding=decoding, errors="skip", details=True)
+        for name, result in zip(names[start:start + size], results):
+            if result["caption"] is None:
+                failed.append(result["error"])
+            else:
+                _print_caption(a, name, result)
+    _report_failures(failed)
+    return 1 if failed and len(failed) == len(items) else 0
+
+
+def _print_caption(a: argparse.Namespace, name: str, result: dict) -> None:
+    if a.json:
+        obj = {"image": name, "caption": result["caption"]}
+        if len(result["alternatives"]) > 1:
+            obj["alternatives"] = result["alternatives"]
+        obj |= {k: result[k] for k in ("tags", "disagrees") if k in result}
+        print(json.dumps(obj), flush=True)
+    else:  # one line per photo, whatever its name holds
+        print(f"{name.translate(_CONTROL)}\t{result['caption']}", flush=True)
 
 
 def _attention_maps(a: argparse.Namespace, cap, paths: list[Path], decoding: Decoding) -> None:
@@ -148,7 +201,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from captioner.server.protocol import serve
 
     serve(Captioner.load(a.model, a.device, a.precision), a.db, a.host, a.port, allowed_hosts=a.allowed_host,
-          header_timeout=a.header_timeout, max_upload_mb=a.max_upload_mb, batch_wait_ms=a.batch_wait_ms)
+          header_timeout=a.header_timeout, max_upload_mb=a.max_upload_mb, batch_wait_ms=a.batch_wait_ms,
+          allow_private_urls=a.allow_private_urls)
     return 0
 
 

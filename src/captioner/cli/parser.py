@@ -114,7 +114,8 @@ def _caption_parser(sub) -> None:
                "of people, dogs and outdoor scenes; outside that world it errs (a cat or a cup of coffee\n"
                "comes out as a dog). What it can and cannot do, its model card:\n"
                f"  {shipped_model_dir() / 'MODEL_CARD.md'}")  # on a line of its own: never wrapped
-    p.add_argument("paths", nargs="+", type=Path, help="image files and/or folders")
+    p.add_argument("paths", nargs="+", help="image files and/or folders, http(s) addresses of images, or - for an "
+                   "image on standard input")
     _model_option(p)
     p.add_argument("--json", action="store_true", help='one JSON object per line: {"image", "caption"}')
     p.add_argument("-r", "--recursive", action=argparse.BooleanOptionalAction, default=True,
@@ -206,6 +207,10 @@ def _serve_parser(sub) -> None:
     p.add_argument("--batch-wait-ms", type=between(0, 1000), default=5.0, metavar="MS",
                    help="caption requests that arrive together in one model call, waiting at most this long "
                         "for one still uploading (0: each request on its own)")
+    p.add_argument("--allow-private-urls", action="store_true",
+                   help="fetch images by address (the 'url' field) from loopback, private and link-local addresses "
+                        "too; by default only public ones, so that the server cannot be made to read its own "
+                        "network")
     _machine_options(p)
 
 

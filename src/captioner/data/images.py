@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from captioner.data.urls import fetch, is_url
 from captioner.errors import CaptionerWarning, ImageError, ImageTooLarge
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".we
 FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "HEIF")
 HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
 MAX_PIXELS = 60_000_000  # refuse decompression bombs well before Pillow's own hard limit
+MAX_FETCH_BYTES = 50_000_000  # an image fetched by address (urls.py): a phone's photo is 3-15 MB
 
 
 def draft_size(image_size: int) -> int:
@@ -44,11 +46,11 @@ def draft_size(image_size: int) -> int:
 
 def open_rgb(source: str | Path | bytes | Image.Image | np.ndarray, max_pixels: int = MAX_PIXELS,
              name: str | None = None, min_size: int = 0) -> Image.Image:
-    """Open an image (a path, the bytes of a file, a PIL image, or an array of uint8 pixels: HxWx3
-    RGB, HxWx4 RGBA or HxW grey) as RGB with EXIF orientation applied, or raise ImageError with one
-    clear line naming it (`name`, else the path). With `min_size` (see draft_size) a JPEG file is
-    decoded at the smallest scale that keeps both its sides at least that, and `max_pixels` bounds
-    the pixels decoded at that scale."""
+    """Open an image (a path or an http(s) address, the bytes of a file, a PIL image, or an array of
+    uint8 pixels: HxWx3 RGB, HxWx4 RGBA or HxW grey) as RGB with EXIF orientation applied, or raise
+    ImageError with one clear line naming it (`name`, else the path). With `min_size` (see
+    draft_size) a JPEG file is decoded at the smallest scale that keeps both its sides at least
+    that, and `max_pixels` bounds the pixels decoded at that scale."""
     if isinstance(source, np.ndarray):
         img = _from_array(source, name or "array", max_pixels)
     elif isinstance(source, Image.Image):
@@ -59,6 +61,12 @@ def open_rgb(source: str | Path | bytes | Image.Image | np.ndarray, max_pixels: 
         if isinstance(source, (bytes, bytearray, memoryview)):
             source = bytes(source)
             name = name or "<upload>"
+            if not source:
+                raise ImageError(f"{name}: empty file")
+            stream = io.BytesIO(source)
+        elif is_url(source):  # fetched whole (at most MAX_FETCH_BYTES), then read as the bytes of a file
+            name = name or source
+            source = fetch(source, MAX_FETCH_BYTES)
             if not source:
                 raise ImageError(f"{name}: empty file")
             stream = io.BytesIO(source)
@@ -119,7 +127,7 @@ def one_or_many(images) -> tuple[bool, list]:
     raise TypeError(f"{_what(images)} is not an image or a list of images ({ACCEPTED})")
 
 
-ACCEPTED = ("expected a path, the bytes of a file, a PIL image or a numpy array of uint8 pixels; "
+ACCEPTED = ("expected a path or http(s) address, the bytes of a file, a PIL image or a numpy array of uint8 pixels; "
             "Captioner.caption_tensor takes preprocessed tensors")
 
 

@@ -22,6 +22,7 @@ Everything the page needs is served from here: it works with no network at all.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import math
@@ -32,12 +33,13 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
-from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from captioner import __version__
 from captioner.data.images import MAX_PIXELS, open_rgb
+from captioner.data.urls import fetch
 from captioner.decoding import MAX_BEAM, MAX_LENGTH_NORM, Decoding
 from captioner.errors import ConfigError, ImageError, ImageTooLarge, LibraryError
 from captioner.library import photo_path, search, similar
@@ -56,7 +58,8 @@ MODE = Annotated[Literal[SEARCH_MODES], Query(description="keyword: the words of
 
 def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0, max_pixels: int = 40_000_000,
                max_files: int = 16, queue_timeout: float = 30.0, allowed_hosts: Sequence[str] = LOCAL_HOSTS,
-               max_request_pixels: int = 200_000_000, batch_wait_ms: float = 5.0, max_batch: int = 16) -> FastAPI:
+               max_request_pixels: int = 200_000_000, batch_wait_ms: float = 5.0, max_batch: int = 16,
+               allow_private_urls: bool = False) -> FastAPI:
     """The app, around a loaded `Captioner` (loaded once, shared by every request). A caption
     request that waits more than `queue_timeout` seconds for the model gets a 503 with
     Retry-After rather than an ever longer queue.
@@ -68,7 +71,10 @@ def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0
 
     Caption requests that are ready together are captioned in one model call of at most `max_batch`
     images, waiting at most `batch_wait_ms` for requests still reading their uploads
-    (server/batcher.py); 0 captions each request on its own."""
+    (server/batcher.py); 0 captions each request on its own.
+
+    Images given by address (`url`) are fetched from public addresses only (data/urls.py), unless
+    `allow_private_urls`: the server would otherwise fetch from its own network for anyone."""
     _check_settings(max_upload_mb=(max_upload_mb, 0, 1000), queue_timeout=(queue_timeout, 0, 3600),
                     batch_wait_ms=(batch_wait_ms, -1e-9, 1000), max_pixels=(max_pixels, 0, 1e10),
                     max_request_pixels=(max_request_pixels, 0, 1e11), max_files=(max_files, 0, 10_000),
@@ -77,7 +83,7 @@ def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0
                   description="Caption photos with a CNN + LSTM model, and search a captioned photo library. "
                               "Every error is JSON {\"detail\": \"...\"}.")
     work = _Service(captioner, Path(db) if db else None, max_upload_mb, max_pixels, max_files, queue_timeout,
-                    max_request_pixels, batch_wait_ms, max_batch)
+                    max_request_pixels, batch_wait_ms, max_batch, allow_private_urls)
     # outermost (added last): checks the Host header and counts body bytes before anything reads them
     app.add_middleware(Guard, hosts={h.lower().strip("[]") for h in allowed_hosts if h},
                        limit=work.max_bytes * max_files + 65_536)  # + room for the multipart framing
@@ -89,7 +95,10 @@ def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0
 
     @app.post("/api/caption", response_model=CaptionResponse, response_model_exclude_none=True,
               responses=errors(413, 415, 422, 503))
-    def caption(file: Annotated[list[UploadFile], File(description="one or more images")],
+    def caption(file: Annotated[list[UploadFile] | None, File(description="one or more images")] = None,
+                url: Annotated[list[str] | None, Form(description="http(s) addresses of images, fetched by the "
+                                                      "server (public addresses only, unless its operator "
+                                                      "allows others)")] = None,
                 beam_size: Annotated[int | None, Query(ge=1, le=MAX_BEAM, description="1: greedy; default: the "
                                                        "model's own decoding")] = None,
                 length_norm: Annotated[float | None, Query(ge=0, le=MAX_LENGTH_NORM, description="rank finished "
@@ -100,17 +109,19 @@ def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0
                 alternatives: Annotated[int | None, Query(ge=0, le=MAX_BEAM, description="at most this many "
                                                           "alternatives (beams) a result; default: all")] = None,
                 ) -> dict:
-        """Caption the uploaded images, with the model's own decoding unless the query changes it
-        (the settings and checks of `captioner caption`). A file that cannot be read gets an `error`
-        in its result and the others are still captioned; only when no file can be read does the
-        request fail."""
+        """Caption the uploaded images (`file`) and the images at the addresses `url`, with the
+        model's own decoding unless the query changes it (the settings and checks of `captioner
+        caption`). A file that cannot be read or fetched gets an `error` in its result and the
+        others are still captioned; only when no file can be read does the request fail."""
+        if not file and not url:
+            raise HTTPException(422, "send images in the multipart field 'file', or addresses in 'url'")
         try:
             decoding = captioner.decoding.changed(beam_size=beam_size, length_norm=length_norm,
                                                   block_trigrams=block_trigrams,
                                                   tag_threshold=0.0 if tags is False else None)
         except ConfigError as e:
             raise HTTPException(422, str(e)) from None
-        return work.caption(file, decoding, alternatives)
+        return work.caption(file or [], decoding, alternatives, url or [])
 
     @app.get("/api/search", response_model=SearchResponse, responses=errors(404, 422, 503))
     def search_photos(q: Annotated[str, Query(min_length=1, max_length=200)], limit: LIMIT = 20,
@@ -161,8 +172,10 @@ class _Service:
     within the pixel budgets), searching the library, thumbnails. Errors are HTTPExceptions."""
 
     def __init__(self, captioner, db: Path | None, max_upload_mb: float, max_pixels: int, max_files: int,
-                 queue_timeout: float, max_request_pixels: int, batch_wait_ms: float, max_batch: int):
+                 queue_timeout: float, max_request_pixels: int, batch_wait_ms: float, max_batch: int,
+                 allow_private_urls: bool = False):
         self.captioner, self.db, self.max_files = captioner, db, max_files
+        self.allow_private_urls = allow_private_urls
         self.max_upload_mb, self.max_bytes = max_upload_mb, int(max_upload_mb * 1024 * 1024)
         self.max_pixels, self.max_request_pixels, self.queue_timeout = max_pixels, max_request_pixels, queue_timeout
         self.lock = threading.Lock()  # one inference at a time: the CPU's threads are already all in use
@@ -184,16 +197,20 @@ class _Service:
         finally:
             self.lock.release()
 
-    def caption(self, files: list[UploadFile], decoding: Decoding | None = None, alternatives: int | None = None
-                ) -> dict:
-        """Caption `files` with `decoding` (the model's own when None), each result with at most
-        `alternatives` beams (all when None)."""
+    def caption(self, files: list[UploadFile], decoding: Decoding | None = None, alternatives: int | None = None,
+                urls: Sequence[str] = ()) -> dict:
+        """Caption `files` and the images at `urls` with `decoding` (the model's own when None),
+        each result with at most `alternatives` beams (all when None)."""
         decoding = decoding or self.captioner.decoding
-        if len(files) > self.max_files:
-            raise HTTPException(413, f"{len(files)} files: at most {self.max_files} per request")
+        if len(files) + len(urls) > self.max_files:
+            raise HTTPException(413, f"{len(files) + len(urls)} files: at most {self.max_files} per request")
         t0 = time.perf_counter()
+        # fetched before the batcher waits for this request (a slow site would hold every batch)
+        fetched = [(u, self._fetch(u)) for u in urls]
         with self.batcher.arriving() if self.batcher else contextlib.nullcontext():
-            images, results = self._read_uploads(files)
+            sources = [(up.filename or "upload", functools.partial(up.file.read, self.max_bytes + 1))
+                       for up in files] + [(u, functools.partial(lambda got: got, got)) for u, got in fetched]
+            images, results = self._read_uploads(sources)
         if not images:  # nothing usable: the request as a whole fails, with the first reason
             first = results[0]
             raise HTTPException(first["status"], first["error"])
@@ -204,7 +221,7 @@ class _Service:
                 raise busy("the model", self.queue_timeout) from None
         else:
             with self.model_turn():  # a decoding of its own: the batcher's batches share the model's
-                out = self.captioner.caption_tensor(torch.stack([x for _, x in images]), decoding)
+                out = self.captioner.caption_tensor(torch.stack([x for _, x in images]), decoding=decoding)
         for (i, _), r in zip(images, out):
             results[i].update(caption=r["caption"], logprob=r["logprob"], score=r["score"],
                               alternatives=r["alternatives"][:alternatives],
@@ -213,13 +230,26 @@ class _Service:
             r.pop("status", None)
         return {"results": results, "seconds": round(time.perf_counter() - t0, 3)}
 
-    def _read_uploads(self, files: list[UploadFile]) -> tuple[list, list[dict]]:
+    def _fetch(self, url: str) -> bytes | dict:
+        """The bytes at `url` (data/urls.py), or its result: {"filename", "status", "error"}."""
+        try:
+            return fetch(url, self.max_bytes, timeout=min(self.queue_timeout, 20.0),
+                         public_only=not self.allow_private_urls)
+        except ImageTooLarge as e:
+            return {"filename": url, "status": 413, "error": str(e)}
+        except ImageError as e:
+            return {"filename": url, "status": 422, "error": str(e)}
+
+    def _read_uploads(self, sources: list) -> tuple[list, list[dict]]:
         """Decode and preprocess each upload in turn (one decoded image held at a time), within the
-        request's pixel budget. -> [(result index, tensor)], [result per file]."""
+        request's pixel budget. `sources`: [(name, a function that reads its bytes, or gives the
+        result of a fetch that failed)]. -> [(result index, tensor)], [result per file]."""
         images, results, budget = [], [], self.max_request_pixels
-        for up in files:
-            name = up.filename or "upload"
-            data = up.file.read(self.max_bytes + 1)
+        for name, read in sources:
+            data = read()
+            if isinstance(data, dict):  # an address that could not be fetched
+                results.append(data)
+                continue
             if len(data) > self.max_bytes:
                 results.append({"filename": name, "status": 413,
                                 "error": f"{name}: larger than {self.max_upload_mb:g} MB"})

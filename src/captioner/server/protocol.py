@@ -14,7 +14,7 @@ from captioner.server.guards import LOCAL_HOSTS
 
 def serve(captioner, db: Path | None, host: str = "127.0.0.1", port: int = 8000, *,
           allowed_hosts: Sequence[str] = (), header_timeout: float = 10.0, max_upload_mb: float = 20.0,
-          batch_wait_ms: float = 5.0) -> None:
+          batch_wait_ms: float = 5.0, allow_private_urls: bool = False) -> None:
     """Run the app with uvicorn until interrupted. It answers to this machine's names, the address
     it listens on, IP addresses, and `allowed_hosts`."""
     import uvicorn
@@ -26,7 +26,8 @@ def serve(captioner, db: Path | None, host: str = "127.0.0.1", port: int = 8000,
     hosts = [*LOCAL_HOSTS, *allowed_hosts, host, socket.gethostname(), socket.getfqdn()]
     # bounded: at most 64 connections at once (more get 503), idle keep-alive connections closed after
     # 5 s, and a connection that has not sent a request's headers within `header_timeout` s is closed
-    app = create_app(captioner, db, allowed_hosts=hosts, max_upload_mb=max_upload_mb, batch_wait_ms=batch_wait_ms)
+    app = create_app(captioner, db, allowed_hosts=hosts, max_upload_mb=max_upload_mb, batch_wait_ms=batch_wait_ms,
+                     allow_private_urls=allow_private_urls)
     uvicorn.run(app, host=host, port=port, log_level="info", limit_concurrency=64, timeout_keep_alive=5,
                 http=slow_header_protocol(header_timeout))
 
