@@ -12,8 +12,9 @@ import numpy as np
 
 from captioner.errors import LibraryError
 from captioner.files import readable_digest
-from captioner.library.search import DEFAULT_MODE, Found, _check, _hits, _note, cosines, search
+from captioner.library.search import DEFAULT_MODE, Found, _check, _hits, search
 from captioner.library.store import indexed_by, point_blocks, point_of, reading, row_blocks, table_rows
+from captioner.library.view import _note, cosines
 
 
 def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None = None,

@@ -12,10 +12,8 @@ hybrid is then the model's score plus the keyword score.
 
 from __future__ import annotations
 
-import functools
 import heapq
 import sqlite3
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,18 +22,13 @@ import numpy as np
 
 from captioner.data.vocab import tokenize
 from captioner.errors import LibraryError
-from captioner.library.store import MAX_LIMIT, by_id, point_blocks, point_ids, reading, table_rows
+from captioner.library.store import MAX_LIMIT, by_id, reading, table_rows
+from captioner.library.view import ModelView, query_words
 from captioner.names import DEFAULT_SEARCH_MODE, SEARCH_MODES
 
 MAX_QUERY_BYTES, MAX_QUERY_WORDS = 1000, 100  # a query longer than a paragraph is refused (one line)
 # Words too common in captions to say anything about a photo; dropped from queries.
 STOPWORDS = frozenset("a an the of on in at to and or with is are be by for from its it this that there".split())
-
-
-def query_words(text: str) -> list[str]:
-    """The words of a query as captions hold them: tokenized, a possessive's "'s" dropped ("dog's"
-    -> "dog": captions say "a dog 's ball" or "the dog", and FTS5 would read "dog's" as "dog s")."""
-    return [w[:-2] if w.endswith("'s") else w for w in tokenize(text)]
 
 
 def fts_query(text: str) -> str:
@@ -175,163 +168,6 @@ def _hits(con: sqlite3.Connection, ranked: list[tuple[int, float]]) -> list[dict
     return [{"id": i, "path": info[i][0], "caption": info[i][1], "score": round(s, 4)} for i, s in ranked if i in info]
 
 
-class ModelView:
-    """The photos of a library as one model indexed them, for model search: their ids; their
-    expected word counts, read into memory when a mode needs them (stage 1 of model and hybrid: 384
-    bytes a photo); their points in the search space, read in blocks (`space_scores`); their
-    features, read for the photos stage 2 re-ranks."""
-
-    def __init__(self, con: sqlite3.Connection, captioner):
-        self.con, self.captioner = con, captioner
-        photos = con.execute("SELECT count(*) FROM photos").fetchone()[0]
-        self.source = captioner.source
-        # sorted; with a search space, every photo the model indexed has a point: the ids come from the
-        # points' blocks (a thousand rows for a million photos, where a row a photo took 0.6 s)
-        # A row of the library damaged past SQLite's checks (a byte changed in a blob) leaves its photos
-        # out of the search, counted here, and the note says so (indexing again repairs them)
-        self.damaged: set[int] = set()  # photos whose stored data a search found damaged
-        self.pointless: set[int] = set()  # photos of damaged rows of points: damaged for the space's modes
-        lost: list[int] = []
-        self.ids = point_ids(con, captioner.fingerprint, lost) if captioner.space is not None else None
-        if self.ids is None or lost or not len(self.ids):
-            sound = self.ids
-            rows = table_rows(con, "SELECT id FROM vectors WHERE model = ? ORDER BY id", (captioner.fingerprint,))
-            self.ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-            if lost:
-                self.pointless = set(self.ids[~np.isin(self.ids, sound)].tolist())
-        self.left_out = photos - len(self.ids)  # indexed by another model (or before model search)
-        self.without_features = False  # set by `rank` when a photo it re-ranked had no stored features
-        self.cosine: np.ndarray | None = None  # set by `rank`: every photo's cosine with the query (a space)
-
-    @functools.cached_property
-    def _words(self) -> tuple[np.ndarray, np.ndarray]:
-
-        rows = table_rows(self.con, "SELECT id, words FROM vectors WHERE model = ? ORDER BY id",
-                          (self.captioner.fingerprint,))
-        got = dict(rows)
-        if len(rows) != len(self.ids) or not np.array_equal(np.fromiter(got, np.int64, len(got)), self.ids):
-            got = {int(i): got.get(int(i)) for i in self.ids}  # the ids came from the points' blocks: theirs only
-        return self._unpack(got)
-
-    def words_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The expected word counts of photos `ids` only (in that order), as `word_ids`, `counts`."""
-        rows = by_id(self.con, "SELECT id, words FROM vectors WHERE id IN ({})", ids)
-        return self._unpack({int(i): rows[int(i)][0] if int(i) in rows else None for i in ids})
-
-    def _unpack(self, blobs: dict[int, bytes | None]) -> tuple[np.ndarray, np.ndarray]:
-        """Word-count blobs by photo id -> `word_ids`, `counts` in that order; a missing or damaged
-        one (retrieval.sound_words) counts nothing, and its photo is noted as damaged."""
-        from captioner import retrieval
-
-        cap = self.captioner
-        sound = {i: b for i, b in blobs.items() if retrieval.sound_words(b, len(cap.vocab), cap.model.cfg.max_len)}
-        if len(sound) < len(blobs):
-            self.damaged.update(i for i in blobs if i not in sound)
-            size = len(next(iter(sound.values()))) if sound else 6 * retrieval.WORDS_KEPT
-            empty = np.zeros(size // 6, np.int32).tobytes() + np.zeros(size // 6, np.float16).tobytes()
-            blobs = {i: b if i in sound and len(b) == size else empty for i, b in blobs.items()}
-        return retrieval.unpack_words(list(blobs.values()))
-
-    @property
-    def word_ids(self) -> np.ndarray:
-        """(N, K) int32: the ids of the words each photo's expected counts keep (retrieval.py)."""
-        return self._words[0]
-
-    @property
-    def counts(self) -> np.ndarray:
-        """(N, K) float32: their expected counts."""
-        return self._words[1]
-
-    def query(self, text: str) -> tuple[list[int], list[str]]:
-        """`text` -> tokens [<start>, w1 .. wn, <end>] (unknown words as <unk>) and the unknown words."""
-        vocab = self.captioner.vocab
-        words = query_words(text)[: self.captioner.model.cfg.max_len]
-        return vocab.encode(" ".join(words)), [w for w in dict.fromkeys(words) if w not in vocab.stoi]
-
-    def note(self, unknown: list[str]) -> str | None:
-        return "; ".join(n for n in (self.damage_note(), _note(unknown, self.left_out, len(self.ids), self.source))
-                         if n) or None
-
-    def sound(self, ranked: dict[str, list[tuple[int, float]]]) -> dict[str, list[tuple[int, float]]]:
-        """`rank`'s lists without the photos whose stored data it found damaged."""
-        if not self.damaged:
-            return ranked
-        return {mode: [(i, s) for i, s in hits if i not in self.damaged] for mode, hits in ranked.items()}
-
-    def damage_note(self) -> str | None:
-        """What a search left out because the library's rows were damaged (a byte changed inside a
-        blob: SQLite's own checks pass), and how to mend it."""
-        n = len(self.damaged)
-        if not n:
-            return None
-        named = [v[0] for v in by_id(self.con, "SELECT id, path FROM photos WHERE id IN ({})",
-                                     sorted(self.damaged)[:3]).values()]
-        if named and n > len(named):
-            named.append("...")
-        which = f" ({', '.join(named)})" if named else ""
-        return (f"damaged library: the stored search data of {n} photo{'s' if n > 1 else ''}{which} is damaged and "
-                "was left out: captioner index over their folders captions them afresh")
-
-    def has_space(self) -> bool:
-        """Whether the photos have points in the model's search space: every photo this model indexed
-        has one when the model has a space (its fingerprint covers the space)."""
-        return self.captioner.space is not None and len(self.ids) > 0
-
-    def space_note(self) -> str:
-        """Why a search could not use the search space."""
-        if self.captioner.space is None:
-            return (f"the model ({self.source}) has no search space, so the embedding could not rank: add one "
-                    f"with captioner train --space-only --init {self.source}")
-        return "no photo was indexed by this model: run captioner index again"
-
-    def space_scores(self, query: np.ndarray) -> np.ndarray:
-        """The cosine of every photo's point in the search space and `query` (D,), in the order of
-        `ids` (0 for a photo without one), read a block of points at a time (store.point_blocks):
-        memory stays flat however large the library."""
-        import torch
-
-        out = np.zeros(len(self.ids), np.float32)
-        if self.pointless:
-            self.damaged |= self.pointless
-            out[np.isin(self.ids, list(self.pointless))] = -2.0  # below every photo
-        query = torch.as_tensor(np.asarray(query, np.float32))
-        for ids, block in point_blocks(self.con, self.captioner.fingerprint):
-            if block.shape[1] != len(query):  # a damaged row of another size
-                self.damaged.update(ids.tolist())
-                continue
-            at = np.minimum(np.searchsorted(self.ids, ids), max(len(self.ids) - 1, 0))
-            mine = self.ids[at] == ids if len(self.ids) else np.zeros(len(ids), bool)
-            scores = cosines(block, query)
-            bad = ~(np.abs(scores) <= 1.01)  # unit vectors: a cosine past 1 (or NaN) is a damaged point
-            if bad.any():
-                self.damaged.update(ids[bad].tolist())
-                scores[bad] = -2.0  # below every photo
-            out[at[mine]] = scores[mine]
-        return out
-
-    def features(self, ids: np.ndarray):
-        """The stored features of photos `ids` (in that order) -> a float tensor (M, ...), or None
-        when one of them has none (indexed with --no-features)."""
-        from captioner import retrieval
-
-        rows = by_id(self.con, "SELECT id, data FROM features WHERE id IN ({})", ids)
-        blobs = {i: row[0] for i, row in rows.items()}
-        if len(blobs) < len(set(int(i) for i in ids)):
-            return None
-        sound = retrieval.sound_features(list(blobs.values()))
-        if not sound.all():  # its log p would be noise: the photo is left out, and noted
-            bad = [i for i, ok in zip(blobs, sound) if not ok]
-            self.damaged.update(bad)
-            good = next((b for b, ok in zip(blobs.values(), sound) if ok), None)
-            if good is None:
-                return None
-            blobs.update({i: good for i in bad})  # any sound features in their place, to keep the batch whole
-        cfg = self.captioner.model.cfg
-        cells = (len(next(iter(blobs.values()))) - 8) // cfg.feat_dim if blobs else 1
-        shape = (cfg.feat_dim,) if self.captioner.model.decoder.feature_kind == "pooled" else (cells, cfg.feat_dim)
-        return retrieval.unpack_features([blobs[int(i)] for i in ids], shape)
-
-
 def _relevance(view: ModelView, hits: list[dict]) -> str | None:
     """Give each hit its relevance (see NO_GOOD_MATCH), from the cosine `rank` left in `view`; ->
     "no good match" when none reaches NO_GOOD_MATCH, else None."""
@@ -346,20 +182,6 @@ def _relevance(view: ModelView, hits: list[dict]) -> str | None:
         return None
     return (f"no good match: the words and these photos are further apart than {100 * (1 - NO_GOOD_MATCH):.0f}% of "
             f"right answers were on the model's val set (best relevance {best:.2f})")
-
-
-def _note(unknown: list[str], left_out: int, ranked: int, source: str) -> str | None:
-    """What the user should know about a model search: unknown words, photos it could not rank."""
-    notes = []
-    if unknown:
-        notes.append(f"words the model does not know, read as <unk>: {', '.join(map(repr, unknown))}")
-    if left_out and not ranked:
-        notes.append(f"no photo was indexed by this model ({source}), so only the words of the captions were "
-                     "searched: run captioner index again with it to search by meaning")
-    elif left_out:
-        notes.append(f"{left_out} photos indexed by another model (or by an older captioner) are left out: run "
-                     "captioner index again")
-    return "; ".join(notes) or None
 
 
 def rank(con: sqlite3.Connection, view: ModelView, text: str, modes: Sequence[str] = ("hybrid",),
@@ -440,17 +262,6 @@ def rank(con: sqlite3.Connection, view: ModelView, text: str, modes: Sequence[st
         out[mode] = ([(int(view.ids[top[i]]), float(final[i] / length)) for i in best]
                      + [(int(view.ids[i]), float(stage1[mode][i])) for i in rest])
     return view.sound(out)
-
-
-def cosines(block: np.ndarray, query) -> np.ndarray:
-    """Stored unit vectors (n, D) float16 (read-only, straight from SQLite) . `query` (D,) float32
-    tensor -> (n,) float32. torch turns float16 into float32 about three times as fast as numpy (a
-    million points: 0.27 s against 0.85, the Zen 4), and reads the block without copying it."""
-    import torch
-
-    with warnings.catch_warnings():  # the block is read, never written
-        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-        return (torch.from_numpy(block).float() @ query).numpy()
 
 
 def _scatter(ids: np.ndarray, scores: dict[int, float], into: np.ndarray) -> None:
