@@ -158,3 +158,40 @@ def test_freeze_bn_keeps_the_encoders_statistics_while_it_learns(freeze_bn):
     same_stats = all(torch.equal(a, m.running_mean) for a, m in zip(stats, bns))
     assert same_stats == freeze_bn
     assert not all(torch.equal(a, m.weight) for a, m in zip(weights, bns))  # scale and shift learn either way
+
+
+@pytest.mark.slow
+def test_tensorboard_gets_each_epochs_numbers_and_is_asked_for_by_name(shapes, tmp_path, monkeypatch, capsys):
+    """Issue 30, item 13: `--tensorboard DIR` logs the numbers of metrics.csv, one step an epoch
+    (here through a stand-in for torch.utils.tensorboard, which needs the tensorboard package)."""
+    import sys
+    import types
+
+    logged: list[tuple[str, float, int, str]] = []
+
+    class Writer:
+        def __init__(self, folder):
+            self.folder = folder
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def add_scalar(self, key, value, step):
+            logged.append((key, value, step, self.folder))
+
+    board = tmp_path / "board"
+    args = ["train", "--data", str(shapes), "--epochs", "2", "--space-epochs", "0", "--max-images", "24",
+            "--val-images", "6", "--tensorboard", str(board), *TINY]
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    assert "--tensorboard needs the tensorboard package: pip install tensorboard" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    rows = list(csv.DictReader((tmp_path / "b" / "metrics.csv").open()))
+    for row in rows:
+        for key in ("train_loss", "val_loss", "CIDEr"):
+            assert (key, pytest.approx(float(row[key]), abs=1e-3), int(row["epoch"]), str(board)) in logged
+    assert sorted({step for _, _, step, _ in logged}) == [1, 2]

@@ -87,6 +87,17 @@ def write_metrics(out: Path, history: list[dict]) -> None:
         w.writerows(history)
 
 
+def log_to_tensorboard(folder: Path, row: dict) -> None:
+    """One epoch's row of metrics.csv as TensorBoard scalars in `folder` (`--tensorboard`), each at
+    step = its epoch. A writer an epoch: a resumed run adds to the same curves."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(folder)) as board:
+        for key in METRICS_COLUMNS[1:]:
+            if isinstance(row.get(key), (int, float)):
+                board.add_scalar(key, row[key], row["epoch"])
+
+
 RUN_FILES = (CHECKPOINT, "metrics.csv", "curves.png")
 RUN_FOLDERS = ("best", "last")
 

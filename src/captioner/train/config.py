@@ -100,6 +100,8 @@ class TrainConfig(ModelOptions):
     workers: int | None = option(None, "image loading processes", default_text="one per core beside the main one, "
                                  "at most 8")
     quiet: bool = option(False, "no progress bars")
+    tensorboard: str | Path | None = option(None, "also log each epoch's numbers (those of metrics.csv) to "
+                                            "TensorBoard in DIR (pip install tensorboard)", type=Path, metavar="DIR")
 
     def __post_init__(self):
         if self.data is None or self.out is None:
@@ -130,6 +132,11 @@ class TrainConfig(ModelOptions):
             raise ConfigError("--max-images and --val-images must be 0 (all) or more")
         if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
             raise ConfigError(f"{self.out}: is a file; --out names the folder the run is kept in")
+        if self.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+            except ImportError:
+                raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
         if self.space_only and not self.init:
             raise ConfigError("--space-only adds a search space to the model given by --init; name one")
         if self.space_only and (self.fine_tune_encoder or self.scst):
@@ -143,7 +150,7 @@ class TrainConfig(ModelOptions):
     # is (what the data holds is checked by its fingerprint)
     RESUMABLE_CHANGES = ("data", "out", "layout", "images", "skip_missing", "epochs", "patience", "resume",
                          "overwrite", "half", "device", "precision", "cache_dir", "feature_batch_size", "workers",
-                         "quiet", "space_epochs")
+                         "quiet", "space_epochs", "tensorboard")
 
     # what only a fine-tuning run reads: a run with a frozen encoder resumes whatever they say (a run
     # started before --freeze-bn became the default must still resume)

@@ -42,6 +42,7 @@ from captioner.train.checkpoint import (
     CHECKPOINT,
     RunState,
     load_checkpoint,
+    log_to_tensorboard,
     run_folder,
     save_checkpoint,
     write_metrics,
@@ -308,6 +309,8 @@ def save_run(out: Path, cfg: TrainConfig, model: CaptionModel, vocab: Vocabulary
     save_model(model, vocab, out / "last", half=cfg.half)
     write_metrics(out, run.history)
     plot_curves(out / "curves.png", run.history)
+    if cfg.tensorboard and run.history:
+        log_to_tensorboard(Path(cfg.tensorboard), run.history[-1])
     state = {"decoder": model.decoder.state_dict(), **opt.state_dict(), "args": cfg.to_json(),
              "data": data.fingerprint, "vocab": vocab.itos, "config": model.cfg.to_json(),
              "decoding": model.decoding.saved(), **run.to_checkpoint()}
