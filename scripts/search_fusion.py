@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import random
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 from captioner import Captioner, library, retrieval
 from captioner.data.records import check_images, load_records, split_records
 from captioner.files import path_text
-from captioner.library.search import STOPWORDS, _scatter, query_words, tag_scores
+from captioner.library.search import SPACE_WEIGHT, SPACE_WORDS_WEIGHT, STOPWORDS, _scatter, query_words, tag_scores
 
 # the grid's stage 1: the word score + BM25 + this x the cosine, or (None) the cosine alone, as `rank`
 SPACE_FIRST = (None, 0, 10, 20, 50, 1000)
@@ -90,7 +91,8 @@ def main() -> None:
         photo = {path: pid for pid, path in con.execute("SELECT id, path FROM photos")}
         view = library.ModelView(con, cap)
         pos = {int(pid): i for i, pid in enumerate(view.ids)}
-        queries = [(pos[photo[path_text(r.image.absolute())]], c) for r in records for c in r.captions]
+        queries = [(pos[photo[path_text(Path(os.path.abspath(r.image)))]], c)  # as index keys them
+                   for r in records for c in r.captions]
         if a.queries:
             queries = random.Random(a.seed).sample(queries, min(a.queries, len(queries)))
         t0 = time.perf_counter()
@@ -106,7 +108,7 @@ def main() -> None:
                                                                  for k in parts[0]})
     base = {"logp": 1.0, "words": 0.4, "tags": 4.0, "kw": 0.2, "kw1": 1.0, "space": 0.0, "space1": 0.0}
     grid = [base | {"space1": s1, "space": s, "logp": lp, "words": ww}
-            for s1, s, lp, ww in itertools.product(SPACE_FIRST, (0, 10, 20, 30, 50, 80), (1.0, 0.5, 0.0),
+            for s1, s, lp, ww in itertools.product(SPACE_FIRST, (0, 10, 20, 30, 50, 80, 120, 200), (1.0, 0.5, 0.0),
                                                    (0.2, 0.4, 0.8))]
     rows = []
     for w in grid:
@@ -119,7 +121,7 @@ def main() -> None:
     for r1, r5, r10, med, w in shown:
         print(f"{r1:5.1f} {r5:5.1f} {r10:5.1f} {med:6.1f}  {str(w['space1']):>6} {w['space']:5g} {w['logp']:4g} "
               f"{w['words']:5g}")
-    shipped = base | {"space1": None, "space": 80}  # library/search.py's weights
+    shipped = base | {"space1": None, "space": SPACE_WEIGHT, "words": SPACE_WORDS_WEIGHT}
     for name, w in (("old hybrid", base), ("shipped hybrid", shipped),
                     ("space alone", base | {"space1": None, "space": 1, "logp": 0, "words": 0, "tags": 0, "kw": 0})):
         r = ranks(parts, targets, w, a.candidates)

@@ -52,10 +52,12 @@ KEYWORD_WEIGHT = 0.2
 TAG_WEIGHT = 8.0
 TAG_WEIGHT_MODEL = 4.0
 # With a search space, hybrid's stage 1 is the cosine of the query's point and the photo's, and
-# stage 2 adds SPACE_WEIGHT x the cosine to the sum of `rank`. Chosen on Flickr8k val
+# stage 2 adds SPACE_WEIGHT x the cosine to the sum of `rank`, with the word score at
+# SPACE_WORDS_WEIGHT instead of WORDS_WEIGHT. Chosen on Flickr8k val for the shipped space
 # (docs/EXPERIMENTS.md): the cosine alone picks the photos to re-rank as well as with the word and
-# BM25 scores added, and reads 512 bytes a photo instead of 896.
-SPACE_WEIGHT = 80.0
+# BM25 scores added, and reads a photo's point alone (1 KB), not its word counts as well.
+SPACE_WEIGHT = 30.0
+SPACE_WORDS_WEIGHT = 0.2
 # A hit's relevance (with a search space): the share of val captions whose own photo scored a lower
 # cosine (EmbeddingConfig.relevance). When no photo shown reaches NO_GOOD_MATCH, the note says so.
 NO_GOOD_MATCH = 0.05
@@ -199,13 +201,14 @@ def rank(con: sqlite3.Connection, view: ModelView, text: str, modes: Sequence[st
     and the best max(RERANK, limit) of it are ordered by
 
         log p(query | photo) + WORDS_WEIGHT * word score + TAG_WEIGHT_MODEL * tag score
-            [+ KEYWORD_WEIGHT * BM25 + SPACE_WEIGHT * cosine in hybrid]
+            [+ KEYWORD_WEIGHT * BM25 in hybrid; with a space, + SPACE_WEIGHT * cosine, and the word
+             score at SPACE_WORDS_WEIGHT]
 
     (the tag score: tag_scores; in hybrid it is in the BM25 too, keyword_scores; the cosine where the
     model has a search space and the library holds its points) divided by the query's length (a
     score per word, for people to read); the other photos follow in stage-1 order with their stage-1
     score. The decoder scores each photo once for all the modes. With a space, hybrid reads the
-    word counts of the photos it re-ranks only, so a query costs one pass over 512 bytes a photo."""
+    word counts of the photos it re-ranks only, so a query costs one pass over a point a photo (1 KB)."""
     from captioner import retrieval
 
     cap = view.captioner
@@ -254,9 +257,11 @@ def rank(con: sqlite3.Connection, view: ModelView, text: str, modes: Sequence[st
     length = len(tokens) - 1  # the words and <end>
     for mode in modes:
         top = chosen[mode][:take]
-        final = np.array([logp[i] for i in top]) + WORDS_WEIGHT * words[top] + TAG_WEIGHT_MODEL * tags[top]
+        spaced = mode == "hybrid" and cosine is not None
+        final = (np.array([logp[i] for i in top]) + (SPACE_WORDS_WEIGHT if spaced else WORDS_WEIGHT) * words[top]
+                 + TAG_WEIGHT_MODEL * tags[top])
         if mode == "hybrid":
-            final += KEYWORD_WEIGHT * bm[top] + (SPACE_WEIGHT * cosine[top] if cosine is not None else 0)
+            final += KEYWORD_WEIGHT * bm[top] + (SPACE_WEIGHT * cosine[top] if spaced else 0)
         best = np.argsort(-final, kind="stable")
         rest = chosen[mode][take:] if every else chosen[mode][take:max(take, limit)]
         out[mode] = ([(int(view.ids[top[i]]), float(final[i] / length)) for i in best]

@@ -45,7 +45,7 @@ SCHEMA_VERSION = "5"
 # 1: before model search (no vectors), 2: before tags (no terms), 3: before the search space (no points),
 # 4: a point a row (space(id, data)); opened for indexing, each becomes 5 (4's points moved into blocks)
 READABLE_SCHEMAS = ("1", "2", "3", "4", "5")
-POINT_BLOCK = 1024  # points a row of `points` holds: 512 KB of 256-d float16
+POINT_BLOCK = 1024  # points a row of `points` holds: 1 MB of 512-d float16
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS photos (
     id INTEGER PRIMARY KEY,

@@ -42,7 +42,7 @@ class EmbeddingConfig:
 
     vocab_size: int = option(5, "words in the vocabulary (the caption model's)", low=5, high=1_000_000)
     feat_dim: int = option(1280, "the encoder's channels", low=1, high=8192)
-    dim: int = option(256, "dimensions of the joint space (a stored photo is dim x 2 bytes)", low=8, high=4096)
+    dim: int = option(512, "dimensions of the joint space (a stored photo is dim x 2 bytes)", low=8, high=4096)
     word_dim: int = option(512, "word vectors of the text side", low=8, high=4096)
     pool: str = option("attention", "how the image side pools the encoder's grid", choices=POOLS)
     text: str = option("gru", "the text side: a bidirectional GRU, or the mean word vector", choices=TEXTS)

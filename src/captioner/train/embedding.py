@@ -85,7 +85,7 @@ def calibrate(space: JointEmbedding, feats: FeatureRows, caps: Captions, start: 
 
 
 def fit(space: JointEmbedding, train: tuple[FeatureRows, Captions], val: tuple[FeatureRows, Captions], *,
-        start: int, end: int, epochs: int = 20, batch_size: int = 128, lr: float = 2e-4, weight_decay: float = 1e-4,
+        start: int, end: int, epochs: int = 20, batch_size: int = 256, lr: float = 4e-4, weight_decay: float = 1e-4,
         seed: int = 0, progress: bool = True, log=print) -> dict:
     """Train `space` for `epochs` over every training caption (each with its photo), Adam at `lr`
     with a cosine decay, and keep the weights of the epoch with the best val rsum. Returns
