@@ -239,8 +239,8 @@ def test_hybrid_with_only_the_space_weighed_is_the_embedding_order(cap, library,
     mod = sys.modules["captioner.library.search"]
     query = "a red circle on a blue background"
     embedding = [h["id"] for h in search(library, query, 12, mode="embedding", captioner=cap).hits]
-    for name, value in (("WORDS_WEIGHT", 0.0), ("TAG_WEIGHT_MODEL", 0.0), ("KEYWORD_WEIGHT", 0.0),
-                        ("KEYWORD_WEIGHT_FIRST", 0.0)):
+    for name, value in (("WORDS_WEIGHT", 0.0), ("SPACE_WORDS_WEIGHT", 0.0), ("TAG_WEIGHT_MODEL", 0.0),
+                        ("KEYWORD_WEIGHT", 0.0), ("KEYWORD_WEIGHT_FIRST", 0.0)):
         monkeypatch.setattr(mod, name, value)
     monkeypatch.setattr("captioner.retrieval.query_logprob",
                         lambda decoder, feats, tokens: torch.zeros(feats.shape[0]))  # log p weighed 0
@@ -249,6 +249,7 @@ def test_hybrid_with_only_the_space_weighed_is_the_embedding_order(cap, library,
     monkeypatch.undo()
 
     monkeypatch.setattr(mod, "SPACE_WEIGHT", 0.0)
+    monkeypatch.setattr(mod, "SPACE_WORDS_WEIGHT", mod.WORDS_WEIGHT)  # the word score as without a space
     with_zero = search(library, query, 12, mode="hybrid", captioner=cap).hits
     monkeypatch.setattr(cap, "space", None)  # as a model without a space ranks
     without = search(library, query, 12, mode="hybrid", captioner=cap)
