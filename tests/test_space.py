@@ -372,7 +372,8 @@ def test_stage_one_reads_the_points_in_blocks_with_flat_memory(tmp_path, monkeyp
 
     n, dim = 20_000, 256
     rng = np.random.default_rng(0)
-    points = rng.normal(size=(n, dim)).astype(np.float16)
+    points = rng.normal(size=(n, dim))
+    points = (points / np.linalg.norm(points, axis=1, keepdims=True)).astype(np.float16)  # unit length, as stored
     monkeypatch.setattr(sys.modules["captioner.library.store"], "POINT_BLOCK", 256)
     con = connect(tmp_path / "big.sqlite")
     with con:
@@ -385,7 +386,8 @@ def test_stage_one_reads_the_points_in_blocks_with_flat_memory(tmp_path, monkeyp
     assert con.execute("SELECT count(*) FROM points").fetchone()[0] == n // 256 + 1
     fake = SimpleNamespace(fingerprint="fp", source="m", space=object())
     view = ModelView(con, fake)
-    query = rng.normal(size=dim).astype(np.float32)
+    query = rng.normal(size=dim)
+    query = (query / np.linalg.norm(query)).astype(np.float32)
     whole = points.astype(np.float32) @ query
     tracemalloc.start()
     blocked = view.space_scores(query)
