@@ -3,6 +3,7 @@
     python benchmarks/load.py                          # 8 clients, 500 requests, the shipped model
     python benchmarks/load.py --clients 8 --requests 500 --model runs/NAME/best --json
     python benchmarks/load.py --batch-wait-ms 0 5 10         # request batching off, then on (wait 5, 10 ms)
+    python benchmarks/load.py --batch-wait-ms 5 --requests 400 --rounds 10   # a soak: does memory level off?
 
 Starts the server in a child process, warms it up, then has CLIENTS threads send REQUESTS
 requests in all: most upload a real photo to POST /api/caption (expecting 200 and a caption),
@@ -75,9 +76,10 @@ def one_request(url: str, k: int, photo: bytes) -> tuple[bool, float, str]:
 
 
 def run(model: str | None, clients: int, requests: int, photo: Path, batch_wait_ms: float = 5.0,
-        extra: list[str] = (), log: Path | None = None) -> dict:
-    """One server (`captioner serve ... *extra`, its output kept in `log` when given) under load ->
-    the row's figures."""
+        extra: list[str] = (), log: Path | None = None, rounds: int = 1) -> dict:
+    """One server (`captioner serve ... *extra`, its output kept in `log` when given) under load,
+    `rounds` times over (the same server: memory that levels off shows as the same RSS after each
+    round) -> the row's figures, the last round's timings."""
     from captioner.server.background import serve_in_background
 
     data = photo.read_bytes()
@@ -96,11 +98,14 @@ def run(model: str | None, clients: int, requests: int, photo: Path, batch_wait_
                     rss.append(rss_mb(server.pid))
             return out
 
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(clients) as pool:
-            results = list(pool.map(task, range(requests)))
-        wall = time.perf_counter() - t0
-        rss.append(rss_mb(server.pid))
+        after = []  # RSS at the end of each round
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                results = list(pool.map(task, range(requests)))
+            wall = time.perf_counter() - t0
+            rss.append(rss_mb(server.pid))
+            after.append(round(rss[-1], 1))
     lat = sorted(s for _, s, _ in results)
     failures = [why for ok, _, why in results if not ok]
     return {"batch_wait_ms": batch_wait_ms, "clients": clients, "requests": requests, "failed": len(failures),
@@ -108,7 +113,8 @@ def run(model: str | None, clients: int, requests: int, photo: Path, batch_wait_
             "seconds": round(wall, 2), "requests_per_s": round(requests / wall, 1),
             "p50_ms": round(statistics.median(lat) * 1000, 1),
             "p95_ms": round(lat[int(0.95 * (len(lat) - 1))] * 1000, 1),
-            "rss_first_mb": round(rss[0], 1), "rss_max_mb": round(max(rss), 1), "rss_last_mb": round(rss[-1], 1)}
+            "rss_first_mb": round(rss[0], 1), "rss_max_mb": round(max(rss), 1), "rss_last_mb": round(rss[-1], 1),
+            "rss_after_rounds_mb": after}
 
 
 def main() -> None:
@@ -117,13 +123,16 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=500)
     ap.add_argument("--photo", type=Path, default=ROOT / "examples" / "coffee.jpg")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="send the requests this many times to the same server (a soak: RSS after each round)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     ap.add_argument("--batch-wait-ms", type=float, nargs="+", default=[0.0, 5.0],
                     help="server settings to compare in this run (0: each request its own model call; default 0 5)")
     a = ap.parse_args()
-    runs = [run(a.model, a.clients, a.requests, a.photo, w) for w in a.batch_wait_ms]
-    lines = [f"Model: {a.model or 'shipped'}; {a.clients} concurrent clients, {a.requests} requests (8 in 10 "
+    runs = [run(a.model, a.clients, a.requests, a.photo, w, rounds=a.rounds) for w in a.batch_wait_ms]
+    soak = f", {a.rounds} rounds to the same server (timings: the last round)" if a.rounds > 1 else ""
+    lines = [f"Model: {a.model or 'shipped'}; {a.clients} concurrent clients, {a.requests} requests{soak} (8 in 10 "
              "upload a photo, 1 in 10 a non-image expecting 415, 1 in 10 GET /health), loopback; one server per "
              "row, started fresh, rows measured one after the other in this run.", "",
              "| request batching | failed | requests/s | p50 | p95 | server RSS after warm-up -> peak -> end |",
@@ -133,6 +142,10 @@ def main() -> None:
         lines.append(f"| {batching} | **{r['failed']}** | {r['requests_per_s']} | {r['p50_ms']} ms | "
                      f"{r['p95_ms']} ms | {r['rss_first_mb']:,.0f} -> {r['rss_max_mb']:,.0f} -> "
                      f"{r['rss_last_mb']:,.0f} MB |")
+    if a.rounds > 1:
+        lines += ["", "Server RSS after each round: " + "; ".join(
+            f"{'batching on' if r['batch_wait_ms'] else 'batching off'}: "
+            + " -> ".join(f"{x:,.0f}" for x in r["rss_after_rounds_mb"]) + " MB" for r in runs)]
     if len(runs) > 1:
         ratio = runs[-1]["requests_per_s"] / runs[0]["requests_per_s"]
         lines += ["", f"Requests/s, last row against the first: **{ratio:.2f}x**; p95 {runs[0]['p95_ms']} -> "
