@@ -105,17 +105,20 @@ def pack_words(ids: np.ndarray, counts: np.ndarray) -> list[bytes]:
     return [i.astype(np.int32).tobytes() + c.astype(np.float16).tobytes() for i, c in zip(ids, counts)]
 
 
-def sound_words(blob: bytes, vocab_size: int | None = None, max_len: int = 1000) -> bool:
-    """Whether a `pack_words` blob reads as word counts: whole (id, count) pairs, ids from 0 (below
-    `vocab_size` when given), counts finite from 0 to `max_len` + 1 (a word said at every step). A
-    byte changed in a library's row mostly breaks one of these (store.damaged_photos, search.py)."""
-    if not isinstance(blob, bytes) or not blob or len(blob) % 6:
-        return False
-    k = len(blob) // 6
-    ids = np.frombuffer(blob, np.int32, k)
-    counts = np.frombuffer(blob, np.float16, k, offset=4 * k)
-    return bool((ids >= 0).all() and (vocab_size is None or (ids < vocab_size).all())
-                and ((counts >= 0) & (counts <= max_len + 1)).all())
+def read_words(blobs: Sequence[bytes | None], vocab_size: int, max_len: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`pack_words` blobs as a library holds them -> ids (N, K), counts (N, K) as `unpack_words`, and
+    which rows are damaged (N,) bool: missing, another size than most, ids outside the vocabulary,
+    counts not finite from 0 to `max_len` + 1 (a word said at every step). Damaged rows count
+    nothing. Every row at once: a million rows one at a time took 8 s."""
+    sizes = [len(b) if isinstance(b, bytes) else 0 for b in blobs]
+    size = max(set(sizes), key=sizes.count) if sizes else 0
+    size = size if size and size % 6 == 0 else 6 * WORDS_KEPT
+    ids, counts = unpack_words([b if n == size else bytes(size) for b, n in zip(blobs, sizes)])
+    bad = ((np.array(sizes) != size) | (ids < 0).any(axis=1) | (ids >= vocab_size).any(axis=1)
+           | ~((counts >= 0) & (counts <= max_len + 1)).all(axis=1))  # NaN fails too
+    ids[bad], counts[bad] = 0, 0.0
+    return ids, counts, bad
 
 
 def sound_features(blobs: Sequence[bytes]) -> np.ndarray:

@@ -234,13 +234,18 @@ def sound_block(first: int, ids: bytes, data: bytes) -> tuple[np.ndarray, np.nda
     (SQLite's pages sound, a byte of the row changed): ids not whole int64s, not rising from
     `first`, or data not n points of one size. A point's values are checked where they are used
     (a cosine past 1: search.py; its length: `damaged_photos`)."""
-    if not isinstance(ids, bytes) or not isinstance(data, bytes) or not ids or len(ids) % 8:
+    ids_ = _sound_ids(first, ids)
+    if ids_ is None or not isinstance(data, bytes) or not data or len(data) % (2 * len(ids_)):
+        return None
+    return ids_, np.frombuffer(data, np.float16).reshape(len(ids_), -1)
+
+
+def _sound_ids(first: int, ids: bytes) -> np.ndarray | None:
+    """A row's ids (n,) int64, or None unless they are whole int64s rising from `first`."""
+    if not isinstance(ids, bytes) or not ids or len(ids) % 8:
         return None
     ids_ = np.frombuffer(ids, np.int64)
-    n = len(ids_)
-    if not data or len(data) % (2 * n) or ids_[0] < first or (n > 1 and not (ids_[1:] > ids_[:-1]).all()):
-        return None
-    return ids_, np.frombuffer(data, np.float16).reshape(n, -1)
+    return ids_ if ids_[0] >= first and (ids_[1:] > ids_[:-1]).all() else None
 
 
 def point_ids(con: sqlite3.Connection, model: str, damaged: list[int] | None = None) -> np.ndarray | None:
@@ -251,17 +256,15 @@ def point_ids(con: sqlite3.Connection, model: str, damaged: list[int] | None = N
         return None
     parts = []
     for first, ids in con.execute("SELECT first, ids FROM points WHERE model = ? ORDER BY first", (model,)):
-        sound = isinstance(ids, bytes) and ids and not len(ids) % 8
-        ids_ = np.frombuffer(ids, np.int64) if sound else None
-        if sound and ids_[0] >= first and (ids_[1:] > ids_[:-1]).all():
+        ids_ = _sound_ids(first, ids)
+        if ids_ is not None:
             parts.append(ids_)
         elif damaged is not None:
             damaged.append(max(1, len(ids) // 8) if isinstance(ids, bytes) else 1)
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
-def damaged_photos(con: sqlite3.Connection, model: str, vocab_size: int | None = None, max_len: int = 1000
-                   ) -> list[int]:
+def damaged_photos(con: sqlite3.Connection, model: str, vocab_size: int, max_len: int) -> list[int]:
     """The photos of model `model` whose stored search data is damaged, found and taken out of the
     library (so that indexing captions them afresh), -> their ids: every photo of a `points` row
     that is not sound, a point that is not of unit length, word counts that are not finite counts.
@@ -283,9 +286,9 @@ def damaged_photos(con: sqlite3.Connection, model: str, vocab_size: int | None =
                 continue
             length = np.linalg.norm(block[1].astype(np.float32), axis=1)
             bad.update(block[0][~(np.abs(length - 1) < 0.01)].tolist())  # NaN too
-    for pid, words in con.execute("SELECT id, words FROM vectors WHERE model = ?", (model,)):
-        if not retrieval.sound_words(words, vocab_size, max_len):
-            bad.add(pid)
+    rows = con.execute("SELECT id, words FROM vectors WHERE model = ?", (model,)).fetchall()
+    damaged = retrieval.read_words([r[1] for r in rows], vocab_size, max_len)[2]
+    bad.update(r[0] for r, d in zip(rows, damaged) if d)
     for pid in sorted(bad):
         delete_photo(con, pid)
     return sorted(bad)

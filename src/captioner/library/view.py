@@ -65,22 +65,13 @@ class ModelView:
 
     def _unpack(self, blobs: dict[int, bytes | None]) -> tuple[np.ndarray, np.ndarray]:
         """Word-count blobs by photo id -> `word_ids`, `counts` in that order; a missing or damaged
-        one (as retrieval.sound_words judges, here for every row at once: a million rows one at a
-        time cost 8 s) counts nothing, and its photo is noted as damaged."""
+        one (retrieval.read_words) counts nothing, and its photo is noted as damaged."""
         from captioner import retrieval
 
-        cap = self.captioner
-        sizes = [len(b) if isinstance(b, bytes) else 0 for b in blobs.values()]
-        size = max(set(sizes), key=sizes.count) if sizes else 6 * retrieval.WORDS_KEPT
-        size = size if size and size % 6 == 0 else 6 * retrieval.WORDS_KEPT
-        empty = bytes(size)  # no words (id 0, count 0)
-        whole = [b if n == size else empty for b, n in zip(blobs.values(), sizes)]
-        ids, counts = retrieval.unpack_words(whole)
-        bad = ((np.array(sizes) != size) | (ids < 0).any(axis=1) | (ids >= len(cap.vocab)).any(axis=1)
-               | ~((counts >= 0) & (counts <= cap.model.cfg.max_len + 1)).all(axis=1))  # NaN fails too
+        ids, counts, bad = retrieval.read_words(list(blobs.values()), len(self.captioner.vocab),
+                                                self.captioner.model.cfg.max_len)
         if bad.any():
             self.damaged.update(np.fromiter(blobs, np.int64, len(blobs))[bad].tolist())
-            ids[bad], counts[bad] = 0, 0.0
         return ids, counts
 
     @property
