@@ -6,11 +6,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from captioner.cli import main  # noqa: E402
 from captioner.data.synthetic import make_dataset  # noqa: E402
+
+_TORCH_THREADS = torch.get_num_threads()  # torch's own default, before captioner changes it
 
 # Small and fast: 96 px images, a 128-unit LSTM. Lite0 keeps its real ImageNet weights.
 TINY = ["--image-size", "96", "--embed-dim", "64", "--hidden-dim", "128", "--dropout", "0.1",
@@ -21,6 +24,14 @@ TINY = ["--image-size", "96", "--embed-dim", "64", "--hidden-dim", "128", "--dro
 def _cache_in_tmp(tmp_path_factory, monkeypatch):
     """Never write into the user's feature cache."""
     monkeypatch.setenv("CAPTIONER_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(autouse=True)
+def _threads_fixed(monkeypatch):
+    """One number of threads for the whole suite: results compared across runs (a resumed training
+    against an uninterrupted one) are the same bits only at the same number, and by default it
+    follows the machine's load (threads.py; test_threads.py tests that)."""
+    monkeypatch.setenv("CAPTIONER_THREADS", str(_TORCH_THREADS))
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +64,42 @@ def trained(tmp_path_factory, shapes) -> Path:
     finally:
         mp.undo()
     return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, theirs, ...), from /proc; empty where there is none."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # ended while we looked
+            continue
+        ppid = int(text.rsplit(")", 1)[1].split()[1])  # the name, in brackets, may hold spaces
+        parents.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def stop_descendants(pid: int | None = None) -> list[int]:
+    """Kill every process below `pid` (default: this one): the ones it started, and theirs.
+    Returns their ids."""
+    import os
+    import signal
+
+    found = descendants(os.getpid() if pid is None else pid)
+    for pid in found:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return found
+
+
+def pytest_unconfigure(config):
+    """Ctrl-C in a test that started processes (a training, a server, torchrun's workers) must
+    not leave them running: once one was found training on after the suite had stopped."""
+    stop_descendants()

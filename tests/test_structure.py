@@ -29,7 +29,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "captioner"
 
 # data -> model -> inference -> decode -> train/api -> cli/server: a module imports only from its floor or below
 FLOORS = [
-    ("base", ["errors", "files", "names", "decoding", "options", "runtime", "distributed"]),
+    ("base", ["errors", "files", "names", "decoding", "options", "runtime", "threads", "distributed"]),
     ("data", ["data", "metrics"]),
     ("model", ["model"]),
     ("inference", ["inference"]),

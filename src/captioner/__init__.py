@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from captioner import threads  # noqa: F401  (its clock of the machine's load starts here: threads.py)
+
 __all__ = ["Captioner", "shipped_model_dir"]
 __version__ = "0.1.0"
 

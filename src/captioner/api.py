@@ -22,6 +22,7 @@ from captioner.inference.plan import InferencePlan
 from captioner.model.folder import load_model, load_space, model_dir
 from captioner.names import SHIPPED, shipped_model_dir
 from captioner.tags import Tagger, pooled
+from captioner.threads import fit_threads
 
 ImageLike = str | Path | bytes | Image.Image | np.ndarray
 
@@ -191,6 +192,8 @@ class Captioner:
         "tags": [...]}] (see caption_features), with `features`: also "features", the encoder's output
         for that image (a float tensor on the CPU), and "terms", its tags with their hypernyms
         (tags.Tagger.terms_of): what the photo library stores."""
+        if self.device.type == "cpu":
+            fit_threads()  # the cores other processes leave free (threads.py); at most every 10 s, in this thread
         feats = self.features(x)
         probs = self.tag_probs(x, feats)
         results = self.caption_features(feats, decoding, probs)

@@ -1,5 +1,6 @@
-"""The machine: which devices it has, which precisions pay on its CPU, autocast, threads and the C
-allocator, in one place so no other module sprinkles `.cuda()`. How captioning runs on a device
+"""The machine: which devices it has, which precisions pay on its CPU, autocast, one-thread sections
+and the C allocator, in one place so no other module sprinkles `.cuda()` (how many threads torch
+uses: threads.py). How captioning runs on a device
 (batch sizes, fast layers, the decoder's precision by batch) is inference/plan.py's."""
 
 from __future__ import annotations

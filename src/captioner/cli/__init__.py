@@ -10,6 +10,7 @@ status 2, never a traceback.
 from __future__ import annotations
 
 import errno
+import os
 import sys
 import warnings
 
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    if getattr(args, "threads", None):  # read where torch's threads are set (threads.py), and by torchrun's children
+        os.environ["CAPTIONER_THREADS"] = str(args.threads)
     try:
         from captioner.cli.commands import COMMANDS
 

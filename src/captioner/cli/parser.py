@@ -58,10 +58,18 @@ def _machine_options(p: argparse.ArgumentParser, inference: bool = True) -> None
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     help = "autocast precision; auto = bf16 on CPUs with native bf16, fp16/bf16 on CUDA, else fp32"
     if inference:
-        help += ("; int8 (CPU only): the decoder's weights in 8 bits, one photo 1.3-1.4x faster, batches "
-                 "faster than fp32 but not than native bf16; about 15%% of captions differ (see the README)")
+        help += ("; int8 (CPU only): the decoder's weights in 8 bits, faster than fp32, not than native bf16 in "
+                 "batches; about 15%% of captions differ (measured figures: the README's Captioning section)")
     p.add_argument("--precision", default="auto", choices=INFERENCE_PRECISIONS if inference else PRECISIONS,
                    help=help)
+    _threads_option(p)
+
+
+def _threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=POSITIVE, metavar="N",
+                   help="CPU threads for the model; by default as many as the cores other processes leave free, "
+                        "measured at the start and every 10 s (on a busy machine torch's default of one a core ran "
+                        "up to 10x slower); the same as CAPTIONER_THREADS=N [auto]")
 
 
 def png_path(text: str) -> Path:
@@ -225,6 +233,7 @@ def _train_parser(sub) -> None:
         if "alias" in f.metadata:  # an old name, still accepted
             p.add_argument(f.metadata["alias"], dest=f.name, choices=f.metadata.get("choices"),
                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    _threads_option(p)
     p.add_argument("--nproc", type=POSITIVE, default=1,
                    help="train in N processes with torch.distributed (DDP; gloo on CPU, NCCL on GPUs); "
                         "same as: torchrun --nproc-per-node N -m captioner train ... [1]")

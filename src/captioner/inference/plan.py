@@ -22,6 +22,7 @@ from captioner.inference.int8 import int8_decoder
 from captioner.inference.packed import packed_decoder, packed_encoder
 from captioner.model.encoder import fold_batchnorm
 from captioner.runtime import autocast, cpu_has_amx, cpu_has_fast_bf16, loader_workers, pick_device, resolve_precision
+from captioner.threads import fit_threads
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class InferencePlan:
         'bf16', 'fp16', and except for `training` 'int8'), each resolved here and nowhere else;
         `switches` set any other field. A device or precision this machine lacks is a one-line ConfigError."""
         dev = device if isinstance(device, torch.device) else pick_device(device)
+        if dev.type == "cpu":
+            fit_threads(force=True)  # as many threads as other processes leave cores free (threads.py)
         return cls(dev, resolve_precision(precision, dev, inference=not training), **switches)
 
     def replace(self, **changes) -> InferencePlan:
