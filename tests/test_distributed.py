@@ -25,7 +25,7 @@ def test_two_processes_train_and_resume(tmp_path, shapes):
     common = ["--data", shapes, "--out", out, "--nproc", "2", *TINY]
     r = train(*common, "--epochs", "3")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "2 processes" in r.stdout and r.stdout.count("epoch 3:") == 1  # rank 0 alone reports
+    assert "2 processes" in r.stdout and r.stdout.count("epoch 3 of 3:") == 1  # rank 0 alone reports
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [x["epoch"] for x in rows] == ["1", "2", "3"]
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
@@ -46,7 +46,7 @@ def test_two_processes_scst(tmp_path, shapes):
     r = train("--data", shapes, "--out", tmp_path / "sc", "--scst", "--init", xe / "best", "--nproc", "2",
               "--epochs", "1", "--max-images", "31", "--val-images", "6", *TINY)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "self-critical" in r.stdout and "epoch 1: reward" in r.stdout
+    assert "self-critical" in r.stdout and "epoch 1 of 1: reward" in r.stdout
 
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, shapes):

@@ -152,7 +152,13 @@ def test_assign_splits_is_stable_and_keeps_given_splits(tmp_path):
     assign_splits(a)
     assign_splits(b)
     assert [r.split for r in a] == [r.split for r in b]
-    assert 0 < len(split_records(a, "val")) < 30 and split_records(a, "train")
+    # a small set gives val up to 20%, enough to choose on (issue 30, item 2); a big one 5%
+    assert 25 < len(split_records(a, "val")) < 60 and split_records(a, "train")
+    big = tmp_path / "big.csv"
+    big.write_text("image,caption\n" + "".join(f"{i}.jpg,cap {i}\n" for i in range(4000)))
+    records = load_records(big)
+    assign_splits(records)
+    assert 150 < len(split_records(records, "val")) < 250
 
 
 def test_encodings_bom_and_duplicate_ids(tmp_path):

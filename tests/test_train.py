@@ -190,8 +190,72 @@ def test_tensorboard_gets_each_epochs_numbers_and_is_asked_for_by_name(shapes, t
     assert "--tensorboard needs the tensorboard package: pip install tensorboard" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    said = capsys.readouterr().out  # the epoch total and the time left (issue 30, item 1)
+    assert "epoch 1 of 2:" in said and "left for epochs 2-2" in said and "epoch 2 of 2:" in said
     rows = list(csv.DictReader((tmp_path / "b" / "metrics.csv").open()))
     for row in rows:
         for key in ("train_loss", "val_loss", "CIDEr"):
             assert (key, pytest.approx(float(row[key]), abs=1e-3), int(row["epoch"]), str(board)) in logged
     assert sorted({step for _, _, step, _ in logged}) == [1, 2]
+
+
+def test_clearly_better_is_a_paired_bootstrap():
+    from captioner.train.epoch import clearly_better
+
+    base = [0.5 + 0.01 * (i % 7) for i in range(60)]
+    assert clearly_better([x + 0.1 for x in base], base) == 1.0
+    assert clearly_better(base, base) == 0.0
+    assert clearly_better(base, [x + 0.1 for x in base]) == 0.0
+    mixed = [x + (0.2 if i % 2 else -0.19) for i, x in enumerate(base)]  # as often worse as better
+    assert 0.2 < clearly_better(mixed, base) < 0.95
+    assert clearly_better([], []) == 0.0
+
+
+def test_choose_decoding_keeps_a_start_models_own_on_a_small_val(tmp_path, trained, shapes):
+    """Issue 30, item 2: a model fine-tuned from another keeps that model's decoding (and its tag
+    guidance) unless val clearly says otherwise; 18 val photos once traded beam 5 with blocked
+    trigrams for beam 3 without, and captions repeated themselves."""
+    import shutil
+
+    from captioner import metrics
+    from captioner.inference.features import extract_features
+    from captioner.model.folder import load_model
+    from captioner.train.data import FeatureRows
+    from captioner.train.epoch import DECODING_CANDIDATES, choose_decoding
+
+    folder = tmp_path / "model"
+    shutil.copytree(trained / "best", folder)
+    own = {"beam_size": 2, "length_norm": 0.7, "block_trigrams": True, "tag_threshold": 0.9, "tag_words": 1,
+           "tag_borrow": False}  # not among the candidates
+    (folder / "decoding.json").write_text(json.dumps(own))
+    val = [r for r in load_records(shapes) if r.split == "val"]
+    plan = FP32_CPU
+    feats, ok, _ = extract_features(load_model(folder)[0], [r.image for r in val], plan, progress=False)
+    assert ok.all()
+    feats = FeatureRows(feats, list(range(len(val))))
+    scorer = metrics.Scorer({i: r.captions for i, r in enumerate(val)}, use_java=False)
+
+    rows = choose_decoding(folder, feats, scorer, plan, keep=True)
+    assert len(rows) == len(DECODING_CANDIDATES) + 1 and sum(bool(r.get("chosen")) for r in rows) == 1
+    assert rows[-1].get("chosen") and json.loads((folder / "decoding.json").read_text()) == own
+
+    rows = choose_decoding(folder, feats, scorer, plan)  # a model trained afresh: val's best, tags kept
+    best = max(rows, key=lambda r: r["CIDEr"])
+    assert best.get("chosen") and len(rows) == len(DECODING_CANDIDATES)
+    assert json.loads((folder / "decoding.json").read_text()) == {
+        **own, "beam_size": best["beam_size"], "length_norm": best["length_norm"],
+        "block_trigrams": best["block_trigrams"]}
+
+
+def test_fine_tuning_that_scores_below_its_start_keeps_the_start_model(tmp_path, trained, shapes, capsys):
+    """Issue 30, item 2: the model fine-tuning starts from is scored on val first and stays as best/
+    unless an epoch beats it (here a learning rate that wrecks the model)."""
+    out = tmp_path / "ruined"
+    assert main(["train", "--data", str(shapes), "--init", str(trained / "best"), "--out", str(out), "--epochs", "1",
+                 "--space-epochs", "0", *TINY, "--lr", "0.05"]) == 0
+    said = capsys.readouterr().out
+    assert "the start model (" in said and "on val: CIDEr-D" in said
+    assert "no epoch beat the model it started from on val" in said.strip().splitlines()[-1]
+    for name in ("model.safetensors", "vocab.json", "decoding.json", "embedding.safetensors"):
+        assert (out / "best" / name).read_bytes() == (trained / "best" / name).read_bytes(), name
+    assert (out / "last" / "model.safetensors").read_bytes() != (trained / "best" / "model.safetensors").read_bytes()

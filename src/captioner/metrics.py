@@ -130,6 +130,17 @@ class Scorer:
         out["CIDEr"] = float(Cider().compute_score(refs, hyps)[0])
         return out
 
+    def cider_per_image(self, hypotheses: Mapping[Hashable, str]) -> list[float]:
+        """CIDEr-D of each caption, in the order of `hypotheses` (their mean is __call__'s CIDEr):
+        what a paired comparison of two decodings on the same images needs."""
+        from pycocoevalcap.cider.cider import Cider
+
+        keys = list(hypotheses)
+        hyps = tokenize_all({k: [v] for k, v in hypotheses.items()}, self.java)
+        hyps = {k: [v[0] if v[0].strip() else "<empty>"] for k, v in hyps.items()}
+        _, each = Cider().compute_score({k: self.refs[k] for k in keys}, {k: hyps[k] for k in keys})
+        return [float(x) for x in each]
+
 
 def score(references: Mapping[Hashable, Sequence[str]], hypotheses: Mapping[Hashable, str],
           meteor: bool = True, use_java: bool | None = None) -> dict:

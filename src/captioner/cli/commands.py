@@ -230,13 +230,19 @@ def _closing_line(result: dict, a: argparse.Namespace) -> str:
                 f"with it in {a.out}/best (index your photos again to search with it)")
     if not result.get("history"):
         return f"no epoch was trained (--epochs {a.epochs}); nothing new was saved in {a.out}"
+    picked = "greedy" if a.val_beam_size == 1 else f"beam {a.val_beam_size}"
+    start = result.get("start_CIDEr")
+    if start is not None and not result["best_epoch"]:
+        top = max(float(r["CIDEr"]) for r in result["history"])
+        return (f"no epoch beat the model it started from on val (CIDEr-D {start:.3f} {picked}; the best epoch "
+                f"{top:.3f}): {a.out}/best is that model, unchanged, and {a.out}/last the last epoch")
+    than = f"; the start model: {start:.3f}" if start is not None else ""
     d = result.get("decoding")
     if not d:
-        return f"best val CIDEr-D {result['best_CIDEr']:.3f}; {folders}"
+        return f"best val CIDEr-D {result['best_CIDEr']:.3f}{than}; {folders}"
     how = Decoding.from_json(d).describe()
-    picked = "greedy" if a.val_beam_size == 1 else f"beam {a.val_beam_size}"
     return (f"best epoch {result['best_epoch']}: val CIDEr-D {d['CIDEr']:.3f} with its decoding ({how}; "
-            f"{result['best_CIDEr']:.3f} {picked}, which picked the epoch); {folders}")
+            f"{result['best_CIDEr']:.3f} {picked}, which picked the epoch{than}); {folders}")
 
 
 def _how_to_continue(a: argparse.Namespace) -> None:

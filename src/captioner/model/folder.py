@@ -115,12 +115,12 @@ def load_model(folder: str | Path | None, device: torch.device | str = "cpu") ->
     return model.to(device).eval(), vocab
 
 
-def copy_model(source: str | Path | None, folder: Path) -> Path:
+def copy_model(source: str | Path | None, folder: Path, *, space: bool = False) -> Path:
     """Copy the model folder `source` (or the shipped one) to `folder` as it is, byte for byte,
-    without a search space (`--space-only` then adds its own), atomically."""
+    atomically; its search space only with `space` (`--space-only` adds its own)."""
     source = complete_folder(model_dir(source))
     with atomic_folder(folder) as tmp:
-        for name in (CONFIG, VOCAB, WEIGHTS, DECODING):
+        for name in (CONFIG, VOCAB, WEIGHTS, DECODING) + ((SPACE_CONFIG, SPACE_WEIGHTS) if space else ()):
             if (source / name).is_file():
                 shutil.copyfile(source / name, tmp / name)
     return Path(folder)

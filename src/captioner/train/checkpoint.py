@@ -29,12 +29,15 @@ METRICS_COLUMNS = ["epoch", "train_loss", "reward", "val_loss", "BLEU-4", "CIDEr
 @dataclass
 class RunState:
     """Where a run stands: the last finished epoch, one history row per epoch, the best val CIDEr-D
-    and its epoch. It writes itself into the checkpoint and reads itself back."""
+    and its epoch. It writes itself into the checkpoint and reads itself back. A run started from
+    another model (--init) begins with that model's val CIDEr-D as `start` and as the best: an
+    epoch must beat it to replace best/ (best_epoch 0: best/ is the start model)."""
 
     epoch: int = 0
     history: list[dict] = field(default_factory=list)
     best: float = -math.inf
     best_epoch: int = 0
+    start: float = math.nan
 
     def record(self, row: dict, score: float) -> bool:
         """Add epoch `row["epoch"]`'s row; `score` is its val CIDEr-D. True when it is the best yet."""
@@ -49,11 +52,13 @@ class RunState:
         return self.epoch - self.best_epoch
 
     def to_checkpoint(self) -> dict:
-        return {"epoch": self.epoch, "history": self.history, "best": self.best, "best_epoch": self.best_epoch}
+        return {"epoch": self.epoch, "history": self.history, "best": self.best, "best_epoch": self.best_epoch,
+                "start": self.start}
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> RunState:
-        return cls(int(ckpt["epoch"]), list(ckpt["history"]), float(ckpt["best"]), int(ckpt["best_epoch"]))
+        return cls(int(ckpt["epoch"]), list(ckpt["history"]), float(ckpt["best"]), int(ckpt["best_epoch"]),
+                   float(ckpt.get("start", math.nan)))
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

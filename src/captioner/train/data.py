@@ -20,7 +20,14 @@ from torch.utils.data import Dataset, get_worker_info
 
 from captioner import metrics
 from captioner.data.images import draft_size, open_rgb, train_transform
-from captioner.data.records import Record, assign_splits, check_images, load_records, split_records
+from captioner.data.records import (
+    MIN_VAL_PHOTOS,
+    Record,
+    assign_splits,
+    check_images,
+    load_records,
+    split_records,
+)
 from captioner.data.vocab import Vocabulary
 from captioner.distributed import Dist
 from captioner.errors import CaptionerWarning, DataError, ImageError
@@ -169,6 +176,10 @@ def read_splits(cfg: TrainConfig) -> Splits:
         raise DataError(f"{cfg.data}: need train and val images, found {len(train)} and {len(val)}; its splits: "
                         + ", ".join(f"{k} ({n})" for k, n in found.most_common())
                         + " (train, val and test are understood, also restval, dev, valid, validation)")
+    if len(val) < MIN_VAL_PHOTOS and not cfg.val_images:
+        warnings.warn(f"{cfg.data}: val holds {len(val)} photos, too few to choose the best epoch and the decoding "
+                      f"on (a choice on so few is mostly chance); give {MIN_VAL_PHOTOS} or more photos the split "
+                      "'val'", CaptionerWarning, stacklevel=2)
     return Splits(train, val)
 
 

@@ -103,7 +103,7 @@ def fit(space: JointEmbedding, train: tuple[FeatureRows, Captions], val: tuple[F
         space.train()
         order = torch.randperm(n, generator=gen)
         batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(steps_per_epoch)]
-        meter = Meter(batches, f"search space, epoch {epoch}", total=len(batches), progress=progress)
+        meter = Meter(batches, f"search space, epoch {epoch} of {epochs}", total=len(batches), progress=progress)
         t0 = time.perf_counter()
         for idx in meter:
             rows = caps.image[idx]

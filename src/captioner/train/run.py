@@ -38,6 +38,7 @@ from captioner.model.encoder import weights_digest
 from captioner.model.folder import copy_model, load_model, save_model
 from captioner.model.network import CaptionModel, ModelConfig
 from captioner.runtime import encoder_memory_format, keep_freed_memory
+from captioner.threads import fit_threads
 from captioner.train.checkpoint import (
     CHECKPOINT,
     RunState,
@@ -111,22 +112,29 @@ def _fit(cfg: TrainConfig, out: Path, dist: Dist, device: torch.device) -> dict:
         opt.load_state_dict(ckpt)
         run = RunState.from_checkpoint(ckpt)
         log(f"resumed from {out / CHECKPOINT} after epoch {run.epoch}")
+    elif cfg.init:
+        _start_from(cfg, model, vocab, data, plan, dist, run, log)
 
-    for epoch in range(run.epoch + 1, cfg.epochs + 1):
+    started, first = time.perf_counter(), run.epoch + 1
+    for epoch in range(first, cfg.epochs + 1):
         train_epoch(cfg, model, vocab, data, opt, plan, dist, epoch, run, log)
         if cfg.patience and run.epochs_without_improvement() >= cfg.patience:
             log(f"no val improvement for {cfg.patience} epochs: stopping")
             break
+        if epoch < cfg.epochs:  # each epoch as long as the ones so far, validation and saving included
+            each = (time.perf_counter() - started) / (epoch - first + 1)
+            log(f"about {_duration(each * (cfg.epochs - epoch))} left for epochs {epoch + 1}-{cfg.epochs}"
+                f"{f' (at most; early stopping after {cfg.patience} without a gain)' if cfg.patience else ''}")
 
     chosen = None
     if run.best_epoch and dist.main:
         feats = data.val_feats
         if cfg.fine_tune_encoder:  # the best epoch's encoder, not the last one's
             feats = val_features(load_model(out / "best", device)[0], data.val, cfg, plan)
-        rows = choose_decoding(out / "best", feats, data.scorer, plan, cfg.half)
+        rows = choose_decoding(out / "best", feats, data.scorer, plan, cfg.half, keep=bool(cfg.init))
         log("decoding of the best model on val: " + "; ".join(
-            f"{_describe(r)}: CIDEr-D {r['CIDEr']:.3f}" for r in rows))
-        chosen = max(rows, key=lambda r: r["CIDEr"])
+            f"{_describe(r)}: CIDEr-D {r['CIDEr']:.3f}{' (chosen)' if r.get('chosen') else ''}" for r in rows))
+        chosen = next(r for r in rows if r.get("chosen"))
     space = None
     if cfg.space_epochs and run.best_epoch and dist.main:
         if cfg.fine_tune_encoder:  # the cached features are the old encoder's
@@ -135,7 +143,21 @@ def _fit(cfg: TrainConfig, out: Path, dist: Dist, device: torch.device) -> dict:
         else:
             space = _add_space(cfg, [out / "best", out / "last"], data, log)
     return {"best_CIDEr": run.best, "best_epoch": run.best_epoch, "history": run.history, "decoding": chosen,
-            "space": space}
+            "space": space, "start_CIDEr": None if math.isnan(run.start) else run.start}
+
+
+def _start_from(cfg: TrainConfig, model: CaptionModel, vocab: Vocabulary, data: TrainData, plan: InferencePlan,
+                dist: Dist, run: RunState, log) -> None:
+    """Fine-tuning from `cfg.init`: score it on val as each epoch will be scored and save it as best/,
+    so that an epoch replaces it only by beating it (fine-tuning on a few hundred photos can score
+    below the model it started from: 0.533 against 0.594 on 50 held-out photos once)."""
+    decoding = val_decoding(cfg.val_beam_size, model.cfg.max_len)
+    val = validate(model, vocab, data.val_feats, data.val_caps, data.scorer, plan, decoding) if dist.main else None
+    run.start = run.best = dist.broadcast(val)["CIDEr"]
+    if dist.main:
+        copy_model(cfg.init, Path(cfg.out) / "best", space=True)
+    log(f"the start model ({cfg.init}) on val: CIDEr-D {run.start:.3f} ({decoding.describe()}); an epoch "
+        "replaces it in best/ only by scoring higher")
 
 
 def _add_space(cfg: TrainConfig, folders: list[Path], data: TrainData, log) -> dict:
@@ -144,6 +166,14 @@ def _add_space(cfg: TrainConfig, folders: list[Path], data: TrainData, log) -> d
 
     return add_space(folders, (data.train_feats, data.train_caps), (data.val_feats, data.val_caps), cfg.space_epochs,
                      seed=cfg.seed, progress=not cfg.quiet, log=log)["val"]
+
+
+def _duration(seconds: float) -> str:
+    """'40 s', '12 min', '1 h 35 min'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
 
 
 def _describe(row: dict) -> str:
@@ -252,6 +282,8 @@ def train_epoch(cfg: TrainConfig, model: CaptionModel, vocab: Vocabulary, data: 
                 plan: InferencePlan, dist: Dist, epoch: int, run: RunState, log) -> None:
     """One epoch: train, validate (on rank 0; every rank then takes the same scheduler and
     early-stopping decisions), record it in `run`, and write the run folder."""
+    if plan.device.type == "cpu":
+        fit_threads()  # the machine may have become busier or freer since the last epoch (threads.py)
     torch.manual_seed(cfg.seed + epoch)  # dropout/augmentation/sampling noise: the same per epoch on resume
     opt.sampler.set_epoch(epoch)
     t0 = time.perf_counter()
@@ -261,7 +293,7 @@ def train_epoch(cfg: TrainConfig, model: CaptionModel, vocab: Vocabulary, data: 
         random.seed(cfg.seed + epoch)  # which reference the cross-entropy term sees
         mean_reward = scst_one_epoch(model, vocab, data.train_feats, data.critic, opt.optimizer, plan,
                                      cfg.clip, epoch, cfg.batch_size, cfg.seed, progress=progress,
-                                     dist=dist)["reward"]
+                                     dist=dist, epochs=cfg.epochs)["reward"]
     else:
         warmup = None
         if cfg.fine_tune_encoder:
@@ -275,7 +307,8 @@ def train_epoch(cfg: TrainConfig, model: CaptionModel, vocab: Vocabulary, data: 
             batches = ((data.train_feats[rows], tok) for rows, tok in map(data.train_caps.batch, opt.sampler))
         train_loss = train_one_epoch(opt.net, batches, opt.optimizer, plan, cfg.clip, epoch, vocab.pad,
                                      images=cfg.fine_tune_encoder, progress=progress, dist=dist, accum=cfg.accum,
-                                     total=len(opt.sampler), freeze_bn=cfg.freeze_bn, warmup=warmup)
+                                     total=len(opt.sampler), freeze_bn=cfg.freeze_bn, warmup=warmup,
+                                     epochs=cfg.epochs)
     seconds = time.perf_counter() - t0
 
     decoding = val_decoding(cfg.val_beam_size, model.cfg.max_len)
@@ -293,7 +326,7 @@ def train_epoch(cfg: TrainConfig, model: CaptionModel, vocab: Vocabulary, data: 
         model.cfg.extra = {"val": {"epoch": epoch, "BLEU-4": row["BLEU-4"], "CIDEr": row["CIDEr"],
                                    "decode": decoding.describe()}}
     trained = f"reward {mean_reward:.3f}" if cfg.scst else f"train loss {train_loss:.3f}"
-    log(f"epoch {epoch}: {trained}  val loss {val['val_loss']:.3f}  "
+    log(f"epoch {epoch} of {cfg.epochs}: {trained}  val loss {val['val_loss']:.3f}  "
         f"BLEU-4 {val['BLEU-4']:.3f}  CIDEr-D {val['CIDEr']:.3f}  {seconds:.1f}s"
         f"{'  (best)' if improved else ''}  e.g. \"{val['samples'][0]}\"")
     if dist.main:

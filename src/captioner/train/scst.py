@@ -107,7 +107,7 @@ class SelfCritical:
 
 def scst_one_epoch(model, vocab: Vocabulary, feats, sc: SelfCritical, optimizer, plan: InferencePlan,
                    clip: float, epoch: int, batch_size: int = 50, seed: int = 0, progress: bool = True,
-                   dist: Dist | None = None) -> dict:
+                   dist: Dist | None = None, epochs: int | None = None) -> dict:
     """One pass over the training images (not captions). `feats[idx]` gives image features.
     Returns the mean reward of the samples (over all ranks)."""
     if sc.baseline == "mean" and sc.samples < 2:
@@ -117,7 +117,7 @@ def scst_one_epoch(model, vocab: Vocabulary, feats, sc: SelfCritical, optimizer,
     model.train()
     model.encoder.eval()
     steps = Steps(optimizer, plan, clip, dist=dist, average=True)  # sampling is outside forward(): no DDP
-    meter = Meter(batches, f"scst {epoch}", progress=progress, dist=dist)
+    meter = Meter(batches, f"scst, epoch {epoch}" + (f" of {epochs}" if epochs else ""), progress=progress, dist=dist)
     for idx in meter:
         if idx:  # (a rank with one image fewer may have an empty last batch; it still takes the step)
             r, loss = scst_loss(model, vocab, feats[idx].to(plan.device).float(), idx, sc, plan)
