@@ -276,3 +276,36 @@ def test_licence_model_card_and_example_credits_are_there(capsys):
     credits = (root / "examples" / "LICENSE.md").read_text()
     for photo in (root / "examples").glob("*.jpg"):
         assert f"`{photo.name}`" in credits and f"`{photo.name}`" in text, photo.name  # credited and shown
+
+
+def test_the_suite_leaves_no_process_behind():
+    """Issue 30, item 15: what a stopped suite runs last (conftest's pytest_unconfigure) kills the
+    processes tests started and theirs (torchrun's workers are a training's children); here the
+    same walk below a shell, so that this suite's other processes live on."""
+    import os
+    import time
+    from pathlib import Path
+
+    from conftest import descendants, stop_descendants
+
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc here to find a process's children in")
+
+    def running(pid: int) -> bool:  # a killed process lingers as a zombie until its parent reaps it
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    shell = subprocess.Popen(["bash", "-c", "sleep 60 & sleep 60 & wait"])
+    deadline = time.monotonic() + 10
+    while len(descendants(shell.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    grandchildren = descendants(shell.pid)
+    assert len(grandchildren) == 2 and all(map(running, grandchildren))
+    assert set(stop_descendants(shell.pid)) == set(grandchildren)  # (the suite's own: stop_descendants())
+    shell.wait(timeout=10)  # bash's `wait` ends with its children
+    deadline = time.monotonic() + 10
+    while any(map(running, grandchildren)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(running, grandchildren))

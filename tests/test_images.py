@@ -1,5 +1,7 @@
 """Opening whatever users throw at it: orientation, transparency, 16-bit, broken files."""
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -135,3 +137,15 @@ def test_captioning_and_training_decode_big_jpegs_at_the_reduced_scale(tmp_path,
     views = train_data.ImageCaptions([Record(path, ["a photo"])], SimpleNamespace(image=torch.tensor([0])), cfg)
     assert views[0][0].shape == (3, cfg.image_size, cfg.image_size)
     assert asked == [want] * 5
+
+
+def test_an_unreadable_file_lists_heic_only_when_it_can_be_read(monkeypatch, tmp_path):
+    """Issue 30, item 16: without pillow-heif the error does not call HEIC readable."""
+    from captioner.data import images
+
+    bad = tmp_path / "notes.jpg"
+    bad.write_bytes(b"not an image at all")
+    for installed, said in ((False, "AVIF (HEIC with pip install pillow-heif)"), (True, "AVIF and HEIC")):
+        monkeypatch.setattr(images, "_register_heif", lambda installed=installed: installed)
+        with pytest.raises(ImageError, match=rf"notes.jpg: not a readable image \(.*{re.escape(said)};"):
+            images.open_rgb(bad)

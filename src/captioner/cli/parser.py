@@ -106,7 +106,7 @@ def _data_options(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--images", type=Path, help="image folder, when not where the layout expects it")
     p.add_argument("--skip-missing", action="store_true", help="leave out listed images that are missing")
     p.add_argument("--max-images", type=NATURAL, default=0,
-                   help="use only the first N images (train: of the train split only; val is limited by --val-images)")
+                   help="use only the first N images of the split (0: all)")
 
 
 def decoding_from(a: argparse.Namespace, own: Decoding) -> Decoding:
@@ -125,7 +125,9 @@ def _caption_parser(sub) -> None:
     p.add_argument("paths", nargs="+", help="image files and/or folders, http(s) addresses of images, or - for an "
                    "image on standard input")
     _model_option(p)
-    p.add_argument("--json", action="store_true", help='one JSON object per line: {"image", "caption"}')
+    p.add_argument("--json", action="store_true",
+                   help='one JSON object per line: {"image", "caption"}, with "alternatives" when asked for, the '
+                        'encoder\'s "tags" and, when the caption names an animal the encoder does not see, "disagrees"')
     p.add_argument("-r", "--recursive", action=argparse.BooleanOptionalAction, default=True,
                    help="look for images in sub-folders too, as index does (--no-recursive: only the folders "
                         "named)")

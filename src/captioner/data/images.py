@@ -100,8 +100,9 @@ def open_rgb(source: str | Path | bytes | Image.Image | np.ndarray, max_pixels: 
             if _is_heif(source) and not _register_heif():
                 raise ImageError(f"{name}: a HEIC/HEIF photo; reading these needs pillow-heif "
                                  "(pip install pillow-heif)") from None
+            heic = "and HEIC" if _register_heif() else "(HEIC with pip install pillow-heif)"
             raise ImageError(f"{name}: not a readable image (captioner reads JPEG, PNG, WebP, GIF, BMP, TIFF, AVIF "
-                             f"and HEIC; {type(e).__name__})") from None
+                             f"{heic}; {type(e).__name__})") from None
         except Exception as e:  # any decoder's failure (OSError, SyntaxError, AVIF's RuntimeError ...) is this file's
             raise ImageError(f"{name}: broken image ({_first_line(e)})") from None
     try:
