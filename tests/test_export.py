@@ -1,6 +1,8 @@
 """captioner export: the ONNX graphs, run by onnxruntime without torch, and the TorchScript ones
 give the same greedy captions as the PyTorch model."""
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,9 @@ from conftest import TINY
 from captioner import Captioner
 from captioner.cli import main
 from captioner.data.images import open_rgb
+
+UMASK = os.umask(0o022)
+os.umask(UMASK)
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="pip install -e '.[test]' installs onnxruntime")
 
@@ -44,6 +49,12 @@ def test_onnx_export_captions_like_pytorch(trained, attention_gru, shapes, tmp_p
     # from files, like Captioner: its own preprocessing (Pillow's resize) gives the same captions here
     assert onnx.caption(images(shapes), batch_size=4) == expected
     assert onnx.caption(str(images(shapes)[0])) == expected[0]
+    # issue 30, item 10: says how it decodes and how the model does; no path of this machine; a
+    # folder others may read (mkdtemp's 0700 was kept)
+    meta = json.loads((tmp_path / "x" / "export.json").read_text())
+    assert onnx.decoding == meta["decoding"] == "greedy" and meta["model_decoding"] == cap.decoding.saved()
+    assert "/" not in meta["source"] and meta["source"].startswith(model.name + " (weights ")
+    assert (tmp_path / "x").stat().st_mode & 0o777 == 0o777 & ~UMASK
 
 
 def test_torchscript_export_captions_like_pytorch(trained, shapes, tmp_path):
@@ -130,3 +141,10 @@ def test_an_edited_or_damaged_onnx_export_is_one_line(onnx_export, tmp_path, fil
     with pytest.raises(ExportError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
         OnnxCaptioner(folder)
     assert "\n" not in str(e.value)
+
+
+def test_an_export_of_the_shipped_model_names_it_so():
+    from captioner.export import _source_name
+    from captioner.names import shipped_model_dir
+
+    assert _source_name(shipped_model_dir()) == "shipped"

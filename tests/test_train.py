@@ -31,7 +31,12 @@ def test_tiny_model_learns_to_caption_held_out_images(trained, shapes):
 
 
 def test_run_folder_contents(trained):
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
     for name in ("best", "last"):
+        assert (trained / name).stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700 (issue 30, item 10)
         assert sorted(p.name for p in (trained / name).iterdir()) == [
             "config.json", "decoding.json", "embedding.json", "embedding.safetensors", "model.safetensors",
             "vocab.json"]

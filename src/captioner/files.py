@@ -94,6 +94,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _umask() -> int:
+    """This process's umask (Linux says it in /proc; elsewhere it is set and put back at once)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_folder(folder: str | Path) -> Iterator[Path]:
     """Build a folder's new contents in a temporary folder beside it; when the block ends without an
@@ -109,6 +122,7 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
         if stale.is_dir() and stale.name != f".{folder.name}.old":
             shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would make a model folder or an export private
     try:
         yield tmp
         for f in tmp.iterdir():
