@@ -4,6 +4,7 @@
     python benchmarks/load.py --clients 8 --requests 500 --model runs/NAME/best --json
     python benchmarks/load.py --batch-wait-ms 0 5 10         # request batching off, then on (wait 5, 10 ms)
     python benchmarks/load.py --batch-wait-ms 5 --requests 400 --rounds 10   # a soak: does memory level off?
+    python benchmarks/load.py --photo examples/*.jpg ...     # several photos (sizes), in turn
 
 Starts the server in a child process, warms it up, then has CLIENTS threads send REQUESTS
 requests in all: most upload a real photo to POST /api/caption (expecting 200 and a caption),
@@ -46,9 +47,11 @@ def multipart(name: str, data: bytes) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def one_request(url: str, k: int, photo: bytes) -> tuple[bool, float, str]:
-    """Request number k -> (as expected, seconds, what went wrong)."""
+def one_request(url: str, k: int, photos: list[bytes]) -> tuple[bool, float, str]:
+    """Request number k -> (as expected, seconds, what went wrong). Photo requests take the photos
+    in turn."""
     kind = "health" if k % 10 == 5 else "bad" if k % 10 == 9 else "photo"
+    photo = photos[k % len(photos)]
     if kind == "health":
         req = urllib.request.Request(url + "/health")
         expect = 200
@@ -75,14 +78,14 @@ def one_request(url: str, k: int, photo: bytes) -> tuple[bool, float, str]:
     return True, seconds, ""
 
 
-def run(model: str | None, clients: int, requests: int, photo: Path, batch_wait_ms: float = 5.0,
+def run(model: str | None, clients: int, requests: int, photos: list[Path], batch_wait_ms: float = 5.0,
         extra: list[str] = (), log: Path | None = None, rounds: int = 1) -> dict:
     """One server (`captioner serve ... *extra`, its output kept in `log` when given) under load,
     `rounds` times over (the same server: memory that levels off shows as the same RSS after each
     round) -> the row's figures, the last round's timings."""
     from captioner.server.background import serve_in_background
 
-    data = photo.read_bytes()
+    data = [p.read_bytes() for p in photos]
     args = (["--model", model] if model else []) + ["--batch-wait-ms", str(batch_wait_ms), *extra]
     with serve_in_background(*args, log=log) as server:
         for _ in range(5):  # warm-up: the first requests load lazily initialised parts
@@ -122,7 +125,8 @@ def main() -> None:
     ap.add_argument("--model", help="model folder (default: the shipped model)")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=500)
-    ap.add_argument("--photo", type=Path, default=ROOT / "examples" / "coffee.jpg")
+    ap.add_argument("--photo", type=Path, nargs="+", default=[ROOT / "examples" / "coffee.jpg"],
+                    help="photos to upload, in turn (default: examples/coffee.jpg)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="send the requests this many times to the same server (a soak: RSS after each round)")
     ap.add_argument("--json", action="store_true")
@@ -132,9 +136,10 @@ def main() -> None:
     a = ap.parse_args()
     runs = [run(a.model, a.clients, a.requests, a.photo, w, rounds=a.rounds) for w in a.batch_wait_ms]
     soak = f", {a.rounds} rounds to the same server (timings: the last round)" if a.rounds > 1 else ""
+    shown = ", ".join(p.name for p in a.photo)
     lines = [f"Model: {a.model or 'shipped'}; {a.clients} concurrent clients, {a.requests} requests{soak} (8 in 10 "
-             "upload a photo, 1 in 10 a non-image expecting 415, 1 in 10 GET /health), loopback; one server per "
-             "row, started fresh, rows measured one after the other in this run.", "",
+             f"upload a photo ({shown}, in turn), 1 in 10 a non-image expecting 415, 1 in 10 GET /health), loopback; "
+             "one server per row, started fresh, rows measured one after the other in this run.", "",
              "| request batching | failed | requests/s | p50 | p95 | server RSS after warm-up -> peak -> end |",
              "|---|---|---|---|---|---|"]
     for r in runs:
