@@ -200,10 +200,22 @@ def test_help_version_search_and_argument_errors_do_not_wait_for_torch(tmp_path)
     db, no_db = str(tmp_path / "photos.db"), str(tmp_path / "none.db")
     for argv, code in [(["--help"], 0), (["--version"], 0), (["caption", "--help"], 0), (["train"], 2),
                        (["caption", "x.jpg", "--precision", "fp8"], 2), (["search", "dog", "--db", db], 0),
-                       (["search", "dog", "--db", no_db], 2)]:
+                       (["search", "dog", "--db", no_db], 2),
+                       # issue 30, item 4: a path that is not there is said before torch or a model loads
+                       (["index", str(tmp_path / "nofolder"), "--db", db], 2),
+                       (["index", str(tmp_path), "--db", db, "--model", str(tmp_path / "nomodel")], 2),
+                       (["serve", "--db", no_db], 2), (["serve", "--model", str(tmp_path / "nomodel")], 2),
+                       (["evaluate", "--data", str(tmp_path / "nodata")], 2),
+                       (["train", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "run")], 2),
+                       (["train", "--data", db, "--out", str(tmp_path / "run"), "--init", str(tmp_path / "no")], 2),
+                       (["embeddings", "--out", str(tmp_path / "w.png"), "--model", str(tmp_path / "nomodel")], 2),
+                       (["export", "--model", str(tmp_path / "nomodel"), "--out", str(tmp_path / "e")], 2)]:
         r = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True)
         assert r.returncode == code, (argv, r.stderr)
         assert r.stderr.strip().splitlines()[-1] == "no torch", (argv, r.stderr)
+        if code == 2 and "--help" not in argv:
+            said = r.stderr.strip().splitlines()[:-1]  # one line (argparse's usage errors: usage and the error)
+            assert said[-1].startswith("captioner") and ("no such" in said[-1] or "error:" in said[-1]), said
     r = subprocess.run([sys.executable, "-m", "captioner", "--version"], capture_output=True, text=True)
     assert r.stdout.strip() == f"captioner {__version__}"
     import importlib.metadata

@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "threads", None):  # read where torch's threads are set (threads.py), and by torchrun's children
         os.environ["CAPTIONER_THREADS"] = str(args.threads)
     try:
-        from captioner.cli.commands import COMMANDS
+        from captioner.cli.commands import COMMANDS, check_paths
 
+        check_paths(args)  # before anything loads
         return COMMANDS[args.command](args)
     except USER_ERRORS as e:
         print(f"captioner: error: {e}", file=sys.stderr)

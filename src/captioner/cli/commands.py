@@ -15,8 +15,9 @@ from pathlib import Path
 
 from captioner.cli.parser import decoding_from
 from captioner.decoding import Decoding
-from captioner.errors import ConfigError, DataError
+from captioner.errors import ConfigError, DataError, LibraryError, ModelError
 from captioner.files import path_text
+from captioner.names import SHIPPED
 from captioner.train.config import TrainConfig
 
 
@@ -41,6 +42,23 @@ def _report_failures(failed: list[str]) -> None:
         print(f"captioner: skipped {e}", file=sys.stderr)
     if failed:
         print(f"captioner: {len(failed)} file(s) could not be read and were skipped", file=sys.stderr)
+
+
+def check_paths(a: argparse.Namespace) -> None:
+    """The model folder, data, folders and library a command names exist: said in one line before
+    anything loads (torch and a model take seconds: `index` of a mistyped folder took 32 s to say
+    so on a busy machine). The commands check what they read again, in full."""
+    for model in (getattr(a, "model", None), getattr(a, "init", None)):
+        if model is not None and str(model) != SHIPPED and not Path(model).is_dir():
+            raise ModelError(f"{model}: not a model folder (no such directory)")
+    data = getattr(a, "data", None)
+    if data is not None and not Path(data).exists():
+        raise DataError(f"{data}: no such file or folder")
+    for folder in getattr(a, "folders", None) or ():
+        if not Path(folder).is_dir():
+            raise DataError(f"{folder}: no such folder")
+    if a.command == "serve" and a.db is not None and not Path(a.db).is_file():
+        raise LibraryError(f"{a.db}: no such database (make one with: captioner index FOLDER --db {a.db})")
 
 
 def cmd_caption(a: argparse.Namespace) -> int:
@@ -151,9 +169,6 @@ def cmd_index(a: argparse.Namespace) -> int:
     from captioner.api import Captioner
     from captioner.library import index_folders
 
-    for p in a.folders:
-        if not p.is_dir():
-            raise DataError(f"{p}: no such folder")
     cap = Captioner.load(a.model, a.device, a.precision)
     r = index_folders(cap, a.folders, a.db, batch_size=a.batch_size, progress=not a.quiet,
                       decoding=decoding_from(a, cap.decoding), features=not a.no_features)
