@@ -62,6 +62,7 @@ from torch.utils.data import DataLoader
 
 from captioner import Captioner, retrieval
 from captioner.batch import caption_to_file
+from captioner.data import wordcounts
 from captioner.data.batching import ImageBatchSampler, LengthBucketSampler
 from captioner.data.images import eval_transform, open_rgb
 from captioner.data.records import Record, load_records, split_records
@@ -673,8 +674,8 @@ def synthetic_library(db: Path, cap: Captioner, rows: int, seed: int = 0, featur
     stat = SimpleNamespace(st_size=0, st_mtime=0.0)
     for start in range(0, rows, 2000):  # written as index writes a batch: one transaction each
         n = min(2000, rows - start)
-        ids = rng.choice(len(words), size=(n, retrieval.WORDS_KEPT), p=zipf) + 4
-        counts = rng.exponential(0.2, size=(n, retrieval.WORDS_KEPT))
+        ids = rng.choice(len(words), size=(n, wordcounts.WORDS_KEPT), p=zipf) + 4
+        counts = rng.exponential(0.2, size=(n, wordcounts.WORDS_KEPT))
         pooled = rng.normal(size=(n, cap.model.cfg.feat_dim)).astype(np.float32)
         pooled = (pooled / np.linalg.norm(pooled, axis=1, keepdims=True)).astype(np.float16)
         photos = [(f"/photos/{start + i:06d}.jpg", stat, "x", {"caption": " ".join(words[j - 4] for j in ids[i, :10])})
@@ -685,7 +686,7 @@ def synthetic_library(db: Path, cap: Captioner, rows: int, seed: int = 0, featur
             points = [q.tobytes() for q in (p / np.linalg.norm(p, axis=1, keepdims=True)).astype(np.float16)]
         vectors = [(head + pool[(start + i) % len(pool)] if features else None,
                     pooled[i].tobytes() if cap.space is None else None, w, points[i])
-                   for i, w in enumerate(retrieval.pack_words(ids, counts))]
+                   for i, w in enumerate(wordcounts.pack_words(ids, counts))]
         write_batch(con, photos, [], "bench", vectors, cap.fingerprint)
     con.close()
 
@@ -712,7 +713,7 @@ def bench_search(args, device: torch.device) -> None:
                     per.append(time.perf_counter() - t0)
                 times[mode] = statistics.median(per)
             like = [timed(lambda db=db: similar(db, example[0], 20, captioner=cap)) for _ in range(3)]
-            stage1 = rows * retrieval.WORDS_KEPT * 8 / 1e6  # ids int32 + counts float32
+            stage1 = rows * wordcounts.WORDS_KEPT * 8 / 1e6  # ids int32 + counts float32
             size = db.stat().st_size
             lines.append(f"| {rows:,} | {size / 1e9:.2f} GB ({size / rows / 1e3:.1f} KB a photo) | {stage1:,.0f} MB | "
                          + "".join(f"{times[m] * 1000:,.0f} ms | " for m in modes)

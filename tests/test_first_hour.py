@@ -263,7 +263,7 @@ def test_caption_and_index_find_the_same_photos_and_report_heic(tmp_path, traine
 
 @pytest.mark.slow
 def test_init_shipped_fine_tunes_the_shipped_model(tmp_path, shapes, capsys):
-    from captioner.model.folder import shipped_model_dir
+    from captioner.names import shipped_model_dir
 
     out = tmp_path / "mine"
     assert main(["train", "--data", str(shapes), "--out", str(out), "--init", "shipped", "--epochs", "1",

@@ -175,6 +175,44 @@ def test_a_caption_out_rerun_with_nothing_to_do_loads_no_model(trained, photos, 
         main(args)
 
 
+def test_an_index_rerun_with_nothing_to_do_loads_no_model(trained, photos, tmp_path, capsys, monkeypatch):
+    """Issue 30, item 4: the library remembers which model files made which fingerprint, so a re-run
+    over unchanged photos answers without torch or the model; anything to do still loads it."""
+    import shutil
+
+    db, model = tmp_path / "lib.db", tmp_path / "model"
+    shutil.copytree(trained / "best", model)
+    args = ["index", str(photos), "--db", str(db), "--model", str(model), "--quiet"]
+    real, loads = Captioner.load, []
+    monkeypatch.setattr(Captioner, "load", lambda *a, **k: loads.append(1) or real(*a, **k))
+
+    def run(*extra: str) -> str:
+        loads.clear()
+        capsys.readouterr()
+        assert main([*args, *extra]) == 0
+        return capsys.readouterr().err
+
+    from captioner.data.images import list_images
+
+    n = len(list_images([photos], recursive=True))  # one of them broken.jpg, unreadable
+    assert f"{n - 1} captioned" in run() and loads == [1]
+    assert f"0 captioned, {n} unchanged, 0 touched, 0 removed" in run() and loads == []
+    Image.new("RGB", (96, 96), (20, 30, 220)).save(photos / "new.png")  # a new photo: work
+    assert "1 captioned" in run() and loads == [1]
+    assert f"{n + 1} unchanged" in run() and loads == []
+    (photos / "new.png").unlink()  # a photo gone: work
+    assert "1 removed" in run() and loads == [1]
+    os.utime(next(p for p in list_images([photos], recursive=True) if p.suffix == ".png"))  # touched, same bytes
+    assert "1 touched" in run() and loads == [1]
+    with sqlite3.connect(db) as con:  # word counts damaged in the library: repaired
+        con.execute("UPDATE vectors SET words = ? WHERE id = (SELECT min(id) FROM vectors)", (b"\x00" * 5,))
+    assert "1 captioned (1 of them damaged" in run() and loads == [1]
+    assert f"0 captioned, {n} unchanged" in run() and loads == []
+    decoding = json.loads((model / "decoding.json").read_text())  # the model's files changed: another model
+    (model / "decoding.json").write_text(json.dumps({**decoding, "beam_size": 2}))
+    assert f"{n - 1} captioned" in run() and loads == [1]
+
+
 def test_search_works_while_an_index_run_is_writing(cap, photos, tmp_path):
     import sqlite3
 

@@ -11,6 +11,7 @@ from PIL import Image
 
 from captioner import Captioner, retrieval
 from captioner.cli import main
+from captioner.data import wordcounts
 from captioner.evaluate import rank_of, recall
 from captioner.library import index_folders, search, similar
 from captioner.library.store import point_blocks
@@ -175,7 +176,7 @@ def test_packed_features_are_close_and_word_blobs_exact():
     assert back.shape == x.shape and (back - x).abs().max() <= 6 / 510 + 1e-5
     ids = np.array([[5, 9, 7], [4, 6, 8]], np.int32)
     counts = np.array([[1.5, 0.25, 0.125], [2.0, 0.5, 0.0]], np.float16)
-    i2, c2 = retrieval.unpack_words(retrieval.pack_words(ids, counts))
+    i2, c2 = wordcounts.unpack_words(wordcounts.pack_words(ids, counts))
     assert (i2 == ids).all() and (c2 == counts.astype(np.float32)).all()
 
 

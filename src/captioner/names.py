@@ -35,3 +35,9 @@ SHIPPED = "shipped"
 def shipped_model_dir() -> Path:
     """The model folder that comes inside the package (its MODEL_CARD.md says what it can do)."""
     return Path(str(files("captioner") / "assets" / "model"))
+
+
+def model_dir(folder: str | Path | None) -> Path:
+    """A model folder as the user names it: None or "shipped" is the shipped model (a folder of
+    that name in the current directory is ./shipped)."""
+    return shipped_model_dir() if folder is None or str(folder) == SHIPPED else Path(folder)

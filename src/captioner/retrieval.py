@@ -21,6 +21,7 @@ What is kept per photo (see library.py for where):
             (P*C bytes: 62,720 for a 7x7x1280 grid), so stage 2 never re-reads the image
   pooled    the mean feature, unit length, float16: search by example photo
   words     the WORDS_KEPT words with the highest expected counts, int32 ids + float16 counts
+            (data/wordcounts.py, NumPy only)
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from captioner.data.wordcounts import WORDS_KEPT
 from captioner.decode import log_probs, never_said
 
 SAMPLES = 5  # captions drawn per photo for its expected word counts
-WORDS_KEPT = 64  # words kept per photo (the rest count as 0)
 EPS = 1e-3  # smoothing of expected counts (chosen on Flickr8k val)
 RERANK = 100  # photos scored by the decoder per query (chosen on val: recall against time)
 PAIRS_PER_CALL = 256  # (query, photo) pairs per decoder call: bounds memory
@@ -101,26 +102,6 @@ def expected_words(decoder, feats: torch.Tensor, vocab, max_len: int = 20, sampl
     return top.indices.int().cpu().numpy(), top.values.cpu().numpy().astype(np.float16)
 
 
-def pack_words(ids: np.ndarray, counts: np.ndarray) -> list[bytes]:
-    return [i.astype(np.int32).tobytes() + c.astype(np.float16).tobytes() for i, c in zip(ids, counts)]
-
-
-def read_words(blobs: Sequence[bytes | None], vocab_size: int, max_len: int
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`pack_words` blobs as a library holds them -> ids (N, K), counts (N, K) as `unpack_words`, and
-    which rows are damaged (N,) bool: missing, another size than most, ids outside the vocabulary,
-    counts not finite from 0 to `max_len` + 1 (a word said at every step). Damaged rows count
-    nothing. Every row at once: a million rows one at a time took 8 s."""
-    sizes = [len(b) if isinstance(b, bytes) else 0 for b in blobs]
-    size = max(set(sizes), key=sizes.count) if sizes else 0
-    size = size if size and size % 6 == 0 else 6 * WORDS_KEPT
-    ids, counts = unpack_words([b if n == size else bytes(size) for b, n in zip(blobs, sizes)])
-    bad = ((np.array(sizes) != size) | (ids < 0).any(axis=1) | (ids >= vocab_size).any(axis=1)
-           | ~((counts >= 0) & (counts <= max_len + 1)).all(axis=1))  # NaN fails too
-    ids[bad], counts[bad] = 0, 0.0
-    return ids, counts, bad
-
-
 def sound_features(blobs: Sequence[bytes]) -> np.ndarray:
     """Which `pack_features` blobs read as features (B,) bool: an offset and a scale that are finite
     and in reach of an encoder's values, and the size of the first (a byte of the header changed
@@ -132,17 +113,6 @@ def sound_features(blobs: Sequence[bytes]) -> np.ndarray:
             lo, scale = np.frombuffer(b, np.float32, 2)
             ok[i] = abs(lo) <= 1e4 and 0 < scale <= 1e2
     return ok
-
-
-def unpack_words(blobs: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    """-> ids (N, K) int32, counts (N, K) float32 (K = WORDS_KEPT of the index)."""
-    if not blobs:
-        return np.zeros((0, WORDS_KEPT), np.int32), np.zeros((0, WORDS_KEPT), np.float32)
-    k = len(blobs[0]) // 6
-    raw = np.frombuffer(b"".join(blobs), np.uint8).reshape(len(blobs), 6 * k)
-    ids = raw[:, :4 * k].copy().view(np.int32)
-    counts = raw[:, 4 * k:].copy().view(np.float16).astype(np.float32)
-    return ids, counts
 
 
 # -- stage 1: every photo --------------------------------------------------------------------------

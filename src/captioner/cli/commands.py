@@ -49,7 +49,10 @@ def check_paths(a: argparse.Namespace) -> None:
     anything loads (torch and a model take seconds: `index` of a mistyped folder took 32 s to say
     so on a busy machine). The commands check what they read again, in full."""
     for model in (getattr(a, "model", None), getattr(a, "init", None)):
-        if model is not None and str(model) != SHIPPED and not Path(model).is_dir():
+        if model is None or str(model) == SHIPPED:
+            continue
+        folder = Path(model)  # (or only .NAME.old, after a kill mid-save: files.complete_folder puts it back)
+        if not folder.is_dir() and not folder.with_name(f".{folder.name}.old").is_dir():
             raise ModelError(f"{model}: not a model folder (no such directory)")
     data = getattr(a, "data", None)
     if data is not None and not Path(data).exists():
@@ -166,12 +169,16 @@ def _attention_maps(a: argparse.Namespace, cap, paths: list[Path], decoding: Dec
 
 
 def cmd_index(a: argparse.Namespace) -> int:
-    from captioner.api import Captioner
-    from captioner.library import index_folders
+    from captioner.library.index import nothing_to_do
 
-    cap = Captioner.load(a.model, a.device, a.precision)
-    r = index_folders(cap, a.folders, a.db, batch_size=a.batch_size, progress=not a.quiet,
-                      decoding=decoding_from(a, cap.decoding), features=not a.no_features)
+    r = nothing_to_do(a.folders, a.db, a.model)  # told without torch or the model, when it is so
+    if r is None:
+        from captioner.api import Captioner
+        from captioner.library import index_folders
+
+        cap = Captioner.load(a.model, a.device, a.precision)
+        r = index_folders(cap, a.folders, a.db, batch_size=a.batch_size, progress=not a.quiet,
+                          decoding=decoding_from(a, cap.decoding), features=not a.no_features)
     _report_failures(r.failed)
     damaged = f" ({r.damaged} of them damaged in the library, captioned afresh)" if r.damaged else ""
     print(f"{a.db}: {r.captioned} captioned{damaged}, {r.unchanged} unchanged, {r.touched} touched, {r.removed} "

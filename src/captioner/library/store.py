@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from captioner.data import wordcounts
 from captioner.errors import LibraryError
 
 SCHEMA_VERSION = "5"
@@ -264,14 +265,13 @@ def point_ids(con: sqlite3.Connection, model: str, damaged: list[int] | None = N
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
-def damaged_photos(con: sqlite3.Connection, model: str, vocab_size: int, max_len: int) -> list[int]:
-    """The photos of model `model` whose stored search data is damaged, found and taken out of the
-    library (so that indexing captions them afresh), -> their ids: every photo of a `points` row
-    that is not sound, a point that is not of unit length, word counts that are not finite counts.
-    One pass over the points (1 KB a photo) and the word counts (384 bytes); the features (63 KB)
-    are checked where a search reads them."""
-    from captioner import retrieval
-
+def damaged_photos(con: sqlite3.Connection, model: str, vocab_size: int, max_len: int, remove: bool = True
+                   ) -> list[int]:
+    """The photos of model `model` whose stored search data is damaged, found and (with `remove`)
+    taken out of the library, so that indexing captions them afresh, -> their ids: every photo of a
+    `points` row that is not sound, a point that is not of unit length, word counts that are not
+    finite counts. One pass over the points (1 KB a photo) and the word counts (384 bytes); the
+    features (63 KB) are checked where a search reads them."""
     bad: set[int] = set()
     if _has_table(con, "points") and not _has_table(con, "space"):
         rows = con.execute("SELECT first, ids, data FROM points WHERE model = ? ORDER BY first", (model,)).fetchall()
@@ -279,7 +279,8 @@ def damaged_photos(con: sqlite3.Connection, model: str, vocab_size: int, max_len
             block = sound_block(first, ids, data)
             if block is None:  # the photos it held: every one of this model from its first id to the next row's
                 end = rows[k + 1][0] if k + 1 < len(rows) else None
-                con.execute("DELETE FROM points WHERE model = ? AND first = ?", (model, first))
+                if remove:
+                    con.execute("DELETE FROM points WHERE model = ? AND first = ?", (model, first))
                 bad.update(r[0] for r in con.execute(
                     "SELECT id FROM vectors WHERE model = ? AND id >= ? AND (? IS NULL OR id < ?)",
                     (model, first, end, end)))
@@ -287,11 +288,27 @@ def damaged_photos(con: sqlite3.Connection, model: str, vocab_size: int, max_len
             length = np.linalg.norm(block[1].astype(np.float32), axis=1)
             bad.update(block[0][~(np.abs(length - 1) < 0.01)].tolist())  # NaN too
     rows = con.execute("SELECT id, words FROM vectors WHERE model = ?", (model,)).fetchall()
-    damaged = retrieval.read_words([r[1] for r in rows], vocab_size, max_len)[2]
+    damaged = wordcounts.read_words([r[1] for r in rows], vocab_size, max_len)[2]
     bad.update(r[0] for r, d in zip(rows, damaged) if d)
-    for pid in sorted(bad):
+    for pid in sorted(bad) if remove else ():
         delete_photo(con, pid)
     return sorted(bad)
+
+
+def remembered_model(con: sqlite3.Connection, files: str | None) -> str | None:
+    """The fingerprint of the model whose folder's files had the digest `files` when it last
+    indexed into this library (index.model_files_digest), or None."""
+    if files is None or not _has_table(con, "meta"):
+        return None
+    row = con.execute("SELECT value FROM meta WHERE key = ?", (f"model files {files}",)).fetchone()
+    return row[0] if row else None
+
+
+def remember_model(con: sqlite3.Connection, files: str | None, fingerprint: str) -> None:
+    """Keep which model fingerprint the model files with digest `files` have (see remembered_model)."""
+    if files is not None:
+        with con:
+            con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"model files {files}", fingerprint))
 
 
 def _schema_4_points(con: sqlite3.Connection, model: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:

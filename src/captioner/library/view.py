@@ -10,6 +10,7 @@ import warnings
 
 import numpy as np
 
+from captioner.data import wordcounts
 from captioner.data.vocab import tokenize
 from captioner.library.store import by_id, point_blocks, point_ids, table_rows
 
@@ -65,10 +66,8 @@ class ModelView:
 
     def _unpack(self, blobs: dict[int, bytes | None]) -> tuple[np.ndarray, np.ndarray]:
         """Word-count blobs by photo id -> `word_ids`, `counts` in that order; a missing or damaged
-        one (retrieval.read_words) counts nothing, and its photo is noted as damaged."""
-        from captioner import retrieval
-
-        ids, counts, bad = retrieval.read_words(list(blobs.values()), len(self.captioner.vocab),
+        one (wordcounts.read_words) counts nothing, and its photo is noted as damaged."""
+        ids, counts, bad = wordcounts.read_words(list(blobs.values()), len(self.captioner.vocab),
                                                 self.captioner.model.cfg.max_len)
         if bad.any():
             self.damaged.update(np.fromiter(blobs, np.int64, len(blobs))[bad].tolist())

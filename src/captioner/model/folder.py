@@ -31,16 +31,10 @@ from captioner.files import atomic_folder, atomic_write, complete_folder
 from captioner.model.embedding import EmbeddingConfig, JointEmbedding
 from captioner.model.encoder import EncoderError, build_backbone, weights_digest
 from captioner.model.network import CaptionModel, ModelConfig, build_decoder
-from captioner.names import SHIPPED, shipped_model_dir
+from captioner.names import model_dir
 
 CONFIG, VOCAB, WEIGHTS, DECODING = "config.json", "vocab.json", "model.safetensors", "decoding.json"
 SPACE_CONFIG, SPACE_WEIGHTS = "embedding.json", "embedding.safetensors"
-
-
-def model_dir(folder: str | Path | None) -> Path:
-    """A model folder as the user names it: None or "shipped" is the shipped model (a folder of
-    that name in the current directory is ./shipped)."""
-    return shipped_model_dir() if folder is None or str(folder) == SHIPPED else Path(folder)
 
 
 def save_model(model: CaptionModel, vocab: Vocabulary, folder: Path, *, half: bool = False) -> Path:
