@@ -233,7 +233,7 @@ def bench_server(args, device: torch.device, sizes, photos: list[Path], out: Res
     out.table(f"Server (`captioner serve`, request batcher), {sizes.clients} clients on loopback",
               "| batcher | requests | failed | requests/s | p50 | p95 |")
     for wait in (0.0, 5.0):
-        r = load.run(str(args.model) if args.model else None, sizes.clients, sizes.requests, photos[0], wait,
+        r = load.run(str(args.model) if args.model else None, sizes.clients, sizes.requests, [photos[0]], wait,
                      extra=["--device", device.type], log=args.results.parent / f"serve-wait{wait:g}.log")
         batcher = f"on, wait <= {wait:g} ms" if wait else "off"
         out.row(f"| {batcher} | {r['requests']} | {r['failed']} | "

@@ -78,6 +78,14 @@ def test_upload_caption_and_search_in_chromium(server, shapes, tmp_path):
         page.wait_for_selector("#search-info:has-text('compared')")
         page.wait_for_selector(".hit img", timeout=30_000)
         assert first not in [a.get_attribute("href") for a in page.query_selector_all(".hit a")]
+
+        # the API's docs (issue 30, item 9): uploads typed as files, `code` shown as code, never as backticks
+        page.goto(server + "/docs")
+        page.wait_for_selector(".endpoint")
+        text = page.inner_text("body")
+        assert "`" not in text and "POST /api/caption" in text
+        assert "file\tlist of file | null\tone or more images" in text  # (FastAPI's schema: a string with a media type)
+        assert page.query_selector_all(".endpoint p code"), "no `code` in any description became <code>"
         browser.close()
 
 

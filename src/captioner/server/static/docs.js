@@ -8,6 +8,9 @@ const el = (tag, props = {}, ...children) => {
   return node;
 };
 
+// Text with `code` in backticks (how the app's docstrings write it) -> text and <code> nodes (never HTML).
+const prose = (text) => (text || "").split("`").map((part, i) => (i % 2 ? el("code", { textContent: part }) : part));
+
 function resolve(schema, spec) {
   while (schema && schema.$ref) schema = spec.components.schemas[schema.$ref.split("/").pop()];
   return schema || {};
@@ -17,14 +20,15 @@ function typeOf(schema, spec) {
   if (schema.$ref) return schema.$ref.split("/").pop();
   if (schema.anyOf) return schema.anyOf.map((s) => typeOf(s, spec)).join(" | ");
   if (schema.type === "array") return `list of ${typeOf(schema.items || {}, spec)}`;
-  return schema.format === "binary" ? "file" : schema.type || "any";
+  // an upload: OpenAPI 3.0 says format binary, 3.1 (FastAPI now) a contentMediaType
+  return schema.format === "binary" || schema.contentMediaType ? "file" : schema.type || "any";
 }
 
 function fieldTable(schema, spec, seen = new Set()) {
   schema = resolve(schema, spec);
   const rows = Object.entries(schema.properties || {}).map(([name, prop]) => {
     const row = el("tr", {}, el("td", {}, el("code", { textContent: name })),
-      el("td", { textContent: typeOf(prop, spec) }), el("td", { textContent: prop.description || "" }));
+      el("td", { textContent: typeOf(prop, spec) }), el("td", {}, ...prose(prop.description)));
     return row;
   });
   const table = el("table", {}, el("tr", {}, el("th", { textContent: "field" }), el("th", { textContent: "type" }),
@@ -45,7 +49,7 @@ function fieldTable(schema, spec, seen = new Set()) {
 function endpoint(path, method, op, spec) {
   const section = el("section", { className: "endpoint" },
     el("h2", {}, el("code", { textContent: `${method.toUpperCase()} ${path}` })),
-    el("p", { textContent: op.description || op.summary || "" }));
+    el("p", {}, ...prose(op.description || op.summary)));
   const params = op.parameters || [];
   if (params.length) {
     section.append(el("h3", { textContent: "parameters" }), el("table", {},
@@ -61,7 +65,7 @@ function endpoint(path, method, op, spec) {
   section.append(el("h3", { textContent: "answers" }));
   for (const [status, answer] of Object.entries(op.responses || {})) {
     const [type, content] = Object.entries(answer.content || {})[0] || [];
-    section.append(el("p", {}, el("strong", { textContent: status }), ` ${answer.description}`,
+    section.append(el("p", {}, el("strong", { textContent: status }), " ", ...prose(answer.description),
       type ? el("span", { className: "path", textContent: ` (${type})` }) : ""));
     if (content && content.schema && resolve(content.schema, spec).properties) section.append(fieldTable(content.schema, spec));
   }
@@ -70,7 +74,8 @@ function endpoint(path, method, op, spec) {
 
 async function main() {
   const spec = await (await fetch("/openapi.json")).json();
-  document.getElementById("about").textContent = `${spec.info.title} ${spec.info.version}: ${spec.info.description}`;
+  document.getElementById("about").replaceChildren(`${spec.info.title} ${spec.info.version}: `,
+    ...prose(spec.info.description));
   const main = document.getElementById("endpoints");
   for (const [path, ops] of Object.entries(spec.paths)) {
     for (const [method, op] of Object.entries(ops)) main.append(endpoint(path, method, op, spec));
