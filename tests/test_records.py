@@ -183,3 +183,18 @@ def test_encodings_bom_and_duplicate_ids(tmp_path):
     assert [r.captions for r in recs] == [["one", "two"]]
     text = " | ".join(str(x.message) for x in said)
     assert "1 lines repeat an id" in text and "line 3: a.jpg#0" in text and "1 empty captions" in text
+
+
+def test_a_caption_repeated_past_twice_is_left_out_with_a_warning(tmp_path):
+    """Issue 32, item 9: 50,000 duplicated rows trained as 48,000 captions without a word. Two
+    identical captions for one photo are real data (Flickr8k has 9 such pairs) and stay."""
+    import warnings as w
+
+    f = tmp_path / "c.csv"
+    f.write_text("image,caption\n" + "a.jpg,a dog runs\n" * 500 + "b.jpg,a cat\nb.jpg,a cat\nc.jpg,a dog runs\n")
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        records = load_records(f)
+    assert {r.image.name: r.captions for r in records} == {
+        "a.jpg": ["a dog runs"] * 2, "b.jpg": ["a cat"] * 2, "c.jpg": ["a dog runs"]}
+    assert any("498 rows repeat a caption of their image a third time or more" in str(c.message) for c in caught)
