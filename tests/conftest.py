@@ -68,14 +68,11 @@ def trained(tmp_path_factory, shapes) -> Path:
 
 def descendants(pid: int) -> list[int]:
     """Every process below `pid` (children, theirs, ...), from /proc; empty where there is none."""
+    from captioner.threads import process_stats
+
     parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:  # ended while we looked
-            continue
-        ppid = int(text.rsplit(")", 1)[1].split()[1])  # the name, in brackets, may hold spaces
-        parents.setdefault(ppid, []).append(int(stat.parent.name))
+    for child, fields in process_stats():
+        parents.setdefault(int(fields[1]), []).append(child)
     found, todo = [], [pid]
     while todo:
         for child in parents.get(todo.pop(), []):

@@ -93,9 +93,11 @@ class Scorer:
         self.tokenizer = "ptb (java)" if self.java else "python (no java)"
         self.refs = tokenize_all({k: list(v) for k, v in references.items()}, self.java)
 
-    def __call__(self, hypotheses: Mapping[Hashable, str], meteor: bool = True) -> dict:
+    def __call__(self, hypotheses: Mapping[Hashable, str], meteor: bool = True, per_image: bool = False) -> dict:
         """Score one caption per image. Returns the keys of `KEYS` (METEOR is None when skipped),
-        ``tokenizer`` and, when METEOR was skipped, ``meteor_skipped`` with the reason."""
+        ``tokenizer`` and, when METEOR was skipped, ``meteor_skipped`` with the reason. With
+        `per_image`, also ``CIDEr_per_image``: each caption's CIDEr-D in the order of `hypotheses`
+        (their mean is CIDEr), what a paired comparison of two decodings on the same images needs."""
         missing = [k for k in hypotheses if k not in self.refs]
         if missing:
             raise DataError(f"{len(missing)} images have no reference captions (first: {missing[0]})")
@@ -127,19 +129,11 @@ class Scorer:
         else:
             out["meteor_skipped"] = "not requested"
         out["ROUGE-L"] = float(Rouge().compute_score(refs, hyps)[0])
-        out["CIDEr"] = float(Cider().compute_score(refs, hyps)[0])
+        cider, each = Cider().compute_score(refs, hyps)
+        out["CIDEr"] = float(cider)
+        if per_image:
+            out["CIDEr_per_image"] = [float(x) for x in each]
         return out
-
-    def cider_per_image(self, hypotheses: Mapping[Hashable, str]) -> list[float]:
-        """CIDEr-D of each caption, in the order of `hypotheses` (their mean is __call__'s CIDEr):
-        what a paired comparison of two decodings on the same images needs."""
-        from pycocoevalcap.cider.cider import Cider
-
-        keys = list(hypotheses)
-        hyps = tokenize_all({k: [v] for k, v in hypotheses.items()}, self.java)
-        hyps = {k: [v[0] if v[0].strip() else "<empty>"] for k, v in hyps.items()}
-        _, each = Cider().compute_score({k: self.refs[k] for k in keys}, {k: hyps[k] for k in keys})
-        return [float(x) for x in each]
 
 
 def score(references: Mapping[Hashable, Sequence[str]], hypotheses: Mapping[Hashable, str],

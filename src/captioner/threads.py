@@ -24,6 +24,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from captioner.errors import ConfigError
@@ -40,17 +41,21 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _children_seconds(ticks: int) -> float:
-    """CPU seconds of this process's living children (loader processes work for it, not against it)."""
-    me, total = str(os.getpid()), 0
+def process_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/PID/stat after the name: state, ppid, ...) of every process there
+    (none where /proc is missing)."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()  # the name, in brackets, may hold spaces
         except OSError:  # ended while we looked
             continue
-        if fields[1] == me:
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / ticks
+        yield int(stat.parent.name), fields
+
+
+def _children_seconds(ticks: int) -> float:
+    """CPU seconds of this process's living children (loader processes work for it, not against it)."""
+    me = str(os.getpid())
+    return sum(int(f[11]) + int(f[12]) for _, f in process_stats() if f[1] == me) / ticks  # utime, stime
 
 
 def _look() -> tuple[float, float, float] | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from captioner.cli.parser import decoding_from
 from captioner.decoding import Decoding
-from captioner.errors import ConfigError, DataError, LibraryError, ModelError
+from captioner.errors import ConfigError, DataError, ModelError
 from captioner.files import path_text
 from captioner.names import SHIPPED
 from captioner.train.config import TrainConfig
@@ -60,8 +60,10 @@ def check_paths(a: argparse.Namespace) -> None:
     for folder in getattr(a, "folders", None) or ():
         if not Path(folder).is_dir():
             raise DataError(f"{folder}: no such folder")
-    if a.command == "serve" and a.db is not None and not Path(a.db).is_file():
-        raise LibraryError(f"{a.db}: no such database (make one with: captioner index FOLDER --db {a.db})")
+    if a.command == "serve" and a.db is not None:
+        from captioner.library.store import connect
+
+        connect(a.db, create=False).close()  # there, and a library of this captioner's (one line if not)
 
 
 def cmd_caption(a: argparse.Namespace) -> int:

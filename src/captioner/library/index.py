@@ -148,21 +148,17 @@ def nothing_to_do(roots: Sequence[Path], db: Path, model: str | Path) -> IndexRe
             return None
         roots = [Path(os.path.abspath(r)) for r in roots]
         present = {path_text(Path(os.path.abspath(f))) for f in list_images(roots, recursive=True)}
-        known = {p: (s, m) for p, s, m, by in con.execute(
-            "SELECT p.path, p.size, p.mtime, v.model FROM photos p LEFT JOIN vectors v ON v.id = p.id")
-            if by == fingerprint}
-        unreadable = {p: (s, m) for p, s, m in con.execute("SELECT path, size, mtime FROM failures")}
-        under = [p for (p,) in con.execute("SELECT path FROM photos UNION SELECT path FROM failures")
-                 if any(Path(p).is_relative_to(r) for r in roots)]
-        if any(p not in present for p in under):  # gone: to be removed
+        paths = (p for (p,) in con.execute("SELECT path FROM photos UNION SELECT path FROM failures"))
+        if any(_gone(p, roots, present) for p in paths):  # to be removed
             return None
+        known, unreadable = _held(con, fingerprint)
         report = IndexReport()
         for path in present:
             try:
                 st = Path(path).stat()
             except OSError:
                 return None
-            if (known.get(path) or unreadable.get(path)) != (st.st_size, st.st_mtime):
+            if not _unchanged(path, st, known, unreadable):
                 return None  # new, changed or touched
             report.unchanged += 1
         config = json.loads((model_dir(model) / "config.json").read_text())
@@ -177,16 +173,12 @@ def nothing_to_do(roots: Sequence[Path], db: Path, model: str | Path) -> IndexRe
     return report
 
 
-
 def _plan(con: sqlite3.Connection, files: list[Path], report: IndexReport, model: str
           ) -> tuple[list[tuple[Path, os.stat_result, str]], list[tuple[str, os.stat_result, str]]]:
     """Which files need captions: new or changed ones, and those indexed by another model than
     `model` (a fingerprint). Unchanged files are counted and skipped; files that cannot be read are
     returned as failures [(path, stat, error)]."""
-    known = {p: (s, m, h) for p, s, m, h, by in con.execute(
-        "SELECT p.path, p.size, p.mtime, p.sha1, v.model FROM photos p LEFT JOIN vectors v ON v.id = p.id")
-        if by == model}  # a photo of another model (or of schema 1, without vectors) is captioned again
-    bad = {p: (s, m) for p, s, m in con.execute("SELECT path, size, mtime FROM failures")}
+    known, bad = _held(con, model)
     todo, unreadable = [], []
     for f in files:
         try:
@@ -194,10 +186,7 @@ def _plan(con: sqlite3.Connection, files: list[Path], report: IndexReport, model
         except OSError:
             continue  # vanished while we looked
         key = path_text(f)
-        if key in known and known[key][:2] == (st.st_size, st.st_mtime):
-            report.unchanged += 1
-            continue
-        if key in bad and bad[key] == (st.st_size, st.st_mtime):
+        if _unchanged(key, st, known, bad):
             report.unchanged += 1
             continue
         sha1 = readable_digest(f)
@@ -213,14 +202,31 @@ def _plan(con: sqlite3.Connection, files: list[Path], report: IndexReport, model
     return todo, unreadable
 
 
+def _held(con: sqlite3.Connection, model: str) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """What the library holds: path -> (size, mtime, sha1) of the photos indexed by `model` (a
+    fingerprint; a photo of another model, or of schema 1 without vectors, is captioned again), and
+    path -> (size, mtime) of the files that could not be read."""
+    known = {p: (s, m, h) for p, s, m, h, by in con.execute(
+        "SELECT p.path, p.size, p.mtime, p.sha1, v.model FROM photos p LEFT JOIN vectors v ON v.id = p.id")
+        if by == model}
+    return known, {p: (s, m) for p, s, m in con.execute("SELECT path, size, mtime FROM failures")}
+
+
+def _unchanged(path: str, st: os.stat_result, known: dict, unreadable: dict) -> bool:
+    """The file at `path` is as the library holds it (same size and time): indexed, or unreadable as before."""
+    return any(held is not None and tuple(held[:2]) == (st.st_size, st.st_mtime)
+               for held in (known.get(path), unreadable.get(path)))
+
+
+def _gone(path: str, roots: Sequence[Path], present: set[str]) -> bool:
+    """A photo or failure of the library, under `roots`, whose file is no longer there."""
+    return path not in present and any(Path(path).is_relative_to(r) for r in roots) and not Path(path).exists()
+
+
 def _remove_missing(con: sqlite3.Connection, roots: Sequence[Path], present: set[str]) -> int:
     """Drop photos (and failure records) under `roots` whose files are gone. Returns how many photos."""
-
-    def gone(path: str) -> bool:
-        return path not in present and any(Path(path).is_relative_to(r) for r in roots) and not Path(path).exists()
-
-    photos = [pid for pid, path in con.execute("SELECT id, path FROM photos") if gone(path)]
-    bad = [path for (path,) in con.execute("SELECT path FROM failures") if gone(path)]
+    photos = [pid for pid, path in con.execute("SELECT id, path FROM photos") if _gone(path, roots, present)]
+    bad = [path for (path,) in con.execute("SELECT path FROM failures") if _gone(path, roots, present)]
     with con:
         for pid in photos:
             store.delete_photo(con, pid)

@@ -148,8 +148,8 @@ def choose_decoding(folder: Path, feats: FeatureRows, scorer: metrics.Scorer, pl
         decoding = Decoding(beam_size=beam_size, length_norm=length_norm, block_trigrams=block,
                             max_len=model.cfg.max_len)
         hyps = dict(enumerate(r["caption"] for r in caption_features(model.decoder, vocab, feats, decoding, plan)))
-        s = scorer(hyps, meteor=False)
-        each.append(scorer.cider_per_image(hyps))
+        s = scorer(hyps, meteor=False, per_image=True)
+        each.append(s["CIDEr_per_image"])
         rows.append({"beam_size": beam_size, "length_norm": length_norm, "block_trigrams": block,
                      "BLEU-4": round(s["BLEU-4"], 4), "CIDEr": round(s["CIDEr"], 4)})
     best = max(range(len(rows)), key=lambda i: rows[i]["CIDEr"])
