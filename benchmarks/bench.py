@@ -75,8 +75,7 @@ from captioner.inference.packed import packable_dtypes
 from captioner.inference.plan import InferencePlan
 from captioner.library import MODES, connect, search, similar
 from captioner.library.store import write_batch
-from captioner.model.folder import load_model
-from captioner.model.network import CaptionModel, ModelConfig
+from captioner.model.network import CaptionModel, ModelConfig, load_model
 from captioner.runtime import (
     autocast,
     cpu_has_amx,

@@ -48,7 +48,7 @@ from captioner.data.records import Record, load_records, split_records  # noqa: 
 from captioner.decoding import Decoding  # noqa: E402
 from captioner.inference.features import cached_features  # noqa: E402
 from captioner.inference.plan import InferencePlan  # noqa: E402
-from captioner.model.folder import load_model  # noqa: E402
+from captioner.model.network import load_model  # noqa: E402
 from captioner.runtime import pick_device  # noqa: E402
 from captioner.train.data import Captions, FeatureRows  # noqa: E402
 from captioner.train.epoch import train_one_epoch  # noqa: E402

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from captioner.model.folder import load_model, load_space, read_config, save_model, save_space
+from captioner.model.network import load_model, load_space, read_config, save_model, save_space
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "captioner" / "assets" / "model"
 

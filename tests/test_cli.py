@@ -111,7 +111,7 @@ def test_train_with_missing_images_fails_clearly_then_skips(tmp_path, shapes, ca
 
 
 def test_save_load_gives_identical_captions(trained, shapes, tmp_path):
-    from captioner.model.folder import load_model, save_model
+    from captioner.model.network import load_model, save_model
 
     imgs = sorted(shapes.parent.glob("*.png"))[:6]
     a = Captioner.load(trained / "best", device="cpu")

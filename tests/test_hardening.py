@@ -121,7 +121,7 @@ def test_export_never_writes_into_a_folder_of_other_things(trained, tmp_path, ca
 
 
 def test_a_kill_between_the_two_renames_of_a_model_save_loses_nothing(trained, tmp_path, shapes, capsys):
-    from captioner.model.folder import load_model, save_model
+    from captioner.model.network import load_model, save_model
 
     best = tmp_path / "run" / "best"
     shutil.copytree(trained / "best", best)

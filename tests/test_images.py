@@ -131,8 +131,8 @@ def test_captioning_and_training_decode_big_jpegs_at_the_reduced_scale(tmp_path,
     path = tmp_path / "a.jpg"
     _photo(1200, 800).save(path, quality=90)
     assert isinstance(cap.caption(path), str) and len(cap.caption([path, path])) == 2
-    batches = list(jpeg.image_batches([path], cfg.image_size, cfg.mean, cfg.std, torch.device("cpu"), batch_size=1,
-                                      workers=0, jpegs_on_device=False))
+    batches = list(images.image_batches([path], cfg.image_size, cfg.mean, cfg.std, torch.device("cpu"), batch_size=1,
+                                        workers=0, jpegs_on_device=False))
     assert batches[0][1].shape == (1, 3, cfg.image_size, cfg.image_size)
     views = train_data.ImageCaptions([Record(path, ["a photo"])], SimpleNamespace(image=torch.tensor([0])), cfg)
     assert views[0][0].shape == (3, cfg.image_size, cfg.image_size)

@@ -15,7 +15,7 @@ from captioner.inference import packed
 from captioner.inference.packed import PackedGRUCell, PackedLinear, PackedLSTMCell, packable_dtypes, packed_decoder
 from captioner.inference.plan import InferencePlan
 from captioner.model.attention import AttentionDecoder
-from captioner.model.folder import load_model, load_space
+from captioner.model.network import load_model, load_space
 
 pytestmark = pytest.mark.skipif(not packable_dtypes(), reason="this torch cannot pack weights for oneDNN")
 BF16 = torch.bfloat16 in packable_dtypes()

@@ -16,7 +16,7 @@ from captioner.evaluate import rank_of, recall
 from captioner.library import index_folders, search, similar
 from captioner.library.store import point_blocks
 from captioner.model.attention import AttentionDecoder
-from captioner.model.folder import load_model, save_model
+from captioner.model.network import load_model, save_model
 
 
 @pytest.fixture

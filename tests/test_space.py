@@ -16,7 +16,7 @@ from captioner.errors import LibraryError, ModelError
 from captioner.library import index_folders, search, similar
 from captioner.library.store import point_blocks
 from captioner.model.embedding import EmbeddingConfig, JointEmbedding
-from captioner.model.folder import SPACE_CONFIG, SPACE_WEIGHTS, load_space, read_config, save_space
+from captioner.model.network import SPACE_CONFIG, SPACE_WEIGHTS, load_space, read_config, save_space
 from captioner.train.data import Captions, FeatureRows
 from captioner.train.embedding import fit, recall_both, retrieval_ranks, word_rows
 

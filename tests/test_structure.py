@@ -339,7 +339,7 @@ def test_a_model_folder_keeps_its_decoding_in_decoding_json_and_older_folders_st
     import json
     import shutil
 
-    from captioner.model.folder import read_decoding
+    from captioner.model.network import read_decoding
 
     new = tmp_path / "new"
     shutil.copytree(trained / "best", new)

@@ -224,7 +224,7 @@ def test_choose_decoding_keeps_a_start_models_own_on_a_small_val(tmp_path, train
 
     from captioner import metrics
     from captioner.inference.features import extract_features
-    from captioner.model.folder import load_model
+    from captioner.model.network import load_model
     from captioner.train.data import FeatureRows
     from captioner.train.epoch import DECODING_CANDIDATES, choose_decoding
 

@@ -13,13 +13,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from captioner.data.images import draft_size, eval_transform, image_name, one_or_many, open_rgb
-from captioner.data.jpeg import image_batches
+from captioner.data.images import draft_size, eval_transform, image_batches, image_name, one_or_many, open_rgb
 from captioner.decode import caption_features
 from captioner.decoding import Decoding
 from captioner.errors import CaptionerWarning, ConfigError, ImageError, ModelError
 from captioner.inference.plan import InferencePlan
-from captioner.model.folder import load_model, load_space, model_dir
+from captioner.model.network import load_model, load_space, model_dir
 from captioner.names import SHIPPED, shipped_model_dir
 from captioner.tags import Tagger, pooled
 from captioner.threads import fit_threads

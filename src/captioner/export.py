@@ -58,7 +58,7 @@ def export_model(folder: Path, out: Path, fmt: str = "onnx", image_size: int | N
     """Export the model folder `folder` into the folder `out` (see the module docstring)."""
 
     from captioner.files import atomic_folder
-    from captioner.model.folder import load_model, model_dir
+    from captioner.model.network import load_model, model_dir
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")

@@ -289,7 +289,7 @@ def _how_to_continue(a: argparse.Namespace) -> None:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from captioner.evaluate import evaluate
     from captioner.metrics import format_scores
-    from captioner.model.folder import model_dir, read_decoding
+    from captioner.model.network import model_dir, read_decoding
 
     model = model_dir(a.model)
     if a.task == "retrieval":
@@ -323,7 +323,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def cmd_embeddings(a: argparse.Namespace) -> int:
-    from captioner.model.folder import load_model
+    from captioner.model.network import load_model
     from captioner.viz import nearest_words, word_map, word_vectors
 
     model, vocab = load_model(a.model)
@@ -339,7 +339,7 @@ def cmd_embeddings(a: argparse.Namespace) -> int:
 
 def cmd_export(a: argparse.Namespace) -> int:
     from captioner.export import export_model
-    from captioner.model.folder import model_dir
+    from captioner.model.network import model_dir
 
     out = export_model(model_dir(a.model), a.out, a.format)
     print(f"{a.format} export of {a.model or 'the shipped model'}: {out}", file=sys.stderr)

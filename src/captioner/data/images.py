@@ -22,6 +22,7 @@ from captioner.data.urls import fetch, is_url
 from captioner.errors import CaptionerWarning, ImageError, ImageTooLarge
 
 if TYPE_CHECKING:
+    import torch
     from torchvision.transforms import v2 as T
 
 # what a folder's photos are found by; HEIC/HEIF (iPhone photos) need the optional pillow-heif
@@ -319,3 +320,28 @@ def collate_images(batch):
     bad = [(i, x) for i, x in batch if isinstance(x, str)]
     return ([i for i, _ in good], torch.stack([x for _, x in good]) if good else None,
             [i for i, _ in bad], [e for _, e in bad])
+
+
+def image_batches(paths: Sequence[Path], size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                  device: torch.device, *, batch_size: int, workers: int, jpegs_on_device: bool):
+    """The files as encoder input, `batch_size` at a time, in their order: (indices of good images,
+    images (B, 3, S, S) or None, indices of bad ones, their error messages) a batch. `workers`
+    loader processes read them and Pillow decodes them there (images on the CPU), unless
+    `jpegs_on_device` (the inference plan's rule: on CUDA) and this torchvision can decode JPEGs:
+    then the device decodes the plain JPEGs of a batch in one call (data/jpeg.py)."""
+    from torch.utils.data import DataLoader
+
+    transform = eval_transform(size, mean, std)
+    if jpegs_on_device:
+        from captioner.data import jpeg
+
+        jpegs_on_device = jpeg.available()
+    if not jpegs_on_device:
+        return DataLoader(ImageDataset(paths, transform, draft_size(size)), batch_size=batch_size,
+                          num_workers=workers, collate_fn=collate_images, pin_memory=device.type == "cuda",
+                          prefetch_factor=2 if workers else None)
+    ds = jpeg.JpegDataset(paths, transform, draft_size(size))
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=jpeg.as_list,
+                        pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None)
+    return map(jpeg.DeviceDecoder(ds.paths, transform, tensor_transform(size, mean, std), device,
+                                  min_size=ds.min_size), loader)

@@ -36,17 +36,7 @@ try:
 except ImportError:  # a torchvision without its image decoders
     decode_jpeg = None
 
-from torch.utils.data import DataLoader
-
-from captioner.data.images import (
-    MAX_PIXELS,
-    ImageDataset,
-    collate_images,
-    draft_size,
-    eval_transform,
-    open_rgb,
-    tensor_transform,
-)
+from captioner.data.images import MAX_PIXELS, ImageDataset, open_rgb
 from captioner.errors import CaptionerWarning, ImageError
 
 EXIF_ORIENTATION = 0x0112
@@ -56,25 +46,6 @@ MAX_BYTES = 100 * 2**20  # a 60-megapixel JPEG at high quality is about 30 MB
 def available() -> bool:
     """Whether this torchvision can decode JPEGs (on the device)."""
     return decode_jpeg is not None
-
-
-def image_batches(paths: Sequence[Path], size: int, mean: tuple[float, ...], std: tuple[float, ...],
-                  device: torch.device, *, batch_size: int, workers: int, jpegs_on_device: bool):
-    """The files as encoder input, `batch_size` at a time, in their order: (indices of good images,
-    images (B, 3, S, S) or None, indices of bad ones, their error messages) a batch. `workers`
-    loader processes read them; JPEGs are decoded on `device` when `jpegs_on_device` (the inference
-    plan's rule: on CUDA) and this torchvision can, else everything by Pillow in the loader
-    processes (images on the CPU)."""
-    transform = eval_transform(size, mean, std)
-    use_device = jpegs_on_device and available()
-    ds = (JpegDataset if use_device else ImageDataset)(paths, transform, draft_size(size))
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers,
-                        collate_fn=as_list if use_device else collate_images,
-                        pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None)
-    if not use_device:
-        return loader
-    return map(DeviceDecoder(ds.paths, transform, tensor_transform(size, mean, std), device,
-                             min_size=ds.min_size), loader)
 
 
 @dataclass

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from captioner.data.jpeg import image_batches
+from captioner.data.images import image_batches
 from captioner.distributed import Dist
 from captioner.errors import CaptionerWarning, DataError
 from captioner.files import atomic_write, readable_digest
@@ -44,7 +44,7 @@ def extract_features(model, paths: Sequence[Path], plan: InferencePlan, *, batch
                      ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Run the model's encoder over images as `plan` runs it (InferencePlan.encode). Returns
     (features fp16 (N, ...), ok mask (N,), errors). Where the plan says so (CUDA), the device decodes
-    the plain JPEGs (see data/jpeg.image_batches). `encoder`: the copy the plan made already
+    the plain JPEGs (see data/images.image_batches). `encoder`: the copy the plan made already
     (InferencePlan.encoder_for; a loaded Captioner's), else one is made here."""
     cfg = model.cfg
     paths = list(paths)

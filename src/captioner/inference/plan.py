@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from captioner.data import jpeg
 from captioner.inference.int8 import int8_decoder
 from captioner.inference.packed import packed_decoder, packed_encoder
 from captioner.model.encoder import fold_batchnorm
@@ -180,5 +179,9 @@ def _jpegs_on_device(device: torch.device) -> bool:
     thread of Pillow decoding (634 photos/s measured on an H100 machine) is what the model waits for,
     and where this torchvision can. Not on a CPU: there Pillow in loader processes is the same
     decoder, beside the model."""
-    return device.type == "cuda" and jpeg.available()
+    if device.type != "cuda":
+        return False
+    from captioner.data import jpeg  # only here: the CPU's road never reads it
+
+    return jpeg.available()
 

@@ -15,7 +15,7 @@ must score above the batch's other photos, and each photo's caption above the ot
 measured is in docs/EXPERIMENTS.md; the defaults here are the winners.
 
 The space lives in its own files of the model folder (embedding.json + embedding.safetensors, see
-model/folder.py): trained after the decoder on the same cached features, it is a second opinion
+model/network.py): trained after the decoder on the same cached features, it is a second opinion
 beside the captioner's log p(query | photo), and a folder without it captions and searches as before.
 """
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from captioner.model.embedding import EmbeddingConfig, JointEmbedding
-from captioner.model.folder import load_model, save_space
+from captioner.model.network import load_model, save_space
 from captioner.train.data import Captions, FeatureRows
 from captioner.train.steps import Meter
 

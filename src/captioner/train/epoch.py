@@ -23,8 +23,7 @@ from captioner.decoding import Decoding
 from captioner.distributed import Dist
 from captioner.errors import CaptionerWarning, TrainingError
 from captioner.inference.plan import InferencePlan
-from captioner.model.folder import load_model, save_model
-from captioner.model.network import CaptionModel
+from captioner.model.network import CaptionModel, load_model, save_model
 from captioner.runtime import encoder_memory_format
 from captioner.train.data import Captions, FeatureRows
 from captioner.train.steps import Meter, Steps, Warmup, caption_loss

@@ -35,8 +35,7 @@ from captioner.distributed import Dist
 from captioner.errors import ConfigError, DataError
 from captioner.inference.plan import InferencePlan
 from captioner.model.encoder import weights_digest
-from captioner.model.folder import copy_model, load_model, save_model
-from captioner.model.network import CaptionModel, ModelConfig
+from captioner.model.network import CaptionModel, ModelConfig, copy_model, load_model, save_model
 from captioner.runtime import encoder_memory_format, keep_freed_memory
 from captioner.threads import fit_threads
 from captioner.train.checkpoint import (
