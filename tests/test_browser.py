@@ -59,6 +59,14 @@ def test_upload_caption_and_search_in_chromium(server, shapes, tmp_path):
         if shots:
             page.screenshot(path=str(Path(shots) / "caption.png"), full_page=True)
 
+        # what the encoder recognises is shown under the caption (issue 28): chelsea.jpg is a cat
+        cat = Path(__file__).resolve().parents[1] / "examples" / "chelsea.jpg"
+        page.set_input_files("#file-input", str(cat))
+        page.wait_for_selector(".card:has-text('chelsea.jpg') .tags .tag", timeout=60_000)
+        shown = [s.inner_text() for s in page.query_selector_all(".card:has-text('chelsea.jpg') .tags .tag")]
+        word, score = shown[0].rsplit(" ", 1)
+        assert word == "cat" and 0.5 <= float(score) <= 1, shown
+
         page.fill("#query", "circle")
         page.click("#search-form button")
         page.wait_for_selector(".hit img", timeout=30_000)
