@@ -885,7 +885,8 @@ def test_caption_out_keeps_the_rows_a_person_added(photos, trained, tmp_path):
     second.write_bytes(second.read_bytes() + b"\0")  # changed: the file is rewritten
     assert main(["caption", str(photos), "--out", str(csv_out), *model]) == 0
     rows = list(csv.DictReader(csv_out.open()))
-    assert len(rows) == 4 and {"image": "holiday/beach.jpg", "sha1": "", "caption": "my own words for it"} in rows
+    assert len(rows) == 4 and {"image": "holiday/beach.jpg", "sha1": "", "caption": "my own words for it",
+                              "tags": ""} in rows  # kept, with the tags column's cell empty
 
     out = tmp_path / "c.jsonl"
     assert main(["caption", str(photos), "--out", str(out), *model]) == 0

@@ -125,6 +125,31 @@ def test_tags_travel_with_every_caption_and_guidance_can_be_turned_off(trained, 
     assert json.loads(capsys.readouterr().out)["tags"] == r["tags"]
 
 
+def test_a_csv_out_carries_tags_and_an_older_csv_without_them_is_resumed(trained, shapes, tmp_path, capsys):
+    import csv
+
+    from captioner import Captioner
+    from captioner.cli import main
+
+    imgs = sorted(shapes.parent.glob("*.png"))[:2]
+    run = ["--model", str(trained / "best"), "--device", "cpu", "--precision", "fp32"]
+    want = [Captioner.load(trained / "best", device="cpu", precision="fp32").caption(i, details=True)["tags"]
+            for i in imgs]
+    assert all(want)  # the test means something only if the photos have tags
+    cell = ["; ".join(f"{t['word']} {t['score']:.3f}" for t in tags) for tags in want]
+    out = tmp_path / "caps.csv"
+    assert main(["caption", *map(str, imgs), *run, "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [r["tags"] for r in rows] == cell and float(rows[0]["tags"].split("; ")[0].rsplit(" ", 1)[1]) > 0
+    # a file written before the tags column: still ours, resumed, and rewritten with the column
+    out.write_text("image,sha1,caption\n" + f"{rows[0]['image']},{rows[0]['sha1']},{rows[0]['caption']}\n")
+    capsys.readouterr()
+    assert main(["caption", *map(str, imgs), *run, "--out", str(out)]) == 0
+    assert "1 captioned, 1 already" in capsys.readouterr().err
+    assert out.read_text().splitlines()[0] == "image,sha1,caption,tags"
+    assert [r["tags"] for r in csv.DictReader(out.open())] == ["", cell[1]]
+
+
 def test_guidance_makes_the_caption_say_a_confident_tag(trained, shapes, monkeypatch):
     """The tiny model's shapes are not ImageNet's: let the tags ask for a shape word the caption
     does not say, and the guided caption says it; a caption that says it already stays as it was."""

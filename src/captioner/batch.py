@@ -44,7 +44,8 @@ if TYPE_CHECKING:
     from captioner.api import Captioner
     from captioner.distributed import Dist  # imports torch: not for a re-run with nothing to do
 
-FIELDS = ("image", "sha1", "caption")
+# a CSV's columns; files written before tags had the first three, and are still ours (rewritten with four)
+FIELDS = ("image", "sha1", "caption", "tags")
 FORMULA = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet cell a formula
 
 
@@ -89,7 +90,7 @@ def _read_existing(out: Path, foreign: bool = False) -> list[dict]:
 
 def written_by_us(out: Path) -> bool:
     """Whether `out` is missing, empty, or a file this module wrote: a CSV whose header is
-    image,sha1,caption, or JSON lines that are all our entries (the first MiB is read)."""
+    image,sha1,caption[,tags], or JSON lines that are all our entries (the first MiB is read)."""
     if not out.exists():
         return True
     if not out.is_file():
@@ -103,7 +104,7 @@ def written_by_us(out: Path) -> bool:
     except UnicodeDecodeError:
         return False
     if out.suffix.lower() == ".csv":
-        return lines[0].strip() == ",".join(FIELDS)
+        return lines[0].strip() in (",".join(FIELDS), ",".join(FIELDS[:3]))
     return all(_is_entry(line) for line in lines if line.endswith("\n"))  # a cut-off last line is not judged
 
 
@@ -124,8 +125,13 @@ def _from_cell(value):
     return value[1:] if isinstance(value, str) and value.startswith("'") and value[1:].startswith(FORMULA) else value
 
 
+def _tags_cell(tags) -> str:
+    """A CSV cell of tags: "cat 0.966; egyptian cat 0.970" (JSON Lines keep the list)."""
+    return "; ".join(f"{t['word']} {t['score']:.3f}" for t in tags) if isinstance(tags, list) else tags
+
+
 def _write_csv_rows(writer: csv.DictWriter, entries) -> None:
-    writer.writerows({k: _to_cell(v) for k, v in e.items()} for e in entries)
+    writer.writerows({k: _to_cell(_tags_cell(v) if k == "tags" else v) for k, v in e.items()} for e in entries)
 
 
 def _rewrite(out: Path, entries: list[dict]) -> None:
@@ -229,7 +235,7 @@ def _caption_to_file(captioner, paths: Sequence[Path], out: Path, batch_size: in
             entry = {"image": path_text(path), "sha1": sha1, "caption": result["caption"]}
             if len(result["alternatives"]) > 1:
                 entry["alternatives"] = result["alternatives"]
-            entry |= {k: result[k] for k in ("tags", "disagrees") if k in result}  # JSONL only (CSV: FIELDS)
+            entry |= {k: result[k] for k in ("tags", "disagrees") if k in result}  # a CSV keeps FIELDS
             if writer:
                 _write_csv_rows(writer, [entry])
             else:
