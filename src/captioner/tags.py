@@ -8,8 +8,8 @@ WordNet 3.0) gives each class its everyday words ("Egyptian cat" -> cat) and the
 Egyptian cat, tabby and tiger cat, "animal" every animal class.
 
 Tags serve three ends: they are reported with every caption; confident ones become words the
-caption must say (constrained beam search, decode.search), so a photo of a cat is no longer "a
-brown dog"; and the photo library indexes them with their hypernyms for search.
+caption must say (constrained beam search, decode.search), so that a model trained on
+Flickr8k's dogs calls a cat a cat; and the photo library indexes them with their hypernyms for search.
 
 With an encoder fine-tuned in captioning (encoder_weights "folder"), its features are no longer
 the ones the classifier was trained on: the tags then come from the pretrained encoder run again

@@ -154,8 +154,8 @@ class InferencePlan:
 
 def _batch_size(device: torch.device) -> int:
     """Images per batch when captioning files (caption, index, the API), unless the caller says.
-    On a CPU 64: since ended images leave a search's batch (decode.py), a batch no longer waits for
-    its slowest image, and 64 beat 32 and 128 (1,000 photos, 2-core Zen 4, bf16: 95.1, 87.9 and 80.6
+    On a CPU 64: ended images leave a search's batch (decode.py), so a batch does not wait for its
+    slowest image, and 64 beat 32 and 128 (1,000 photos, 2-core Zen 4, bf16: 95.1, 87.9 and 80.6
     images/s). A GPU wants large batches (H100, from files: 277 images/s at 32, 337 at 256)."""
     return 256 if device.type == "cuda" else 64
 
