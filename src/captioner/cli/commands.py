@@ -16,8 +16,8 @@ from pathlib import Path
 from captioner.cli.parser import decoding_from
 from captioner.decoding import Decoding
 from captioner.errors import ConfigError, DataError, ModelError
-from captioner.files import path_text
-from captioner.names import SHIPPED
+from captioner.files import complete_folder, path_text
+from captioner.names import model_dir
 from captioner.train.config import TrainConfig
 
 
@@ -49,10 +49,8 @@ def check_paths(a: argparse.Namespace) -> None:
     anything loads (torch and a model take seconds: `index` of a mistyped folder took 32 s to say
     so on a busy machine). The commands check what they read again, in full."""
     for model in (getattr(a, "model", None), getattr(a, "init", None)):
-        if model is None or str(model) == SHIPPED:
-            continue
-        folder = Path(model)  # (or only .NAME.old, after a kill mid-save: files.complete_folder puts it back)
-        if not folder.is_dir() and not folder.with_name(f".{folder.name}.old").is_dir():
+        # (complete_folder: a kill mid-save can leave only .NAME.old, which loading puts back)
+        if model is not None and not complete_folder(model_dir(model)).is_dir():
             raise ModelError(f"{model}: not a model folder (no such directory)")
     data = getattr(a, "data", None)
     if data is not None and not Path(data).exists():
@@ -289,7 +287,7 @@ def _how_to_continue(a: argparse.Namespace) -> None:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from captioner.evaluate import evaluate
     from captioner.metrics import format_scores
-    from captioner.model.network import model_dir, read_decoding
+    from captioner.model.network import read_decoding
 
     model = model_dir(a.model)
     if a.task == "retrieval":
@@ -339,7 +337,6 @@ def cmd_embeddings(a: argparse.Namespace) -> int:
 
 def cmd_export(a: argparse.Namespace) -> int:
     from captioner.export import export_model
-    from captioner.model.network import model_dir
 
     out = export_model(model_dir(a.model), a.out, a.format)
     print(f"{a.format} export of {a.model or 'the shipped model'}: {out}", file=sys.stderr)

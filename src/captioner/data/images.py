@@ -332,16 +332,16 @@ def image_batches(paths: Sequence[Path], size: int, mean: tuple[float, ...], std
     from torch.utils.data import DataLoader
 
     transform = eval_transform(size, mean, std)
+    jpeg = None  # the device decoder's module, when it decodes
     if jpegs_on_device:
         from captioner.data import jpeg
 
-        jpegs_on_device = jpeg.available()
-    if not jpegs_on_device:
-        return DataLoader(ImageDataset(paths, transform, draft_size(size)), batch_size=batch_size,
-                          num_workers=workers, collate_fn=collate_images, pin_memory=device.type == "cuda",
-                          prefetch_factor=2 if workers else None)
-    ds = jpeg.JpegDataset(paths, transform, draft_size(size))
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=jpeg.as_list,
+        jpeg = jpeg if jpeg.available() else None
+    ds = (jpeg.JpegDataset if jpeg else ImageDataset)(paths, transform, draft_size(size))
+    collate = jpeg.as_list if jpeg else collate_images
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate,
                         pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None)
+    if jpeg is None:
+        return loader
     return map(jpeg.DeviceDecoder(ds.paths, transform, tensor_transform(size, mean, std), device,
                                   min_size=ds.min_size), loader)
