@@ -681,7 +681,7 @@ def synthetic_library(db: Path, cap: Captioner, rows: int, seed: int = 0, featur
                   for i in range(n)]
         points = [None] * n
         if cap.space is not None:
-            p = rng.normal(size=(n, cap.space.cfg.dim)).astype(np.float32)
+            p = rng.normal(size=(n, cap.space.cfg.point_dim)).astype(np.float32)
             points = [q.tobytes() for q in (p / np.linalg.norm(p, axis=1, keepdims=True)).astype(np.float16)]
         vectors = [(head + pool[(start + i) % len(pool)] if features else None,
                     pooled[i].tobytes() if cap.space is None else None, w, points[i])

@@ -29,6 +29,8 @@ def main() -> None:
     ap.add_argument("--tag-threshold", type=float, default=None,
                     help="tag guidance: the caption says confident tags' words, 0 = off (default: the folder's own)")
     ap.add_argument("--tag-words", type=int, default=None, help="tag guidance: at most this many words a caption")
+    ap.add_argument("--tag-named", type=float, default=None,
+                    help="tag guidance: only words the training captions said this often (naming.json)")
     ap.add_argument("--note", default="", help="stored in config.json under extra.shipped")
     ap.add_argument("--space-only", action="store_true",
                     help="copy only the folder's search space into --out, whose model it must fit (captioner train "
@@ -39,14 +41,14 @@ def main() -> None:
         if space is None:
             raise SystemExit(f"{args.model}: no search space (embedding.json) to ship")
         save_space(space, args.out)
-        print(f"{args.out}: search space from {args.model} ({space.cfg.dim} dimensions, fp16)")
+        print(f"{args.out}: search space from {args.model} ({space.cfg.point_dim} dimensions, fp16)")
         return
     space = load_space(args.model, read_config(args.model))
 
     model, vocab = load_model(args.model)
     model.decoding = model.decoding.changed(beam_size=args.beam_size, length_norm=args.length_norm,
                                             block_trigrams=args.block_trigrams, tag_threshold=args.tag_threshold,
-                                            tag_words=args.tag_words)  # decoding.json
+                                            tag_words=args.tag_words, tag_named=args.tag_named)  # decoding.json
     card = args.out / "MODEL_CARD.md"
     card_text = card.read_text(encoding="utf-8") if card.is_file() else None
     save_model(model, vocab, args.out, half=True)  # replaces the folder: keep its model card

@@ -3,10 +3,13 @@
     python scripts/tag_guidance.py --data ../shared/datasets/coco240 --split test
     python scripts/tag_guidance.py --data ../shared/datasets/flickr8k --split val --thresholds 0.5 0.7
     python scripts/tag_guidance.py --data ../shared/datasets/flickr8k --split val --cost   # what guidance costs
+    python scripts/tag_guidance.py --data ../shared/datasets/flickr8k --split train --count-naming --model FOLDER
 
 Features are computed once (the feature cache); each row re-runs only the search. Prints one row
 per setting: how many captions the tags changed, CIDEr-D, BLEU-4, METEOR, ROUGE-L (docs/EXPERIMENTS.md
-records the runs that chose the shipped default).
+records the runs that chose the shipped default). `--count-naming` instead counts how often the
+split's captions say their photos' tag words and writes the model folder's naming.json, as training
+does at its end (for a folder trained before it, such as the shipped one).
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from captioner import Captioner, metrics
 from captioner.data.records import check_images, load_records, split_records
 from captioner.evaluate import image_ids
 from captioner.inference.features import cached_features
+from captioner.model.network import NAMING, model_dir
 from captioner.tags import Tagger, pooled
+from captioner.train.data import Captions, FeatureRows
+from captioner.train.epoch import count_naming
 
 
 def main() -> None:
@@ -35,6 +41,10 @@ def main() -> None:
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
     ap.add_argument("--most", type=int, nargs="+", default=[1, 2], help="constraint sets per caption")
     ap.add_argument("--beams", type=int, nargs="+", help="beam sizes (default: the model's own)")
+    ap.add_argument("--named", type=float, nargs="+", default=[0.0],
+                    help="least naming rates of a tag word (naming.json; 0 = every word)")
+    ap.add_argument("--count-naming", action="store_true",
+                    help="instead, write the model folder's naming.json from the split's captions (the training split)")
     ap.add_argument("--borrow", action="store_true", help="tag words the vocabulary lacks borrow the nearest it has")
     ap.add_argument("--no-meteor", action="store_true")
     ap.add_argument("--cost", action="store_true",
@@ -50,19 +60,31 @@ def main() -> None:
     records = check_images(split_records(load_records(args.data), args.split))
     feats, ok, _ = cached_features(cap.model, [r.image for r in records], cap.plan, encoder=cap.encoder)
     keep = np.flatnonzero(ok)
+    if args.count_naming:
+        if cap.tags_need_own_pass:
+            raise SystemExit("the encoder was fine-tuned: its cached features do not fit the ImageNet classifier")
+        caps, _ = Captions.build([records[i] for i in keep], cap.vocab, cap.model.cfg.max_len)
+        naming = count_naming(model_dir(args.model), FeatureRows(feats, keep.tolist()), caps)
+        print(f"{model_dir(args.model) / NAMING}: {len(naming.words)} words; the captions said a photo's tag word "
+              f"{naming.prior:.1%} of the time")
+        for word, (photos, said) in sorted(naming.words.items(), key=lambda x: -x[1][0])[:40]:
+            print(f"  {word}: {photos} photos, said in {said / photos:.0%} of their captions "
+                  f"(rate {naming.rate(word):.2f})")
+        return
     records = [records[i] for i in keep]
     feats = torch.from_numpy(np.asarray(feats[keep]))
     probs = torch.cat([tagger.probs(pooled(feats[i:i + 256].float())) for i in range(0, len(feats), 256)])
     refs = {k: r.captions for k, r in zip(image_ids([r.image for r in records]), records)}
     ids = list(refs)
     print(f"{args.data} {args.split}: {len(records)} images; precision {cap.precision}")
-    print("| beam | threshold | sets | captions changed | CIDEr-D | BLEU-4 | METEOR | ROUGE-L | seconds |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"naming.json: {'yes' if cap.model.naming else 'none (--named has no effect)'}")
+    print("| beam | threshold | sets | named | captions changed | CIDEr-D | BLEU-4 | METEOR | ROUGE-L | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for beam in args.beams or [cap.decoding.beam_size]:
         plain = cap.decoding.replace(beam_size=beam, tag_threshold=0.0)
         base = None
-        for threshold, most in [(0.0, 2)] + list(itertools.product(args.thresholds, args.most)):
-            decoding = plain.replace(tag_threshold=threshold, tag_words=most, tag_borrow=args.borrow)
+        for threshold, most, named in [(0.0, 2, 0.0)] + list(itertools.product(args.thresholds, args.most, args.named)):
+            decoding = plain.replace(tag_threshold=threshold, tag_words=most, tag_borrow=args.borrow, tag_named=named)
             t0 = time.perf_counter()
             hyps = [r["caption"] for i in range(0, len(feats), 100)  # as `captioner evaluate` runs it
                     for r in cap.caption_features(feats[i:i + 100], decoding, probs[i:i + 100])]
@@ -70,7 +92,7 @@ def main() -> None:
             base = base or hyps
             s = metrics.score(refs, dict(zip(ids, hyps)), meteor=not args.no_meteor)
             meteor = f"{s['METEOR']:.4f}" if s["METEOR"] is not None else "-"
-            print(f"| {beam} | {threshold or 'off'} | {most if threshold else '-'} | "
+            print(f"| {beam} | {threshold or 'off'} | {most if threshold else '-'} | {named if threshold else '-'} | "
                   f"{sum(a != b for a, b in zip(hyps, base))} | {s['CIDEr']:.4f} | {s['BLEU-4']:.4f} | {meteor} | "
                   f"{s['ROUGE-L']:.4f} | {seconds:.1f} |", flush=True)
 

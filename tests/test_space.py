@@ -15,7 +15,7 @@ from captioner import Captioner
 from captioner.errors import LibraryError, ModelError
 from captioner.library import index_folders, search, similar
 from captioner.library.store import point_blocks
-from captioner.model.embedding import EmbeddingConfig, JointEmbedding
+from captioner.model.embedding import EmbeddingConfig, JointEmbedding, SpaceEnsemble, build_space
 from captioner.model.network import SPACE_CONFIG, SPACE_WEIGHTS, load_space, read_config, save_space
 from captioner.train.data import Captions, FeatureRows
 from captioner.train.embedding import fit, recall_both, retrieval_ranks, word_rows
@@ -39,11 +39,11 @@ def test_the_trained_model_has_a_space_that_ranks_held_out_captions(trained, cap
     files = sorted(photos.glob("*.png"))
     img = cap.embed(files)
     txt = cap.embed_text([truth(f.stem) for f in files])
-    assert img.shape == txt.shape == (12, cap.space.cfg.dim)
+    assert img.shape == txt.shape == (12, cap.space.cfg.point_dim)
     assert np.allclose(np.linalg.norm(img, axis=1), 1, atol=1e-3)
     t2i, i2t = retrieval_ranks(torch.from_numpy(img), torch.from_numpy(txt), torch.arange(12))
     assert (t2i == 1).mean() >= 0.5 and (i2t == 1).mean() >= 0.5, (t2i, i2t)
-    assert cap.embed(files[0]).shape == (1, cap.space.cfg.dim)  # one image -> one row
+    assert cap.embed(files[0]).shape == (1, cap.space.cfg.point_dim)  # one image -> one row
     assert not cap.embed_text("zxqv").any()  # no known word: matches nothing
 
 
@@ -91,6 +91,40 @@ def test_every_variant_learns_and_training_is_repeatable(text, pool, loss):
         assert torch.equal(a, b), k
 
 
+def test_an_ensemble_scores_the_mean_of_its_members_cosines():
+    """A point of an ensemble is a unit vector whose dot product is the mean of its members' cosines;
+    a sentence with no word stays a row of zeros (it matches nothing)."""
+    torch.manual_seed(0)
+    cfg = EmbeddingConfig(vocab_size=20, feat_dim=8, dim=16, word_dim=8, members=3)
+    space = build_space(cfg).eval()
+    assert isinstance(space, SpaceEnsemble) and cfg.point_dim == 48
+    feats, tokens = torch.rand(4, 5, 8), torch.randint(1, 20, (6, 7))
+    tokens[0] = 0
+    with torch.no_grad():
+        img, txt = space.images(feats), space.texts(tokens)
+        mean = sum(m.texts(tokens) @ m.images(feats).t() for m in space.members) / 3
+    assert img.shape == (4, 48) and torch.allclose(img.norm(dim=1), torch.ones(4))
+    assert torch.allclose(txt @ img.t(), mean, atol=1e-6) and not txt[0].any()
+    assert isinstance(build_space(EmbeddingConfig(vocab_size=20, feat_dim=8, dim=16, word_dim=8)), JointEmbedding)
+
+
+def test_a_one_member_space_still_loads_as_it_was_saved(trained, tmp_path):
+    """Folders written before ensembles hold one pair of towers and no "members" in embedding.json:
+    they load as that, and embed as that pair does."""
+    folder = tmp_path / "one"
+    shutil.copytree(trained / "best", folder)
+    one = load_space(folder, read_config(folder)).members[0]
+    one.cfg = EmbeddingConfig.from_json(one.cfg.to_json() | {"members": 1})
+    save_space(one, folder)
+    older = {k: v for k, v in json.loads((folder / SPACE_CONFIG).read_text()).items() if k != "members"}
+    (folder / SPACE_CONFIG).write_text(json.dumps(older))
+    loaded = Captioner.load(folder, device="cpu")
+    assert isinstance(loaded.space, JointEmbedding) and loaded.space.cfg.point_dim == one.cfg.dim
+    with torch.no_grad():
+        want = one.texts(torch.tensor([[loaded.vocab.stoi[w] for w in ("a", "red", "circle")]]))
+    assert np.allclose(loaded.embed_text("a red circle"), want.numpy(), atol=2e-3)  # fp16 weights on disk
+
+
 def test_word_rows_drop_start_and_end():
     rows = word_rows([torch.tensor([1, 5, 6, 2]), torch.tensor([1, 7, 2])], start=1, end=2, pad=0)
     assert rows.tolist() == [[5, 6], [7, 0]]
@@ -132,11 +166,13 @@ def test_save_space_round_trips_and_changes_the_fingerprint(trained, tmp_path, c
     shutil.copytree(trained / "best", folder)
     before = Captioner.load(folder, device="cpu").fingerprint
     space = load_space(folder, read_config(folder))
+    assert isinstance(space, SpaceEnsemble) and len(space.members) == 2  # the default: two members
     with torch.no_grad():
-        space.image_linear.bias.add_(0.5)
+        space.members[1].image_linear.bias.add_(0.5)  # the second member, so that their order is kept too
     save_space(space, folder)
     again = load_space(folder, read_config(folder))
-    assert torch.equal(again.image_linear.bias, space.image_linear.bias.half().float())
+    assert torch.equal(again.members[1].image_linear.bias, space.members[1].image_linear.bias.half().float())
+    assert torch.equal(again.members[0].image_linear.bias, space.members[0].image_linear.bias)
     assert Captioner.load(folder, device="cpu").fingerprint != before
 
 
@@ -154,7 +190,7 @@ def test_index_stores_a_point_per_photo(cap, library, photos):
     con = sqlite3.connect(library)
     blocks = list(point_blocks(con, cap.fingerprint))
     ids = np.concatenate([i for i, _ in blocks])
-    assert len(ids) == 12 and list(ids) == sorted(ids) and all(b.shape[1] == cap.space.cfg.dim for _, b in blocks)
+    assert len(ids) == 12 and list(ids) == sorted(ids) and all(b.shape[1] == cap.space.cfg.point_dim for _, b in blocks)
     assert {r[0] for r in con.execute("SELECT id FROM photos")} == set(ids.tolist())
     assert con.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0] == "5"
     stored = blocks[0][1][0].astype(np.float32)

@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from captioner.tags import Tagger, table
+from captioner.decoding import NAMING_PRIOR, Naming
+from captioner.tags import Tagger, naming_of, table
 
 NAMES = {c["name"]: k for k, c in enumerate(table()["classes"])}
 
@@ -84,6 +85,74 @@ def test_a_tag_word_the_vocabulary_lacks_borrows_the_nearest_it_has(tagger):
     unborrowed = tagger.unborrowed(vocab)  # how a caption is read back as the words the search said
     assert unborrowed["zebra"] == "horse" and unborrowed["zebras"] == "horses"
     assert tagger.borrowed(vocab) is borrowed  # worked out once per vocabulary
+
+
+def test_naming_counts_what_the_captions_say_and_guidance_asks_only_for_words_said(tagger):
+    """naming.json: of three cat photos, captions said "cat" in 1, 1/2 and 0 of theirs; of two ski
+    photos, never "ski". Guidance with a least rate asks for the cat and not the ski; a word no
+    training photo carried (coffee) has the average rate, as a borrowed word does."""
+    vocab = Vocab(["a", "cat", "cats", "man", "ski", "snow", "coffee", "horse", "horses"])
+    ids = {w: vocab.stoi[w] for w in vocab.itos}
+    probs = torch.cat([probs_of(Egyptian_cat=0.9)] * 3 + [probs_of(ski=0.8)] * 2 + [probs_of(Egyptian_cat=0.2)])
+    refs = [[{ids["a"], ids["cat"]}, {ids["cats"]}], [{ids["cat"]}, {ids["man"]}], [{ids["man"]}],
+            [{ids["man"], ids["snow"]}], [{ids["man"]}], [{ids["cat"]}]]  # the last photo's tag is not confident
+    naming = naming_of(tagger, probs, refs, vocab)
+    assert naming.words == {"cat": (3, 1.5), "ski": (2, 0.0)} and naming.prior == pytest.approx(1.5 / 5)
+    assert naming.rate("cat") == pytest.approx((1.5 + NAMING_PRIOR * 0.3) / (3 + NAMING_PRIOR))
+    assert naming.rate("coffee") == naming.rate(None) == pytest.approx(0.3)
+    assert Naming.from_json(json.loads(json.dumps(naming.to_json()))) == naming
+
+    p = torch.cat([probs_of(Egyptian_cat=0.9), probs_of(ski=0.9), probs_of(espresso=0.9)])
+    everything = [[ids_ for ids_, _ in sets] for sets in tagger.wanted(p, vocab, 0.5, 1)]
+    assert everything == [[{ids["cat"], ids["cats"]}], [{ids["ski"]}], [{ids["coffee"]}]]
+    gated = [[ids_ for ids_, _ in sets] for sets in tagger.wanted(p, vocab, 0.5, 1, naming=naming, named=0.25)]
+    assert gated == [[{ids["cat"], ids["cats"]}], [], [{ids["coffee"]}]]
+    assert tagger.wanted(probs_of(zebra=0.9), vocab, 0.5, 1, borrow=True, naming=naming, named=0.3)[0]  # the prior
+    assert not tagger.wanted(probs_of(zebra=0.9), vocab, 0.5, 1, borrow=True, naming=naming, named=0.31)[0]
+    assert tagger.wanted(p, vocab, 0.5, 1, naming=naming, named=0.0) == tagger.wanted(p, vocab, 0.5, 1)
+
+
+@pytest.mark.parametrize("bad", [[], {"words": {}}, {"floor": 0.3, "prior": 2, "words": {}},
+                                 {"floor": 0.3, "prior": 0.5, "words": {"cat": [2, 3.0]}},
+                                 {"floor": 0.3, "prior": 0.5, "words": {"cat": "often"}}])
+def test_a_bad_naming_json_is_refused(bad):
+    with pytest.raises(ValueError):
+        Naming.from_json(bad)
+
+
+def test_training_writes_naming_and_a_folder_keeps_it_or_does_without(trained, tmp_path):
+    """`captioner train` counts naming.json into best/; a folder without it loads with none (every
+    confident word asked for); a damaged one is a one-line ModelError."""
+    import shutil
+
+    from captioner.errors import ModelError
+    from captioner.model.network import NAMING, copy_model, load_model
+
+    assert (trained / "best" / NAMING).is_file()
+    model, _ = load_model(trained / "best")
+    assert isinstance(model.naming, Naming)
+    copy = copy_model(trained / "best", tmp_path / "copy")  # --init and --space-only start from a copy
+    assert (copy / NAMING).read_bytes() == (trained / "best" / NAMING).read_bytes()
+    folder = tmp_path / "m"
+    shutil.copytree(trained / "best", folder)
+    (folder / NAMING).unlink()
+    assert load_model(folder)[0].naming is None
+    (folder / NAMING).write_text('{"floor": 0.3, "prior": 0.5, "words": {"cat": [1, 5]}}')
+    with pytest.raises(ModelError, match="bad naming.json") as e:
+        load_model(folder)
+    assert "\n" not in str(e.value)
+
+
+def test_decoding_checks_the_naming_rate_and_saves_it_only_when_used():
+    from captioner.decoding import Decoding
+    from captioner.errors import ConfigError
+
+    for bad in (-0.1, 1.5, float("nan"), "often"):
+        with pytest.raises(ConfigError, match="tag naming rate"):
+            Decoding(tag_named=bad)
+    assert "tag_named" not in Decoding(tag_threshold=0.8).saved()  # a folder from before it keeps its fingerprint
+    assert Decoding(tag_threshold=0.3, tag_named=0.4).saved()["tag_named"] == 0.4
+    assert "said >= 0.4" in Decoding(beam_size=5, tag_threshold=0.3, tag_named=0.4).describe()
 
 
 def test_a_caption_naming_an_animal_the_encoder_does_not_see_is_flagged(tagger):
@@ -163,7 +232,7 @@ def test_guidance_makes_the_caption_say_a_confident_tag(trained, shapes, monkeyp
     plain = cap.caption(img, decoding=guided, guided=False)
     said = next(w for w in plain.split() if w in shapes_words)
     for word, expected in ((shapes_words[0], None), (said, plain)):
-        monkeypatch.setattr(cap.tagger, "wanted", lambda probs, vocab, threshold, most, borrow=False, w=word: [
+        monkeypatch.setattr(cap.tagger, "wanted", lambda probs, vocab, threshold, most, *rest, w=word: [
             [({vocab.stoi[w]}, {})] for _ in range(probs.shape[0])])
         got = cap.caption(img, decoding=guided)
         assert word in got.split()
@@ -251,7 +320,7 @@ def test_a_borrowed_word_is_written_as_the_tag(trained, shapes, monkeypatch):
     cap = Captioner.load(trained / "best", device="cpu", precision="fp32")
     word = next(w for w in ("circle", "square", "triangle") if w in cap.vocab.stoi)
     img = sorted(shapes.parent.glob("*.png"))[0]
-    monkeypatch.setattr(cap.tagger, "wanted", lambda probs, vocab, threshold, most, borrow=False: [
+    monkeypatch.setattr(cap.tagger, "wanted", lambda probs, vocab, threshold, most, *rest: [
         [({vocab.stoi[word]}, {vocab.stoi[word]: "rhombus"})] for _ in range(probs.shape[0])])
     d = cap.decoding.replace(tag_threshold=0.5, beam_size=3, tag_borrow=True)
     got = cap.caption(img, decoding=d, details=True)

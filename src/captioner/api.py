@@ -162,7 +162,7 @@ class Captioner:
             part = items[start:start + (batch_size or self.batch_size)]
             x = torch.stack([self.read(im) for im in part]).to(self.device)
             out.append(self.embed_features(self.features(x)))
-        return np.concatenate(out) if out else np.zeros((0, self.space.cfg.dim), np.float32)
+        return np.concatenate(out) if out else np.zeros((0, self.space.cfg.point_dim), np.float32)
 
     @torch.no_grad()
     def embed_features(self, feats: torch.Tensor) -> np.ndarray:
@@ -180,7 +180,7 @@ class Captioner:
         v, cut = self.vocab, self.model.cfg.max_len
         rows = [torch.tensor([i for i in v.encode(t, cut)[1:-1] if i != v.unk] or [v.pad]) for t in texts]
         if not rows:
-            return np.zeros((0, self.space.cfg.dim), np.float32)
+            return np.zeros((0, self.space.cfg.point_dim), np.float32)
         tokens = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=v.pad).to(self.device)
         return self.space.texts(tokens).float().cpu().numpy()
 
@@ -232,7 +232,8 @@ class Captioner:
         search keeps other beams and can end elsewhere (on coco240 that cost what it gained,
         docs/EXPERIMENTS.md). With `decoding.tag_borrow`, a tag word the vocabulary lacks is asked for
         as the word it borrows, which is then written as the tag's ("horse" -> "zebra": Tagger.wanted)."""
-        wanted = self.tagger.wanted(probs, self.vocab, decoding.tag_threshold, decoding.tag_words, decoding.tag_borrow)
+        wanted = self.tagger.wanted(probs, self.vocab, decoding.tag_threshold, decoding.tag_words, decoding.tag_borrow,
+                                    self.model.naming, decoding.tag_named)
         missing = []
         for r, sets in zip(results, wanted):
             said = {self.vocab.stoi.get(w) for w in r["caption"].split()}

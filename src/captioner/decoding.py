@@ -6,6 +6,10 @@ generation config beside a model's config); callers change it (`--beam-size` & c
 arguments), and pass it to everything that captions (decode.caption_features). Each limit is
 declared here once; the command line's option types and help, the model folder's checks and the
 search all read it from here.
+
+`Naming` is what a model folder's naming.json holds (how often its training captions said their
+photos' tag words), which tag guidance reads beside `tag_named`: data of the folder, torch-free
+like the settings.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ MAX_BEAM = 100  # wider beams score no better and need memory in proportion (100
 MAX_LENGTH_NORM = 10.0  # logprob / length**10 already ranks by length alone
 MAX_WORDS = 1000  # the longest caption a search may be asked for
 MAX_TAG_WORDS = 3  # words one caption may be asked to say: the search keeps 2**3 sets of beams
+NAMING_FLOOR = 0.3  # a tag counts for naming.json from this score (the guidance threshold it was chosen with)
+NAMING_PRIOR = 5  # photos' worth of the average naming rate every word starts from (a word seen twice is not
+                  # sure of anything)
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,9 @@ class Decoding:
     tag_threshold: float = 0.0
     tag_words: int = 2
     tag_borrow: bool = False  # a tag word the vocabulary lacks is said as the nearest word it has (tags.py)
+    # ... and only the words the model's training captions said at least this often when the tag was
+    # there (naming.json, `Naming` below; 0 = every word, as for a folder without it)
+    tag_named: float = 0.0
 
     def __post_init__(self):
         for name in ("beam_size", "length_norm"):  # text is the command line's to convert, not a value's
@@ -48,6 +58,7 @@ class Decoding:
         if type(self.max_len) is not int or not 1 <= self.max_len <= MAX_WORDS:
             raise ConfigError(f"the longest caption must be 1 to {MAX_WORDS} words, not {self.max_len!r}")
         tag_threshold(self.tag_threshold)
+        tag_named(self.tag_named)
         if type(self.tag_borrow) is not bool:
             raise ConfigError(f"borrowing tag words is true or false, not {self.tag_borrow!r}")
         if type(self.tag_words) is not int or not 1 <= self.tag_words <= MAX_TAG_WORDS:
@@ -72,7 +83,9 @@ class Decoding:
         """What a model folder's decoding.json holds: all but the longest caption, which is the
         model's own (config.json's max_len: training left longer captions out). Tag guidance only
         when on, so a folder from before it keeps its fingerprint (Captioner.fingerprint)."""
-        skip = {"max_len"} | (set() if self.guided else {"tag_threshold", "tag_words", "tag_borrow"})
+        skip = {"max_len"} | (set() if self.guided else {"tag_threshold", "tag_words", "tag_borrow", "tag_named"})
+        if not self.tag_named:  # so that a folder from before it keeps its fingerprint too
+            skip.add("tag_named")
         return {k: v for k, v in self.to_json().items() if k not in skip}
 
     def changed(self, **changes) -> Decoding:
@@ -86,6 +99,7 @@ class Decoding:
     def describe(self) -> str:
         """'greedy' or 'beam 3, length norm 1.0' (for logs and config notes)."""
         tags = (f", tag words >= {self.tag_threshold:g} (at most {self.tag_words}"
+                + (f", said >= {self.tag_named:g} in training" if self.tag_named else "")
                 + (", borrowed when missing)" if self.tag_borrow else ")")) if self.guided else ""
         if self.beam_size == 1:
             return "greedy" + tags
@@ -130,3 +144,55 @@ def tag_threshold(value) -> float:
     if type(value) not in (int, float) or not (math.isfinite(value) and 0 <= value <= 1):
         raise ConfigError(f"tag threshold must be a number from 0 (off) to 1, not {value!r}")
     return float(value)
+
+
+def tag_named(value) -> float:
+    """`value` as the least naming rate of a tag word guidance asks for (0 = every word, up to 1),
+    else a one-line ConfigError. Also the command line's type for --tag-named."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"tag naming rate must be a number, not {value!r}") from None
+    if type(value) not in (int, float) or not (math.isfinite(value) and 0 <= value <= 1):
+        raise ConfigError(f"tag naming rate must be a number from 0 (every word) to 1, not {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Naming:
+    """How often a model's training captions said the words of their photos' tags (a model folder's
+    naming.json, counted by tags.naming_of; tag guidance asks only for words said at least
+    `Decoding.tag_named` of the time).
+
+    words: word -> (photos tagged with it, at NAMING_FLOOR or above; the share of their reference
+    captions that said it, summed over those photos). prior: that share over every tagged photo."""
+
+    words: dict[str, tuple[int, float]]
+    prior: float
+    floor: float = NAMING_FLOOR
+
+    def rate(self, word: str | None) -> float:
+        """The share of captions that say `word` when its tag is there, pulled towards the prior by
+        NAMING_PRIOR photos (a word no training photo carried, or None, has the prior)."""
+        photos, said = self.words.get(word, (0, 0.0)) if word is not None else (0, 0.0)
+        return (said + NAMING_PRIOR * self.prior) / (photos + NAMING_PRIOR)
+
+    def to_json(self) -> dict:
+        return {"floor": self.floor, "prior": self.prior, "words": {w: list(v) for w, v in self.words.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Naming:
+        """naming.json's content, checked (a ValueError says what is wrong)."""
+        if not isinstance(data, dict) or not isinstance(data.get("words"), dict):
+            raise ValueError("not an object with 'words'")
+        numbers = [data.get("floor"), data.get("prior")]
+        if not all(type(x) in (int, float) and math.isfinite(x) and 0 <= x <= 1 for x in numbers):
+            raise ValueError(f"floor and prior must be numbers from 0 to 1, not {numbers}")
+        words = {}
+        for w, v in data["words"].items():
+            if not (isinstance(v, list) and len(v) == 2 and type(v[0]) is int and type(v[1]) in (int, float)
+                    and 0 <= v[1] <= v[0]):
+                raise ValueError(f"{w!r} must be [photos, said], said from 0 to photos, not {v!r}")
+            words[w] = (v[0], float(v[1]))
+        return cls(words, float(data["prior"]), float(data["floor"]))

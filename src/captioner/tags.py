@@ -7,6 +7,12 @@ WordNet 3.0) gives each class its everyday words ("Egyptian cat" -> cat) and the
 ("feline", "animal"). A word's score is the probability of all the classes it names: "cat" sums
 Egyptian cat, tabby and tiger cat, "animal" every animal class.
 
+Not every confident tag is a word people say: Flickr8k's captions call a "ski" photo "a skier in the
+snow" and an "athlete" "a man". A model folder's naming.json (decoding.Naming, counted on its training
+captions by `naming_of`) says how often the captions of the training photos that carried a tag said its word;
+guidance asks only for words said often enough (`Decoding.tag_named`). A word the training photos
+never carried (bed, for a model of Flickr8k) is taken to be said as often as the average tag word.
+
 Tags serve three ends: they are reported with every caption; confident ones become words the
 caption must say (constrained beam search, decode.search), so that a model trained on
 Flickr8k's dogs calls a cat a cat; and the photo library indexes them with their hypernyms for search.
@@ -24,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from captioner.decoding import NAMING_FLOOR, Naming
 from captioner.errors import ModelError
 
 TABLE = Path(__file__).parent / "assets" / "imagenet_words.json"
@@ -124,8 +131,8 @@ class Tagger:
         `wanted`, without the words it writes in place of borrowed ones)."""
         return [[ids for ids, _ in sets] for sets in self.wanted(probs, vocab, threshold, most)]
 
-    def wanted(self, probs: torch.Tensor, vocab, threshold: float, most: int, borrow: bool = False
-               ) -> list[list[tuple[set[int], dict[int, str]]]]:
+    def wanted(self, probs: torch.Tensor, vocab, threshold: float, most: int, borrow: bool = False,
+               naming: Naming | None = None, named: float = 0.0) -> list[list[tuple[set[int], dict[int, str]]]]:
         """For each image, at most `most` (set of caption-word ids, swaps): for each confident class,
         best first, the forms of its words that the caption vocabulary has ("cat", "cats"), when its
         best word scores at least `threshold` and names something the sets before did not.
@@ -135,7 +142,10 @@ class Tagger:
         set is the borrowed word's forms, and `swaps` maps each of their ids to the word to write in
         its place ({id of "horse": "zebra", id of "horses": "zebras"}). The language model then
         places the word where it would place "horse", as deep compositional captioning does by
-        copying the nearer word's weights (Hendricks et al. 2016), without changing the model."""
+        copying the nearer word's weights (Hendricks et al. 2016), without changing the model.
+
+        With `naming` and `named` > 0, a word the training captions said less often than `named`
+        (Naming.rate) is not asked for; a borrowed word was never said, and counts as the average."""
         scores = self.word_scores(probs).cpu()
         order = probs.topk(10, dim=-1).indices.cpu().tolist()  # a word scoring >= 0.1 has a class in the top 10
         borrowed = self.borrowed(vocab) if borrow else {}
@@ -156,6 +166,8 @@ class Tagger:
                         if (i := vocab.stoi.get(form)) is not None:
                             ids.add(i)
                             swaps[i] = own
+                if named and naming and ids and naming.rate(None if swaps else key_word(ids, vocab)) < named:
+                    continue
                 if ids and not any(ids & s for s, _ in sets):
                     sets.append((ids, swaps))
             out.append(sets)
@@ -215,6 +227,29 @@ class Tagger:
 
     def _singular(self, word: str) -> str:
         return word if word in self._word_index else self._plural_of.get(word, word)
+
+
+def key_word(ids: set[int], vocab) -> str:
+    """The word a set of caption-word ids ("cat", "cats") is known by in naming.json: its most
+    frequent form in training (vocabularies list words by frequency)."""
+    return vocab.itos[min(ids)]
+
+
+def naming_of(tagger: Tagger, probs: torch.Tensor, captions: list[list[set[int]]], vocab,
+              floor: float = NAMING_FLOOR) -> Naming:
+    """How often training captions said their photos' tag words: probs (N, 1000) of N training
+    photos, captions[i] the word ids of each reference caption of photo i -> naming.json's Naming."""
+    photos: dict[str, int] = {}
+    said: dict[str, float] = {}
+    for sets, refs in zip(tagger.wanted(probs, vocab, floor, len(tagger.classes)), captions):
+        for ids, _ in sets:
+            if refs:
+                word = key_word(ids, vocab)
+                photos[word] = photos.get(word, 0) + 1
+                said[word] = said.get(word, 0.0) + sum(bool(ids & r) for r in refs) / len(refs)
+    total = sum(photos.values())
+    return Naming({w: (photos[w], round(said[w], 4)) for w in sorted(photos)},
+                  round(sum(said.values()) / total, 4) if total else 0.0, floor)
 
 
 def pooled(feats: torch.Tensor) -> torch.Tensor:

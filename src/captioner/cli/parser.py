@@ -91,6 +91,9 @@ def _decoding_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tag-threshold", type=_checked(decoding.tag_threshold), metavar="P",
                    help="the caption must say the words of the encoder's ImageNet tags scoring at least P, 0 = off "
                         "(default: the model's own setting)")
+    p.add_argument("--tag-named", type=_checked(decoding.tag_named), metavar="RATE",
+                   help="ask only for tag words the model's training captions said at least this often when the "
+                        "tag was there (naming.json), 0 = every word (default: the model's own setting)")
     p.add_argument("--tag-borrow", action=argparse.BooleanOptionalAction,
                    help="a confident tag word the vocabulary lacks (zebra) is said where the model would say the "
                         "nearest word it has in WordNet (horse) (default: the model's own setting)")
@@ -112,7 +115,8 @@ def _data_options(p: argparse.ArgumentParser, required: bool) -> None:
 def decoding_from(a: argparse.Namespace, own: Decoding) -> Decoding:
     """The one decoding a command uses: the model's own (`own`), changed where the options say."""
     return own.changed(beam_size=a.beam_size, length_norm=a.length_norm, block_trigrams=a.block_trigrams,
-                       tag_threshold=0.0 if a.no_tags else a.tag_threshold, tag_borrow=a.tag_borrow)
+                       tag_threshold=0.0 if a.no_tags else a.tag_threshold, tag_borrow=a.tag_borrow,
+                       tag_named=a.tag_named)
 
 
 def _caption_parser(sub) -> None:

@@ -14,6 +14,11 @@ must score above the batch's other photos, and each photo's caption above the ot
 (InfoNCE with a learned temperature, or VSE++'s hinge on the hardest negative). What was tried and
 measured is in docs/EXPERIMENTS.md; the defaults here are the winners.
 
+A space may be several such pairs of towers trained apart from different seeds (`members`,
+`SpaceEnsemble`): a point is their unit vectors side by side, scaled by 1/sqrt(members), so it is a
+unit vector too and its dot product is the mean of the members' cosines. Two members found the
+right photo more often than either alone (docs/EXPERIMENTS.md), for twice the stored bytes.
+
 The space lives in its own files of the model folder (embedding.json + embedding.safetensors, see
 model/network.py): trained after the decoder on the same cached features, it is a second opinion
 beside the captioner's log p(query | photo), and a folder without it captions and searches as before.
@@ -42,7 +47,10 @@ class EmbeddingConfig:
 
     vocab_size: int = option(5, "words in the vocabulary (the caption model's)", low=5, high=1_000_000)
     feat_dim: int = option(1280, "the encoder's channels", low=1, high=8192)
-    dim: int = option(512, "dimensions of the joint space (a stored photo is dim x 2 bytes)", low=8, high=4096)
+    dim: int = option(512, "dimensions of each member's space (a stored photo is dim x members x 2 bytes)", low=8,
+                      high=4096)
+    members: int = option(1, "spaces trained apart (seeds seed, seed + 1, ...) whose cosines are averaged", low=1,
+                          high=8)
     word_dim: int = option(512, "word vectors of the text side", low=8, high=4096)
     pool: str = option("attention", "how the image side pools the encoder's grid", choices=POOLS)
     text: str = option("gru", "the text side: a bidirectional GRU, or the mean word vector", choices=TEXTS)
@@ -55,6 +63,11 @@ class EmbeddingConfig:
     # 100th percentile, measured when the space was trained (train/embedding.py `calibrate`). A
     # search reads a photo's cosine against them as a relevance from 0 to 1 (`relevance`).
     calibration: tuple[float, ...] = ()
+
+    @property
+    def point_dim(self) -> int:
+        """The length of a point: every member's dimensions side by side."""
+        return self.dim * self.members
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -148,3 +161,28 @@ class JointEmbedding(nn.Module):
         caption_side = (self.cfg.margin - diag[:, None] + masked).clamp(min=0).max(dim=1).values  # per photo
         photo_side = (self.cfg.margin - diag[None, :] + masked).clamp(min=0).max(dim=0).values  # per caption
         return (caption_side + photo_side).mean()
+
+
+class SpaceEnsemble(nn.Module):
+    """`cfg.members` spaces trained apart, used as one: images() and texts() give every member's unit
+    vector side by side, over sqrt(members), so that a dot product is the mean of their cosines."""
+
+    def __init__(self, cfg: EmbeddingConfig, pad: int = 0, members: list[JointEmbedding] | None = None):
+        super().__init__()
+        self.cfg, self.pad = cfg, pad
+        self.members = nn.ModuleList(members or [JointEmbedding(cfg, pad) for _ in range(cfg.members)])
+        if len(self.members) != cfg.members:
+            raise ValueError(f"{len(self.members)} members given, the config says {cfg.members}")
+
+    def images(self, feats: torch.Tensor) -> torch.Tensor:
+        """Encoder features (B, P, C) or pooled (B, C) -> unit vectors (B, dim x members)."""
+        return torch.cat([m.images(feats) for m in self.members], dim=-1) / math.sqrt(len(self.members))
+
+    def texts(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> unit vectors (B, dim x members); a row of padding alone stays zeros."""
+        return torch.cat([m.texts(tokens) for m in self.members], dim=-1) / math.sqrt(len(self.members))
+
+
+def build_space(cfg: EmbeddingConfig, pad: int = 0) -> JointEmbedding | SpaceEnsemble:
+    """An untrained space of `cfg`: one pair of towers, or an ensemble of `cfg.members`."""
+    return JointEmbedding(cfg, pad) if cfg.members == 1 else SpaceEnsemble(cfg, pad)

@@ -1,8 +1,9 @@
 """The whole captioning model: its config, its modules (encoder backbone, decoder) and its folder.
 
 A model is a folder: ``config.json`` + ``vocab.json`` + ``model.safetensors`` + ``decoding.json``,
-and optionally its search space: ``embedding.json`` + ``embedding.safetensors`` (model/embedding.py).
-Never a pickle.
+optionally ``naming.json`` (how often its training captions said the words of their photos' tags:
+decoding.Naming, which tag guidance reads), and optionally its search space: ``embedding.json`` +
+``embedding.safetensors`` (model/embedding.py). Never a pickle.
 
 ``decoding.json`` holds how the model captions unless told otherwise (beam size, length
 normalisation, trigram blocking, chosen on val at the end of training). Folders written before it
@@ -29,18 +30,19 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from captioner.data.vocab import Vocabulary
-from captioner.decoding import MAX_BEAM, MAX_LENGTH_NORM, Decoding
+from captioner.decoding import MAX_BEAM, MAX_LENGTH_NORM, Decoding, Naming
 from captioner.errors import ConfigError, ModelError
 from captioner.files import atomic_folder, atomic_write, complete_folder
 from captioner.model.attention import AttentionDecoder
 from captioner.model.base import Decoder
-from captioner.model.embedding import EmbeddingConfig, JointEmbedding
+from captioner.model.embedding import EmbeddingConfig, JointEmbedding, SpaceEnsemble, build_space
 from captioner.model.encoder import BACKBONES, HEADS, Backbone, EncoderError, build_backbone, weights_digest
 from captioner.model.show_tell import ShowTellDecoder
 from captioner.names import model_dir
 from captioner.options import ModelOptions, check_ranges, option
 
 CONFIG, VOCAB, WEIGHTS, DECODING = "config.json", "vocab.json", "model.safetensors", "decoding.json"
+NAMING = "naming.json"
 SPACE_CONFIG, SPACE_WEIGHTS = "embedding.json", "embedding.safetensors"
 
 # Every decoder, by the name config.json and --decoder give it (see model/base.py for the contract).
@@ -138,6 +140,9 @@ class CaptionModel(nn.Module):
         self.decoder: Decoder = build_decoder(cfg)
         # how it captions unless told otherwise: its folder's decoding.json, chosen on val at the end of training
         self.decoding = Decoding(max_len=cfg.max_len)
+        # how often its training captions said its photos' tag words (naming.json), or None: counted
+        # at the end of training (train/run.py), read by tag guidance
+        self.naming: Naming | None = None
 
     @classmethod
     def create(cls, cfg: ModelConfig, encoder_weights: str | None = "default") -> CaptionModel:
@@ -195,6 +200,8 @@ def save_model(model: CaptionModel, vocab: Vocabulary, folder: Path, *, half: bo
     with atomic_folder(folder) as tmp:
         (tmp / CONFIG).write_text(json.dumps(cfg.to_json(), indent=2), encoding="utf-8")
         (tmp / DECODING).write_text(json.dumps(model.decoding.saved(), indent=2), encoding="utf-8")
+        if model.naming is not None:
+            save_naming(model.naming, tmp)
         vocab.save(tmp / VOCAB)
         # bytes written as any file is (safetensors' own writer reports a full disk as a SafetensorError)
         (tmp / WEIGHTS).write_bytes(save(state, metadata={"format": "pt", "vocab": vocab.digest()}))
@@ -238,6 +245,7 @@ def load_model(folder: str | Path | None, device: torch.device | str = "cpu") ->
         raise ModelError(f"{folder}: {e}") from None
     model = CaptionModel(cfg, encoder)
     model.decoding = decoding
+    model.naming = _read_naming(folder)
     parts = [("decoder", model.decoder)] + ([("encoder", model.encoder)] if in_folder else [])
     for prefix, module in parts:
         sub = {k[len(prefix) + 1:]: v.float() if v.is_floating_point() else v
@@ -258,13 +266,13 @@ def copy_model(source: str | Path | None, folder: Path, *, space: bool = False) 
     atomically; its search space only with `space` (`--space-only` adds its own)."""
     source = complete_folder(model_dir(source))
     with atomic_folder(folder) as tmp:
-        for name in (CONFIG, VOCAB, WEIGHTS, DECODING) + ((SPACE_CONFIG, SPACE_WEIGHTS) if space else ()):
+        for name in (CONFIG, VOCAB, WEIGHTS, DECODING, NAMING) + ((SPACE_CONFIG, SPACE_WEIGHTS) if space else ()):
             if (source / name).is_file():
                 shutil.copyfile(source / name, tmp / name)
     return Path(folder)
 
 
-def save_space(space: JointEmbedding, folder: Path, *, half: bool = True) -> None:
+def save_space(space: JointEmbedding | SpaceEnsemble, folder: Path, *, half: bool = True) -> None:
     """Add (or replace) the search space of the model folder `folder`: the weights first, then
     embedding.json, which says a space is there, so a kill between the two leaves the folder as it
     was. Stored in float16 unless `half` is False (the vectors it makes are float16 anyway)."""
@@ -276,8 +284,16 @@ def save_space(space: JointEmbedding, folder: Path, *, half: bool = True) -> Non
         f.write(json.dumps(space.cfg.to_json(), indent=2))
 
 
+def save_naming(naming: Naming, folder: Path) -> None:
+    """Add (or replace) the model folder's naming.json, the rest of the folder as it is."""
+    data = naming.to_json()
+    words = ",\n".join(f"  {json.dumps(w)}: {json.dumps(v)}" for w, v in data.pop("words").items())
+    with atomic_write(Path(folder) / NAMING) as f:  # a word a line
+        f.write(json.dumps(data)[:-1] + ', "words": {\n' + words + "\n}}\n")
+
+
 def load_space(folder: str | Path | None, cfg: ModelConfig, pad: int = 0,
-               device: torch.device | str = "cpu") -> JointEmbedding | None:
+               device: torch.device | str = "cpu") -> JointEmbedding | SpaceEnsemble | None:
     """The search space of a model folder, in eval mode, or None when it has none (embedding.json
     absent). It must fit the caption model `cfg` (its vocabulary and encoder channels)."""
     folder = complete_folder(model_dir(folder))
@@ -299,7 +315,7 @@ def load_space(folder: str | Path | None, cfg: ModelConfig, pad: int = 0,
         state = load_file(str(folder / SPACE_WEIGHTS))
     except (SafetensorError, OSError) as e:
         raise ModelError(f"{folder}: {SPACE_WEIGHTS} is not a readable safetensors file ({e})") from None
-    space = JointEmbedding(scfg, pad)
+    space = build_space(scfg, pad)
     want = {k: tuple(v.shape) for k, v in space.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in state.items()}
     if want != have:
@@ -359,6 +375,17 @@ def _read_decoding(folder: Path, cfg: ModelConfig, older: dict) -> Decoding:
         return Decoding.from_json({**data, "max_len": cfg.max_len})
     except (ValueError, TypeError, ConfigError, RecursionError) as e:
         raise ModelError(f"{folder}: bad {DECODING} ({e})") from None
+
+
+def _read_naming(folder: Path) -> Naming | None:
+    """naming.json, or None for a folder without it (guidance then asks for every confident word)."""
+    path = folder / NAMING
+    if not path.is_file():
+        return None
+    try:
+        return Naming.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, TypeError, RecursionError) as e:
+        raise ModelError(f"{folder}: bad {NAMING} ({e})") from None
 
 
 def _read_config(folder: Path) -> tuple[ModelConfig, dict]:

@@ -2,7 +2,7 @@
 
     config.py      TrainConfig: every option, with the defaults of `captioner train --help`
     data.py        records -> splits -> cached features and caption ids (TrainData)
-    epoch.py       train_one_epoch(), validate(), choose_decoding()
+    epoch.py       train_one_epoch(), validate(), choose_decoding(), count_naming()
     steps.py       what every training loop shares: the loss, the optimiser's steps, the meter
     scst.py        the self-critical stage: CIDEr-D reward, one SCST epoch
     checkpoint.py  RunState, checkpoint.pt, metrics.csv

@@ -80,6 +80,9 @@ class TrainConfig(ModelOptions):
     # the search space (model/embedding.py), trained after the decoder on the same cached features
     space_epochs: int = option(6, "then train the model's search space (a joint image-sentence embedding) for N "
                                "epochs and add it to best/ and last/ (0: none)", metavar="N", type=NATURAL)
+    space_members: int = option(2, "spaces trained apart (seeds SEED, SEED + 1, ...) and averaged into the search "
+                                "space: each costs a training and dim x 2 bytes a stored photo", metavar="N",
+                                low=1, high=8)
     space_only: bool = option(False, "with --init: add a search space to that model (decoder unchanged), written "
                               "with it to OUT/best")
 

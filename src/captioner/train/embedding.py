@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from captioner.model.embedding import EmbeddingConfig, JointEmbedding
+from captioner.model.embedding import EmbeddingConfig, JointEmbedding, SpaceEnsemble
 from captioner.model.network import load_model, save_space
 from captioner.train.data import Captions, FeatureRows
 from captioner.train.steps import Meter
@@ -65,7 +65,8 @@ def recall_both(t2i: np.ndarray, i2t: np.ndarray) -> dict:
     return out
 
 
-def evaluate_space(space: JointEmbedding, feats: FeatureRows, caps: Captions, start: int, end: int) -> dict:
+def evaluate_space(space: JointEmbedding | SpaceEnsemble, feats: FeatureRows, caps: Captions, start: int,
+                   end: int) -> dict:
     """R@K both ways over the val photos `feats` and their captions `caps`."""
     space.eval()
     img = embed_rows(space.images, feats)
@@ -74,7 +75,8 @@ def evaluate_space(space: JointEmbedding, feats: FeatureRows, caps: Captions, st
 
 
 @torch.no_grad()
-def calibrate(space: JointEmbedding, feats: FeatureRows, caps: Captions, start: int, end: int) -> tuple[float, ...]:
+def calibrate(space: JointEmbedding | SpaceEnsemble, feats: FeatureRows, caps: Captions, start: int,
+              end: int) -> tuple[float, ...]:
     """The cosines of the val captions with their own photos at the 0th, 5th, ... 100th percentile:
     what a right answer scores (EmbeddingConfig.calibration)."""
     space.eval()
@@ -142,21 +144,34 @@ def new_space(cfg: EmbeddingConfig, pad: int, word_vectors: torch.Tensor | None 
 
 
 def add_space(folders: list[Path], train: tuple[FeatureRows, Captions], val: tuple[FeatureRows, Captions],
-              epochs: int, *, seed: int = 0, progress: bool = True, log=print) -> dict:
+              epochs: int, *, members: int = 1, seed: int = 0, progress: bool = True, log=print) -> dict:
     """Train the search space of the model in `folders[0]` on cached features and captions (the
     (FeatureRows, Captions) of each split) and add it to every folder of `folders` (they share its
-    encoder and vocabulary: a run's best/ and last/). Returns `fit`'s result."""
+    encoder and vocabulary: a run's best/ and last/). With `members` > 1, that many spaces are
+    trained, from seeds `seed`, `seed` + 1, ..., and kept as one SpaceEnsemble. Returns `fit`'s
+    result, its "val" the whole space's."""
     model, vocab = load_model(folders[0])
     words = model.decoder.word_vectors("input")  # (V, E): the text side starts from the captioner's words
-    cfg = EmbeddingConfig(vocab_size=len(vocab), feat_dim=model.cfg.feat_dim, word_dim=words.shape[1])
-    space = new_space(cfg, vocab.pad, words, seed=seed)
-    result = fit(space, train, val, start=vocab.start, end=vocab.end, epochs=epochs, seed=seed, progress=progress,
-                 log=log)
+    cfg = EmbeddingConfig(vocab_size=len(vocab), feat_dim=model.cfg.feat_dim, word_dim=words.shape[1],
+                          members=members)
+    trained, results = [], []
+    for k in range(members):
+        if members > 1:
+            log(f"search space: member {k + 1} of {members} (seed {seed + k})")
+        trained.append(new_space(cfg, vocab.pad, words, seed=seed + k))
+        results.append(fit(trained[-1], train, val, start=vocab.start, end=vocab.end, epochs=epochs, seed=seed + k,
+                           progress=progress, log=log))
+    space = trained[0] if members == 1 else SpaceEnsemble(cfg, vocab.pad, trained).eval()
+    result = results[0] if members == 1 else {
+        "best_epoch": [r["best_epoch"] for r in results], "history": [r["history"] for r in results],
+        "members": [r["val"] for r in results], "val": evaluate_space(space, val[0], val[1], vocab.start, vocab.end)}
     space.cfg.calibration = calibrate(space, val[0], val[1], vocab.start, vocab.end)
     for folder in folders:
         save_space(space, folder)
     t2i, i2t = result["val"]["text_to_image"], result["val"]["image_to_text"]
-    log(f"search space: best at epoch {result['best_epoch']} of {epochs}: val text->image R@1/5/10 "
+    best = ", ".join(str(r["best_epoch"]) for r in results)
+    log(f"search space: best at epoch{'s' if members > 1 else ''} {best} of {epochs}"
+        f"{f', its {members} members together' if members > 1 else ''}: val text->image R@1/5/10 "
         f"{t2i['R@1']:.1f}/{t2i['R@5']:.1f}/{t2i['R@10']:.1f}, image->text {i2t['R@1']:.1f}/{i2t['R@5']:.1f}/"
         f"{i2t['R@10']:.1f}; added to {', '.join(str(f) for f in folders)}")
     return result

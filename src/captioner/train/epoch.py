@@ -19,12 +19,13 @@ from captioner.data.batching import LengthBucketSampler
 from captioner.data.records import MIN_VAL_PHOTOS
 from captioner.data.vocab import Vocabulary
 from captioner.decode import caption_features
-from captioner.decoding import Decoding
+from captioner.decoding import Decoding, Naming
 from captioner.distributed import Dist
 from captioner.errors import CaptionerWarning, TrainingError
 from captioner.inference.plan import InferencePlan
-from captioner.model.network import CaptionModel, load_model, save_model
+from captioner.model.network import CaptionModel, load_model, save_model, save_naming
 from captioner.runtime import encoder_memory_format
+from captioner.tags import Tagger, naming_of, pooled
 from captioner.train.data import Captions, FeatureRows
 from captioner.train.steps import Meter, Steps, Warmup, caption_loss
 
@@ -163,6 +164,23 @@ def choose_decoding(folder: Path, feats: FeatureRows, scorer: metrics.Scorer, pl
     model.cfg.extra = {**model.cfg.extra, "decoding_on_val": rows}
     save_model(model, vocab, folder, half=half)
     return rows
+
+
+def count_naming(folder: Path, feats: FeatureRows, caps: Captions) -> Naming | None:
+    """Count how often the training captions `caps` said the tag words of their photos (`feats`, the
+    pretrained encoder's cached features), and add it to the model folder as naming.json, which tag
+    guidance reads (decoding.Naming). None, and nothing written, for an encoder without a classifier."""
+    model, vocab = load_model(folder)
+    tagger = Tagger.for_encoder(model.cfg.encoder)
+    if tagger is None:
+        return None
+    probs = torch.cat([tagger.probs(pooled(feats[i:i + 256].float())) for i in range(0, len(feats), 256)])
+    refs: list[list[set[int]]] = [[] for _ in range(len(feats))]
+    for tokens, row in zip(caps.tokens, caps.image.tolist()):
+        refs[row].append(set(tokens.tolist()))
+    naming = naming_of(tagger, probs, refs, vocab)
+    save_naming(naming, folder)
+    return naming
 
 
 KEEP_RESAMPLES, KEEP_CONFIDENCE = 1000, 0.95

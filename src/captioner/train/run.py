@@ -35,7 +35,7 @@ from captioner.distributed import Dist
 from captioner.errors import ConfigError, DataError
 from captioner.inference.plan import InferencePlan
 from captioner.model.encoder import weights_digest
-from captioner.model.network import CaptionModel, ModelConfig, copy_model, load_model, save_model
+from captioner.model.network import NAMING, CaptionModel, ModelConfig, copy_model, load_model, save_model
 from captioner.runtime import encoder_memory_format, keep_freed_memory
 from captioner.threads import fit_threads
 from captioner.train.checkpoint import (
@@ -57,7 +57,7 @@ from captioner.train.data import (
     read_splits,
     val_features,
 )
-from captioner.train.epoch import choose_decoding, train_one_epoch, val_decoding, validate
+from captioner.train.epoch import choose_decoding, count_naming, train_one_epoch, val_decoding, validate
 from captioner.train.scst import scst_one_epoch
 from captioner.train.steps import Warmup
 from captioner.viz import plot_curves
@@ -134,6 +134,12 @@ def _fit(cfg: TrainConfig, out: Path, dist: Dist, device: torch.device) -> dict:
         log("decoding of the best model on val: " + "; ".join(
             f"{_describe(r)}: CIDEr-D {r['CIDEr']:.3f}{' (chosen)' if r.get('chosen') else ''}" for r in rows))
         chosen = next(r for r in rows if r.get("chosen"))
+        if cfg.fine_tune_encoder:  # tags come from the pretrained encoder, whose features are not cached here
+            log(f"no {NAMING}: tag guidance of this model asks for every confident tag word (the training photos' "
+                "tags would need the pretrained encoder run again)")
+        elif naming := count_naming(out / "best", data.train_feats, data.train_caps):
+            log(f"{NAMING}: the training captions said a photo's tag word {naming.prior:.0%} of the time, over "
+                f"{len(naming.words)} words (tag guidance asks only for words said often enough)")
     space = None
     if cfg.space_epochs and run.best_epoch and dist.main:
         if cfg.fine_tune_encoder:  # the cached features are the old encoder's
@@ -164,7 +170,7 @@ def _add_space(cfg: TrainConfig, folders: list[Path], data: TrainData, log) -> d
     from captioner.train.embedding import add_space
 
     return add_space(folders, (data.train_feats, data.train_caps), (data.val_feats, data.val_caps), cfg.space_epochs,
-                     seed=cfg.seed, progress=not cfg.quiet, log=log)["val"]
+                     members=cfg.space_members, seed=cfg.seed, progress=not cfg.quiet, log=log)["val"]
 
 
 def _duration(seconds: float) -> str:
