@@ -39,7 +39,7 @@ def test_run_folder_contents(trained):
         assert (trained / name).stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700 (issue 30, item 10)
         assert sorted(p.name for p in (trained / name).iterdir()) == [
             "config.json", "decoding.json", "embedding.json", "embedding.safetensors", "model.safetensors",
-            "vocab.json"]
+            "naming.json", "vocab.json"]
     rows = list(csv.DictReader((trained / "metrics.csv").open()))
     assert len(rows) == 15 and float(rows[-1]["CIDEr"]) > float(rows[0]["CIDEr"])
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])

@@ -35,7 +35,15 @@ from captioner.distributed import Dist
 from captioner.errors import ConfigError, DataError
 from captioner.inference.plan import InferencePlan
 from captioner.model.encoder import weights_digest
-from captioner.model.network import NAMING, CaptionModel, ModelConfig, copy_model, load_model, save_model
+from captioner.model.network import (
+    NAMING,
+    CaptionModel,
+    ModelConfig,
+    copy_model,
+    load_model,
+    save_model,
+    save_naming,
+)
 from captioner.runtime import encoder_memory_format, keep_freed_memory
 from captioner.threads import fit_threads
 from captioner.train.checkpoint import (
@@ -138,6 +146,7 @@ def _fit(cfg: TrainConfig, out: Path, dist: Dist, device: torch.device) -> dict:
             log(f"no {NAMING}: tag guidance of this model asks for every confident tag word (the training photos' "
                 "tags would need the pretrained encoder run again)")
         elif naming := count_naming(out / "best", data.train_feats, data.train_caps):
+            save_naming(naming, out / "last")  # the same captions and vocabulary: the same counts
             log(f"{NAMING}: the training captions said a photo's tag word {naming.prior:.0%} of the time, over "
                 f"{len(naming.words)} words (tag guidance asks only for words said often enough)")
     space = None
