@@ -62,6 +62,24 @@ def test_index_then_search(cap, photos, tmp_path):
     assert search(db, "zebra").hits == [] and search(db, "").hits == []
 
 
+def test_a_new_library_has_large_pages_and_an_old_one_keeps_its_own(cap, photos, tmp_path, monkeypatch):
+    """A new library is made of 64 KB pages (a search reads every block of points: 2 MB rows in
+    fewer overflow pages); one made before, of SQLite's default 4 KB, keeps them, and indexes again
+    and searches."""
+    from captioner.library import store
+
+    new, old = tmp_path / "new.sqlite", tmp_path / "old.sqlite"
+    with monkeypatch.context() as m:
+        m.setattr(store, "PAGE_SIZE", 4096)  # as libraries were made before
+        index_folders(cap, [photos], old, batch_size=4, progress=False)
+    PAGE_SIZE = store.PAGE_SIZE  # noqa: N806
+    for db in (new, old):
+        index_folders(cap, [photos], db, batch_size=4, progress=False)
+        assert search(db, "red circles", limit=3).hits
+    page = {db: sqlite3.connect(db).execute("PRAGMA page_size").fetchone()[0] for db in (new, old)}
+    assert page == {new: PAGE_SIZE, old: 4096}
+
+
 def test_incremental_reindex(cap, photos, tmp_path):
     db = tmp_path / "lib.sqlite"
     index_folders(cap, [photos], db, progress=False)

@@ -238,7 +238,7 @@ def _vectors(captioner, rows: list[tuple], features: bool = True
              ) -> list[tuple[bytes | None, bytes | None, bytes, bytes | None]]:
     """(features or None, pooled or None, words, point or None) blobs for each captioned photo of
     a batch (see retrieval.py and model/embedding.py): a model with a search space stores its point
-    (1 KB at 512 dimensions), one without it the pooled feature (2.5 KB) for search by example photo."""
+    (2 KB: two members of 512 dimensions), one without it the pooled feature (2.5 KB) for search by example photo."""
     if not rows:
         return []
     import numpy as np

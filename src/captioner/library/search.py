@@ -55,7 +55,7 @@ TAG_WEIGHT_MODEL = 4.0
 # stage 2 adds SPACE_WEIGHT x the cosine to the sum of `rank`, with the word score at
 # SPACE_WORDS_WEIGHT instead of WORDS_WEIGHT. Chosen on Flickr8k val for the shipped space
 # (docs/EXPERIMENTS.md): the cosine alone picks the photos to re-rank as well as with the word and
-# BM25 scores added, and reads a photo's point alone (1 KB), not its word counts as well.
+# BM25 scores added, and reads a photo's point alone (2 KB), not its word counts as well.
 SPACE_WEIGHT = 30.0
 SPACE_WORDS_WEIGHT = 0.2
 # A hit's relevance (with a search space): the share of val captions whose own photo scored a lower
@@ -208,7 +208,7 @@ def rank(con: sqlite3.Connection, view: ModelView, text: str, modes: Sequence[st
     model has a search space and the library holds its points) divided by the query's length (a
     score per word, for people to read); the other photos follow in stage-1 order with their stage-1
     score. The decoder scores each photo once for all the modes. With a space, hybrid reads the
-    word counts of the photos it re-ranks only, so a query costs one pass over a point a photo (1 KB)."""
+    word counts of the photos it re-ranks only, so a query costs one pass over a point a photo (2 KB)."""
     from captioner import retrieval
 
     cap = view.captioner
