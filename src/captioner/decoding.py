@@ -136,26 +136,24 @@ def length_norm(value) -> float:
 def tag_threshold(value) -> float:
     """`value` as a tag guidance threshold (0 = off, up to 1), else a one-line ConfigError. Also the
     command line's type for --tag-threshold."""
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise ConfigError(f"tag threshold must be a number, not {value!r}") from None
-    if type(value) not in (int, float) or not (math.isfinite(value) and 0 <= value <= 1):
-        raise ConfigError(f"tag threshold must be a number from 0 (off) to 1, not {value!r}")
-    return float(value)
+    return _share(value, "tag threshold", "off")
 
 
 def tag_named(value) -> float:
     """`value` as the least naming rate of a tag word guidance asks for (0 = every word, up to 1),
     else a one-line ConfigError. Also the command line's type for --tag-named."""
+    return _share(value, "tag naming rate", "every word")
+
+
+def _share(value, name: str, zero: str) -> float:
+    """`value` (a number or its text) as a number from 0 (`zero`) to 1, else a one-line ConfigError."""
     if isinstance(value, str):
         try:
             value = float(value)
         except ValueError:
-            raise ConfigError(f"tag naming rate must be a number, not {value!r}") from None
+            raise ConfigError(f"{name} must be a number, not {value!r}") from None
     if type(value) not in (int, float) or not (math.isfinite(value) and 0 <= value <= 1):
-        raise ConfigError(f"tag naming rate must be a number from 0 (every word) to 1, not {value!r}")
+        raise ConfigError(f"{name} must be a number from 0 ({zero}) to 1, not {value!r}")
     return float(value)
 
 
