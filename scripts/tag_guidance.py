@@ -26,7 +26,7 @@ from captioner import Captioner, metrics
 from captioner.data.records import check_images, load_records, split_records
 from captioner.evaluate import image_ids
 from captioner.inference.features import cached_features
-from captioner.model.network import NAMING, model_dir
+from captioner.model.network import NAMING, model_dir, save_naming
 from captioner.tags import Tagger, pooled
 from captioner.train.data import Captions, FeatureRows
 from captioner.train.epoch import count_naming
@@ -57,14 +57,17 @@ def main() -> None:
 
     cap = Captioner.load(args.model, precision=args.precision)
     tagger = Tagger.for_encoder(cap.model.cfg.encoder).to(cap.device)
+    if args.count_naming and cap.tags_need_own_pass:
+        raise SystemExit("the encoder was fine-tuned: its cached features do not fit the ImageNet classifier")
     records = check_images(split_records(load_records(args.data), args.split))
     feats, ok, _ = cached_features(cap.model, [r.image for r in records], cap.plan, encoder=cap.encoder)
     keep = np.flatnonzero(ok)
     if args.count_naming:
-        if cap.tags_need_own_pass:
-            raise SystemExit("the encoder was fine-tuned: its cached features do not fit the ImageNet classifier")
         caps, _ = Captions.build([records[i] for i in keep], cap.vocab, cap.model.cfg.max_len)
-        naming = count_naming(model_dir(args.model), FeatureRows(feats, keep.tolist()), caps)
+        naming = count_naming(cap.model.cfg.encoder, cap.vocab, FeatureRows(feats, keep.tolist()), caps)
+        if naming is None:
+            raise SystemExit(f"{cap.model.cfg.encoder}: no ImageNet classifier, so no tags to count")
+        save_naming(naming, model_dir(args.model))
         print(f"{model_dir(args.model) / NAMING}: {len(naming.words)} words; the captions said a photo's tag word "
               f"{naming.prior:.1%} of the time")
         for word, (photos, said) in sorted(naming.words.items(), key=lambda x: -x[1][0])[:40]:

@@ -83,9 +83,8 @@ class Decoding:
         """What a model folder's decoding.json holds: all but the longest caption, which is the
         model's own (config.json's max_len: training left longer captions out). Tag guidance only
         when on, so a folder from before it keeps its fingerprint (Captioner.fingerprint)."""
-        skip = {"max_len"} | (set() if self.guided else {"tag_threshold", "tag_words", "tag_borrow", "tag_named"})
-        if not self.tag_named:  # so that a folder from before it keeps its fingerprint too
-            skip.add("tag_named")
+        skip = ({"max_len"} | (set() if self.guided else {"tag_threshold", "tag_words", "tag_borrow"})
+                | (set() if self.tag_named and self.guided else {"tag_named"}))  # saved only when it does something
         return {k: v for k, v in self.to_json().items() if k not in skip}
 
     def changed(self, **changes) -> Decoding:

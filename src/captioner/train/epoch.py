@@ -23,7 +23,7 @@ from captioner.decoding import Decoding, Naming
 from captioner.distributed import Dist
 from captioner.errors import CaptionerWarning, TrainingError
 from captioner.inference.plan import InferencePlan
-from captioner.model.network import CaptionModel, load_model, save_model, save_naming
+from captioner.model.network import CaptionModel, load_model, save_model
 from captioner.runtime import encoder_memory_format
 from captioner.tags import Tagger, naming_of, pooled
 from captioner.train.data import Captions, FeatureRows
@@ -166,21 +166,18 @@ def choose_decoding(folder: Path, feats: FeatureRows, scorer: metrics.Scorer, pl
     return rows
 
 
-def count_naming(folder: Path, feats: FeatureRows, caps: Captions) -> Naming | None:
-    """Count how often the training captions `caps` said the tag words of their photos (`feats`, the
-    pretrained encoder's cached features), and add it to the model folder as naming.json, which tag
-    guidance reads (decoding.Naming). None, and nothing written, for an encoder without a classifier."""
-    model, vocab = load_model(folder)
-    tagger = Tagger.for_encoder(model.cfg.encoder)
+def count_naming(encoder: str, vocab: Vocabulary, feats: FeatureRows, caps: Captions) -> Naming | None:
+    """How often the training captions `caps` said the tag words of their photos (`feats`, the
+    pretrained encoder's cached features): what a model folder's naming.json holds, which tag
+    guidance reads (decoding.Naming). None for an encoder without an ImageNet classifier."""
+    tagger = Tagger.for_encoder(encoder)
     if tagger is None:
         return None
     probs = torch.cat([tagger.probs(pooled(feats[i:i + 256].float())) for i in range(0, len(feats), 256)])
     refs: list[list[set[int]]] = [[] for _ in range(len(feats))]
     for tokens, row in zip(caps.tokens, caps.image.tolist()):
         refs[row].append(set(tokens.tolist()))
-    naming = naming_of(tagger, probs, refs, vocab)
-    save_naming(naming, folder)
-    return naming
+    return naming_of(tagger, probs, refs, vocab)
 
 
 KEEP_RESAMPLES, KEEP_CONFIDENCE = 1000, 0.95

@@ -145,8 +145,9 @@ def _fit(cfg: TrainConfig, out: Path, dist: Dist, device: torch.device) -> dict:
         if cfg.fine_tune_encoder:  # tags come from the pretrained encoder, whose features are not cached here
             log(f"no {NAMING}: tag guidance of this model asks for every confident tag word (the training photos' "
                 "tags would need the pretrained encoder run again)")
-        elif naming := count_naming(out / "best", data.train_feats, data.train_caps):
-            save_naming(naming, out / "last")  # the same captions and vocabulary: the same counts
+        elif naming := count_naming(model.cfg.encoder, vocab, data.train_feats, data.train_caps):
+            for folder in (out / "best", out / "last"):  # the same captions and vocabulary: the same counts
+                save_naming(naming, folder)
             log(f"{NAMING}: the training captions said a photo's tag word {naming.prior:.0%} of the time, over "
                 f"{len(naming.words)} words (tag guidance asks only for words said often enough)")
     space = None
