@@ -435,6 +435,49 @@ def test_stage_one_reads_the_points_in_blocks_with_flat_memory(tmp_path, monkeyp
     con.close()
 
 
+def test_the_fast_scan_is_exact_for_every_photo_it_can_rank():
+    """Cosines(query, best), the float16 products, computes exactly every point that can be among
+    the `best` highest of all blocks, whatever their order and sizes: hundreds of points within its
+    error of one another (and exact ties) at the border, a damaged point (NaN, ten times too long)
+    still past 1.01 where search.py looks for it. The others are off by at most `error`."""
+    from captioner.library.view import Cosines
+
+    rng = np.random.default_rng(3)
+    dim = 96
+    query = rng.normal(size=dim)
+    query /= np.linalg.norm(query)
+    # 600 points at cosines 0.3 to 0.301, half towards the way the query's float16 errs and half away
+    # from it: their float16 products are out of order by more than their differences
+    rounding = query.astype(np.float16).astype(np.float64) - query
+    side = rng.normal(size=(600, dim))
+    side = 0.3 * side / np.linalg.norm(side, axis=1, keepdims=True) + np.where(np.arange(600) % 2, 1, -1)[:, None] * (
+        rounding / np.linalg.norm(rounding))
+    side -= np.outer(side @ query, query)
+    side /= np.linalg.norm(side, axis=1, keepdims=True)
+    cos = rng.uniform(0.3, 0.301, size=(600, 1))
+    near = cos * query + np.sqrt(1 - cos**2) * side
+    points = np.concatenate([rng.normal(size=(6000, dim)), near, near[:50]])  # exact ties too
+    points = (points / np.linalg.norm(points, axis=1, keepdims=True)).astype(np.float16)
+    points[17], points[4000] = np.nan, points[6000] * 10
+    truth = points.astype(np.float64) @ query
+    order = rng.permutation(len(points))
+    cuts = np.sort(rng.choice(np.arange(1, len(points)), 40, replace=False))
+    for best in (1, 7, 100, 400):
+        scan = Cosines(query.astype(np.float32), best)
+        assert 0 < scan.error < 2e-3
+        scores = np.empty(len(points), np.float32)
+        for part in np.split(order, cuts):
+            scores[part] = scan(points[part])
+        assert np.isnan(scores[17]) and abs(scores[4000]) > 1.01  # still found damaged by search.py
+        sound = np.isfinite(truth) & (np.abs(truth) <= 1.01)
+        assert np.all(np.abs(scores[sound] - truth[sound]) <= scan.error)
+        shown = np.argsort(-np.where(sound, scores, -2), kind="stable")[:best]
+        np.testing.assert_allclose(scores[shown], truth[shown], rtol=0, atol=1e-6)  # exact where it ranks
+        assert truth[shown].min() >= np.sort(truth[sound])[-best] - 1e-6  # and no better photo left behind
+    every = Cosines(query.astype(np.float32))
+    np.testing.assert_allclose(every(points[:500]), truth[:500], rtol=0, atol=1e-6)
+
+
 def test_hits_have_a_relevance_and_a_weak_best_says_no_good_match(cap, library, photos, monkeypatch):
     """The space's calibration (what right answers scored on val) turns a hit's cosine into a
     relevance; when no hit reaches NO_GOOD_MATCH the note says there is no good match."""

@@ -12,9 +12,9 @@ import numpy as np
 
 from captioner.errors import LibraryError
 from captioner.files import readable_digest
-from captioner.library.search import DEFAULT_MODE, Found, _check, _hits, search
+from captioner.library.search import DEFAULT_MODE, Found, _best, _check, _hits, search
 from captioner.library.store import indexed_by, point_blocks, point_of, reading, row_blocks, table_rows
-from captioner.library.view import _note, cosines
+from captioner.library.view import Cosines, _note
 
 
 def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None = None,
@@ -24,8 +24,6 @@ def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None
     own, or, for a model without one, of their mean encoder features. The query photo itself is
     left out: photo `photo_id`, and a library photo with the same bytes as `image` (a path or bytes;
     `digest`: their SHA-1, for an `image` already decoded)."""
-    import torch
-
     from captioner import retrieval
 
     _check(limit, "model")
@@ -65,20 +63,20 @@ def similar(db: Path, image, limit: int = 20, *, captioner, photo_id: int | None
         blocks = (point_blocks(con, captioner.fingerprint, lost) if table == "space" else row_blocks(con.execute(
             "SELECT p.id, p.data FROM pooled p JOIN vectors v ON v.id = p.id WHERE v.model = ?",
             (captioner.fingerprint,)), 10_000))
-        query = torch.from_numpy(np.asarray(query, np.float32))
+        scan = Cosines(query, limit + len(same))  # exact for the photos that can be shown
         for block_ids, block in blocks:  # a block at a time: memory stays flat however large the library
-            if block.shape[1] != len(query):  # a damaged row of another size
+            if block.shape[1] != len(scan.query):  # a damaged row of another size
                 lost.append(len(block_ids))
                 continue
             ids.append(block_ids)
-            sims.append(cosines(block, query))
+            sims.append(scan(block))
         ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         sims = np.concatenate(sims) if sims else np.zeros(0, np.float32)
         sound = np.abs(sims) <= 1.01  # unit vectors: a cosine past 1 (or NaN) is a damaged point
         lost.append(int((~sound).sum()))
         keep = sound & ~np.isin(ids, list(same))
         ids, sims = ids[keep], sims[keep]
-        best = np.argsort(-sims, kind="stable")[:limit]
+        best = _best(sims, limit)
         damage = (f"damaged library: the stored points of {sum(lost)} photos are damaged and were left out: captioner "
                   "index over their folders captions them afresh") if sum(lost) else None
         notes = [n for n in (damage, _note([], left_out, len(ids), captioner.source)) if n]

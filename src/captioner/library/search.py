@@ -214,9 +214,11 @@ def rank(con: sqlite3.Connection, view: ModelView, text: str, modes: Sequence[st
     cap = view.captioner
     tokens, _ = view.query(text)
     n = len(view.ids)
+    take = max(retrieval.RERANK, limit)
     cosine = None
-    if view.has_space() and {"embedding", "hybrid"} & set(modes):
-        cosine = view.space_scores(cap.embed_text(" ".join(query_words(text)))[0])
+    if view.has_space() and {"embedding", "hybrid"} & set(modes):  # exact where an order is shown or re-ranked
+        cosine = view.space_scores(cap.embed_text(" ".join(query_words(text)))[0],
+                                   None if every else take if "hybrid" in modes else limit)
     view.cosine = cosine
     out: dict[str, list[tuple[int, float]]] = {}
     if "embedding" in modes:
@@ -227,7 +229,6 @@ def rank(con: sqlite3.Connection, view: ModelView, text: str, modes: Sequence[st
     modes = [m for m in modes if m != "embedding"]
     if not modes:
         return view.sound(out)
-    take = max(retrieval.RERANK, limit)
     content = [w for w in query_words(text) if w not in STOPWORDS and w in cap.vocab.stoi]
     content = list(dict.fromkeys(cap.vocab.stoi[w] for w in content))
     bm, tags = np.zeros(n, np.float32), np.zeros(n, np.float32)

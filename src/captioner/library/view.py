@@ -125,24 +125,24 @@ class ModelView:
                     f"with captioner train --space-only --init {self.source}")
         return "no photo was indexed by this model: run captioner index again"
 
-    def space_scores(self, query: np.ndarray) -> np.ndarray:
+    def space_scores(self, query: np.ndarray, best: int | None = None) -> np.ndarray:
         """The cosine of every photo's point in the search space and `query` (D,), in the order of
         `ids` (0 for a photo without one), read a block of points at a time (store.point_blocks):
-        memory stays flat however large the library."""
-        import torch
-
+        memory stays flat however large the library. `best`: exact for the photos that can be
+        among the `best` highest only, within about 0.001 for the rest (`Cosines`: the scoring
+        in half the time)."""
         out = np.zeros(len(self.ids), np.float32)
         if self.pointless:
             self.damaged |= self.pointless
             out[np.isin(self.ids, list(self.pointless))] = -2.0  # below every photo
-        query = torch.as_tensor(np.asarray(query, np.float32))
+        scan = Cosines(query, best)
         for ids, block in point_blocks(self.con, self.captioner.fingerprint):
-            if block.shape[1] != len(query):  # a damaged row of another size
+            if block.shape[1] != len(scan.query):  # a damaged row of another size
                 self.damaged.update(ids.tolist())
                 continue
             at = np.minimum(np.searchsorted(self.ids, ids), max(len(self.ids) - 1, 0))
             mine = self.ids[at] == ids if len(self.ids) else np.zeros(len(ids), bool)
-            scores = cosines(block, query)
+            scores = scan(block)
             bad = ~(np.abs(scores) <= 1.01)  # unit vectors: a cosine past 1 (or NaN) is a damaged point
             if bad.any():
                 self.damaged.update(ids[bad].tolist())
@@ -196,3 +196,49 @@ def cosines(block: np.ndarray, query) -> np.ndarray:
     with warnings.catch_warnings():  # the block is read, never written
         warnings.filterwarnings("ignore", "The given NumPy array is not writable")
         return (torch.from_numpy(block).float() @ query).numpy()
+
+
+class Cosines:
+    """The cosines of stored points and one `query`, a block of points at a time (`__call__`, in
+    any order): exact (`cosines`) for every point that can be among the `best` highest of all the
+    blocks, and for the others a float16 product that is within `error` of it. None: exact for all.
+
+    Why: the float16 product is 3 to 7 times as fast as turning a block into float32 first (a
+    million 1024-d points: 0.07 s against 0.22-0.49, the Zen 4), and stage 1 of a search wants the
+    order of its best hundred only. Torch multiplies float16 with float32 sums, so a score is off
+    by at most the query's rounding (|q16 - q| for points of length 1.01 at most), the rounding of
+    the result (2^-11 of at most 1.01) and the sums' own (D x 2^-24). Let T be the `best`-th
+    highest fast score of those seen so far, which only rises: a point whose fast score is below
+    T - 2 x error is below, exactly, every one of `best` points whose exact cosine is at least
+    T - error, so every point at or above T - 2 x error is computed exactly when its block comes.
+    Only points whose fast score is sane (|s| <= 1.01 - 2 x error: a point of length past 1.01 is
+    a damaged one, search.py) count towards T."""
+
+    def __init__(self, query: np.ndarray, best: int | None = None):
+        import torch
+
+        self.query = torch.as_tensor(np.asarray(query, np.float32))
+        self.best = best
+        self.half = self.query.half()
+        rounding = float(torch.linalg.vector_norm(self.half.float() - self.query))
+        self.error = 1.01 * (rounding + 2.0**-11 + len(self.query) * 2.0**-24)
+        self.top = np.zeros(0, np.float32)  # the `best` highest sane fast scores so far
+
+    def __call__(self, block: np.ndarray) -> np.ndarray:
+        """Points (n, D) float16 -> their cosines (n,) float32 (see the class)."""
+        import torch
+
+        if self.best is None or not len(block):
+            return cosines(block, self.query)
+        with warnings.catch_warnings():  # the block is read, never written
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            fast = (torch.from_numpy(block) @ self.half).float().numpy()
+        sane = fast[np.abs(fast) <= 1.01 - 2 * self.error]
+        self.top = np.concatenate([self.top, sane])
+        if len(self.top) > self.best:
+            self.top = np.partition(self.top, len(self.top) - self.best)[-self.best:]
+        floor = self.top.min() - 2 * self.error if len(self.top) >= self.best else -np.inf
+        near = np.nonzero(~(fast < floor))[0]  # NaN too: computed exactly, found damaged where it is used
+        if len(near):
+            fast[near] = cosines(block[near], self.query)
+        return fast
