@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from captioner import Captioner
-from captioner.errors import LibraryError, ModelError
+from captioner.errors import CaptionerWarning, ConfigError, LibraryError, ModelError
 from captioner.library import index_folders, search, similar
 from captioner.library.store import point_blocks
 from captioner.model.embedding import EmbeddingConfig, JointEmbedding, SpaceEnsemble, build_space
@@ -45,6 +45,43 @@ def test_the_trained_model_has_a_space_that_ranks_held_out_captions(trained, cap
     assert (t2i == 1).mean() >= 0.5 and (i2t == 1).mean() >= 0.5, (t2i, i2t)
     assert cap.embed(files[0]).shape == (1, cap.space.cfg.point_dim)  # one image -> one row
     assert not cap.embed_text("zxqv").any()  # no known word: matches nothing
+
+
+def test_the_space_reranks_the_beams_by_their_match_with_the_photo(cap, photos, monkeypatch):
+    """Decoding.space_rerank: every alternative gets its "match" (the cosine of its point and the
+    photo's), and they come in the order of score + weight x match, the first being the caption;
+    0 leaves the search's order and adds nothing; a huge weight puts the best match first."""
+    from captioner.decoding import Decoding
+
+    files = sorted(photos.glob("*.png"))[:4]
+    plain = cap.decoding.replace(beam_size=4, space_rerank=0.0)
+    before = cap.caption(files, decoding=plain, details=True)
+    assert all("match" not in a for r in before for a in r["alternatives"])
+    images = cap.embed(files)
+    for weight in (0.5, 100.0):
+        after = cap.caption(files, decoding=plain.replace(space_rerank=weight), details=True)
+        for r0, r, image in zip(before, after, images):
+            assert sorted(a["caption"] for a in r["alternatives"]) == sorted(a["caption"] for a in r0["alternatives"])
+            matches = cap.embed_text([a["caption"] for a in r["alternatives"]]) @ image
+            assert [a["match"] for a in r["alternatives"]] == pytest.approx(matches.tolist(), abs=2e-4)
+            total = [a["score"] + weight * a["match"] for a in r["alternatives"]]
+            assert total == sorted(total, reverse=True)
+            assert r["caption"] == r["alternatives"][0]["caption"] and r["match"] == r["alternatives"][0]["match"]
+        if weight == 100.0:  # the match outweighs the score: the space's best caption first, bar near-ties
+            spread = [max(a["score"] for a in r["alternatives"]) - min(a["score"] for a in r["alternatives"])
+                      for r in after]
+            assert all(r["match"] >= max(a["match"] for a in r["alternatives"]) - d / weight
+                       for r, d in zip(after, spread))
+    assert any(r["caption"] != r0["caption"] for r, r0 in zip(after, before))  # the weight changed something
+    monkeypatch.setattr(cap, "space", None)  # a model without a space: the search's order, and it says so
+    with pytest.warns(CaptionerWarning, match="no search space"):
+        alone = cap.caption(files, decoding=plain.replace(space_rerank=0.5), details=True)
+    assert [r["caption"] for r in alone] == [r["caption"] for r in before]
+    assert "re-ranked by the search space x 0.3" in Decoding(beam_size=5, space_rerank=0.3).describe()
+    assert Decoding(space_rerank=0.3).saved()["space_rerank"] == 0.3 and "space_rerank" not in Decoding().saved()
+    for bad in (-0.1, float("nan"), 101, "x", True):
+        with pytest.raises(ConfigError):
+            Decoding(space_rerank=bad)
 
 
 def test_retrieval_ranks_both_ways_by_hand():

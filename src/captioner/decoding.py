@@ -23,6 +23,7 @@ from captioner.errors import ConfigError
 MAX_BEAM = 100  # wider beams score no better and need memory in proportion (100,000 asked for 10 GB)
 MAX_LENGTH_NORM = 10.0  # logprob / length**10 already ranks by length alone
 MAX_WORDS = 1000  # the longest caption a search may be asked for
+MAX_SPACE_RERANK = 100.0  # a cosine (-1 to 1) x 100 outweighs any score: the order is the space's alone
 MAX_TAG_WORDS = 3  # words one caption may be asked to say: the search keeps 2**3 sets of beams
 NAMING_FLOOR = 0.3  # a tag counts for naming.json from this score (the guidance threshold it was chosen with)
 NAMING_PRIOR = 5  # photos' worth of the average naming rate every word starts from (a word seen twice is not
@@ -46,6 +47,10 @@ class Decoding:
     # ... and only the words the model's training captions said at least this often when the tag was
     # there (naming.json, `Naming` below; 0 = every word, as for a folder without it)
     tag_named: float = 0.0
+    # order the search's alternatives by score + space_rerank x how well each matches the photo in the
+    # model's search space (the cosine of their points, model/embedding.py); 0 = by score alone, as
+    # for a model without a space
+    space_rerank: float = 0.0
 
     def __post_init__(self):
         for name in ("beam_size", "length_norm"):  # text is the command line's to convert, not a value's
@@ -59,6 +64,7 @@ class Decoding:
             raise ConfigError(f"the longest caption must be 1 to {MAX_WORDS} words, not {self.max_len!r}")
         tag_threshold(self.tag_threshold)
         tag_named(self.tag_named)
+        space_rerank(self.space_rerank)
         if type(self.tag_borrow) is not bool:
             raise ConfigError(f"borrowing tag words is true or false, not {self.tag_borrow!r}")
         if type(self.tag_words) is not int or not 1 <= self.tag_words <= MAX_TAG_WORDS:
@@ -81,10 +87,12 @@ class Decoding:
 
     def saved(self) -> dict:
         """What a model folder's decoding.json holds: all but the longest caption, which is the
-        model's own (config.json's max_len: training left longer captions out). Tag guidance only
-        when on, so a folder from before it keeps its fingerprint (Captioner.fingerprint)."""
+        model's own (config.json's max_len: training left longer captions out). Tag guidance and the
+        space's re-ranking only when on, so a folder from before them keeps its fingerprint
+        (Captioner.fingerprint)."""
         skip = ({"max_len"} | (set() if self.guided else {"tag_threshold", "tag_words", "tag_borrow"})
-                | (set() if self.tag_named and self.guided else {"tag_named"}))  # saved only when it does something
+                | (set() if self.tag_named and self.guided else {"tag_named"})  # saved only when it does something
+                | (set() if self.space_rerank else {"space_rerank"}))
         return {k: v for k, v in self.to_json().items() if k not in skip}
 
     def changed(self, **changes) -> Decoding:
@@ -103,7 +111,8 @@ class Decoding:
         if self.beam_size == 1:
             return "greedy" + tags
         return (f"beam {self.beam_size}, length norm {self.length_norm}"
-                + (", no repeated trigrams" if self.block_trigrams else "") + tags)
+                + (", no repeated trigrams" if self.block_trigrams else "") + tags
+                + (f", re-ranked by the search space x {self.space_rerank:g}" if self.space_rerank else ""))
 
 
 def beam_size(value) -> int:
@@ -142,6 +151,21 @@ def tag_named(value) -> float:
     """`value` as the least naming rate of a tag word guidance asks for (0 = every word, up to 1),
     else a one-line ConfigError. Also the command line's type for --tag-named."""
     return _share(value, "tag naming rate", "every word")
+
+
+def space_rerank(value) -> float:
+    """`value` as the weight of the search space's match in the order of the alternatives (0 = off,
+    at most MAX_SPACE_RERANK), else a one-line ConfigError. Also the command line's type for
+    --space-rerank."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"the space's re-ranking weight must be a number, not {value!r}") from None
+    if type(value) not in (int, float) or not (math.isfinite(value) and 0 <= value <= MAX_SPACE_RERANK):
+        raise ConfigError(f"the space's re-ranking weight must be a number from 0 (off) to {MAX_SPACE_RERANK:g}, "
+                          f"not {value!r}")
+    return float(value)
 
 
 def _share(value, name: str, zero: str) -> float:

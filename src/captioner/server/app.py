@@ -40,7 +40,7 @@ from fastapi.staticfiles import StaticFiles
 from captioner import __version__
 from captioner.data.images import MAX_PIXELS, open_rgb
 from captioner.data.urls import fetch
-from captioner.decoding import MAX_BEAM, MAX_LENGTH_NORM, Decoding
+from captioner.decoding import MAX_BEAM, MAX_LENGTH_NORM, MAX_SPACE_RERANK, Decoding
 from captioner.errors import ConfigError, ImageError, ImageTooLarge, LibraryError
 from captioner.library import photo_path, search, similar
 from captioner.names import DEFAULT_SEARCH_MODE, SEARCH_MODES
@@ -50,6 +50,12 @@ from captioner.server.schema import CaptionResponse, Health, SearchResponse, err
 
 STATIC = Path(__file__).parent / "static"
 LIMIT = Annotated[int, Query(ge=1, le=200)]  # photos one search answers with
+# decoding settings a caption request may change (default: the model's own decoding, decoding.json)
+BEAM = Annotated[int | None, Query(ge=1, le=MAX_BEAM, description="1: greedy; default: the model's own decoding")]
+LENGTH_NORM = Annotated[float | None, Query(ge=0, le=MAX_LENGTH_NORM, description="rank finished beams by logprob / "
+                                                                                  "length^this")]
+SPACE_RERANK = Annotated[float | None, Query(ge=0, le=MAX_SPACE_RERANK, description="order the beams by score + "
+                                             "this x their match with the photo in the search space; 0: by score")]
 MODE = Annotated[Literal[SEARCH_MODES], Query(description="keyword: the words of the captions; embedding: the "
                                               "words and each photo compared in the model's search space; model: how "
                                               "well the captioning model says the words describe each photo; hybrid: "
@@ -99,13 +105,11 @@ def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0
                 url: Annotated[list[str] | None, Form(description="http(s) addresses of images, fetched by the "
                                                       "server (public addresses only, unless its operator "
                                                       "allows others)")] = None,
-                beam_size: Annotated[int | None, Query(ge=1, le=MAX_BEAM, description="1: greedy; default: the "
-                                                       "model's own decoding")] = None,
-                length_norm: Annotated[float | None, Query(ge=0, le=MAX_LENGTH_NORM, description="rank finished "
-                                                           "beams by logprob / length^this")] = None,
+                beam_size: BEAM = None, length_norm: LENGTH_NORM = None,
                 block_trigrams: Annotated[bool | None, Query(description="never repeat a word trigram")] = None,
                 tags: Annotated[bool | None, Query(description="false: leave the encoder's tags out of the "
                                                    "search (they are still reported)")] = None,
+                space_rerank: SPACE_RERANK = None,
                 alternatives: Annotated[int | None, Query(ge=0, le=MAX_BEAM, description="at most this many "
                                                           "alternatives (beams) a result; default: all")] = None,
                 ) -> dict:
@@ -118,7 +122,8 @@ def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0
         try:
             decoding = captioner.decoding.changed(beam_size=beam_size, length_norm=length_norm,
                                                   block_trigrams=block_trigrams,
-                                                  tag_threshold=0.0 if tags is False else None)
+                                                  tag_threshold=0.0 if tags is False else None,
+                                                  space_rerank=space_rerank)
         except ConfigError as e:
             raise HTTPException(422, str(e)) from None
         return work.caption(file or [], decoding, alternatives, url or [])

@@ -16,6 +16,9 @@ class Alternative(BaseModel):
     caption: str
     logprob: float = Field(description="summed log-probability of the words and <end>")
     score: float = Field(description="what the search ranks by: logprob / length**length_norm")
+    match: float | None = Field(None, description="with a decoding that re-ranks by the search space: the cosine "
+                                "of the caption and the photo there; the beams are then in the order of "
+                                "score + space_rerank x match")
 
 
 class Tag(BaseModel):
