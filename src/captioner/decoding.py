@@ -131,52 +131,38 @@ def beam_size(value) -> int:
 def length_norm(value) -> float:
     """`value` as a length normalisation exponent (0 = off, at most MAX_LENGTH_NORM), else a one-line
     ConfigError (NaN and infinity included). Also the command line's type for --length-norm."""
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise ConfigError(f"length normalisation must be a number, not {value!r}") from None
-    if type(value) not in (int, float) or not (math.isfinite(value) and 0 <= value <= MAX_LENGTH_NORM):
-        raise ConfigError(f"length normalisation must be a number from 0 (off) to {MAX_LENGTH_NORM:g}, not {value!r}")
-    return float(value)
+    return _number(value, "length normalisation", "off", MAX_LENGTH_NORM)
 
 
 def tag_threshold(value) -> float:
     """`value` as a tag guidance threshold (0 = off, up to 1), else a one-line ConfigError. Also the
     command line's type for --tag-threshold."""
-    return _share(value, "tag threshold", "off")
+    return _number(value, "tag threshold", "off", 1)
 
 
 def tag_named(value) -> float:
     """`value` as the least naming rate of a tag word guidance asks for (0 = every word, up to 1),
     else a one-line ConfigError. Also the command line's type for --tag-named."""
-    return _share(value, "tag naming rate", "every word")
+    return _number(value, "tag naming rate", "every word", 1)
 
 
 def space_rerank(value) -> float:
     """`value` as the weight of the search space's match in the order of the alternatives (0 = off,
     at most MAX_SPACE_RERANK), else a one-line ConfigError. Also the command line's type for
     --space-rerank."""
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise ConfigError(f"the space's re-ranking weight must be a number, not {value!r}") from None
-    if type(value) not in (int, float) or not (math.isfinite(value) and 0 <= value <= MAX_SPACE_RERANK):
-        raise ConfigError(f"the space's re-ranking weight must be a number from 0 (off) to {MAX_SPACE_RERANK:g}, "
-                          f"not {value!r}")
-    return float(value)
+    return _number(value, "the space's re-ranking weight", "off", MAX_SPACE_RERANK)
 
 
-def _share(value, name: str, zero: str) -> float:
-    """`value` (a number or its text) as a number from 0 (`zero`) to 1, else a one-line ConfigError."""
+def _number(value, name: str, zero: str, top: float) -> float:
+    """`value` (a number or its text) as a number from 0 (`zero`) to `top`, else a one-line
+    ConfigError (NaN and infinity included)."""
     if isinstance(value, str):
         try:
             value = float(value)
         except ValueError:
             raise ConfigError(f"{name} must be a number, not {value!r}") from None
-    if type(value) not in (int, float) or not (math.isfinite(value) and 0 <= value <= 1):
-        raise ConfigError(f"{name} must be a number from 0 ({zero}) to 1, not {value!r}")
+    if type(value) not in (int, float) or not (math.isfinite(value) and 0 <= value <= top):
+        raise ConfigError(f"{name} must be a number from 0 ({zero}) to {top:g}, not {value!r}")
     return float(value)
 
 
