@@ -513,6 +513,9 @@ def test_the_fast_scan_is_exact_for_every_photo_it_can_rank():
         assert truth[shown].min() >= np.sort(truth[sound])[-best] - 1e-6  # and no better photo left behind
     every = Cosines(query.astype(np.float32))
     np.testing.assert_allclose(every(points[:500]), truth[:500], rtol=0, atol=1e-6)
+    more = Cosines(query.astype(np.float32), 10**6)  # more wanted than there are: every point exact
+    np.testing.assert_allclose(more(points[1000:1500]), truth[1000:1500], rtol=0, atol=1e-6)
+    assert more(points[:0]).shape == (0,)
 
 
 def test_hits_have_a_relevance_and_a_weak_best_says_no_good_match(cap, library, photos, monkeypatch):
