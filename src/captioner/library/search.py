@@ -218,7 +218,7 @@ def rank(con: sqlite3.Connection, view: ModelView, text: str, modes: Sequence[st
     cosine = None
     if view.has_space() and {"embedding", "hybrid"} & set(modes):  # exact where an order is shown or re-ranked
         cosine = view.space_scores(cap.embed_text(" ".join(query_words(text)))[0],
-                                   None if every else take if "hybrid" in modes else limit)
+                                   None if every else (take if "hybrid" in modes else limit))
     view.cosine = cosine
     out: dict[str, list[tuple[int, float]]] = {}
     if "embedding" in modes:
