@@ -117,15 +117,18 @@ def test_captioning_gives_the_captions_and_fingerprint_of_the_plain_decoder(trai
             plain.caption(i, beam_size=beam) for i in images[:4]]
 
 
-@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("bf16, amx", [(False, False), (True, False), (True, True)])
 @torch.no_grad()
-def test_packed_convolutions_compute_what_the_plain_ones_do(bf16):
+def test_packed_convolutions_compute_what_the_plain_ones_do(bf16, amx, monkeypatch):
     """Plain, strided, depthwise, and timm's TensorFlow-"same" convolutions (asymmetric padding on
-    an odd input), channels-last as captioning feeds them: bf16 bit for bit, fp32 up to rounding."""
+    an odd input), channels-last as captioning feeds them: bf16 bit for bit, fp32 up to rounding.
+    `amx`: the weights packed for one image and for several, as on a CPU with AMX (_pack_size),
+    wherever the test runs."""
     from timm.layers.conv2d_same import Conv2dSame
 
     if bf16 and not BF16:
         pytest.skip("no bf16 kernel in oneDNN for this CPU")
+    monkeypatch.setattr(packed, "cpu_has_amx", lambda: amx)
     torch.manual_seed(0)
     convs = [nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(8, 16, 1), nn.Conv2d(8, 8, 5, padding=2, groups=8),
              nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), Conv2dSame(8, 16, 3, stride=2),
@@ -141,6 +144,9 @@ def test_packed_convolutions_compute_what_the_plain_ones_do(bf16):
                 want, got = plain(x), twin(x)
                 plain_layout, plain_want = twin(x.contiguous()), plain(x.contiguous())  # not channels-last: plain
             assert {key[0] for key in twin._packs} == {torch.bfloat16 if bf16 else torch.float32}
+            # (dtype, padding, and on AMX the input's shape with one image or two): one pack a layout
+            assert all(len(key) == (7 if amx else 3) and (not amx or key[3:5] == (min(x.shape[0], 2), 8))
+                       for key in twin._packs)
             assert got.shape == want.shape and got.dtype == want.dtype
             assert got.is_contiguous(memory_format=torch.channels_last)
             if bf16:

@@ -20,7 +20,7 @@ from torch import nn
 from captioner.inference.int8 import int8_decoder
 from captioner.inference.packed import packed_decoder, packed_encoder
 from captioner.model.encoder import fold_batchnorm
-from captioner.runtime import autocast, cpu_has_amx, cpu_has_fast_bf16, loader_workers, pick_device, resolve_precision
+from captioner.runtime import autocast, cpu_has_fast_bf16, loader_workers, pick_device, resolve_precision
 from captioner.threads import fit_threads
 
 
@@ -72,17 +72,17 @@ class InferencePlan:
     def decoder_precision(self, images: int) -> str:
         """The decoder's precision for a search over `images` images, measured on each kind of CPU:
 
-        - Intel Xeon with AMX: for fewer than 4 images bf16 autocast's costs outweigh its gain (one
-          image, beam 3: 27 ms bf16 against 20 ms fp32; 64 images: 1.4x faster in bf16), so small
-          batches decode in fp32 there. (Measured before the weights were packed; not measured
-          again on an AMX Xeon since.)
+        - Intel Xeon with AMX: with the decoder's weights packed, bf16 ties fp32 for one image and
+          wins from two on (shipped model, beam 5, 2026-12-05: one image 30-31 ms in both, two 34-36
+          against 38-40 ms, 64 images 1.6x). Before packing, one image took 27 ms in bf16 against
+          20 in fp32 (beam 3), and small batches decoded in fp32 there.
         - AMD EPYC with AVX512-BF16 and no AMX (Zen 4): bf16 pays from one image on (one image, beam
           5: 15.5 ms against 30.5 ms fp32) and gives one image the caption it gets in a batch (200
           of 200, against 188 in fp32). With the decoder's weights packed, bf16 still wins: 21.8
           against 27.0 ms a photo.
         - Without native bf16, auto precision is fp32; an explicit bf16 decodes small batches in fp32.
         """
-        if self.device.type == "cpu" and images < 4 and (cpu_has_amx() or not cpu_has_fast_bf16()):
+        if self.device.type == "cpu" and images < 4 and not cpu_has_fast_bf16():
             return "fp32"
         return self.precision
 
