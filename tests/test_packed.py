@@ -144,8 +144,8 @@ def test_packed_convolutions_compute_what_the_plain_ones_do(bf16, amx, monkeypat
                 want, got = plain(x), twin(x)
                 plain_layout, plain_want = twin(x.contiguous()), plain(x.contiguous())  # not channels-last: plain
             assert {key[0] for key in twin._packs} == {torch.bfloat16 if bf16 else torch.float32}
-            # (dtype, padding, and on AMX the input's shape with one image or two): one pack a layout
-            assert all(len(key) == (7 if amx else 3) and (not amx or key[3:5] == (min(x.shape[0], 2), 8))
+            # (dtype, padding, and on AMX the input's shape with one image or two, and the threads)
+            assert all(len(key) == (8 if amx else 3) and (not amx or key[3:5] == (min(x.shape[0], 2), 8))
                        for key in twin._packs)
             assert got.shape == want.shape and got.dtype == want.dtype
             assert got.is_contiguous(memory_format=torch.channels_last)

@@ -219,8 +219,9 @@ class PackedConv2d(nn.Module):
     def _packed_forward(self, x: torch.Tensor, dtype: torch.dtype, shifted: bool) -> torch.Tensor:
         padding, shift = self._same_padding(x) if shifted else (list(self.padding), [0, 0])
         size = _pack_size(x, dtype)
+        key = (dtype, *padding) if size is None else (dtype, *padding, *size, torch.get_num_threads())
         w, b = _packed(self._packs, dtype, self.weight, self.bias, functools.partial(self._pack, padding, size),
-                       key=(dtype, *padding, *(size or ())))
+                       key=key)
         y = torch.ops.mkldnn._convolution_pointwise(
             x.to(dtype), w, b, padding, list(self.stride), list(self.dilation), self.groups,
             "hardtanh" if self.relu6 else "none", [0.0, 6.0] if self.relu6 else [], "")
@@ -256,12 +257,16 @@ class PackedConv2d(nn.Module):
 
 def _pack_size(x: torch.Tensor, dtype: torch.dtype) -> list[int] | None:
     """The input shape a convolution's weights are packed for: None (oneDNN's general layout) but
-    in bf16 on a CPU with AMX, where oneDNN lays the weights out for the matrix tiles only when told
-    the input's shape, and one image's layout differs from several images'. Each layout used for the
-    other is several times slower, so there are two packs: for one image and for more (an Intel Xeon
-    with AMX, Lite0, bf16: one photo 44 -> 7.2 ms, batches 7.2 -> 3.0 ms a photo; the general layout
-    computed the same bits). fp32 there gained nothing, and the AMD CPUs were not measured with it:
-    they keep the general layout."""
+    in bf16 on a CPU with AMX. There oneDNN lays the weights out for the matrix tiles only when told
+    the input's shape, and the layout it wants differs between one image and several and between
+    thread counts; given another, it lays them out again at every call. So there a convolution is
+    packed for one image or for several (two), at the number of threads it runs on (threads.py
+    changes it under load): at most two packs a thread count. Measured on an Intel Xeon with AMX,
+    Lite0, bf16, ms a photo at 1 / 8 / 32 photos, two threads: general layout 43-46 / 7.5 / 7.5, the
+    plain convolutions 7.8-8.4 / 6.3-6.6 / 5.3-5.7, packed for the shape 6.6-7.4 / 3.0 / 3.1-3.2; one
+    thread: about 8 / 4.4 / 5 both packed ways; a pack for two threads used on one: 140 ms for one
+    photo. The same bits in every case. fp32 there gained nothing, and the AMD CPUs were not
+    measured with it: they keep the general layout."""
     if dtype != torch.bfloat16 or not cpu_has_amx():
         return None
     return [min(x.shape[0], 2), *x.shape[1:]]
