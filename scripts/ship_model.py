@@ -34,6 +34,8 @@ def main() -> None:
                     help="tag guidance: only words the training captions said this often (naming.json)")
     ap.add_argument("--space-rerank", type=float, default=None,
                     help="order the beams by score + this x their match in the search space, 0 = off")
+    ap.add_argument("--rarity-penalty", type=float, default=None,
+                    help="... minus this x how rare their words are (Vocabulary.rarity), 0 = off")
     ap.add_argument("--note", default="", help="stored in config.json under extra.shipped")
     ap.add_argument("--decoding-only", action="store_true",
                     help="change only --out's decoding.json, by the options above (no model folder read)")
@@ -43,7 +45,7 @@ def main() -> None:
     args = ap.parse_args()
     changes = dict(beam_size=args.beam_size, length_norm=args.length_norm, block_trigrams=args.block_trigrams,
                    tag_threshold=args.tag_threshold, tag_words=args.tag_words, tag_named=args.tag_named,
-                   space_rerank=args.space_rerank)
+                   space_rerank=args.space_rerank, rarity_penalty=args.rarity_penalty)
     if args.decoding_only:
         decoding = read_decoding(args.out).changed(**changes)
         (args.out / DECODING).write_text(json.dumps(decoding.saved(), indent=2) + "\n", encoding="utf-8")

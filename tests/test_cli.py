@@ -56,11 +56,16 @@ def test_trigram_blocking_follows_the_model_unless_the_options_say():
     plain = Decoding(beam_size=3)
     assert decoding_from(parse(["index", "x", "--db", "y", "--block-trigrams"]), plain).block_trigrams
     assert decoding_from(parse(["evaluate", "--data", "d"]), cfg) == decoding_from(parse(["caption", "x.jpg"]), cfg)
+    changed = decoding_from(parse(["caption", "x.jpg", "--space-rerank", "1.2", "--rarity-penalty", "0.25"]), cfg)
+    assert (changed.space_rerank, changed.rarity_penalty) == (1.2, 0.25)
+    assert decoding_from(parse(["index", "x", "--db", "y", "--rarity-penalty", "0"]), cfg.replace(rarity_penalty=0.3)
+                         ).rarity_penalty == 0.0  # 0 turns the model's own off
 
 
 
 @pytest.mark.parametrize("option, value", [("--length-norm", "-3"), ("--length-norm", "nan"), ("--length-norm", "inf"),
-                                           ("--beam-size", "0"), ("--beam-size", "101"), ("--beam-size", "two")])
+                                           ("--beam-size", "0"), ("--beam-size", "101"), ("--beam-size", "two"),
+                                           ("--rarity-penalty", "-1"), ("--rarity-penalty", "nan")])
 def test_decoding_options_are_checked_before_anything_is_loaded(option, value, capsys):
     """The command line takes its decoding options through decoding.py's checks (the limits the search and
     model folders use): a bad one is argparse's one-line usage error, at once."""

@@ -53,7 +53,7 @@ def test_schema_types_every_answer_and_error_and_docs_need_no_network(client):
     search = schema["paths"]["/api/search"]["get"]["responses"]
     assert search["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/SearchResponse")
     assert {"total", "results"} <= set(schemas["SearchResponse"]["properties"])
-    assert set(schemas["Alternative"]["properties"]) == {"caption", "logprob", "score", "match"}
+    assert set(schemas["Alternative"]["properties"]) == {"caption", "logprob", "score", "match", "rarity"}
     assert set(schemas["Tag"]["properties"]) == {"word", "score"} and "tags" in schemas["CaptionResult"]["properties"]
     assert "image/jpeg" in schema["paths"]["/api/thumb/{photo_id}"]["get"]["responses"]["200"]["content"]
     page = client.get("/docs")
@@ -87,17 +87,21 @@ def test_caption_takes_the_decoding_controls_of_the_command_line(client, library
                            ({"beam_size": 4, "length_norm": 1.5, "block_trigrams": True},
                             {"beam_size": 4, "length_norm": 1.5, "block_trigrams": True}),
                            ({"tags": False}, {"tag_threshold": 0.0}),
-                           ({"beam_size": 4, "space_rerank": 2.0}, {"beam_size": 4, "space_rerank": 2.0})]:
+                           ({"beam_size": 4, "space_rerank": 2.0}, {"beam_size": 4, "space_rerank": 2.0}),
+                           ({"beam_size": 4, "space_rerank": 1.0, "rarity_penalty": 5.0},
+                            {"beam_size": 4, "space_rerank": 1.0, "rarity_penalty": 5.0})]:
         r = client.post("/api/caption", params=params, files={"file": ("a.png", data, "image/png")})
         want = cap.caption(data, decoding=cap.decoding.changed(**change), details=True)
         got = r.json()["results"][0]
         assert r.status_code == 200 and got["caption"] == want["caption"], params
         assert [a["caption"] for a in got["alternatives"]] == [a["caption"] for a in want["alternatives"]]
         assert all(("match" in a) == ("space_rerank" in params) for a in got["alternatives"])
+        assert all(("rarity" in a) == ("rarity_penalty" in params) for a in got["alternatives"])
     r = client.post("/api/caption", params={"beam_size": 5, "alternatives": 2}, files={"file": ("a.png", data)})
     assert r.status_code == 200 and len(r.json()["results"][0]["alternatives"]) == 2
     for bad in ({"beam_size": 0}, {"beam_size": 101}, {"length_norm": "nan"}, {"length_norm": -1},
-                {"alternatives": -1}, {"block_trigrams": "perhaps"}, {"space_rerank": -1}, {"space_rerank": "nan"}):
+                {"alternatives": -1}, {"block_trigrams": "perhaps"}, {"space_rerank": -1}, {"space_rerank": "nan"},
+                {"rarity_penalty": -1}, {"rarity_penalty": 11}):
         r = client.post("/api/caption", params=bad, files={"file": ("a.png", data)})
         assert r.status_code == 422 and "detail" in r.json(), bad
 

@@ -84,6 +84,49 @@ def test_the_space_reranks_the_beams_by_their_match_with_the_photo(cap, photos, 
             Decoding(space_rerank=bad)
 
 
+def test_the_rarity_penalty_holds_the_beams_to_common_words(cap, photos, monkeypatch):
+    """Decoding.rarity_penalty: every alternative gets its "rarity" (Vocabulary.rarity) and they come
+    in the order of score + space_rerank x match - penalty x rarity; a huge penalty puts the
+    commonest-worded caption first; it works without a space too (no warning: no match asked for)."""
+    import warnings
+
+    from captioner.decoding import Decoding
+
+    files = sorted(photos.glob("*.png"))[:4]
+    plain = cap.decoding.replace(beam_size=4, space_rerank=0.0)
+    before = cap.caption(files, decoding=plain, details=True)
+    assert all("rarity" not in a for r in before for a in r["alternatives"])
+    for weight, penalty in ((0.5, 0.3), (0.0, 10.0)):
+        after = cap.caption(files, decoding=plain.replace(space_rerank=weight, rarity_penalty=penalty), details=True)
+        for r0, r in zip(before, after):
+            assert sorted(a["caption"] for a in r["alternatives"]) == sorted(a["caption"] for a in r0["alternatives"])
+            assert [a["rarity"] for a in r["alternatives"]] == pytest.approx(
+                [cap.vocab.rarity(a["caption"]) for a in r["alternatives"]], abs=1e-4)
+            assert all(("match" in a) == bool(weight) for a in r["alternatives"])
+            total = [a["score"] + weight * a.get("match", 0) - penalty * a["rarity"] for a in r["alternatives"]]
+            assert total == sorted(total, reverse=True) and r["caption"] == r["alternatives"][0]["caption"]
+    spread = [max(a["score"] for a in r["alternatives"]) - min(a["score"] for a in r["alternatives"]) for r in after]
+    assert all(r["rarity"] <= min(a["rarity"] for a in r["alternatives"]) + d / 10.0 for r, d in zip(after, spread))
+    # the synthetic captions' commonest words are in their likeliest beams; a rarity that calls long
+    # captions common shows the penalty choosing
+    monkeypatch.setattr(type(cap.vocab), "rarity", lambda self, text: 20.0 - len(text.split()))
+    longest = cap.caption(files, decoding=plain.replace(rarity_penalty=10.0), details=True)
+    assert [len(r["caption"].split()) for r in longest] == [max(len(a["caption"].split()) for a in r["alternatives"])
+                                                            for r in longest]
+    assert any(r["caption"] != r0["caption"] for r, r0 in zip(longest, before))
+    monkeypatch.setattr(cap, "space", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        alone = cap.caption(files, decoding=plain.replace(rarity_penalty=10.0), details=True)
+    assert [r["caption"] for r in alone] == [r["caption"] for r in longest]
+    assert "rare words x -0.25" in Decoding(beam_size=5, rarity_penalty=0.25).describe()
+    assert Decoding(rarity_penalty=0.25).saved()["rarity_penalty"] == 0.25
+    assert "rarity_penalty" not in Decoding().saved()
+    for bad in (-0.1, float("nan"), 11, "x", True):
+        with pytest.raises(ConfigError):
+            Decoding(rarity_penalty=bad)
+
+
 def test_retrieval_ranks_both_ways_by_hand():
     """Three photos, four captions (photo 0 has two): each caption's rank of its photo, each
     photo's best rank of its own captions, and rsum as the papers add it."""

@@ -42,6 +42,21 @@ def test_decode_stops_at_end_and_skips_pad():
     assert v.decode([4, v.pad, 5]) == "a dog"
 
 
+def test_rarity_is_the_mean_log_rank_of_the_words_by_hand():
+    """Vocabulary.rarity: rank 1 is the most frequent word (build's order), a word it lacks is one
+    rarer than the rarest it holds, the specials are words it lacks, no words is 0."""
+    import math
+
+    v = Vocabulary.build(["a dog", "a dog", "a cat"], min_count=1)  # a: 3, dog: 2, cat: 1
+    assert v.itos[4:] == ["a", "dog", "cat"]
+    assert v.rarity("a") == 0.0  # log 1
+    assert v.rarity("A cat!") == pytest.approx((math.log(1) + math.log(3)) / 2)
+    assert v.rarity("a zebra") == pytest.approx(math.log(4) / 2)  # zebra: rank 4
+    assert v.rarity("<unk>") == pytest.approx(math.log(4))
+    assert v.rarity("") == 0.0
+    assert v.rarity("a dog") < v.rarity("a cat")
+
+
 def test_encode_cuts_long_captions():
     v = Vocabulary(["a", "b"])
     assert len(v.encode("a b a b a b", max_words=3)) == 5

@@ -24,6 +24,7 @@ MAX_BEAM = 100  # wider beams score no better and need memory in proportion (100
 MAX_LENGTH_NORM = 10.0  # logprob / length**10 already ranks by length alone
 MAX_WORDS = 1000  # the longest caption a search may be asked for
 MAX_SPACE_RERANK = 100.0  # a cosine (-1 to 1) x 100 outweighs any score: the order is the space's alone
+MAX_RARITY_PENALTY = 10.0  # a rarity (the mean log rank of the words, 0 to about 9) x 10 outweighs any score
 MAX_TAG_WORDS = 3  # words one caption may be asked to say: the search keeps 2**3 sets of beams
 NAMING_FLOOR = 0.3  # a tag counts for naming.json from this score (the guidance threshold it was chosen with)
 NAMING_PRIOR = 5  # photos' worth of the average naming rate every word starts from (a word seen twice is not
@@ -51,6 +52,10 @@ class Decoding:
     # model's search space (the cosine of their points, model/embedding.py); 0 = by score alone, as
     # for a model without a space
     space_rerank: float = 0.0
+    # ... minus rarity_penalty x how rare each one's words are (Vocabulary.rarity: the mean log of their
+    # rank in the vocabulary, most frequent first); 0 = off. The space, trained to tell photos apart,
+    # favours the rare words that do; this holds it back to the words captions commonly say
+    rarity_penalty: float = 0.0
 
     def __post_init__(self):
         for name in ("beam_size", "length_norm"):  # text is the command line's to convert, not a value's
@@ -65,6 +70,7 @@ class Decoding:
         tag_threshold(self.tag_threshold)
         tag_named(self.tag_named)
         space_rerank(self.space_rerank)
+        rarity_penalty(self.rarity_penalty)
         if type(self.tag_borrow) is not bool:
             raise ConfigError(f"borrowing tag words is true or false, not {self.tag_borrow!r}")
         if type(self.tag_words) is not int or not 1 <= self.tag_words <= MAX_TAG_WORDS:
@@ -87,12 +93,13 @@ class Decoding:
 
     def saved(self) -> dict:
         """What a model folder's decoding.json holds: all but the longest caption, which is the
-        model's own (config.json's max_len: training left longer captions out). Tag guidance and the
-        space's re-ranking only when on, so a folder from before them keeps its fingerprint
+        model's own (config.json's max_len: training left longer captions out). Tag guidance, the
+        space's re-ranking and the rarity penalty only when on, so a folder from before them keeps its fingerprint
         (Captioner.fingerprint)."""
         skip = ({"max_len"} | (set() if self.guided else {"tag_threshold", "tag_words", "tag_borrow"})
                 | (set() if self.tag_named and self.guided else {"tag_named"})  # saved only when it does something
-                | (set() if self.space_rerank else {"space_rerank"}))
+                | (set() if self.space_rerank else {"space_rerank"})
+                | (set() if self.rarity_penalty else {"rarity_penalty"}))
         return {k: v for k, v in self.to_json().items() if k not in skip}
 
     def changed(self, **changes) -> Decoding:
@@ -112,7 +119,8 @@ class Decoding:
             return "greedy" + tags
         return (f"beam {self.beam_size}, length norm {self.length_norm}"
                 + (", no repeated trigrams" if self.block_trigrams else "") + tags
-                + (f", re-ranked by the search space x {self.space_rerank:g}" if self.space_rerank else ""))
+                + (f", re-ranked by the search space x {self.space_rerank:g}" if self.space_rerank else "")
+                + (f", rare words x -{self.rarity_penalty:g}" if self.rarity_penalty else ""))
 
 
 def beam_size(value) -> int:
@@ -151,6 +159,13 @@ def space_rerank(value) -> float:
     at most MAX_SPACE_RERANK), else a one-line ConfigError. Also the command line's type for
     --space-rerank."""
     return _number(value, "the space's re-ranking weight", "off", MAX_SPACE_RERANK)
+
+
+def rarity_penalty(value) -> float:
+    """`value` as the weight of how rare an alternative's words are, taken from its place in the
+    order of the alternatives (0 = off, at most MAX_RARITY_PENALTY), else a one-line ConfigError. Also
+    the command line's type for --rarity-penalty."""
+    return _number(value, "the rarity penalty", "off", MAX_RARITY_PENALTY)
 
 
 def _number(value, name: str, zero: str, top: float) -> float:

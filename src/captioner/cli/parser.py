@@ -100,6 +100,9 @@ def _decoding_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space-rerank", type=_checked(decoding.space_rerank), metavar="WEIGHT",
                    help="order the beams by score + WEIGHT x how well each matches the photo in the model's search "
                         "space, 0 = by score alone (default: the model's own setting)")
+    p.add_argument("--rarity-penalty", type=_checked(decoding.rarity_penalty), metavar="WEIGHT",
+                   help="... minus WEIGHT x how rare each one's words are (the mean log of their rank in the "
+                        "vocabulary), 0 = off (default: the model's own setting)")
     p.add_argument("--no-tags", action="store_true",
                    help="caption without tag guidance (tags are still reported with --json)")
 
@@ -119,7 +122,7 @@ def decoding_from(a: argparse.Namespace, own: Decoding) -> Decoding:
     """The one decoding a command uses: the model's own (`own`), changed where the options say."""
     return own.changed(beam_size=a.beam_size, length_norm=a.length_norm, block_trigrams=a.block_trigrams,
                        tag_threshold=0.0 if a.no_tags else a.tag_threshold, tag_borrow=a.tag_borrow,
-                       tag_named=a.tag_named, space_rerank=a.space_rerank)
+                       tag_named=a.tag_named, space_rerank=a.space_rerank, rarity_penalty=a.rarity_penalty)
 
 
 def _caption_parser(sub) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import unicodedata
 from collections import Counter
@@ -66,6 +67,16 @@ class Vocabulary:
         """Text -> ``[start, w1, ..., wn, end]`` (words beyond `max_words` cut)."""
         words = tokenize(text)[:max_words]
         return [self.start] + [self.stoi.get(w, self.unk) for w in words] + [self.end]
+
+    def rarity(self, text: str) -> float:
+        """How rare the words of `text` are: the mean of log(rank) over its words, rank 1 the
+        vocabulary's most frequent word (`build` orders them so; Zipf's law makes the log rank a
+        stand-in for the word's log frequency). A word the vocabulary lacks (a tag word borrowed in,
+        tags.py) counts as one rarer than all it holds; no words: 0."""
+        rare = len(self.itos) - len(SPECIALS) + 1
+        ranks = [self.stoi[w] - len(SPECIALS) + 1 if self.stoi.get(w, 0) >= len(SPECIALS) else rare
+                 for w in tokenize(text)]
+        return sum(map(math.log, ranks)) / len(ranks) if ranks else 0.0
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids -> text, stopping at ``<end>`` and skipping ``<start>``/``<pad>``."""

@@ -40,7 +40,7 @@ from fastapi.staticfiles import StaticFiles
 from captioner import __version__
 from captioner.data.images import MAX_PIXELS, open_rgb
 from captioner.data.urls import fetch
-from captioner.decoding import MAX_BEAM, MAX_LENGTH_NORM, MAX_SPACE_RERANK, Decoding
+from captioner.decoding import MAX_BEAM, MAX_LENGTH_NORM, MAX_RARITY_PENALTY, MAX_SPACE_RERANK, Decoding
 from captioner.errors import ConfigError, ImageError, ImageTooLarge, LibraryError
 from captioner.library import photo_path, search, similar
 from captioner.names import DEFAULT_SEARCH_MODE, SEARCH_MODES
@@ -56,6 +56,8 @@ LENGTH_NORM = Annotated[float | None, Query(ge=0, le=MAX_LENGTH_NORM, descriptio
                                                                                   "length^this")]
 SPACE_RERANK = Annotated[float | None, Query(ge=0, le=MAX_SPACE_RERANK, description="order the beams by score + "
                                              "this x their match with the photo in the search space; 0: by score")]
+RARITY_PENALTY = Annotated[float | None, Query(ge=0, le=MAX_RARITY_PENALTY, description="... minus this x how rare "
+                                               "their words are in the vocabulary; 0: off")]
 MODE = Annotated[Literal[SEARCH_MODES], Query(description="keyword: the words of the captions; embedding: the "
                                               "words and each photo compared in the model's search space; model: how "
                                               "well the captioning model says the words describe each photo; hybrid: "
@@ -109,7 +111,7 @@ def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0
                 block_trigrams: Annotated[bool | None, Query(description="never repeat a word trigram")] = None,
                 tags: Annotated[bool | None, Query(description="false: leave the encoder's tags out of the "
                                                    "search (they are still reported)")] = None,
-                space_rerank: SPACE_RERANK = None,
+                space_rerank: SPACE_RERANK = None, rarity_penalty: RARITY_PENALTY = None,
                 alternatives: Annotated[int | None, Query(ge=0, le=MAX_BEAM, description="at most this many "
                                                           "alternatives (beams) a result; default: all")] = None,
                 ) -> dict:
@@ -123,7 +125,7 @@ def create_app(captioner, db: Path | None = None, *, max_upload_mb: float = 20.0
             decoding = captioner.decoding.changed(beam_size=beam_size, length_norm=length_norm,
                                                   block_trigrams=block_trigrams,
                                                   tag_threshold=0.0 if tags is False else None,
-                                                  space_rerank=space_rerank)
+                                                  space_rerank=space_rerank, rarity_penalty=rarity_penalty)
         except ConfigError as e:
             raise HTTPException(422, str(e)) from None
         return work.caption(file or [], decoding, alternatives, url or [])

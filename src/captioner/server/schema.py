@@ -18,7 +18,9 @@ class Alternative(BaseModel):
     score: float = Field(description="what the search ranks by: logprob / length**length_norm")
     match: float | None = Field(None, description="with a decoding that re-ranks by the search space: the cosine "
                                 "of the caption and the photo there; the beams are then in the order of "
-                                "score + space_rerank x match")
+                                "score + space_rerank x match - rarity_penalty x rarity")
+    rarity: float | None = Field(None, description="with a decoding that penalises rare words: how rare the "
+                                 "caption's words are, the mean log of their rank in the vocabulary")
 
 
 class Tag(BaseModel):
