@@ -224,8 +224,9 @@ class Captioner:
         if decoding.space_rerank and self.space is None:
             warnings.warn(f"the model ({self.source}) has no search space: its match does not reorder the beams",
                           CaptionerWarning, stacklevel=2)
-        if (decoding.space_rerank and self.space is not None) or decoding.rarity_penalty:
-            self._rerank(results, feats, decoding)
+        weight = decoding.space_rerank if self.space is not None else 0.0
+        if weight or decoding.rarity_penalty:
+            self._rerank(results, feats, weight, decoding.rarity_penalty)
         if probs is not None:
             for r, t, row in zip(results, self.tagger.tags(probs), probs):
                 r["tags"] = t
@@ -258,17 +259,16 @@ class Captioner:
                 for alt in [r, *r["alternatives"]]:
                     alt["caption"] = self._swap(alt["caption"], swaps)
 
-    def _rerank(self, results: list[dict], feats: torch.Tensor, decoding: Decoding) -> None:
-        """Order each image's alternatives by score + space_rerank x match - rarity_penalty x rarity;
-        the first is the caption. "match" is the cosine of the alternative's point and its image's in
-        the search space: the language model's score ranks the beams by how likely the words are,
-        the space, trained apart to tell which caption goes with which photo, prefers the one that
-        says what this photo shows. Telling photos apart, it leans to rare words; "rarity"
-        (Vocabulary.rarity) holds it back. Measured on Flickr8k val and coco240, docs/EXPERIMENTS.md."""
+    def _rerank(self, results: list[dict], feats: torch.Tensor, weight: float, penalty: float) -> None:
+        """Order each image's alternatives by score + `weight` x match - `penalty` x rarity (the
+        decoding's space_rerank, 0 without a space, and rarity_penalty); the first is the caption.
+        "match" is the cosine of the alternative's point and its image's in the search space: the
+        language model's score ranks the beams by how likely the words are, the space, trained apart
+        to tell which caption goes with which photo, prefers the one that says what this photo shows.
+        Telling photos apart, it leans to rare words; "rarity" (Vocabulary.rarity) holds it back.
+        Measured on Flickr8k val and coco240, docs/EXPERIMENTS.md."""
         if all(len(r["alternatives"]) < 2 for r in results):
             return
-        weight = decoding.space_rerank if self.space is not None else 0.0
-        penalty = decoding.rarity_penalty
         if weight:
             images = self.embed_features(feats)  # (B, D)
             texts = self.embed_text([a["caption"] for r in results for a in r["alternatives"]])  # (sum of K, D)

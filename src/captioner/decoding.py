@@ -94,8 +94,8 @@ class Decoding:
     def saved(self) -> dict:
         """What a model folder's decoding.json holds: all but the longest caption, which is the
         model's own (config.json's max_len: training left longer captions out). Tag guidance, the
-        space's re-ranking and the rarity penalty only when on, so a folder from before them keeps its fingerprint
-        (Captioner.fingerprint)."""
+        space's re-ranking and the rarity penalty only when on, so a folder from before them keeps
+        its fingerprint (Captioner.fingerprint)."""
         skip = ({"max_len"} | (set() if self.guided else {"tag_threshold", "tag_words", "tag_borrow"})
                 | (set() if self.tag_named and self.guided else {"tag_named"})  # saved only when it does something
                 | (set() if self.space_rerank else {"space_rerank"})
@@ -162,9 +162,9 @@ def space_rerank(value) -> float:
 
 
 def rarity_penalty(value) -> float:
-    """`value` as the weight of how rare an alternative's words are, taken from its place in the
-    order of the alternatives (0 = off, at most MAX_RARITY_PENALTY), else a one-line ConfigError. Also
-    the command line's type for --rarity-penalty."""
+    """`value` as the weight of how rare an alternative's words are, subtracted in the order of the
+    alternatives (0 = off, at most MAX_RARITY_PENALTY), else a one-line ConfigError. Also the command
+    line's type for --rarity-penalty."""
     return _number(value, "the rarity penalty", "off", MAX_RARITY_PENALTY)
 
 
