@@ -175,3 +175,34 @@ def test_the_bf16_inference_encoder_gives_the_same_bits_under_autocast(name):
         memory_format=torch.channels_last)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(model.features(x, encoder=bf16), model.features(x, encoder=fp32))
+
+
+def test_mirrored_features_are_those_of_the_mirrored_photo_and_cached_apart(shapes, tmp_path):
+    """extract_features(flip=True) gives the features of each photo mirrored left to right (the
+    search space's second view), and the cache keeps them in an entry of their own: never served
+    for the photos as they are, nor the other way round."""
+    from PIL import Image, ImageOps
+
+    from captioner.inference.features import cached_features, extract_features
+    from captioner.inference.plan import InferencePlan
+    from captioner.model.network import CaptionModel, ModelConfig
+
+    cfg = ModelConfig.for_encoder("tf_efficientnet_lite0", vocab_size=10, image_size=64)
+    model = CaptionModel.create(cfg, encoder_weights="none").eval()
+    plan = InferencePlan(torch.device("cpu"), "fp32")
+    paths, mirrored = [], []
+    for k, png in enumerate(sorted(shapes.parent.glob("*.png"))[:3]):
+        image = Image.open(png).convert("RGB").resize((64, 64))  # the encoder's size: no resampling to differ
+        paths.append(tmp_path / f"{k}.png")
+        mirrored.append(tmp_path / f"{k}_m.png")
+        image.save(paths[-1])
+        ImageOps.mirror(image).save(mirrored[-1])
+    flipped, ok, _ = extract_features(model, paths, plan, workers=0, progress=False, flip=True)
+    expected, _, _ = extract_features(model, mirrored, plan, workers=0, progress=False)
+    plain, _, _ = extract_features(model, paths, plan, workers=0, progress=False)
+    assert ok.all() and np.array_equal(flipped, expected) and not np.array_equal(flipped, plain)
+    cache = tmp_path / "cache"
+    first, _, _ = cached_features(model, paths, plan, cache, workers=0, progress=False)
+    then, _, _ = cached_features(model, paths, plan, cache, workers=0, progress=False, flip=True)
+    assert np.array_equal(first, plain) and np.array_equal(then, flipped)
+    assert len(list((cache / "features").glob("*.npy"))) == 2

@@ -171,6 +171,46 @@ def test_every_variant_learns_and_training_is_repeatable(text, pool, loss):
         assert torch.equal(a, b), k
 
 
+def test_half_the_captions_meet_their_photo_mirrored_with_left_and_right_swapped(monkeypatch):
+    """fit(flipped=...): each caption of a batch is paired with its photo as it is or mirrored (about
+    half of each), and a mirrored photo's caption has the words of `mirror` swapped; the same seed
+    pairs them the same way."""
+    gen = torch.Generator().manual_seed(0)
+    n, vocab, feat, left, right = 64, 24, 16, 4, 5
+    words = torch.randint(4, vocab, (n, 3), generator=gen)
+    feats = torch.rand(n, 4, feat, generator=gen)
+    tokens = [torch.tensor([1, *w.tolist(), 2]) for w in words]
+    caps = Captions(tokens, torch.arange(n), [5] * n)
+    rows = FeatureRows(feats.half().numpy(), list(range(n)))
+    mirrored = FeatureRows((feats + 100).half().numpy(), list(range(n)))  # told apart by their size
+    cfg = EmbeddingConfig(vocab_size=vocab, feat_dim=feat, dim=16, word_dim=16)
+
+    def pairs():
+        torch.manual_seed(0)
+        space, seen = JointEmbedding(cfg), []
+        images, texts = space.images, space.texts
+        monkeypatch.setattr(space, "images", lambda f: seen.append([f.clone()]) or images(f))
+        monkeypatch.setattr(space, "texts", lambda w: seen[-1].append(w.clone()) or texts(w))
+        fit(space, (rows, caps), (rows, caps), start=1, end=2, epochs=2, batch_size=16, flipped=mirrored,
+            mirror={left: right, right: left}, progress=False, log=lambda *a: None)
+        return [(f, w) for f, w in (s for s in seen if len(s) == 2) if f.shape[0] == 16 and w.shape[0] == 16]
+
+    seen = pairs()
+    flips = torch.cat([f.float().mean(dim=(1, 2)) > 50 for f, _ in seen])
+    assert 0.3 < flips.float().mean() < 0.7  # training steps only (validation embeds all 64 at once)
+    by_text = {tuple(w.tolist()): i for i, w in enumerate(words)}
+    swap = {left: right, right: left}
+    for f, w in seen:
+        for fi, wi in zip(f, w):
+            wi = [int(x) for x in wi if x != 0]
+            flip = fi.float().mean() > 50
+            plain = [swap.get(x, x) for x in wi] if flip else wi
+            i = by_text[tuple(plain)]
+            assert torch.allclose(fi.float(), feats[i] + (100 if flip else 0), atol=0.1)  # its own photo
+    assert any(left in w or right in w for _, w in seen)  # the swap was exercised
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(seen, pairs()))
+
+
 def test_an_ensemble_scores_the_mean_of_its_members_cosines():
     """A point of an ensemble is a unit vector whose dot product is the mean of its members' cosines;
     a sentence with no word stays a row of zeros (it matches nothing)."""

@@ -40,12 +40,13 @@ def default_cache_dir() -> Path:
 
 @torch.no_grad()
 def extract_features(model, paths: Sequence[Path], plan: InferencePlan, *, batch_size: int = 32, workers: int = 1,
-                     out: np.ndarray | None = None, progress: bool = True, encoder: torch.nn.Module | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                     out: np.ndarray | None = None, progress: bool = True, encoder: torch.nn.Module | None = None,
+                     flip: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Run the model's encoder over images as `plan` runs it (InferencePlan.encode). Returns
     (features fp16 (N, ...), ok mask (N,), errors). Where the plan says so (CUDA), the device decodes
     the plain JPEGs (see data/images.image_batches). `encoder`: the copy the plan made already
-    (InferencePlan.encoder_for; a loaded Captioner's), else one is made here."""
+    (InferencePlan.encoder_for; a loaded Captioner's), else one is made here. `flip`: of the images
+    mirrored left to right (a second view of each training photo for the search space)."""
     cfg = model.cfg
     paths = list(paths)
     loader = image_batches(paths, cfg.image_size, cfg.mean, cfg.std, plan.device, batch_size=batch_size,
@@ -57,7 +58,7 @@ def extract_features(model, paths: Sequence[Path], plan: InferencePlan, *, batch
     for idx, x, _, errs in loader:
         errors += errs
         if x is not None:
-            f = plan.encode(model, x, encoder).float().cpu().numpy().astype(np.float16)
+            f = plan.encode(model, x.flip(-1) if flip else x, encoder).float().cpu().numpy().astype(np.float16)
             if out is None:
                 out = np.zeros((len(paths), *f.shape[1:]), dtype=np.float16)
             out[idx] = f
@@ -72,7 +73,7 @@ def extract_features(model, paths: Sequence[Path], plan: InferencePlan, *, batch
 def cached_features(model, paths: Sequence[Path], plan: InferencePlan, cache_dir: Path | None = None,
                     dist: Dist | None = None, **kw) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Features for `paths` from the cache, extracting (and storing) them as `plan` runs the encoder
-    when absent (`kw`: extract_features's batch_size, workers, progress).
+    when absent (`kw`: extract_features's batch_size, workers, progress, flip).
 
     Returns (memory-mapped fp16 features, ok mask, error messages of unreadable images).
     With `dist` (several processes), a missing entry is extracted in shares: process r runs the
@@ -88,6 +89,7 @@ def cached_features(model, paths: Sequence[Path], plan: InferencePlan, cache_dir
         "mean": list(cfg.mean), "std": list(cfg.std), "kind": model.decoder.feature_kind,
         "precision": plan.encoder_precision,  # bf16 and fp32 features differ slightly: never mixed
         **({"jpegs": "device"} if plan.jpegs_on_device else {}),  # nor do nvJPEG's and Pillow's pixels
+        **({"flip": True} if kw.get("flip") else {}),  # the mirrored photos' features, an entry of their own
     }, sort_keys=True).encode())
     for p in tqdm(paths, desc="hashing images", unit="img", leave=False,
                   disable=not (kw.get("progress", True) and dist.main)):

@@ -83,6 +83,9 @@ class TrainConfig(ModelOptions):
     space_members: int = option(2, "spaces trained apart (seeds SEED, SEED + 1, ...) and averaged into the search "
                                 "space: each costs a training and dim x 2 bytes a stored photo", metavar="N",
                                 low=1, high=8)
+    space_flip: bool = option(True, "train the search space on the training photos mirrored too, half of the time "
+                              "(their features are extracted once more and cached: the disk of the train features "
+                              "again); --no-space-flip trains on them as they are")
     space_only: bool = option(False, "with --init: add a search space to that model (decoder unchanged), written "
                               "with it to OUT/best")
 

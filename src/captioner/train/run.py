@@ -33,6 +33,7 @@ from captioner.data.vocab import SPECIALS, Vocabulary
 from captioner.decoding import Decoding
 from captioner.distributed import Dist
 from captioner.errors import ConfigError, DataError
+from captioner.inference.features import cached_features
 from captioner.inference.plan import InferencePlan
 from captioner.model.encoder import weights_digest
 from captioner.model.network import (
@@ -57,6 +58,7 @@ from captioner.train.checkpoint import (
 )
 from captioner.train.config import TrainConfig
 from captioner.train.data import (
+    FeatureRows,
     ImageCaptions,
     Splits,
     TrainData,
@@ -110,7 +112,7 @@ def _fit(cfg: TrainConfig, out: Path, dist: Dist, device: torch.device) -> dict:
         space = None
         if dist.main:
             copy_model(cfg.init, out / "best")
-            space = _add_space(cfg, [out / "best"], data, log)
+            space = _add_space(cfg, [out / "best"], data, model, plan, log)
         return {"best_CIDEr": None, "best_epoch": 0, "history": [], "decoding": None, "space": space}
 
     opt = Optimisation.build(cfg, model, data, dist, device)
@@ -156,7 +158,7 @@ def _fit(cfg: TrainConfig, out: Path, dist: Dist, device: torch.device) -> dict:
             log(f"no search space: it is trained on a frozen encoder's features; add one with captioner train "
                 f"--space-only --init {out / 'best'} --data {cfg.data} --out FOLDER")
         else:
-            space = _add_space(cfg, [out / "best", out / "last"], data, log)
+            space = _add_space(cfg, [out / "best", out / "last"], data, model, plan, log)
     return {"best_CIDEr": run.best, "best_epoch": run.best_epoch, "history": run.history, "decoding": chosen,
             "space": space, "start_CIDEr": None if math.isnan(run.start) else run.start}
 
@@ -175,12 +177,27 @@ def _start_from(cfg: TrainConfig, model: CaptionModel, vocab: Vocabulary, data: 
         "replaces it in best/ only by scoring higher")
 
 
-def _add_space(cfg: TrainConfig, folders: list[Path], data: TrainData, log) -> dict:
-    """Train the search space on the run's cached features and add it to `folders` -> its val R@K."""
+def _add_space(cfg: TrainConfig, folders: list[Path], data: TrainData, model: CaptionModel, plan: InferencePlan,
+               log) -> dict:
+    """Train the search space on the run's cached features (and, with --space-flip, those of the
+    training photos mirrored, extracted here by `model`'s frozen encoder) and add it to `folders`
+    -> its val R@K."""
     from captioner.train.embedding import add_space
 
+    flipped = None
+    if cfg.space_flip:
+        log("search space: the training photos mirrored, a second view of each")
+        f, ok, _ = cached_features(model, [r.image for r in data.train], plan,
+                                   Path(cfg.cache_dir) if cfg.cache_dir else None, batch_size=cfg.feature_batch_size,
+                                   workers=cfg.loader_workers(len(data.train), cfg.feature_batch_size),
+                                   progress=not cfg.quiet, flip=True)
+        if ok.all():
+            flipped = FeatureRows(f, list(range(len(data.train))))
+        else:  # a photo read before is unreadable now: train on the photos as they are
+            log("search space: some training photos could not be read again; trained without the mirrored ones")
     return add_space(folders, (data.train_feats, data.train_caps), (data.val_feats, data.val_caps), cfg.space_epochs,
-                     members=cfg.space_members, seed=cfg.seed, progress=not cfg.quiet, log=log)["val"]
+                     members=cfg.space_members, seed=cfg.seed, flipped=flipped, progress=not cfg.quiet,
+                     log=log)["val"]
 
 
 def _duration(seconds: float) -> str:
