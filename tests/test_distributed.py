@@ -60,9 +60,10 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, sh
     assert r1.returncode == 0, r1.stderr[-3000:]
     r2 = train(*same, "--out", tmp_path / "two", "--nproc", "2", "--cache-dir", tmp_path / "cache2")
     assert r2.returncode == 0, r2.stderr[-3000:]
-    # its features were extracted in two shares and merged: the same as one process's
+    # its features were extracted in two shares and merged: the same as one process's (train and val;
+    # the third entry, the training photos mirrored for the search space, process 0 extracts after training)
     entries = sorted((tmp_path / "cache2" / "features").glob("*.npy"))
-    assert len(entries) == 2 and not list((tmp_path / "cache2" / "features").glob("*.shares"))
+    assert len(entries) == 3 and not list((tmp_path / "cache2" / "features").glob("*.shares"))
     for entry in entries:
         one = np.load(tmp_path / "cache1" / "features" / entry.name)
         assert np.allclose(np.load(entry).astype(np.float32), one.astype(np.float32), atol=2e-3)
