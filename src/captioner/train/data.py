@@ -207,9 +207,7 @@ def prepare_data(cfg: TrainConfig, model: CaptionModel, vocab: Vocabulary, split
                  dist: Dist) -> TrainData:
     """Features of frozen encoders come from the cache (a missing entry is extracted in shares by
     every process, then merged); then unreadable images are dropped, and captions become ids."""
-    extract_kw = dict(batch_size=cfg.feature_batch_size,
-                      workers=cfg.loader_workers(len(splits.train), cfg.feature_batch_size),
-                      progress=not cfg.quiet and dist.main)
+    extract_kw = _extract_kw(cfg, len(splits.train), dist)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
     train, train_feats = splits.train, None
     if not cfg.fine_tune_encoder:
@@ -235,6 +233,22 @@ def prepare_data(cfg: TrainConfig, model: CaptionModel, vocab: Vocabulary, split
                               max_words, cfg.scst_xe)
     return TrainData(train, val, train_feats, val_feats, train_caps, val_caps, dropped, scorer, critic,
                      splits.fingerprint())
+
+
+def _extract_kw(cfg: TrainConfig, count: int, dist: Dist) -> dict:
+    """extract_features's batch size, loader workers and progress for `count` images of a run."""
+    return dict(batch_size=cfg.feature_batch_size, workers=cfg.loader_workers(count, cfg.feature_batch_size),
+                progress=not cfg.quiet and dist.main)
+
+
+def mirrored_features(cfg: TrainConfig, model: CaptionModel, train: list[Record], plan: InferencePlan
+                      ) -> FeatureRows | None:
+    """The training photos `train` mirrored left to right, through `model`'s frozen encoder and
+    cached as the run's other features are: the search space's second view of each photo, row for
+    row with them. None when a photo read before can no longer be read."""
+    f, ok, _ = cached_features(model, [r.image for r in train], plan, Path(cfg.cache_dir) if cfg.cache_dir else None,
+                               flip=True, **_extract_kw(cfg, len(train), Dist()))
+    return FeatureRows(f, list(range(len(train)))) if ok.all() else None
 
 
 def val_features(model: CaptionModel, val: list[Record], cfg: TrainConfig, plan: InferencePlan) -> FeatureRows:

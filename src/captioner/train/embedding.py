@@ -121,7 +121,7 @@ def fit(space: JointEmbedding, train: tuple[FeatureRows, Captions], val: tuple[F
             f, w = feats[rows.numpy()], words[idx]
             if flipped is not None:  # half the captions meet their photo mirrored
                 flip = torch.rand(len(idx), generator=gen) < 0.5
-                f[flip] = flipped[rows[flip].numpy()].to(f.dtype)
+                f[flip] = flipped[rows[flip].numpy()]
                 w = torch.where(flip[:, None], mirrored[idx], w)
             w = w[:, : int((w != space.pad).sum(dim=1).max())]  # drop all-padding columns
             loss = space.loss(space.images(f), space.texts(w), same=rows)

@@ -33,7 +33,6 @@ from captioner.data.vocab import SPECIALS, Vocabulary
 from captioner.decoding import Decoding
 from captioner.distributed import Dist
 from captioner.errors import ConfigError, DataError
-from captioner.inference.features import cached_features
 from captioner.inference.plan import InferencePlan
 from captioner.model.encoder import weights_digest
 from captioner.model.network import (
@@ -58,11 +57,11 @@ from captioner.train.checkpoint import (
 )
 from captioner.train.config import TrainConfig
 from captioner.train.data import (
-    FeatureRows,
     ImageCaptions,
     Splits,
     TrainData,
     image_batch_collate,
+    mirrored_features,
     prepare_data,
     read_splits,
     val_features,
@@ -187,13 +186,8 @@ def _add_space(cfg: TrainConfig, folders: list[Path], data: TrainData, model: Ca
     flipped = None
     if cfg.space_flip:
         log("search space: the training photos mirrored, a second view of each")
-        f, ok, _ = cached_features(model, [r.image for r in data.train], plan,
-                                   Path(cfg.cache_dir) if cfg.cache_dir else None, batch_size=cfg.feature_batch_size,
-                                   workers=cfg.loader_workers(len(data.train), cfg.feature_batch_size),
-                                   progress=not cfg.quiet, flip=True)
-        if ok.all():
-            flipped = FeatureRows(f, list(range(len(data.train))))
-        else:  # a photo read before is unreadable now: train on the photos as they are
+        flipped = mirrored_features(cfg, model, data.train, plan)
+        if flipped is None:  # a photo read before is unreadable now: train on the photos as they are
             log("search space: some training photos could not be read again; trained without the mirrored ones")
     return add_space(folders, (data.train_feats, data.train_caps), (data.val_feats, data.val_caps), cfg.space_epochs,
                      members=cfg.space_members, seed=cfg.seed, flipped=flipped, progress=not cfg.quiet,
