@@ -211,6 +211,88 @@ def test_half_the_captions_meet_their_photo_mirrored_with_left_and_right_swapped
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(seen, pairs()))
 
 
+def test_a_killed_fit_goes_on_from_its_last_epoch_to_the_same_weights():
+    """fit(save=...) hands over where it stands after every epoch; fit(state=...) from the state of
+    epoch 2 (through a file, as add_space keeps it) ends where an unbroken run ends, bit for bit:
+    the order of the captions, the mirrored draws, dropout, the schedule and the best epoch."""
+    import io
+
+    gen = torch.Generator().manual_seed(0)
+    n, vocab, feat = 48, 20, 12
+    words = torch.randint(4, vocab, (n, 3), generator=gen)
+    feats = torch.rand(n, 4, feat, generator=gen)
+    caps = Captions([torch.tensor([1, *w.tolist(), 2]) for w in words], torch.arange(n), [5] * n)
+    rows = FeatureRows(feats.half().numpy(), list(range(n)))
+    mirrored = FeatureRows(feats.flip(1).half().numpy(), list(range(n)))
+    cfg = EmbeddingConfig(vocab_size=vocab, feat_dim=feat, dim=8, word_dim=8, dropout=0.2)
+
+    def run(state=None, stop=None):
+        torch.manual_seed(0)
+        space, saved = JointEmbedding(cfg), []
+
+        def save(s):
+            buffer = io.BytesIO()
+            torch.save(s, buffer)
+            saved.append(buffer.getvalue())
+            if len(saved) == stop:
+                raise KeyboardInterrupt
+
+        result = fit(space, (rows, caps), (rows, caps), start=1, end=2, epochs=4, batch_size=8, lr=3e-3,
+                     flipped=mirrored, mirror={4: 5, 5: 4}, state=state, save=save, progress=False,
+                     log=lambda *a: None)
+        return space, result, saved
+
+    whole, result, saved = run()
+    assert len(saved) == 4
+    with pytest.raises(KeyboardInterrupt):
+        run(stop=2)
+    state = torch.load(io.BytesIO(saved[1]), weights_only=True)  # what the killed run had saved
+    again, result2, saved2 = run(state=state)
+    assert len(saved2) == 2 and result2 == result
+    for (k, a), b in zip(whole.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_a_killed_space_only_run_resumes_to_the_same_space(trained, shapes, tmp_path, capsys, monkeypatch):
+    """train --space-only killed during its second member's training: --resume continues from its
+    space.pt (the first member not trained again) to the space an unbroken run makes; space.pt is
+    gone at the end; resuming with other settings is refused in one line."""
+    from safetensors.torch import load_file
+
+    import captioner.train.embedding as training
+    from captioner.cli import main
+
+    common = ["train", "--space-only", "--init", str(trained / "best"), "--data", str(shapes), "--space-epochs",
+              "2", "--space-members", "2", "--workers", "0", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "whole")]) == 0
+    saves, real = [], training.save_checkpoint
+
+    def killed_on_the_third(path, state):
+        real(path, state)
+        saves.append(state["current"]["epoch"])
+        if len(saves) == 3:  # member 2, epoch 1
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_checkpoint", killed_on_the_third)
+    out = tmp_path / "killed"
+    assert main([*common, "--out", str(out)]) == 130
+    assert "the search space's training so far is in" in capsys.readouterr().err
+    assert (out / "space.pt").is_file() and not (out / "best" / SPACE_CONFIG).exists()
+    monkeypatch.setattr(training, "save_checkpoint", real)
+    assert main([*common, "--out", str(out), "--resume", "--space-epochs", "3"]) == 2
+    assert "a search space's training with other settings or data (epochs 3 here, 2 there)" in (
+        capsys.readouterr().err)
+    fits = []
+    monkeypatch.setattr(training, "fit", lambda *a, **k: fits.append(k["state"]["epoch"]) or real_fit(*a, **k))
+    real_fit = fit
+    assert main([*common, "--out", str(out), "--resume"]) == 0
+    assert fits == [1]  # member 2 alone, after its first epoch
+    assert "1 of 2 members finished, member 2 after epoch 1 of 2" in capsys.readouterr().out
+    assert not (out / "space.pt").exists()
+    a, b = (load_file(tmp_path / x / "best" / SPACE_WEIGHTS) for x in ("whole", "killed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_an_ensemble_scores_the_mean_of_its_members_cosines():
     """A point of an ensemble is a unit vector whose dot product is the mean of its members' cosines;
     a sentence with no word stays a row of zeros (it matches nothing)."""

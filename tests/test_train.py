@@ -40,6 +40,7 @@ def test_run_folder_contents(trained):
         assert sorted(p.name for p in (trained / name).iterdir()) == [
             "config.json", "decoding.json", "embedding.json", "embedding.safetensors", "model.safetensors",
             "naming.json", "vocab.json"]
+    assert not (trained / "space.pt").exists()  # the space's own checkpoint goes once the space is saved
     rows = list(csv.DictReader((trained / "metrics.csv").open()))
     assert len(rows) == 15 and float(rows[-1]["CIDEr"]) > float(rows[0]["CIDEr"])
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])

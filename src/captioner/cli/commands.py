@@ -271,17 +271,19 @@ def _how_to_continue(a: argparse.Namespace) -> None:
     """After Ctrl-C: which epoch's checkpoint is saved, and the command that continues from it."""
     import shlex
 
-    from captioner.train.checkpoint import CHECKPOINT, saved_epoch
+    from captioner.train.checkpoint import CHECKPOINT, SPACE_CHECKPOINT, saved_epoch
 
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    epoch = saved_epoch(a.out)
-    if not epoch:
+    epoch, space = saved_epoch(a.out), (a.out / SPACE_CHECKPOINT).is_file()
+    if not epoch and not space:
         print("captioner: interrupted before the first epoch was saved; nothing to resume", file=sys.stderr)
         return
+    saved = f"the checkpoint after epoch {epoch} is in {a.out / CHECKPOINT}" if epoch else ""
+    if space:
+        saved += f"{'; ' if saved else ''}the search space's training so far is in {a.out / SPACE_CHECKPOINT}"
     argv = [x for x in a.argv if x not in ("--overwrite", "--resume")] + ["--resume"]
-    print(f"captioner: interrupted; the checkpoint after epoch {epoch} is in {a.out / CHECKPOINT}. Continue with:\n"
-          f"  captioner {shlex.join(argv)}", file=sys.stderr)
+    print(f"captioner: interrupted; {saved}. Continue with:\n  captioner {shlex.join(argv)}", file=sys.stderr)
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:

@@ -1,9 +1,10 @@
 """What a run leaves behind: `checkpoint.pt`, `metrics.csv`, `curves.png`, and where the run stands.
 
 `checkpoint.pt` holds the decoder (and a trained encoder), optimizer, scheduler, the run's config,
-vocabulary and model config, and `RunState` (epoch, history, best score and epoch): tensors and
-plain data only, read back with ``weights_only=True``, so `--resume` continues exactly where the
-run stopped and a planted pickle is refused, never run.
+vocabulary and model config, and `RunState` (epoch, history, best score and epoch); `space.pt`,
+while the search space trains after the decoder, its members so far. Tensors and plain data only,
+read back with ``weights_only=True``, so `--resume` continues exactly where the run stopped and a
+planted pickle is refused, never run.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from captioner.errors import ConfigError, DataError
 from captioner.files import atomic_write, locked
 
 CHECKPOINT = "checkpoint.pt"
+SPACE_CHECKPOINT = "space.pt"  # the search space's training, after each epoch (train/embedding.py add_space)
+RUN_KEYS = {"epoch", "optimizer", "scheduler", "history", "best", "best_epoch"}
 METRICS_COLUMNS = ["epoch", "train_loss", "reward", "val_loss", "BLEU-4", "CIDEr", "lr", "seconds"]
 
 
@@ -67,9 +70,9 @@ def save_checkpoint(path: Path, state: dict) -> None:
         torch.save(state, f)
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, needed: set[str] = RUN_KEYS) -> dict:
     """Read a checkpoint with ``weights_only=True``: tensors and plain data, never code. Anything
-    else (a pickle from elsewhere, a damaged file) is refused in one line."""
+    else (a pickle from elsewhere, a damaged file, one without the keys `needed`) is refused in one line."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -77,7 +80,6 @@ def load_checkpoint(path: Path) -> dict:
                         "unpickle it, because unpickling can run arbitrary code") from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
         raise DataError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:200]})") from None
-    needed = {"epoch", "optimizer", "scheduler", "history", "best", "best_epoch"}
     missing = needed - set(state) if isinstance(state, dict) else needed
     if missing:
         raise DataError(f"{path}: not a captioner checkpoint (it lacks {', '.join(sorted(missing))})")
@@ -103,7 +105,7 @@ def log_to_tensorboard(folder: Path, row: dict) -> None:
                 board.add_scalar(key, row[key], row["epoch"])
 
 
-RUN_FILES = (CHECKPOINT, "metrics.csv", "curves.png")
+RUN_FILES = (CHECKPOINT, SPACE_CHECKPOINT, "metrics.csv", "curves.png")
 RUN_FOLDERS = ("best", "last")
 
 

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from captioner.errors import ConfigError
 from captioner.model.embedding import EmbeddingConfig, JointEmbedding, SpaceEnsemble
+from captioner.model.encoder import weights_digest
 from captioner.model.network import load_model, save_space
+from captioner.train.checkpoint import load_checkpoint, save_checkpoint
 from captioner.train.data import Captions, FeatureRows
 from captioner.train.steps import Meter
 
@@ -89,7 +93,8 @@ def calibrate(space: JointEmbedding | SpaceEnsemble, feats: FeatureRows, caps: C
 def fit(space: JointEmbedding, train: tuple[FeatureRows, Captions], val: tuple[FeatureRows, Captions], *,
         start: int, end: int, epochs: int = 20, batch_size: int = 256, lr: float = 4e-4, weight_decay: float = 1e-4,
         seed: int = 0, flipped: FeatureRows | None = None, mirror: dict[int, int] | None = None,
-        progress: bool = True, log=print) -> dict:
+        state: dict | None = None, save: Callable[[dict], None] | None = None, progress: bool = True,
+        log=print) -> dict:
     """Train `space` for `epochs` over every training caption (each with its photo), Adam at `lr`
     with a cosine decay, and keep the weights of the epoch with the best val rsum. Returns
     {"best_epoch", "val": that epoch's recall_both, "history": [(epoch, loss, rsum), ...]}.
@@ -97,7 +102,11 @@ def fit(space: JointEmbedding, train: tuple[FeatureRows, Captions], val: tuple[F
     `flipped`: the training photos' features mirrored left to right, row for row with train's. Each
     caption then meets its photo mirrored half of the time, with the words of `mirror` ({id of
     "left": id of "right", and back}) swapped: 6,000 photos are memorised in 3-4 epochs, and a
-    second view of each lifted a space's val rsum by 2.6 and 6.3 in two seeds (docs/EXPERIMENTS.md)."""
+    second view of each lifted a space's val rsum by 2.6 and 6.3 in two seeds (docs/EXPERIMENTS.md).
+
+    `save(state)` is called after every epoch with where the training stands (weights, optimizer,
+    scheduler, random states, the best epoch so far: tensors and plain data); `state`, such a dict,
+    makes a killed fit go on after its last finished epoch, to the same weights as without the kill."""
     feats, caps = train
     gen = torch.Generator().manual_seed(seed)
     words = word_rows(caps.tokens, start, end, space.pad)  # (N, T)
@@ -109,8 +118,16 @@ def fit(space: JointEmbedding, train: tuple[FeatureRows, Captions], val: tuple[F
     opt = torch.optim.AdamW(space.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / (epochs * steps_per_epoch)))))
-    best, best_state, history = None, None, []
-    for epoch in range(1, epochs + 1):
+    best, best_state, history, first = None, None, [], 1
+    if state is not None:
+        space.load_state_dict(state["space"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["rng"])  # dropout's
+        history, first = [tuple(h) for h in state["history"]], state["epoch"] + 1
+        best, best_state = (state["best_epoch"], state["best_scores"]), state["best_state"]
+    for epoch in range(first, epochs + 1):
         space.train()
         order = torch.randperm(n, generator=gen)
         batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(steps_per_epoch)]
@@ -139,6 +156,10 @@ def fit(space: JointEmbedding, train: tuple[FeatureRows, Captions], val: tuple[F
         if best is None or scores["rsum"] > best[1]["rsum"]:
             best = (epoch, scores)
             best_state = {k: v.detach().clone() for k, v in space.state_dict().items()}
+        if save is not None:
+            save({"epoch": epoch, "space": space.state_dict(), "optimizer": opt.state_dict(),
+                  "scheduler": sched.state_dict(), "generator": gen.get_state(), "rng": torch.get_rng_state(),
+                  "history": history, "best_epoch": best[0], "best_scores": best[1], "best_state": best_state})
     if best_state is not None:
         space.load_state_dict(best_state)
     space.eval()
@@ -158,12 +179,17 @@ def new_space(cfg: EmbeddingConfig, pad: int, word_vectors: torch.Tensor | None 
 
 def add_space(folders: list[Path], train: tuple[FeatureRows, Captions], val: tuple[FeatureRows, Captions],
               epochs: int, *, members: int = 1, seed: int = 0, flipped: FeatureRows | None = None,
-              progress: bool = True, log=print) -> dict:
+              checkpoint: Path | None = None, progress: bool = True, log=print) -> dict:
     """Train the search space of the model in `folders[0]` on cached features and captions (the
     (FeatureRows, Captions) of each split) and add it to every folder of `folders` (they share its
     encoder and vocabulary: a run's best/ and last/). With `members` > 1, that many spaces are
     trained, from seeds `seed`, `seed` + 1, ..., and kept as one SpaceEnsemble. `flipped`: the
-    training photos' mirrored features (`fit`). Returns `fit`'s result, its "val" the whole space's."""
+    training photos' mirrored features (`fit`). Returns `fit`'s result, its "val" the whole space's.
+
+    `checkpoint`: a file where the training stands after every epoch (the members finished, and the
+    one in training), removed once the space is saved. Found there at the start, it is continued:
+    a killed run loses one epoch at most, and ends with the same space (the shipped model's two
+    members train for 20 minutes on one thread)."""
     model, vocab = load_model(folders[0])
     words = model.decoder.word_vectors("input")  # (V, E): the text side starts from the captioner's words
     mirror = {}
@@ -171,13 +197,29 @@ def add_space(folders: list[Path], train: tuple[FeatureRows, Captions], val: tup
         mirror = {vocab.stoi["left"]: vocab.stoi["right"], vocab.stoi["right"]: vocab.stoi["left"]}
     cfg = EmbeddingConfig(vocab_size=len(vocab), feat_dim=model.cfg.feat_dim, word_dim=words.shape[1],
                           members=members)
+    # what the saved training must have been, for it to be continued
+    plan = {"epochs": epochs, "members": members, "seed": seed, "mirrored": flipped is not None,
+            "captions": len(train[1].tokens), "val captions": len(val[1].tokens),
+            "model": weights_digest(model.decoder)}
+    done, current = _saved_space(checkpoint, plan, log)
     trained, results = [], []
     for k in range(members):
         if members > 1:
             log(f"search space: member {k + 1} of {members} (seed {seed + k})")
         trained.append(new_space(cfg, vocab.pad, words, seed=seed + k))
+        if k < len(done):  # finished before the run was stopped
+            trained[-1].load_state_dict(done[k]["space"])
+            results.append(done[k]["result"])
+            continue
+
+        def save(state: dict) -> None:
+            save_checkpoint(checkpoint, {"plan": plan, "done": done, "current": state})
+
         results.append(fit(trained[-1], train, val, start=vocab.start, end=vocab.end, epochs=epochs, seed=seed + k,
-                           flipped=flipped, mirror=mirror, progress=progress, log=log))
+                           flipped=flipped, mirror=mirror, state=current, save=save if checkpoint else None,
+                           progress=progress, log=log))
+        done.append({"space": trained[-1].state_dict(), "result": results[-1]})
+        current = None
     space = trained[0] if members == 1 else SpaceEnsemble(cfg, vocab.pad, trained).eval()
     result = results[0] if members == 1 else {
         "best_epoch": [r["best_epoch"] for r in results], "history": [r["history"] for r in results],
@@ -185,6 +227,8 @@ def add_space(folders: list[Path], train: tuple[FeatureRows, Captions], val: tup
     space.cfg.calibration = calibrate(space, val[0], val[1], vocab.start, vocab.end)
     for folder in folders:
         save_space(space, folder)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
     t2i, i2t = result["val"]["text_to_image"], result["val"]["image_to_text"]
     best = ", ".join(str(r["best_epoch"]) for r in results)
     log(f"search space: best at epoch{'s' if members > 1 else ''} {best} of {epochs}"
@@ -192,3 +236,22 @@ def add_space(folders: list[Path], train: tuple[FeatureRows, Captions], val: tup
         f"{t2i['R@1']:.1f}/{t2i['R@5']:.1f}/{t2i['R@10']:.1f}, image->text {i2t['R@1']:.1f}/{i2t['R@5']:.1f}/"
         f"{i2t['R@10']:.1f}; added to {', '.join(str(f) for f in folders)}")
     return result
+
+
+def _saved_space(checkpoint: Path | None, plan: dict, log) -> tuple[list[dict], dict | None]:
+    """The members finished and the state of the one in training in `checkpoint` (add_space), or
+    ([], None) when there is none. One saved by a training of other settings is refused in one line:
+    continuing it would make a space that is neither."""
+    if checkpoint is None or not checkpoint.is_file():
+        return [], None
+    saved = load_checkpoint(checkpoint, needed={"plan", "done", "current"})
+    if saved["plan"] != plan:
+        changed = "; ".join(f"{k} {v} here, {saved['plan'].get(k)} there" for k, v in plan.items()
+                            if saved["plan"].get(k) != v)
+        raise ConfigError(f"{checkpoint}: a search space's training with other settings or data ({changed}); "
+                          "continue it with its own, or start a new run")
+    done, current = list(saved["done"]), saved["current"]
+    log(f"search space: continuing the training saved in {checkpoint}: {len(done)} of {plan['members']} "
+        f"member{'s' if plan['members'] > 1 else ''} finished"
+        + (f", member {len(done) + 1} after epoch {current['epoch']} of {plan['epochs']}" if current else ""))
+    return done, current

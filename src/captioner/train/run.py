@@ -48,6 +48,7 @@ from captioner.runtime import encoder_memory_format, keep_freed_memory
 from captioner.threads import fit_threads
 from captioner.train.checkpoint import (
     CHECKPOINT,
+    SPACE_CHECKPOINT,
     RunState,
     load_checkpoint,
     log_to_tensorboard,
@@ -190,8 +191,8 @@ def _add_space(cfg: TrainConfig, folders: list[Path], data: TrainData, model: Ca
         if flipped is None:  # a photo read before is unreadable now: train on the photos as they are
             log("search space: some training photos could not be read again; trained without the mirrored ones")
     return add_space(folders, (data.train_feats, data.train_caps), (data.val_feats, data.val_caps), cfg.space_epochs,
-                     members=cfg.space_members, seed=cfg.seed, flipped=flipped, progress=not cfg.quiet,
-                     log=log)["val"]
+                     members=cfg.space_members, seed=cfg.seed, flipped=flipped,
+                     checkpoint=Path(cfg.out) / SPACE_CHECKPOINT, progress=not cfg.quiet, log=log)["val"]
 
 
 def _duration(seconds: float) -> str:
@@ -212,7 +213,8 @@ def _resume_point(cfg: TrainConfig, out: Path, log) -> dict | None:
     if not cfg.resume:
         return None
     if not (out / CHECKPOINT).is_file():
-        log(f"no {out / CHECKPOINT} yet: starting from scratch")
+        if not cfg.space_only:  # its search space's training is continued from its own file
+            log(f"no {out / CHECKPOINT} yet: starting from scratch")
         return None
     return load_checkpoint(out / CHECKPOINT)
 
