@@ -253,6 +253,7 @@ def test_a_killed_fit_goes_on_from_its_last_epoch_to_the_same_weights():
         assert torch.equal(a, b), k
 
 
+@pytest.mark.slow
 def test_a_killed_space_only_run_resumes_to_the_same_space(trained, shapes, tmp_path, capsys, monkeypatch):
     """train --space-only killed during its second member's training: --resume continues from its
     space.pt (the first member not trained again) to the space an unbroken run makes; space.pt is
