@@ -92,7 +92,8 @@ class TrainConfig(ModelOptions):
     # validation and output
     val_beam_size: int = option(1, "decode val with this beam (length norm 1.0) to pick the best epoch (1: greedy)")
     half: bool = option(False, "store model folders in fp16")
-    resume: bool = option(False, "continue from OUT/checkpoint.pt")
+    resume: bool = option(False, "continue from OUT/checkpoint.pt (and the search space's training from "
+                          "OUT/space.pt)")
     overwrite: bool = option(False, "replace the run already in OUT (without --resume or this, an existing run is "
                              "refused)")
 
