@@ -51,14 +51,49 @@ def test_run_folder_contents(trained):
 
 
 @pytest.mark.slow
-def test_resume_continues_exactly(tmp_path, shapes):
+def test_a_run_killed_while_its_space_trains_resumes_without_choosing_the_decoding_again(tmp_path, shapes, capsys,
+                                                                                        monkeypatch):
+    """The decoding chosen after the last epoch is kept in the checkpoint: a run stopped while its
+    search space trains goes on with the space (space.pt) and never runs the choice again."""
+    import captioner.train.embedding as training
+    import captioner.train.run as run
+
+    common = ["train", "--data", str(shapes), "--max-images", "40", "--epochs", "2", "--space-epochs", "2",
+              "--out", str(tmp_path / "run"), *TINY]
+    real = training.save_checkpoint
+
+    def killed(path, state):
+        real(path, state)
+        raise KeyboardInterrupt  # after the space's first epoch
+
+    monkeypatch.setattr(training, "save_checkpoint", killed)
+    assert main(common) == 130
+    first = capsys.readouterr()
+    chosen = first.out.split("decoding of the best model on val: ")[1].splitlines()[0]
+    assert "the checkpoint after epoch 2 is in" in first.err and "search space's training so far" in first.err
+    monkeypatch.setattr(training, "save_checkpoint", real)
+    monkeypatch.setattr(run, "choose_decoding", lambda *a, **k: pytest.fail("the decoding was chosen again"))
+    assert main([*common, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert f"decoding of the best model on val, chosen before the run was stopped: {chosen}\n" in out
+    assert "0 of 2 members finished, member 1 after epoch 1 of 2" in out
+    assert not (tmp_path / "run" / "space.pt").exists()
+    assert Captioner.load(tmp_path / "run" / "best", device="cpu").space is not None
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(tmp_path, shapes, capsys):
     common = ["train", "--data", str(shapes), "--max-images", "40", *TINY]
     assert main([*common, "--out", str(tmp_path / "a"), "--epochs", "3"]) == 0
     assert main([*common, "--out", str(tmp_path / "b"), "--epochs", "2"]) == 0
+    capsys.readouterr()
     assert main([*common, "--out", str(tmp_path / "b"), "--epochs", "3", "--resume"]) == 0
     a, b = (load_file(tmp_path / x / "last" / "model.safetensors") for x in "ab")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+    # the decoding chosen after epoch 2 (kept in the checkpoint) is chosen again after epoch 3
+    decodings = [(tmp_path / x / "best" / "decoding.json").read_text() for x in "ab"]
+    assert decodings[0] == decodings[1] and "decoding of the best model on val: " in capsys.readouterr().out
     rows = list(csv.DictReader((tmp_path / "b" / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
 

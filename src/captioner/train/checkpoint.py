@@ -1,10 +1,10 @@
 """What a run leaves behind: `checkpoint.pt`, `metrics.csv`, `curves.png`, and where the run stands.
 
 `checkpoint.pt` holds the decoder (and a trained encoder), optimizer, scheduler, the run's config,
-vocabulary and model config, and `RunState` (epoch, history, best score and epoch); `space.pt`,
-while the search space trains after the decoder, its members so far. Tensors and plain data only,
-read back with ``weights_only=True``, so `--resume` continues exactly where the run stopped and a
-planted pickle is refused, never run.
+vocabulary and model config, `RunState` (epoch, history, best score and epoch) and, once the last
+epoch is done, the decoding chosen on val; `space.pt`, while the search space trains after the
+decoder, its members so far. Tensors and plain data only, read back with ``weights_only=True``,
+so `--resume` continues exactly where the run stopped and a planted pickle is refused, never run.
 """
 
 from __future__ import annotations

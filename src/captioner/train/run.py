@@ -137,21 +137,12 @@ def _fit(cfg: TrainConfig, out: Path, dist: Dist, device: torch.device) -> dict:
 
     chosen = None
     if run.best_epoch and dist.main:
-        feats = data.val_feats
-        if cfg.fine_tune_encoder:  # the best epoch's encoder, not the last one's
-            feats = val_features(load_model(out / "best", device)[0], data.val, cfg, plan)
-        rows = choose_decoding(out / "best", feats, data.scorer, plan, cfg.half, keep=bool(cfg.init))
-        log("decoding of the best model on val: " + "; ".join(
-            f"{_describe(r)}: CIDEr-D {r['CIDEr']:.3f}{' (chosen)' if r.get('chosen') else ''}" for r in rows))
+        if ckpt and ckpt.get("chosen") and int(ckpt["epoch"]) == run.epoch:  # done before the run was stopped
+            rows = ckpt["chosen"]
+            log("decoding of the best model on val, chosen before the run was stopped: " + _rows(rows))
+        else:
+            rows = _choose_decoding(cfg, out, model, vocab, data, plan, device, log)
         chosen = next(r for r in rows if r.get("chosen"))
-        if cfg.fine_tune_encoder:  # tags come from the pretrained encoder, whose features are not cached here
-            log(f"no {NAMING}: tag guidance of this model asks for every confident tag word (the training photos' "
-                "tags would need the pretrained encoder run again)")
-        elif naming := count_naming(model.cfg.encoder, vocab, data.train_feats, data.train_caps):
-            for folder in (out / "best", out / "last"):  # the same captions and vocabulary: the same counts
-                save_naming(naming, folder)
-            log(f"{NAMING}: the training captions said a photo's tag word {naming.prior:.0%} of the time, over "
-                f"{len(naming.words)} words (tag guidance asks only for words said often enough)")
     space = None
     if cfg.space_epochs and run.best_epoch and dist.main:
         if cfg.fine_tune_encoder:  # the cached features are the old encoder's
@@ -161,6 +152,33 @@ def _fit(cfg: TrainConfig, out: Path, dist: Dist, device: torch.device) -> dict:
             space = _add_space(cfg, [out / "best", out / "last"], data, model, plan, log)
     return {"best_CIDEr": run.best, "best_epoch": run.best_epoch, "history": run.history, "decoding": chosen,
             "space": space, "start_CIDEr": None if math.isnan(run.start) else run.start}
+
+
+def _choose_decoding(cfg: TrainConfig, out: Path, model: CaptionModel, vocab: Vocabulary, data: TrainData,
+                     plan: InferencePlan, device: torch.device, log) -> list[dict]:
+    """After the last epoch: the decoding of best/ chosen on val, and naming.json counted, both
+    written to the model folders; then the rows of the choice are kept in the checkpoint, so that a
+    run stopped later (while its search space trains) does not choose again when resumed."""
+    feats = data.val_feats
+    if cfg.fine_tune_encoder:  # the best epoch's encoder, not the last one's
+        feats = val_features(load_model(out / "best", device)[0], data.val, cfg, plan)
+    rows = choose_decoding(out / "best", feats, data.scorer, plan, cfg.half, keep=bool(cfg.init))
+    log("decoding of the best model on val: " + _rows(rows))
+    if cfg.fine_tune_encoder:  # tags come from the pretrained encoder, whose features are not cached here
+        log(f"no {NAMING}: tag guidance of this model asks for every confident tag word (the training photos' "
+            "tags would need the pretrained encoder run again)")
+    elif naming := count_naming(model.cfg.encoder, vocab, data.train_feats, data.train_caps):
+        for folder in (out / "best", out / "last"):  # the same captions and vocabulary: the same counts
+            save_naming(naming, folder)
+        log(f"{NAMING}: the training captions said a photo's tag word {naming.prior:.0%} of the time, over "
+            f"{len(naming.words)} words (tag guidance asks only for words said often enough)")
+    state = load_checkpoint(out / CHECKPOINT)
+    save_checkpoint(out / CHECKPOINT, state | {"chosen": rows})
+    return rows
+
+
+def _rows(rows: list[dict]) -> str:
+    return "; ".join(f"{_describe(r)}: CIDEr-D {r['CIDEr']:.3f}{' (chosen)' if r.get('chosen') else ''}" for r in rows)
 
 
 def _start_from(cfg: TrainConfig, model: CaptionModel, vocab: Vocabulary, data: TrainData, plan: InferencePlan,
