@@ -294,6 +294,13 @@ def test_a_killed_space_only_run_resumes_to_the_same_space(trained, shapes, tmp_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_mirrored_words_are_swapped_in_every_language_the_vocabulary_has_both_of():
+    from captioner.train.embedding import mirror_words
+
+    stoi = {w: i for i, w in enumerate(["<pad>", "left", "right", "左", "右", "links", "gauche", "droite", "a"])}
+    assert mirror_words(stoi) == {1: 2, 2: 1, 3: 4, 4: 3, 6: 7, 7: 6}  # "links" alone (golf links) stays
+
+
 def test_an_ensemble_scores_the_mean_of_its_members_cosines():
     """A point of an ensemble is a unit vector whose dot product is the mean of its members' cosines;
     a sentence with no word stays a row of zeros (it matches nothing)."""

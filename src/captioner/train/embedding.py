@@ -101,8 +101,9 @@ def fit(space: JointEmbedding, train: tuple[FeatureRows, Captions], val: tuple[F
 
     `flipped`: the training photos' features mirrored left to right, row for row with train's. Each
     caption then meets its photo mirrored half of the time, with the words of `mirror` ({id of
-    "left": id of "right", and back}) swapped: 6,000 photos are memorised in 3-4 epochs, and a
-    second view of each lifted a space's val rsum by 2.6 and 6.3 in two seeds (docs/EXPERIMENTS.md).
+    "left": id of "right", and back, in every language of `mirror_words`}) swapped: 6,000 photos
+    are memorised in 3-4 epochs, and a second view of each lifted a space's val rsum by 2.6 and 6.3
+    in two seeds (docs/EXPERIMENTS.md).
 
     `save(state)` is called after every epoch with where the training stands (weights, optimizer,
     scheduler, random states, the best epoch so far: tensors and plain data); `state`, such a dict,
@@ -177,6 +178,21 @@ def new_space(cfg: EmbeddingConfig, pad: int, word_vectors: torch.Tensor | None 
     return space
 
 
+# The words a caption says "left" and "right" with, which trade places when its photo is mirrored,
+# in the languages people caption in most (Chinese and Japanese: one character each, as tokenized).
+# A pair counts only when the vocabulary has both words: an English set's "links" (golf links),
+# without "rechts", stays as it is.
+MIRROR_PAIRS = (("left", "right"), ("links", "rechts"), ("linke", "rechte"), ("linken", "rechten"),
+                ("linker", "rechter"), ("linkes", "rechtes"), ("gauche", "droite"), ("izquierda", "derecha"),
+                ("sinistra", "destra"), ("esquerda", "direita"), ("слева", "справа"), ("左", "右"))
+
+
+def mirror_words(stoi: dict[str, int]) -> dict[int, int]:
+    """{id of a word: id of its mirror} for every pair of MIRROR_PAIRS the vocabulary `stoi` has."""
+    return {stoi[a]: stoi[b] for pair in MIRROR_PAIRS if all(w in stoi for w in pair)
+            for a, b in (pair, pair[::-1])}
+
+
 def add_space(folders: list[Path], train: tuple[FeatureRows, Captions], val: tuple[FeatureRows, Captions],
               epochs: int, *, members: int = 1, seed: int = 0, flipped: FeatureRows | None = None,
               checkpoint: Path | None = None, progress: bool = True, log=print) -> dict:
@@ -192,9 +208,7 @@ def add_space(folders: list[Path], train: tuple[FeatureRows, Captions], val: tup
     members train for 20 minutes on one thread)."""
     model, vocab = load_model(folders[0])
     words = model.decoder.word_vectors("input")  # (V, E): the text side starts from the captioner's words
-    mirror = {}
-    if "left" in vocab.stoi and "right" in vocab.stoi:
-        mirror = {vocab.stoi["left"]: vocab.stoi["right"], vocab.stoi["right"]: vocab.stoi["left"]}
+    mirror = mirror_words(vocab.stoi)
     cfg = EmbeddingConfig(vocab_size=len(vocab), feat_dim=model.cfg.feat_dim, word_dim=words.shape[1],
                           members=members)
     # what the saved training must have been, for it to be continued
