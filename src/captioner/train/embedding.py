@@ -212,10 +212,10 @@ def add_space(folders: list[Path], train: tuple[FeatureRows, Captions], val: tup
     cfg = EmbeddingConfig(vocab_size=len(vocab), feat_dim=model.cfg.feat_dim, word_dim=words.shape[1],
                           members=members)
     # what the saved training must have been, for it to be continued
-    plan = {"epochs": epochs, "members": members, "seed": seed, "mirrored": flipped is not None,
+    settings = {"epochs": epochs, "members": members, "seed": seed, "mirrored": flipped is not None,
             "captions": len(train[1].tokens), "val captions": len(val[1].tokens),
             "model": weights_digest(model.decoder)}
-    done, current = _saved_space(checkpoint, plan, log)
+    done, current = _saved_space(checkpoint, settings, log)
     trained, results = [], []
     for k in range(members):
         if members > 1:
@@ -227,7 +227,7 @@ def add_space(folders: list[Path], train: tuple[FeatureRows, Captions], val: tup
             continue
 
         def save(state: dict) -> None:
-            save_checkpoint(checkpoint, {"plan": plan, "done": done, "current": state})
+            save_checkpoint(checkpoint, {"settings": settings, "done": done, "current": state})
 
         results.append(fit(trained[-1], train, val, start=vocab.start, end=vocab.end, epochs=epochs, seed=seed + k,
                            flipped=flipped, mirror=mirror, state=current, save=save if checkpoint else None,
@@ -252,20 +252,20 @@ def add_space(folders: list[Path], train: tuple[FeatureRows, Captions], val: tup
     return result
 
 
-def _saved_space(checkpoint: Path | None, plan: dict, log) -> tuple[list[dict], dict | None]:
+def _saved_space(checkpoint: Path | None, settings: dict, log) -> tuple[list[dict], dict | None]:
     """The members finished and the state of the one in training in `checkpoint` (add_space), or
     ([], None) when there is none. One saved by a training of other settings is refused in one line:
     continuing it would make a space that is neither."""
     if checkpoint is None or not checkpoint.is_file():
         return [], None
-    saved = load_checkpoint(checkpoint, needed={"plan", "done", "current"})
-    if saved["plan"] != plan:
-        changed = "; ".join(f"{k} {v} here, {saved['plan'].get(k)} there" for k, v in plan.items()
-                            if saved["plan"].get(k) != v)
+    saved = load_checkpoint(checkpoint, needed={"settings", "done", "current"})
+    if saved["settings"] != settings:
+        changed = "; ".join(f"{k} {v} here, {saved['settings'].get(k)} there" for k, v in settings.items()
+                            if saved["settings"].get(k) != v)
         raise ConfigError(f"{checkpoint}: a search space's training with other settings or data ({changed}); "
                           "continue it with its own, or start a new run")
     done, current = list(saved["done"]), saved["current"]
-    log(f"search space: continuing the training saved in {checkpoint}: {len(done)} of {plan['members']} "
-        f"member{'s' if plan['members'] > 1 else ''} finished"
-        + (f", member {len(done) + 1} after epoch {current['epoch']} of {plan['epochs']}" if current else ""))
+    log(f"search space: continuing the training saved in {checkpoint}: {len(done)} of {settings['members']} "
+        f"member{'s' if settings['members'] > 1 else ''} finished"
+        + (f", member {len(done) + 1} after epoch {current['epoch']} of {settings['epochs']}" if current else ""))
     return done, current
