@@ -4,7 +4,9 @@ pickle is refused and its code never runs; a folder whose parts do not fit is on
 
 import json
 import pathlib
+import pickle
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -34,7 +36,7 @@ def one_line_error(capsys, code, expected):
     return lines[0]
 
 
-def test_malicious_pickles_never_run(tmp_path, shapes, capsys):
+def test_malicious_pickles_never_run(tmp_path, shapes, trained, capsys):
     marker = tmp_path / "PWNED"
     payload = {"decoder.weight": Evil(marker)}
 
@@ -63,6 +65,18 @@ def test_malicious_pickles_never_run(tmp_path, shapes, capsys):
     torch.save({"epoch": 1, "model": payload}, run / "checkpoint.pt")
     one_line_error(capsys, main(["train", "--data", str(shapes), "--out", str(run), "--resume", "--epochs", "2",
                                  "--max-images", "8", "--val-images", "2", *TINY]), "checkpoint.pt")
+    # 5. the search space's checkpoint planted in a --space-only run folder, pickled as Python does
+    # (protocol 4: torch's note about it is not shown either), then --resume
+    space_run = tmp_path / "space_run"
+    space_run.mkdir()
+    with open(space_run / "space.pt", "wb") as f:
+        pickle.dump({"settings": payload, "done": [], "current": None}, f)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        code = main(["train", "--space-only", "--init", str(trained / "best"), "--data", str(shapes), "--out",
+                     str(space_run), "--resume", "--space-epochs", "1", "--workers", "0", "--quiet"])
+    one_line_error(capsys, code, "space.pt: holds objects other than tensors")
+    assert not [w for w in seen if "pickle protocol" in str(w.message)]
     assert not marker.exists(), "unpickling ran the payload"
 
     # the payload does work when unpickled without the guard, so the checks above mean something

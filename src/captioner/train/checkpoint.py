@@ -14,6 +14,7 @@ import csv
 import math
 import pickle
 import shutil
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +75,9 @@ def load_checkpoint(path: Path, needed: set[str] = RUN_KEYS) -> dict:
     """Read a checkpoint with ``weights_only=True``: tensors and plain data, never code. Anything
     else (a pickle from elsewhere, a damaged file, one without the keys `needed`) is refused in one line."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a foreign file's pickle protocol: refused below anyway
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise DataError(f"{path}: holds objects other than tensors and plain data; captioner refuses to "
                         "unpickle it, because unpickling can run arbitrary code") from None
