@@ -171,17 +171,22 @@ def test_every_variant_learns_and_training_is_repeatable(text, pool, loss):
         assert torch.equal(a, b), k
 
 
+def random_pairs(n: int, vocab: int, feat: int):
+    """n synthetic captions of three words (ids 4.. vocab-1) and random (4, feat) features, a photo
+    each -> (words (n, 3), features (n, 4, feat), Captions, FeatureRows)."""
+    gen = torch.Generator().manual_seed(0)
+    words = torch.randint(4, vocab, (n, 3), generator=gen)
+    feats = torch.rand(n, 4, feat, generator=gen)
+    caps = Captions([torch.tensor([1, *w.tolist(), 2]) for w in words], torch.arange(n), [5] * n)
+    return words, feats, caps, FeatureRows(feats.half().numpy(), list(range(n)))
+
+
 def test_half_the_captions_meet_their_photo_mirrored_with_left_and_right_swapped(monkeypatch):
     """fit(flipped=...): each caption of a batch is paired with its photo as it is or mirrored (about
     half of each), and a mirrored photo's caption has the words of `mirror` swapped; the same seed
     pairs them the same way."""
-    gen = torch.Generator().manual_seed(0)
     n, vocab, feat, left, right = 64, 24, 16, 4, 5
-    words = torch.randint(4, vocab, (n, 3), generator=gen)
-    feats = torch.rand(n, 4, feat, generator=gen)
-    tokens = [torch.tensor([1, *w.tolist(), 2]) for w in words]
-    caps = Captions(tokens, torch.arange(n), [5] * n)
-    rows = FeatureRows(feats.half().numpy(), list(range(n)))
+    words, feats, caps, rows = random_pairs(n, vocab, feat)
     mirrored = FeatureRows((feats + 100).half().numpy(), list(range(n)))  # told apart by their size
     cfg = EmbeddingConfig(vocab_size=vocab, feat_dim=feat, dim=16, word_dim=16)
 
@@ -217,12 +222,8 @@ def test_a_killed_fit_goes_on_from_its_last_epoch_to_the_same_weights():
     the order of the captions, the mirrored draws, dropout, the schedule and the best epoch."""
     import io
 
-    gen = torch.Generator().manual_seed(0)
     n, vocab, feat = 48, 20, 12
-    words = torch.randint(4, vocab, (n, 3), generator=gen)
-    feats = torch.rand(n, 4, feat, generator=gen)
-    caps = Captions([torch.tensor([1, *w.tolist(), 2]) for w in words], torch.arange(n), [5] * n)
-    rows = FeatureRows(feats.half().numpy(), list(range(n)))
+    _, feats, caps, rows = random_pairs(n, vocab, feat)
     mirrored = FeatureRows(feats.flip(1).half().numpy(), list(range(n)))
     cfg = EmbeddingConfig(vocab_size=vocab, feat_dim=feat, dim=8, word_dim=8, dropout=0.2)
 
@@ -284,8 +285,7 @@ def test_a_killed_space_only_run_resumes_to_the_same_space(trained, shapes, tmp_
     assert "a search space's training with other settings or data (epochs 3 here, 2 there)" in (
         capsys.readouterr().err)
     fits = []
-    monkeypatch.setattr(training, "fit", lambda *a, **k: fits.append(k["state"]["epoch"]) or real_fit(*a, **k))
-    real_fit = fit
+    monkeypatch.setattr(training, "fit", lambda *a, **k: fits.append(k["state"]["epoch"]) or fit(*a, **k))
     assert main([*common, "--out", str(out), "--resume"]) == 0
     assert fits == [1]  # member 2 alone, after its first epoch
     assert "1 of 2 members finished, member 2 after epoch 1 of 2" in capsys.readouterr().out

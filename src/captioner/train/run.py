@@ -139,7 +139,7 @@ def _fit(cfg: TrainConfig, out: Path, dist: Dist, device: torch.device) -> dict:
     if run.best_epoch and dist.main:
         if ckpt and ckpt.get("chosen") and int(ckpt["epoch"]) == run.epoch:  # done before the run was stopped
             rows = ckpt["chosen"]
-            log("decoding of the best model on val, chosen before the run was stopped: " + _rows(rows))
+            log("decoding of the best model on val, chosen before the run was stopped: " + _describe_choice(rows))
         else:
             rows = _choose_decoding(cfg, out, model, vocab, data, plan, device, log)
         chosen = next(r for r in rows if r.get("chosen"))
@@ -163,7 +163,7 @@ def _choose_decoding(cfg: TrainConfig, out: Path, model: CaptionModel, vocab: Vo
     if cfg.fine_tune_encoder:  # the best epoch's encoder, not the last one's
         feats = val_features(load_model(out / "best", device)[0], data.val, cfg, plan)
     rows = choose_decoding(out / "best", feats, data.scorer, plan, cfg.half, keep=bool(cfg.init))
-    log("decoding of the best model on val: " + _rows(rows))
+    log("decoding of the best model on val: " + _describe_choice(rows))
     if cfg.fine_tune_encoder:  # tags come from the pretrained encoder, whose features are not cached here
         log(f"no {NAMING}: tag guidance of this model asks for every confident tag word (the training photos' "
             "tags would need the pretrained encoder run again)")
@@ -177,7 +177,8 @@ def _choose_decoding(cfg: TrainConfig, out: Path, model: CaptionModel, vocab: Vo
     return rows
 
 
-def _rows(rows: list[dict]) -> str:
+def _describe_choice(rows: list[dict]) -> str:
+    """choose_decoding's rows as one line: each decoding and its val CIDEr-D, the chosen one marked."""
     return "; ".join(f"{_describe(r)}: CIDEr-D {r['CIDEr']:.3f}{' (chosen)' if r.get('chosen') else ''}" for r in rows)
 
 
